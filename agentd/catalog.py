@@ -1,0 +1,376 @@
+"""The one table of what agentd measures: canonical signals and the metrics that export them.
+
+The exporter reads METRICS for every family's type, help and label names, the docs
+(docs/metrics.md) are generated from it, and the tests fail on any exported name not in it.
+SIGNALS names the unit-carrying signals that the window, the recordings and the analysis see,
+whatever the source (agentd's samplers, a recording, dcgm-exporter or node_exporter in Prometheus).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Signal:
+    name: str
+    unit: str
+    help: str
+    rate: str  # "fast" or "slow": the default sampling loop that feeds it
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    type: str  # "counter" or "gauge"
+    unit: str
+    help: str
+    labels: tuple[str, ...]
+    source: str  # the sampler (or "self", "window") that exports it
+    signal: str | None = None  # the canonical signal it carries, when it carries one
+
+
+SIGNALS: dict[str, Signal] = {
+    s.name: s
+    for s in [
+        Signal("gpu.busy", "ratio", "fraction of time a kernel ran (NVML utilization)", "fast"),
+        Signal("gpu.sm_active", "ratio", "fraction of SMs busy (GPM SM utilization)", "fast"),
+        Signal("gpu.sm_occupancy", "ratio", "resident warps over the maximum (GPM)", "fast"),
+        Signal("gpu.tensor_active", "ratio", "fraction of time tensor cores ran (GPM)", "fast"),
+        Signal("gpu.dram_active", "ratio", "DRAM bandwidth used over its peak (GPM)", "fast"),
+        Signal("gpu.pcie_rx", "bytes/s", "PCIe bytes received by the GPU (host to device)", "fast"),
+        Signal("gpu.pcie_tx", "bytes/s", "PCIe bytes sent by the GPU (device to host)", "fast"),
+        Signal("gpu.pcie_capacity", "bytes/s", "PCIe link capacity per direction", "slow"),
+        Signal("gpu.nvlink_rx", "bytes/s", "NVLink data bytes received", "fast"),
+        Signal("gpu.nvlink_tx", "bytes/s", "NVLink data bytes sent", "fast"),
+        Signal("gpu.mem_used", "bytes", "device memory in use", "slow"),
+        Signal("gpu.sm_clock", "Hz", "SM clock", "slow"),
+        Signal("gpu.sm_clock_max", "Hz", "maximum SM clock", "slow"),
+        Signal("gpu.power", "W", "power draw", "slow"),
+        Signal("gpu.power_limit", "W", "enforced power limit", "slow"),
+        Signal("gpu.temperature", "celsius", "GPU temperature", "slow"),
+        Signal("gpu.throttle", "bits",
+               "clock-event reasons, NVML bit order (agentd.gpu.backend.CLOCK_EVENT_REASONS)",
+               "slow"),
+        Signal("cpu.busy", "cores", "CPU time not idle or iowait, in cores", "fast"),
+        Signal("cpu.user", "cores", "user and nice CPU time, in cores", "fast"),
+        Signal("cpu.system", "cores", "system, irq and softirq CPU time, in cores", "fast"),
+        Signal("cpu.iowait", "cores", "iowait time, in cores", "fast"),
+        Signal("cpu.steal", "cores", "time stolen by the hypervisor, in cores", "fast"),
+        Signal("cpu.max_core", "ratio", "busy fraction of the busiest core", "fast"),
+        Signal("cpu.count", "cores", "online CPUs", "fast"),
+        Signal("cpu.procs_blocked", "tasks", "tasks blocked on I/O (D state)", "fast"),
+        Signal("disk.read", "bytes/s", "bytes read from a whole block device", "fast"),
+        Signal("disk.write", "bytes/s", "bytes written to a whole block device", "fast"),
+        Signal("disk.read_ops", "ops/s", "reads completed", "fast"),
+        Signal("disk.busy", "ratio", "fraction of time the device had I/O in flight", "fast"),
+        Signal("disk.queue", "requests", "mean requests in flight (weighted I/O time)", "fast"),
+        Signal("disk.await", "seconds", "mean time per completed request", "fast"),
+        Signal("nfs.read", "bytes/s", "bytes read by NFS READ operations, per mount", "fast"),
+        Signal("psi.cpu", "ratio", "share of time some task waited for CPU", "slow"),
+        Signal("psi.io", "ratio", "share of time some task waited for I/O", "slow"),
+        Signal("psi.io_full", "ratio", "share of time all non-idle tasks waited for I/O", "slow"),
+        Signal("psi.memory", "ratio", "share of time some task waited for memory", "slow"),
+        Signal("mem.available", "bytes", "MemAvailable", "slow"),
+        Signal("mem.cached", "bytes", "page cache", "slow"),
+        Signal("mem.refault", "pages/s", "file pages refaulted after eviction", "slow"),
+        Signal("net.rx", "bytes/s", "bytes received by a network interface", "slow"),
+        Signal("net.tx", "bytes/s", "bytes sent by a network interface", "slow"),
+        Signal("rdma.rx", "bytes/s", "bytes received by an RDMA port", "slow"),
+        Signal("rdma.tx", "bytes/s", "bytes sent by an RDMA port", "slow"),
+        Signal("proc.cpu", "cores", "CPU of a GPU process and its descendants", "fast"),
+        Signal("proc.max_member_cpu", "cores", "CPU of the busiest process in the tree", "fast"),
+        Signal("proc.members", "processes", "processes in the tree (trainer and workers)", "fast"),
+        Signal("proc.read", "bytes/s", "bytes the tree caused to be read from storage", "fast"),
+        Signal("proc.rchar", "bytes/s", "bytes the tree read through read() and friends", "fast"),
+        Signal("proc.blocked", "processes", "processes of the tree in D state", "fast"),
+    ]
+}
+
+_GPU = ("gpu", "uuid")
+_M = MetricSpec
+
+METRICS: list[MetricSpec] = [
+    # --- agentd itself -----------------------------------------------------------------------
+    _M("agentd_build_info", "gauge", "", "Build information; the value is always 1.",
+       ("version", "python_version", "gpu_backend"), "self"),
+    _M("agentd_sampler_available", "gauge", "",
+       "1 when the sampler's source is present (0: absent hardware or file, see the log).",
+       ("sampler",), "self"),
+    _M("agentd_sampler_success", "gauge", "", "1 when the sampler's last run succeeded.",
+       ("sampler",), "self"),
+    _M("agentd_sampler_duration_seconds", "gauge", "seconds", "Duration of the sampler's last run.",
+       ("sampler",), "self"),
+    _M("agentd_sampler_interval_seconds", "gauge", "seconds", "Configured interval of the sampler.",
+       ("sampler",), "self"),
+    _M("agentd_sampler_runs_total", "counter", "", "Runs of the sampler.", ("sampler",), "self"),
+    _M("agentd_sampler_errors_total", "counter", "", "Runs of the sampler that failed.",
+       ("sampler",), "self"),
+    _M("agentd_sampler_overruns_total", "counter", "",
+       "Ticks skipped because a run took longer than the interval.", ("sampler",), "self"),
+    _M("agentd_sampler_last_success_timestamp_seconds", "gauge", "seconds",
+       "Unix time of the sampler's last successful run.", ("sampler",), "self"),
+    _M("agentd_config_last_reload_successful", "gauge", "",
+       "1 when the last configuration (re)load succeeded.", (), "self"),
+    _M("agentd_config_last_reload_success_timestamp_seconds", "gauge", "seconds",
+       "Unix time of the last successful configuration load.", (), "self"),
+    _M("agentd_window_capacity_seconds", "gauge", "seconds",
+       "Time the high-rate window holds at the fast interval.", (), "window"),
+    _M("agentd_window_memory_bytes", "gauge", "bytes",
+       "Memory the high-rate window's ring buffers use now (they grow up to a fixed bound).",
+       (), "window"),
+    _M("agentd_window_columns_dropped_total", "counter", "",
+       "Window channels refused because a ring was full of live channels.", ("sampler",), "window"),
+    _M("agentd_window_stats_seconds", "gauge", "seconds",
+       "Length of the trailing window the agentd_gpu_window_* statistics cover.", (), "window"),
+    _M("process_cpu_seconds_total", "counter", "seconds", "agentd's own user and system CPU time.",
+       (), "self"),
+    _M("process_resident_memory_bytes", "gauge", "bytes", "agentd's own resident memory.", (), "self"),
+    _M("process_virtual_memory_bytes", "gauge", "bytes", "agentd's own virtual memory.", (), "self"),
+    _M("process_start_time_seconds", "gauge", "seconds", "Unix time agentd started.", (), "self"),
+    _M("process_open_fds", "gauge", "", "agentd's open file descriptors.", (), "self"),
+    _M("process_max_fds", "gauge", "", "agentd's file descriptor limit.", (), "self"),
+    # --- GPU ---------------------------------------------------------------------------------
+    _M("agentd_gpu_info", "gauge", "", "One series per GPU; the value is always 1.",
+       _GPU + ("name", "pci_bus_id", "driver_version", "pcie_counter_source"), "gpu"),
+    _M("agentd_gpu_busy_seconds_total", "counter", "seconds",
+       "Time a kernel ran, integrated from the driver's utilization sample buffer "
+       "(rate() is the mean utilization over any window).", _GPU, "gpu", "gpu.busy"),
+    _M("agentd_gpu_utilization_ratio", "gauge", "ratio",
+       "Latest utilization sample of the driver (fraction of its sample period a kernel ran).",
+       _GPU, "gpu", "gpu.busy"),
+    _M("agentd_gpu_sm_active_seconds_total", "counter", "seconds",
+       "SM activity integrated over time (GPM; rate() is the mean fraction of SMs busy).",
+       _GPU, "gpu", "gpu.sm_active"),
+    _M("agentd_gpu_sm_occupancy_seconds_total", "counter", "seconds",
+       "SM occupancy integrated over time (GPM).", _GPU, "gpu", "gpu.sm_occupancy"),
+    _M("agentd_gpu_tensor_active_seconds_total", "counter", "seconds",
+       "Tensor-core activity integrated over time (GPM).", _GPU, "gpu", "gpu.tensor_active"),
+    _M("agentd_gpu_dram_active_seconds_total", "counter", "seconds",
+       "DRAM bandwidth utilization integrated over time (GPM).", _GPU, "gpu", "gpu.dram_active"),
+    _M("agentd_gpu_memory_used_bytes", "gauge", "bytes", "Device memory in use.", _GPU, "gpu",
+       "gpu.mem_used"),
+    _M("agentd_gpu_memory_total_bytes", "gauge", "bytes", "Device memory installed.", _GPU, "gpu"),
+    _M("agentd_gpu_sm_clock_hertz", "gauge", "hertz", "Current SM clock.", _GPU, "gpu",
+       "gpu.sm_clock"),
+    _M("agentd_gpu_sm_clock_max_hertz", "gauge", "hertz", "Maximum SM clock.", _GPU, "gpu",
+       "gpu.sm_clock_max"),
+    _M("agentd_gpu_power_watts", "gauge", "watts", "Power draw.", _GPU, "gpu", "gpu.power"),
+    _M("agentd_gpu_power_limit_watts", "gauge", "watts", "Enforced power limit.", _GPU, "gpu",
+       "gpu.power_limit"),
+    _M("agentd_gpu_temperature_celsius", "gauge", "celsius", "GPU die temperature.", _GPU, "gpu",
+       "gpu.temperature"),
+    _M("agentd_gpu_clock_event_active", "gauge", "",
+       "1 while the clock-event (throttle) reason is active.", _GPU + ("reason",), "gpu",
+       "gpu.throttle"),
+    _M("agentd_gpu_clock_event_seconds_total", "counter", "seconds",
+       "Time the clock-event (throttle) reason was active, sampled at the slow interval.",
+       _GPU + ("reason",), "gpu"),
+    _M("agentd_gpu_pcie_rx_bytes_total", "counter", "bytes",
+       "PCIe bytes received by the GPU (host to device).", _GPU, "gpu", "gpu.pcie_rx"),
+    _M("agentd_gpu_pcie_tx_bytes_total", "counter", "bytes",
+       "PCIe bytes sent by the GPU (device to host).", _GPU, "gpu", "gpu.pcie_tx"),
+    _M("agentd_gpu_pcie_link_generation", "gauge", "", "Current PCIe link generation.", _GPU, "gpu"),
+    _M("agentd_gpu_pcie_link_max_generation", "gauge", "", "Maximum PCIe link generation.", _GPU,
+       "gpu"),
+    _M("agentd_gpu_pcie_link_width", "gauge", "", "Current PCIe link width in lanes.", _GPU, "gpu"),
+    _M("agentd_gpu_pcie_link_max_width", "gauge", "", "Maximum PCIe link width in lanes.", _GPU,
+       "gpu"),
+    _M("agentd_gpu_pcie_link_capacity_bytes_per_second", "gauge", "",
+       "Usable PCIe bandwidth per direction at the maximum generation and width "
+       "(after line encoding).", _GPU, "gpu", "gpu.pcie_capacity"),
+    _M("agentd_gpu_nvlink_rx_bytes_total", "counter", "bytes", "NVLink data bytes received.",
+       _GPU, "gpu", "gpu.nvlink_rx"),
+    _M("agentd_gpu_nvlink_tx_bytes_total", "counter", "bytes", "NVLink data bytes sent.",
+       _GPU, "gpu", "gpu.nvlink_tx"),
+    _M("agentd_gpu_xid_errors_total", "counter", "", "XID events reported by the driver.",
+       _GPU + ("xid",), "gpu"),
+    _M("agentd_gpu_ecc_errors_total", "counter", "",
+       "ECC errors over the GPU's lifetime (aggregate counters).", _GPU + ("type",), "gpu"),
+    _M("agentd_gpu_remapped_rows", "gauge", "", "Memory rows remapped, by cause.",
+       _GPU + ("cause",), "gpu"),
+    _M("agentd_gpu_remapped_rows_pending", "gauge", "",
+       "1 when a row remapping waits for a GPU reset.", _GPU, "gpu"),
+    _M("agentd_gpu_remapped_rows_failed", "gauge", "", "1 when a row remapping failed.", _GPU,
+       "gpu"),
+    _M("agentd_gpu_lost", "gauge", "",
+       "1 once the driver reports the GPU lost (fallen off the bus); it is no longer sampled.",
+       _GPU, "gpu"),
+    _M("agentd_gpu_process_memory_used_bytes", "gauge", "bytes",
+       "Device memory used by a process.", _GPU + ("pid",), "gpu"),
+    _M("agentd_gpu_process_sm_utilization_ratio", "gauge", "ratio",
+       "SM utilization attributed to a process by the driver.", _GPU + ("pid",), "gpu"),
+    _M("agentd_gpu_window_idle_ratio", "gauge", "ratio",
+       "Fraction of the trailing window the GPU was idle (busy below the idle threshold).",
+       _GPU, "window"),
+    _M("agentd_gpu_window_longest_idle_seconds", "gauge", "seconds",
+       "Longest continuous idle gap in the trailing window.", _GPU, "window"),
+    _M("agentd_gpu_window_utilization_ratio", "gauge", "ratio",
+       "Percentiles (10th, 50th, 90th) of GPU utilization at the fast interval over the "
+       "trailing window.", _GPU + ("percentile",), "window"),
+    # --- CPU ---------------------------------------------------------------------------------
+    _M("agentd_cpu_seconds_total", "counter", "seconds", "CPU time per core and mode.",
+       ("cpu", "mode"), "cpu"),
+    _M("agentd_cpu_online", "gauge", "", "Online CPUs.", (), "cpu", "cpu.count"),
+    _M("agentd_cpu_procs_blocked", "gauge", "", "Tasks blocked waiting for I/O (D state).", (),
+       "cpu", "cpu.procs_blocked"),
+    _M("agentd_cpu_procs_running", "gauge", "", "Tasks runnable.", (), "cpu"),
+    _M("agentd_cpu_context_switches_total", "counter", "", "Context switches.", (), "cpu"),
+    # --- memory ------------------------------------------------------------------------------
+    _M("agentd_memory_total_bytes", "gauge", "bytes", "MemTotal.", (), "memory"),
+    _M("agentd_memory_available_bytes", "gauge", "bytes", "MemAvailable.", (), "memory",
+       "mem.available"),
+    _M("agentd_memory_cached_bytes", "gauge", "bytes", "Page cache (Cached).", (), "memory",
+       "mem.cached"),
+    _M("agentd_memory_dirty_bytes", "gauge", "bytes", "Dirty pages waiting for writeback.", (),
+       "memory"),
+    _M("agentd_memory_writeback_bytes", "gauge", "bytes", "Pages under writeback.", (), "memory"),
+    _M("agentd_memory_swap_used_bytes", "gauge", "bytes", "Swap in use.", (), "memory"),
+    _M("agentd_memory_major_faults_total", "counter", "", "Major page faults (pgmajfault).", (),
+       "memory"),
+    _M("agentd_memory_pages_scanned_total", "counter", "",
+       "Pages scanned for reclaim (kswapd and direct).", (), "memory"),
+    _M("agentd_memory_pages_reclaimed_total", "counter", "",
+       "Pages reclaimed (kswapd and direct).", (), "memory"),
+    _M("agentd_memory_file_refaults_total", "counter", "",
+       "File pages read again after the page cache evicted them (workingset_refault_file).", (),
+       "memory", "mem.refault"),
+    # --- pressure ----------------------------------------------------------------------------
+    _M("agentd_pressure_waiting_seconds_total", "counter", "seconds",
+       "Pressure stall time: some (at least one task) or full (all non-idle tasks) waited.",
+       ("resource", "kind"), "pressure"),
+    # --- storage -----------------------------------------------------------------------------
+    _M("agentd_disk_read_bytes_total", "counter", "bytes", "Bytes read from the device.",
+       ("device",), "storage", "disk.read"),
+    _M("agentd_disk_written_bytes_total", "counter", "bytes", "Bytes written to the device.",
+       ("device",), "storage", "disk.write"),
+    _M("agentd_disk_reads_completed_total", "counter", "", "Reads completed.", ("device",),
+       "storage", "disk.read_ops"),
+    _M("agentd_disk_writes_completed_total", "counter", "", "Writes completed.", ("device",),
+       "storage"),
+    _M("agentd_disk_read_time_seconds_total", "counter", "seconds", "Time spent on reads.",
+       ("device",), "storage"),
+    _M("agentd_disk_write_time_seconds_total", "counter", "seconds", "Time spent on writes.",
+       ("device",), "storage"),
+    _M("agentd_disk_io_time_seconds_total", "counter", "seconds",
+       "Time the device had I/O in flight (busy).", ("device",), "storage", "disk.busy"),
+    _M("agentd_disk_io_time_weighted_seconds_total", "counter", "seconds",
+       "I/O time weighted by requests in flight (rate() is the mean queue depth).", ("device",),
+       "storage", "disk.queue"),
+    _M("agentd_disk_io_now", "gauge", "", "Requests in flight.", ("device",), "storage"),
+    _M("agentd_disk_info", "gauge", "", "One series per whole block device; the value is 1.",
+       ("device", "model", "rotational", "pci_address"), "storage"),
+    _M("agentd_nfs_read_bytes_total", "counter", "bytes",
+       "Bytes read from the server by NFS READ operations.", ("mountpoint", "export"), "storage",
+       "nfs.read"),
+    _M("agentd_nfs_write_bytes_total", "counter", "bytes",
+       "Bytes written to the server by NFS WRITE operations.", ("mountpoint", "export"), "storage"),
+    _M("agentd_nfs_operations_total", "counter", "", "NFS operations, by type.",
+       ("mountpoint", "export", "operation"), "storage"),
+    _M("agentd_nfs_rtt_seconds_total", "counter", "seconds",
+       "Round-trip time of NFS operations, summed.", ("mountpoint", "export", "operation"),
+       "storage"),
+    _M("agentd_nfs_execute_seconds_total", "counter", "seconds",
+       "Time from queueing to completion of NFS operations, summed.",
+       ("mountpoint", "export", "operation"), "storage"),
+    # --- network -----------------------------------------------------------------------------
+    _M("agentd_network_receive_bytes_total", "counter", "bytes", "Bytes received.", ("device",),
+       "network", "net.rx"),
+    _M("agentd_network_transmit_bytes_total", "counter", "bytes", "Bytes sent.", ("device",),
+       "network", "net.tx"),
+    _M("agentd_network_receive_packets_total", "counter", "", "Packets received.", ("device",),
+       "network"),
+    _M("agentd_network_transmit_packets_total", "counter", "", "Packets sent.", ("device",),
+       "network"),
+    _M("agentd_network_receive_drop_total", "counter", "", "Received packets dropped.",
+       ("device",), "network"),
+    _M("agentd_network_receive_errors_total", "counter", "", "Receive errors.", ("device",),
+       "network"),
+    _M("agentd_network_transmit_errors_total", "counter", "", "Transmit errors.", ("device",),
+       "network"),
+    _M("agentd_network_speed_bytes", "gauge", "bytes",
+       "Negotiated link speed in bytes per second.", ("device",), "network"),
+    _M("agentd_rdma_receive_bytes_total", "counter", "bytes", "Bytes received by the RDMA port.",
+       ("device", "port"), "network", "rdma.rx"),
+    _M("agentd_rdma_transmit_bytes_total", "counter", "bytes", "Bytes sent by the RDMA port.",
+       ("device", "port"), "network", "rdma.tx"),
+    _M("agentd_rdma_receive_packets_total", "counter", "", "Packets received by the RDMA port.",
+       ("device", "port"), "network"),
+    _M("agentd_rdma_transmit_packets_total", "counter", "", "Packets sent by the RDMA port.",
+       ("device", "port"), "network"),
+    _M("agentd_rdma_transmit_wait_total", "counter", "",
+       "Ticks the port had data to send but no flow-control credits (port_xmit_wait).",
+       ("device", "port"), "network"),
+    _M("agentd_rdma_port_speed_bytes", "gauge", "bytes", "RDMA port rate in bytes per second.",
+       ("device", "port"), "network"),
+    # --- processes ---------------------------------------------------------------------------
+    _M("agentd_process_info", "gauge", "",
+       "One series per watched process tree (a GPU process and its descendants); value 1. "
+       "Command lines are never exported.",
+       ("pid", "comm", "gpus", "systemd_unit", "container_id", "pod_uid", "slurm_job_id"),
+       "process"),
+    _M("agentd_process_cpu_seconds_total", "counter", "seconds",
+       "User and system CPU of the process tree (data-loader workers included).", ("pid",),
+       "process", "proc.cpu"),
+    _M("agentd_process_read_bytes_total", "counter", "bytes",
+       "Bytes the tree caused to be fetched from storage (/proc/PID/io read_bytes).", ("pid",),
+       "process", "proc.read"),
+    _M("agentd_process_read_chars_total", "counter", "bytes",
+       "Bytes the tree read through read() and friends, page-cache hits included (rchar).",
+       ("pid",), "process", "proc.rchar"),
+    _M("agentd_process_written_bytes_total", "counter", "bytes",
+       "Bytes the tree caused to be sent to storage (write_bytes).", ("pid",), "process"),
+    _M("agentd_process_members", "gauge", "", "Processes in the tree.", ("pid",), "process",
+       "proc.members"),
+    _M("agentd_process_blocked", "gauge", "",
+       "Processes of the tree in uninterruptible sleep (D state, usually waiting for I/O).",
+       ("pid",), "process", "proc.blocked"),
+    _M("agentd_process_resident_memory_bytes", "gauge", "bytes", "Resident memory of the tree.",
+       ("pid",), "process"),
+    # --- topology ----------------------------------------------------------------------------
+    _M("agentd_pcie_device_info", "gauge", "",
+       "A GPU, NVMe drive or network adapter on PCIe, where it hangs (root port, switch) and "
+       "its block or network device name; value 1.",
+       ("address", "kind", "name", "root_port", "switch", "numa_node"), "topology"),
+    _M("agentd_pcie_link_capacity_bytes_per_second", "gauge", "",
+       "Usable bandwidth per direction of the device's link at its current speed and width.",
+       ("address",), "topology"),
+    _M("agentd_pcie_link_max_capacity_bytes_per_second", "gauge", "",
+       "Usable bandwidth per direction of the device's link at its maximum speed and width.",
+       ("address",), "topology"),
+    _M("agentd_pcie_shared_uplink", "gauge", "",
+       "1 for each GPU and NVMe drive behind the same PCIe switch, with the switch's uplink "
+       "capacity per direction as the 'uplink_bytes_per_second' label.",
+       ("gpu_address", "nvme_address", "switch", "uplink_bytes_per_second"), "topology"),
+]
+
+METRICS_BY_NAME: dict[str, MetricSpec] = {m.name: m for m in METRICS}
+
+
+def render_markdown() -> str:
+    """docs/metrics.md, generated so it cannot drift from what the exporter serves."""
+    lines = [
+        "# Metrics",
+        "",
+        "Generated from `agentd/catalog.py` by `agentd catalog --markdown`; do not edit by hand.",
+        "",
+        "## Metrics served on /metrics",
+        "",
+        "| name | type | labels | source | signal | help |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in METRICS:
+        labels = ", ".join(m.labels)
+        lines.append(
+            f"| `{m.name}` | {m.type} | {labels} | {m.source} | {m.signal or ''} | {m.help} |"
+        )
+    lines += [
+        "",
+        "## Canonical signals (window, recordings, analysis)",
+        "",
+        "| signal | unit | loop | meaning |",
+        "|---|---|---|---|",
+    ]
+    for s in SIGNALS.values():
+        lines.append(f"| `{s.name}` | {s.unit} | {s.rate} | {s.help} |")
+    return "\n".join(lines) + "\n"

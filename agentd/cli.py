@@ -1,0 +1,97 @@
+"""The `agentd` command line.
+
+Exit codes: 0 success; 2 usage or configuration error (one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from agentd import __version__
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line and exits 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _fail(message: str) -> int:
+    print(f"agentd: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agentd import config as configmod
+    from agentd import logs
+    from agentd.daemon import Daemon
+    from agentd.gpu.fake import ScenarioError
+    from agentd.webconfig import WebConfigError
+
+    try:
+        cfg = configmod.build(args)
+    except configmod.ConfigError as e:
+        return _fail(str(e))
+    logs.setup(cfg.log_level)
+    daemon = Daemon(cfg, reload_config=lambda: configmod.build(args))
+    try:
+        daemon.serve()
+    except (configmod.ConfigError, WebConfigError, ScenarioError) as e:
+        daemon.stop()
+        return _fail(str(e))
+    return 0
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    from agentd.catalog import METRICS, render_markdown
+
+    if args.markdown:
+        sys.stdout.write(render_markdown())
+    else:
+        for m in METRICS:
+            print(f"{m.name}\t{m.type}\t{','.join(m.labels)}\t{m.help}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from agentd.config import add_run_flags
+
+    p = _Parser(prog="agentd", description="Is this node's GPU input pipeline starved, and why?")
+    p.add_argument("--version", action="version", version=f"agentd {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    run = sub.add_parser("run", help="run the node daemon (samplers, window, /metrics)",
+                         description="Run the node daemon.")
+    add_run_flags(run)
+    run.set_defaults(func=cmd_run)
+
+    cat = sub.add_parser("catalog", help="print the metric table",
+                         description="Print the metric and signal table.")
+    cat.add_argument("--markdown", action="store_true", help="as docs/metrics.md")
+    cat.set_defaults(func=cmd_catalog)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # the last line of defence: one line, not a traceback
+        logging.getLogger("agentd").debug("unhandled error", exc_info=True)
+        print(f"agentd: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,279 @@
+"""Configuration: defaults, then the TOML file, then command-line flags.
+
+Every problem is a ConfigError with a one-line message naming the key or flag; the CLI prints
+it and exits 2. Sampler flags are generated from the sampler registry, like node_exporter's:
+--collector.NAME, --no-collector.NAME, --collector.NAME.OPTION=VALUE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from agentd.logs import LEVELS
+from agentd.samplers import registry
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+DEFAULT_PORT = 9445
+DEFAULT_LISTEN = f":{DEFAULT_PORT}"
+FAKE_NVML_ENV = "AGENTD_FAKE_NVML"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+_DURATION = re.compile(r"^\s*([\d.]+)\s*(ms|s|m|h)?\s*$")
+
+
+def parse_duration(value: Any, where: str) -> float:
+    """Seconds from a number or a string such as '100ms', '1s', '10m'."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a duration, got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        m = _DURATION.match(str(value))
+        if not m:
+            raise ConfigError(f"{where}: {value!r} is not a duration (e.g. 100ms, 1s, 10m)")
+        seconds = float(m.group(1)) * {"ms": 1e-3, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+    if not seconds > 0:
+        raise ConfigError(f"{where}: must be positive")
+    return seconds
+
+
+def parse_listen(value: str, where: str) -> tuple[str, int]:
+    host, sep, port = str(value).rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{where}: {value!r} is not HOST:PORT (e.g. :{DEFAULT_PORT})")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class CollectorConfig:
+    enabled: bool
+    interval: float | None  # None: the fast or slow loop's interval
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Config:
+    listen_address: str = DEFAULT_LISTEN
+    web_config_file: str = ""
+    procfs: str = "/proc"
+    sysfs: str = "/sys"
+    fast_interval: float = 0.1
+    slow_interval: float = 1.0
+    window_seconds: float = 600.0
+    stats_seconds: float = 60.0
+    idle_threshold: float = 0.05
+    fake_nvml: str = ""
+    log_level: str = "info"
+    collectors: dict[str, CollectorConfig] = field(default_factory=dict)
+    source: str = ""  # the config file read, if any
+
+    def collector(self, name: str) -> CollectorConfig:
+        return self.collectors[name]
+
+
+def _default_collectors() -> dict[str, CollectorConfig]:
+    return {
+        name: CollectorConfig(cls.default_enabled, cls.default_interval,
+                              {k: o.default for k, o in cls.options.items()})
+        for name, cls in registry().items()
+    }
+
+
+def _typed(value: Any, typ: type, where: str):
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if typ in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return typ(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+_SECTIONS = {
+    "web": {"listen_address": "listen_address", "config_file": "web_config_file"},
+    "paths": {"procfs": "procfs", "sysfs": "sysfs"},
+    "sampling": {"fast_interval": "fast_interval", "slow_interval": "slow_interval",
+                 "window": "window_seconds", "stats_window": "stats_seconds",
+                 "idle_threshold": "idle_threshold"},
+    "gpu": {"fake_nvml": "fake_nvml"},
+    "log": {"level": "log_level"},
+}
+
+
+def _apply(cfg: Config, values: dict[str, Any], label) -> Config:
+    """Set Config fields from {field: raw value}, validating each; label(field) names the
+    key or flag in error messages."""
+    changes: dict[str, Any] = {}
+    for name, raw in values.items():
+        w = label(name)
+        if name in ("fast_interval", "slow_interval", "window_seconds", "stats_seconds"):
+            changes[name] = parse_duration(raw, w)
+        elif name == "idle_threshold":
+            v = _typed(raw, float, w)
+            if not 0 <= v < 1:
+                raise ConfigError(f"{w}: must be in [0, 1)")
+            changes[name] = v
+        elif name == "listen_address":
+            parse_listen(_typed(raw, str, w), w)
+            changes[name] = raw
+        elif name == "log_level":
+            if raw not in LEVELS:
+                raise ConfigError(f"{w}: expected one of {', '.join(LEVELS)}")
+            changes[name] = raw
+        else:
+            changes[name] = _typed(raw, str, w)
+    return replace(cfg, **changes)
+
+
+def _apply_collector(cfg: Config, name: str, key: str, raw: Any, where: str) -> Config:
+    classes = registry()
+    if name not in classes:
+        raise ConfigError(f"{where}: unknown collector {name!r} (known: {', '.join(classes)})")
+    cur = cfg.collectors[name]
+    if key == "enabled":
+        cur = replace(cur, enabled=_typed(raw, bool, where))
+    elif key == "interval":
+        cur = replace(cur, interval=parse_duration(raw, where))
+    elif key in classes[name].options:
+        value = _typed(raw, classes[name].options[key].type, where)
+        cur = replace(cur, options={**cur.options, key: value})
+    else:
+        known = ", ".join(["enabled", "interval", *classes[name].options])
+        raise ConfigError(f"{where}: unknown option {key!r} for collector {name} "
+                          f"(known: {known})")
+    return replace(cfg, collectors={**cfg.collectors, name: cur})
+
+
+def load_file(path: str, cfg: Config | None = None) -> Config:
+    cfg = cfg or Config(collectors=_default_collectors())
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    values: dict[str, Any] = {}
+    keys: dict[str, str] = {}
+    for section, table in doc.items():
+        if section == "collectors":
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: [collectors] must be a table")
+            for name, opts in table.items():
+                if not isinstance(opts, dict):
+                    raise ConfigError(f"{path}: [collectors.{name}] must be a table")
+                for key, raw in opts.items():
+                    cfg = _apply_collector(cfg, name, key, raw,
+                                           f"{path}: collectors.{name}.{key}")
+            continue
+        if section not in _SECTIONS or not isinstance(table, dict):
+            raise ConfigError(f"{path}: unknown section [{section}]")
+        for key, raw in table.items():
+            if key not in _SECTIONS[section]:
+                raise ConfigError(f"{path}: unknown key {section}.{key}")
+            values[_SECTIONS[section][key]] = raw
+            keys[_SECTIONS[section][key]] = f"{path}: {section}.{key}"
+    cfg = _apply(cfg, values, keys.get)
+    return replace(cfg, source=path)
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config.file", dest="config_file", metavar="FILE",
+                   help="TOML configuration file (reloaded on SIGHUP)")
+    p.add_argument("--web.listen-address", dest="listen_address", metavar="HOST:PORT",
+                   help=f"address to serve /metrics and the window on (default {DEFAULT_LISTEN})")
+    p.add_argument("--web.config.file", dest="web_config_file", metavar="FILE",
+                   help="web configuration (TLS, basic auth) in node_exporter's format")
+    p.add_argument("--path.procfs", dest="procfs", metavar="DIR", help="procfs mount point")
+    p.add_argument("--path.sysfs", dest="sysfs", metavar="DIR", help="sysfs mount point")
+    p.add_argument("--sampling.fast-interval", dest="fast_interval", metavar="DURATION",
+                   help="fast loop interval (default 100ms)")
+    p.add_argument("--sampling.slow-interval", dest="slow_interval", metavar="DURATION",
+                   help="slow loop interval (default 1s)")
+    p.add_argument("--sampling.window", dest="window_seconds", metavar="DURATION",
+                   help="high-rate window length (default 10m)")
+    p.add_argument("--sampling.stats-window", dest="stats_seconds", metavar="DURATION",
+                   help="window the agentd_gpu_window_* statistics cover (default 60s)")
+    p.add_argument("--sampling.idle-threshold", dest="idle_threshold", metavar="RATIO",
+                   help="GPU utilization below which a fast tick counts as idle (default 0.05)")
+    p.add_argument("--fake-nvml", dest="fake_nvml", metavar="SCENARIO",
+                   help=f"use fake GPUs described by SCENARIO (or set {FAKE_NVML_ENV})")
+    p.add_argument("--log.level", dest="log_level", choices=LEVELS, help="log level")
+    for name, cls in registry().items():
+        g = p.add_argument_group(f"collector {name}", cls.help)
+        state = "enabled" if cls.default_enabled else "disabled"
+        g.add_argument(f"--collector.{name}", dest=f"collector:{name}:enabled",
+                       action="store_const", const=True, help=f"enable ({state} by default)")
+        g.add_argument(f"--no-collector.{name}", dest=f"collector:{name}:enabled",
+                       action="store_const", const=False, help="disable")
+        g.add_argument(f"--collector.{name}.interval", dest=f"collector:{name}:interval",
+                       metavar="DURATION", help="own interval instead of the loop's")
+        for key, opt in cls.options.items():
+            g.add_argument(f"--collector.{name}.{key.replace('_', '-')}",
+                           dest=f"collector:{name}:{key}", metavar=opt.type.__name__.upper(),
+                           help=f"{opt.help} (default {opt.default!r})")
+
+
+_FLAG_NAMES = {
+    "listen_address": "--web.listen-address", "web_config_file": "--web.config.file",
+    "procfs": "--path.procfs", "sysfs": "--path.sysfs",
+    "fast_interval": "--sampling.fast-interval", "slow_interval": "--sampling.slow-interval",
+    "window_seconds": "--sampling.window", "stats_seconds": "--sampling.stats-window",
+    "idle_threshold": "--sampling.idle-threshold", "fake_nvml": "--fake-nvml",
+    "log_level": "--log.level",
+}
+_RUN_FIELDS = ("listen_address", "web_config_file", "procfs", "sysfs", "fast_interval",
+               "slow_interval", "window_seconds", "stats_seconds", "idle_threshold",
+               "fake_nvml", "log_level")
+
+
+def build(args: argparse.Namespace, env: dict[str, str] | None = None) -> Config:
+    """Defaults, then the config file (if any), then the environment, then flags."""
+    env = os.environ if env is None else env
+    cfg = Config(collectors=_default_collectors())
+    path = getattr(args, "config_file", None)
+    if path:
+        cfg = load_file(path, cfg)
+    if env.get(FAKE_NVML_ENV):
+        cfg = replace(cfg, fake_nvml=env[FAKE_NVML_ENV])
+    flags = {f: getattr(args, f) for f in _RUN_FIELDS if getattr(args, f, None) is not None}
+    cfg = _apply(cfg, flags, _FLAG_NAMES.get)
+    for dest, raw in vars(args).items():
+        if dest.startswith("collector:") and raw is not None:
+            _, name, key = dest.split(":", 2)
+            flag = f"--collector.{name}" + ("" if key == "enabled" else f".{key}")
+            cfg = _apply_collector(cfg, name, key, raw, flag)
+    if cfg.slow_interval < cfg.fast_interval:
+        raise ConfigError("the slow interval must not be shorter than the fast interval")
+    if cfg.window_seconds < cfg.stats_seconds:
+        raise ConfigError("the window must be at least as long as the stats window")
+    if cfg.fake_nvml and not os.path.isfile(cfg.fake_nvml):
+        raise ConfigError(f"fake NVML scenario {cfg.fake_nvml!r} does not exist")
+    for name in ("procfs", "sysfs"):
+        if not os.path.isdir(getattr(cfg, name)):
+            raise ConfigError(f"--path.{name}: {getattr(cfg, name)!r} is not a directory")
+    return cfg

@@ -1,0 +1,267 @@
+"""`agentd run`: the samplers, the window, the exporter and the HTTP endpoint, with signals.
+
+SIGTERM/SIGINT stop within 2 s; SIGHUP re-reads the config file (a bad file is logged and
+the running configuration kept); under systemd, READY=1 is sent once serving, and WATCHDOG=1
+while the main loop and the HTTP server are alive. A sampler stuck in a read (a hung NFS
+mount, a wedged driver) does not stop the watchdog: restarting cannot unstick it, and it
+shows in agentd_sampler_last_success_timestamp_seconds for an alert to catch.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import replace
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+
+from agentd import __version__
+from agentd.config import Config, ConfigError, parse_listen
+from agentd.exporter import AgentCollector
+from agentd.paths import Paths
+from agentd.runner import Runner
+from agentd.samplers import registry
+from agentd.samplers.base import Context, SharedState
+from agentd.systemd import Notifier
+from agentd.web import WebServer, json_response
+from agentd.webconfig import WebConfig, WebConfigError, load_web_config
+from agentd.window import Window
+
+log = logging.getLogger("agentd")
+
+STOP_DEADLINE = 1.5  # seconds to wait for sampler threads on stop (the budget is 2 s)
+
+
+def install_fake_nvml(path: str) -> None:
+    from agentd.gpu.fake import install, load_scenario
+
+    install(load_scenario(path))
+
+
+class Daemon:
+    def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None,
+                 notifier: Notifier | None = None):
+        self.config = config
+        self._reload_config = reload_config
+        self.notifier = notifier or Notifier()
+        self.window = Window(config.window_seconds)
+        self.shared = SharedState()
+        self._runners: dict[str, Runner] = {}
+        self._lock = threading.Lock()
+        self.server: WebServer | None = None
+        self.gpu_backend = "fake" if config.fake_nvml else "nvml"
+        self.last_reload_ok = True
+        self.last_reload_time = time.time()
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(AgentCollector(self))
+        ProcessCollector(registry=self.registry)
+        self.extra_routes: dict = {}
+
+    # --- parts --------------------------------------------------------------------------------
+
+    def runners(self) -> list[Runner]:
+        with self._lock:
+            return list(self._runners.values())
+
+    def runner(self, name: str) -> Runner | None:
+        with self._lock:
+            return self._runners.get(name)
+
+    def _context(self, cfg: Config) -> Context:
+        return Context(paths=Paths(cfg.procfs, cfg.sysfs), fast_interval=cfg.fast_interval,
+                       slow_interval=cfg.slow_interval, shared=self.shared,
+                       fake_nvml=cfg.fake_nvml or None)
+
+    def _interval(self, cfg: Config, name: str) -> float:
+        cls = registry()[name]
+        own = cfg.collector(name).interval
+        if own is not None:
+            return own
+        return cfg.fast_interval if cls.default_rate == "fast" else cfg.slow_interval
+
+    def _start_runner(self, cfg: Config, name: str) -> Runner:
+        cls = registry()[name]
+        interval = self._interval(cfg, name)
+        sampler = cls(self._context(cfg), cfg.collector(name).options)
+        ring = None if name == "topology" else self.window.ring(
+            name, interval, max_columns=cls.window_columns)
+        r = Runner(sampler, interval, cfg.slow_interval, ring)
+        r.start()
+        return r
+
+    @staticmethod
+    def _runner_key(cfg: Config, name: str) -> tuple:
+        """What a sampler's configuration is; a change restarts it."""
+        c = cfg.collector(name)
+        return (c.enabled, c.interval, tuple(sorted(c.options.items())), cfg.procfs, cfg.sysfs,
+                cfg.fast_interval, cfg.slow_interval, cfg.fake_nvml)
+
+    def _apply_samplers(self, old: Config | None, cfg: Config) -> None:
+        gpu_changed = old is not None and old.fake_nvml != cfg.fake_nvml
+        if gpu_changed or old is None:
+            self._select_gpu_backend(cfg)
+        for name in registry():
+            enabled = cfg.collector(name).enabled
+            current = self.runner(name)
+            if current is not None and old is not None and \
+                    self._runner_key(old, name) == self._runner_key(cfg, name):
+                continue
+            if current is not None:
+                current.stop()
+                current.join(STOP_DEADLINE)
+                with self._lock:
+                    del self._runners[name]
+            if enabled:
+                r = self._start_runner(cfg, name)
+                with self._lock:
+                    self._runners[name] = r
+            else:
+                self.window.drop(name)
+
+    def _select_gpu_backend(self, cfg: Config) -> None:
+        from agentd.gpu import fake
+
+        if cfg.fake_nvml:
+            install_fake_nvml(cfg.fake_nvml)
+            self.gpu_backend = "fake"
+            log.warning("using FAKE GPUs from %s: no real GPU is read", cfg.fake_nvml)
+        else:
+            if fake.installed() is not None:
+                fake.uninstall()
+            self.gpu_backend = "nvml"
+
+    def _start_server(self, cfg: Config) -> None:
+        host, port = parse_listen(cfg.listen_address, "--web.listen-address")
+        web = load_web_config(cfg.web_config_file) if cfg.web_config_file else WebConfig()
+        routes = {
+            "/api/v1/window": self._window_route,
+            "/api/v1/status": lambda q: json_response(self.status()),
+            **self.extra_routes,
+        }
+        try:
+            self.server = WebServer(host, port, web, routes, self.registry)
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {cfg.listen_address}: {e.strerror}") from None
+        self.server.start()
+        log.info("serving %s://%s:%d/metrics", self.server.scheme, host, self.server.port)
+
+    # --- HTTP routes ----------------------------------------------------------------------------
+
+    def _window_route(self, query: dict) -> tuple[int, str, bytes]:
+        try:
+            seconds = float(query.get("seconds", [self.config.window_seconds])[0])
+        except ValueError:
+            return 400, "text/plain", b"seconds must be a number\n"
+        since = time.time() - seconds
+        fmt = query.get("format", ["json"])[0]
+        if fmt == "npz":
+            return 200, "application/octet-stream", self.window.to_npz(since)
+        if fmt != "json":
+            return 400, "text/plain", b"format must be json or npz\n"
+        return json_response(self.window.to_json(since))
+
+    def status(self) -> dict:
+        return {
+            "version": __version__,
+            "gpu_backend": self.gpu_backend,
+            "config_file": self.config.source,
+            "fast_interval_seconds": self.config.fast_interval,
+            "slow_interval_seconds": self.config.slow_interval,
+            "window_seconds": self.config.window_seconds,
+            "samplers": {
+                r.name: {
+                    "available": r.available,
+                    "unavailable_reason": r.unavailable_reason,
+                    "success": r.success,
+                    "interval_seconds": r.interval,
+                    "runs": r.runs,
+                    "errors": r.errors,
+                    "overruns": r.overruns,
+                    "last_error": r.last_error,
+                }
+                for r in self.runners()
+            },
+        }
+
+    # --- life cycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._apply_samplers(None, self.config)
+        self._start_server(self.config)
+        self.notifier.ready(f"serving on {self.config.listen_address}")
+
+    def reload(self) -> bool:
+        if self._reload_config is None:
+            return False
+        self.notifier.reloading()
+        try:
+            cfg = self._reload_config()
+            if cfg.web_config_file:
+                load_web_config(cfg.web_config_file)  # validate before touching anything
+        except (ConfigError, WebConfigError) as e:
+            log.error("reload failed, keeping the running configuration: %s", e)
+            self.last_reload_ok = False
+            self.notifier.ready("reload failed")
+            return False
+        old = self.config
+        if cfg.window_seconds != old.window_seconds:
+            log.warning("the window length changes only on restart; keeping %gs",
+                        old.window_seconds)
+            cfg = replace(cfg, window_seconds=old.window_seconds)
+        self.config = cfg
+        logging.getLogger("agentd").setLevel(cfg.log_level.upper())
+        self._apply_samplers(old, cfg)
+        assert self.server is not None
+        if cfg.listen_address != old.listen_address:
+            self.server.stop()
+            self._start_server(cfg)
+        else:
+            # Same socket; new certificates, users and headers take effect on new connections.
+            self.server.httpd.web = (load_web_config(cfg.web_config_file)
+                                     if cfg.web_config_file else WebConfig())
+        self.last_reload_ok = True
+        self.last_reload_time = time.time()
+        log.info("configuration reloaded")
+        self.notifier.ready("reloaded")
+        return True
+
+    def request_stop(self, *_args) -> None:
+        self._stop.set()
+
+    def request_reload(self, *_args) -> None:
+        self._reload.set()
+
+    def serve(self, install_signals: bool = True) -> None:
+        """Run until SIGTERM/SIGINT (or request_stop)."""
+        if install_signals:
+            signal.signal(signal.SIGTERM, self.request_stop)
+            signal.signal(signal.SIGINT, self.request_stop)
+            signal.signal(signal.SIGHUP, self.request_reload)
+        self.start()
+        ping = self.notifier.watchdog_seconds
+        period = min(ping / 2, 1.0) if ping else 1.0
+        while not self._stop.wait(period):
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload()
+            if ping and self.server is not None and self.server.is_alive():
+                self.notifier.watchdog()
+        self.stop()
+
+    def stop(self) -> None:
+        self.notifier.stopping()
+        deadline = time.monotonic() + STOP_DEADLINE
+        runners = self.runners()
+        for r in runners:
+            r.stop()
+        for r in runners:
+            if not r.join(max(deadline - time.monotonic(), 0.01)):
+                log.warning("%s did not stop in time; leaving it", r.name)
+        if self.server is not None:
+            self.server.stop()
+        log.info("stopped")

@@ -1,0 +1,136 @@
+"""The Prometheus collector: what /metrics serves, built from the samplers' latest readings.
+
+No NVML call or file read happens here: a scrape reads state the sampler threads keep, plus
+statistics over the window (computed at most once a second). Families and label names come
+from the catalog, so a name that is not in agentd/catalog.py is never served.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import threading
+import time
+from typing import TYPE_CHECKING, Iterable
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from agentd import __version__
+from agentd.catalog import METRICS, METRICS_BY_NAME
+from agentd.window import gpu_window_stats
+
+if TYPE_CHECKING:
+    from agentd.daemon import Daemon
+
+log = logging.getLogger("agentd.exporter")
+
+
+class AgentCollector:
+    def __init__(self, daemon: "Daemon"):
+        self.daemon = daemon
+        self._stats_cache: tuple[float, list] = (0.0, [])
+        self._stats_lock = threading.Lock()
+        self._unknown_logged: set[str] = set()
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # families vary with the hardware; no describe-time registration checks
+
+    def collect(self) -> Iterable[Metric]:
+        series: dict[str, list] = {}
+
+        def add(name: str, labels: tuple, value: float) -> None:
+            series.setdefault(name, []).append((labels, value))
+
+        for name, labels, value in self._self_series():
+            add(name, labels, value)
+        for runner in self.daemon.runners():
+            if not runner.available:
+                continue
+            try:
+                items = runner.sampler.series()
+            except Exception as e:  # a sampler's bad state must not cost the whole scrape
+                log.error("%s: series() failed: %s", runner.name, e)
+                continue
+            for name, labels, value in items:
+                if value is None:
+                    continue
+                add(name, labels, value)
+        for name, labels, value in self._window_series():
+            add(name, labels, value)
+
+        for spec in METRICS:
+            rows = series.pop(spec.name, None)
+            if not rows:
+                continue
+            family_cls = CounterMetricFamily if spec.type == "counter" else GaugeMetricFamily
+            family = family_cls(spec.name, spec.help, labels=spec.labels)
+            seen = set()
+            for labels, value in rows:
+                if labels in seen:
+                    continue  # two samplers must not export the same series; keep the first
+                seen.add(labels)
+                family.add_metric([str(v) for v in labels], float(value))
+            yield family
+        for name in series:
+            if name not in self._unknown_logged and name not in METRICS_BY_NAME:
+                self._unknown_logged.add(name)
+                log.error("metric %s is not in the catalog; not served", name)
+
+    def _self_series(self) -> list:
+        d = self.daemon
+        out = [("agentd_build_info", (__version__, platform.python_version(), d.gpu_backend), 1)]
+        for r in d.runners():
+            lab = (r.name,)
+            out += [
+                ("agentd_sampler_available", lab, float(r.available)),
+                ("agentd_sampler_success", lab, float(r.available and r.success)),
+                ("agentd_sampler_duration_seconds", lab, r.last_duration),
+                ("agentd_sampler_interval_seconds", lab, r.interval),
+                ("agentd_sampler_runs_total", lab, float(r.runs)),
+                ("agentd_sampler_errors_total", lab, float(r.errors)),
+                ("agentd_sampler_overruns_total", lab, float(r.overruns)),
+            ]
+            if r.last_success:
+                out.append(("agentd_sampler_last_success_timestamp_seconds", lab,
+                            r.last_success))
+            if r.ring is not None:
+                out.append(("agentd_window_columns_dropped_total", lab,
+                            float(r.ring.dropped_columns)))
+        out += [
+            ("agentd_config_last_reload_successful", (), float(d.last_reload_ok)),
+            ("agentd_config_last_reload_success_timestamp_seconds", (), d.last_reload_time),
+            ("agentd_window_capacity_seconds", (), d.config.window_seconds),
+            ("agentd_window_memory_bytes", (), float(d.window.used_bytes)),
+            ("agentd_window_stats_seconds", (), d.config.stats_seconds),
+        ]
+        return out
+
+    def _window_series(self) -> list:
+        now = time.time()
+        with self._stats_lock:
+            cached_at, cached = self._stats_cache
+            if now - cached_at < 1.0:
+                return cached
+        out = []
+        gpu = self.daemon.runner("gpu")
+        if gpu is not None and gpu.available and gpu.ring is not None:
+            since = now - self.daemon.config.stats_seconds
+            for g in list(getattr(gpu.sampler, "gpus", {}).values()):
+                if g.index in gpu.sampler.lost:
+                    continue
+                t, busy = gpu.ring.column(f"gpu.busy:{g.index}", since)
+                stats = gpu_window_stats(t, busy, self.daemon.config.idle_threshold)
+                if stats is None:
+                    continue
+                lab = (str(g.index), g.uuid)
+                out += [
+                    ("agentd_gpu_window_idle_ratio", lab, stats["idle_ratio"]),
+                    ("agentd_gpu_window_longest_idle_seconds", lab,
+                     stats["longest_idle_seconds"]),
+                ]
+                for pct in ("10", "50", "90"):
+                    out.append(("agentd_gpu_window_utilization_ratio", lab + (pct,),
+                                stats["p" + pct]))
+        with self._stats_lock:
+            self._stats_cache = (now, out)
+        return out

@@ -1,0 +1,309 @@
+"""Fake GPUs described by a scenario file (TOML), for `agentd run --fake-nvml FILE`.
+
+A scenario fixes what each fake GPU does: a constant utilization or a periodic step
+(busy for step_busy_s of every step_period_s), PCIe and NVLink traffic, memory, clocks,
+power, throttling episodes, XID events, the moment it falls off the bus, its processes, and
+which NVML calls it does not support. See agentd/scenarios/*.toml for examples.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass, field
+
+import pynvml as N
+
+from agentd.gpu.nvml import clock_event_reason_bits
+from agentd.gpu.fake.library import DeviceInfo, DeviceState, FakeNvmlLibrary, GpuProcess
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+
+class ScenarioError(ValueError):
+    pass
+
+
+CLOCK_EVENT_REASONS = clock_event_reason_bits(N)
+
+INIT_ERRORS = {
+    "none": N.NVML_SUCCESS,
+    "library_not_found": N.NVML_ERROR_LIBRARY_NOT_FOUND,
+    "driver_not_loaded": N.NVML_ERROR_DRIVER_NOT_LOADED,
+    "no_permission": N.NVML_ERROR_NO_PERMISSION,
+}
+
+
+@dataclass
+class Episode:
+    start_s: float
+    end_s: float
+    reasons: int
+    sm_clock_mhz: int | None
+
+
+@dataclass
+class ScenarioDevice:
+    """One fake GPU whose behaviour is a closed-form function of time."""
+
+    info: DeviceInfo
+    utilization: float = 0.0
+    step_period_s: float = 0.0
+    step_busy_s: float = 0.0
+    phase_s: float = 0.0
+    sm_active_per_busy: float = 0.6
+    sm_occupancy_per_busy: float = 0.4
+    tensor_active_per_busy: float = 0.3
+    dram_active_per_busy: float = 0.35
+    pcie_rx_rate: float = 0.0  # bytes/s, mean
+    pcie_tx_rate: float = 0.0
+    nvlink_rx_rate: float = 0.0
+    nvlink_tx_rate: float = 0.0
+    memory_used: int = 0
+    sm_clock_mhz: int = 1980
+    power_idle_w: float = 70.0
+    power_busy_w: float = 650.0
+    temperature_c: int = 55
+    throttle: list[Episode] = field(default_factory=list)
+    xid_events: list[tuple[float, int]] = field(default_factory=list)
+    lost_at: float | None = None
+    procs: list[GpuProcess] = field(default_factory=list)
+    counter_base: int = 3 * 2**40  # counters have been running since boot
+
+    def _busy_integral(self, t: float) -> float:
+        """Seconds of kernel time in [0, t]."""
+        if self.step_period_s > 0:
+            p, b = self.step_period_s, self.step_busy_s
+            x = t + self.phase_s
+            return math.floor(x / p) * b + min(x % p, b)
+        return self.utilization * t
+
+    def busy_between(self, t0: float, t1: float) -> float:
+        if t1 <= t0:
+            return 0.0
+        if self.lost_at is not None:
+            t1 = min(t1, self.lost_at)
+            if t1 <= t0:
+                return 0.0
+        return (self._busy_integral(t1) - self._busy_integral(t0)) / (t1 - t0)
+
+    def activity_between(self, t0: float, t1: float) -> dict[str, float]:
+        busy = self.busy_between(t0, t1)
+        return {
+            "sm_active": busy * self.sm_active_per_busy,
+            "sm_occupancy": busy * self.sm_occupancy_per_busy,
+            "tensor_active": busy * self.tensor_active_per_busy,
+            "dram_active": busy * self.dram_active_per_busy,
+        }
+
+    def _idle_integral(self, t: float) -> float:
+        """Seconds without a kernel in [0, t]; computed directly so it never decreases."""
+        if self.step_period_s > 0:
+            p, b = self.step_period_s, self.step_busy_s
+            x = t + self.phase_s
+            return math.floor(x / p) * (p - b) + max(x % p - b, 0.0)
+        return (1 - self.utilization) * t
+
+    def pcie_bytes(self, t: float) -> tuple[int, int]:
+        # Input copies happen while the GPU waits: spread the mean rate over idle time.
+        if self.step_period_s > 0 and self.step_busy_s < self.step_period_s:
+            idle_share = 1 - self.step_busy_s / self.step_period_s
+            moved = self._idle_integral(t) / idle_share
+        else:
+            moved = t
+        return (self.counter_base + int(self.pcie_tx_rate * moved),
+                self.counter_base + int(self.pcie_rx_rate * moved))
+
+    def nvlink_bytes(self, t: float) -> tuple[int, int]:
+        return (self.counter_base + int(self.nvlink_tx_rate * t),
+                self.counter_base + int(self.nvlink_rx_rate * t))
+
+    def state(self, t: float) -> DeviceState:
+        period = self.info.util_sample_period_s
+        busy = self.busy_between(t - period, t)
+        reasons, clock = 0, self.sm_clock_mhz
+        if busy == 0:
+            reasons |= N.nvmlClocksEventReasonGpuIdle
+        for ep in self.throttle:
+            if ep.start_s <= t < ep.end_s:
+                reasons |= ep.reasons
+                if ep.sm_clock_mhz is not None:
+                    clock = ep.sm_clock_mhz
+        power = self.power_idle_w + (self.power_busy_w - self.power_idle_w) * busy
+        return DeviceState(
+            memory_used=self.memory_used,
+            sm_clock_mhz=clock,
+            power_mw=int(power * 1000),
+            temperature_c=self.temperature_c,
+            clock_event_reasons=reasons,
+            pcie_gen=self.info.pcie_gen if busy > 0 else 1,  # links train down when idle
+            pcie_width=self.info.pcie_width,
+        )
+
+    def processes(self, t: float) -> list[GpuProcess]:
+        return list(self.procs)
+
+    def xids(self, t0: float, t1: float) -> list[tuple[float, int]]:
+        return [(t, x) for t, x in self.xid_events if t0 < t <= t1]
+
+
+_GPU_KEYS = {
+    "count", "name", "utilization", "step_period_s", "step_busy_s", "stagger_s",
+    "sm_active_per_busy", "sm_occupancy_per_busy", "tensor_active_per_busy",
+    "dram_active_per_busy", "pcie_rx_bytes_per_second", "pcie_tx_bytes_per_second",
+    "nvlink_rx_bytes_per_second", "nvlink_tx_bytes_per_second", "nvlink_links",
+    "memory_total_bytes", "memory_used_bytes", "sm_clock_hz", "sm_clock_max_hz",
+    "power_idle_watts", "power_busy_watts", "power_limit_watts", "temperature_celsius",
+    "pcie_generation", "pcie_width", "pcie_max_generation", "pcie_max_width", "gpm",
+    "util_sample_period_s", "util_buffer_dry_when_idle", "pcie_counter_bits", "not_supported",
+    "unsupported_fields", "throttle", "xid", "lost_at_s", "processes", "ecc_corrected",
+    "ecc_uncorrected", "remapped_rows",
+}
+_TOP_KEYS = {"driver_version", "cuda_driver_version", "init_error", "missing_functions",
+             "latency", "gpus", "description"}
+
+
+def _num(d: dict, key: str, default, where: str, lo=None, hi=None):
+    v = d.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ScenarioError(f"{where}.{key}: expected a number, got {v!r}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise ScenarioError(f"{where}.{key}: {v} is outside [{lo}, {hi}]")
+    return v
+
+
+def _check_keys(d: dict, allowed: set, where: str) -> None:
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        raise ScenarioError(f"{where}: unknown key {unknown[0]!r}")
+
+
+def _devices(group: dict, first_index: int, where: str) -> list[ScenarioDevice]:
+    _check_keys(group, _GPU_KEYS, where)
+    count = int(_num(group, "count", 1, where, 1, 64))
+    util = _num(group, "utilization", 0.0, where, 0, 1)
+    period = _num(group, "step_period_s", 0.0, where, 0)
+    busy = _num(group, "step_busy_s", 0.0, where, 0)
+    if period and busy > period:
+        raise ScenarioError(f"{where}.step_busy_s: {busy} exceeds step_period_s {period}")
+    stagger = _num(group, "stagger_s", 0.0, where, 0)
+    episodes = []
+    for i, ep in enumerate(group.get("throttle", [])):
+        w = f"{where}.throttle[{i}]"
+        _check_keys(ep, {"start_s", "end_s", "reasons", "sm_clock_hz"}, w)
+        bits = 0
+        for r in ep.get("reasons", []):
+            if r not in CLOCK_EVENT_REASONS:
+                raise ScenarioError(f"{w}.reasons: unknown reason {r!r}")
+            bits |= CLOCK_EVENT_REASONS[r]
+        clock = ep.get("sm_clock_hz")
+        episodes.append(Episode(_num(ep, "start_s", 0, w, 0), _num(ep, "end_s", 1e18, w, 0),
+                                bits, int(clock / 1e6) if clock else None))
+    xids = []
+    for i, x in enumerate(group.get("xid", [])):
+        w = f"{where}.xid[{i}]"
+        _check_keys(x, {"at_s", "code"}, w)
+        xids.append((_num(x, "at_s", 0, w, 0), int(_num(x, "code", 0, w, 1))))
+    procs = []
+    for i, p in enumerate(group.get("processes", [])):
+        w = f"{where}.processes[{i}]"
+        _check_keys(p, {"pid", "memory_bytes", "sm_util"}, w)
+        procs.append(GpuProcess(int(_num(p, "pid", 0, w, 1)), int(_num(p, "memory_bytes", 0, w, 0)),
+                                _num(p, "sm_util", 0.0, w, 0, 1)))
+    lost = group.get("lost_at_s")
+    bits = int(_num(group, "pcie_counter_bits", 64, where))
+    if bits not in (32, 64):
+        raise ScenarioError(f"{where}.pcie_counter_bits: must be 32 or 64")
+    out = []
+    for k in range(count):
+        index = first_index + k
+        info = DeviceInfo(
+            index=index,
+            name=str(group.get("name", DeviceInfo.name)),
+            uuid="GPU-" + str(uuid.uuid5(uuid.NAMESPACE_OID, f"agentd-fake-gpu-{index}")),
+            pci_bus_id=f"00000000:{0x18 + 0x10 * index:02X}:00.0",
+            minor=index,
+            memory_total=int(_num(group, "memory_total_bytes", DeviceInfo.memory_total, where, 1)),
+            sm_clock_max_mhz=int(_num(group, "sm_clock_max_hz", 1.98e9, where, 1) / 1e6),
+            power_limit_mw=int(_num(group, "power_limit_watts", 700, where, 1) * 1000),
+            pcie_gen=int(_num(group, "pcie_generation", 5, where, 1, 7)),
+            pcie_width=int(_num(group, "pcie_width", 16, where, 1, 32)),
+            pcie_max_gen=int(_num(group, "pcie_max_generation", 5, where, 1, 7)),
+            pcie_max_width=int(_num(group, "pcie_max_width", 16, where, 1, 32)),
+            gpm=bool(group.get("gpm", True)),
+            nvlink_links=int(_num(group, "nvlink_links", 18, where, 0, 64)),
+            util_sample_period_s=_num(group, "util_sample_period_s", 1 / 6, where, 0.01, 2),
+            util_buffer_dry_when_idle=bool(group.get("util_buffer_dry_when_idle", False)),
+            pcie_counter_bits=bits,
+            not_supported=frozenset(group.get("not_supported", [])),
+            unsupported_fields=frozenset(int(f) for f in group.get("unsupported_fields", [])),
+            ecc_corrected=int(_num(group, "ecc_corrected", 0, where, 0)),
+            ecc_uncorrected=int(_num(group, "ecc_uncorrected", 0, where, 0)),
+            remapped=tuple(int(v) for v in group.get("remapped_rows", (0, 0, 0, 0))),
+        )
+        out.append(ScenarioDevice(
+            info=info,
+            utilization=util,
+            step_period_s=period,
+            step_busy_s=busy,
+            phase_s=stagger * k,
+            sm_active_per_busy=_num(group, "sm_active_per_busy", 0.6, where, 0, 1),
+            sm_occupancy_per_busy=_num(group, "sm_occupancy_per_busy", 0.4, where, 0, 1),
+            tensor_active_per_busy=_num(group, "tensor_active_per_busy", 0.3, where, 0, 1),
+            dram_active_per_busy=_num(group, "dram_active_per_busy", 0.35, where, 0, 1),
+            pcie_rx_rate=_num(group, "pcie_rx_bytes_per_second", 0.0, where, 0),
+            pcie_tx_rate=_num(group, "pcie_tx_bytes_per_second", 0.0, where, 0),
+            nvlink_rx_rate=_num(group, "nvlink_rx_bytes_per_second", 0.0, where, 0),
+            nvlink_tx_rate=_num(group, "nvlink_tx_bytes_per_second", 0.0, where, 0),
+            memory_used=int(_num(group, "memory_used_bytes", 0, where, 0)),
+            sm_clock_mhz=int(_num(group, "sm_clock_hz", 1.98e9, where, 1) / 1e6),
+            power_idle_w=_num(group, "power_idle_watts", 70, where, 0),
+            power_busy_w=_num(group, "power_busy_watts", 650, where, 0),
+            temperature_c=int(_num(group, "temperature_celsius", 55, where, -50, 150)),
+            throttle=episodes,
+            xid_events=xids,
+            lost_at=None if lost is None else _num(group, "lost_at_s", 0, where, 0),
+            procs=procs,
+        ))
+    return out
+
+
+def library_from_dict(doc: dict, where: str = "scenario", **kwargs) -> FakeNvmlLibrary:
+    _check_keys(doc, _TOP_KEYS, where)
+    init = doc.get("init_error", "none")
+    if init not in INIT_ERRORS:
+        raise ScenarioError(f"{where}.init_error: expected one of {sorted(INIT_ERRORS)}")
+    devices: list[ScenarioDevice] = []
+    groups = doc.get("gpus", [])
+    if not isinstance(groups, list):
+        raise ScenarioError(f"{where}.gpus: expected an array of tables ([[gpus]])")
+    for i, g in enumerate(groups):
+        if not isinstance(g, dict):
+            raise ScenarioError(f"{where}.gpus[{i}]: expected a table")
+        devices += _devices(g, len(devices), f"{where}.gpus[{i}]")
+    latency = doc.get("latency", {})
+    for k, v in latency.items():
+        _num(latency, k, 0, f"{where}.latency", 0, 5)
+    return FakeNvmlLibrary(
+        devices,
+        driver_version=str(doc.get("driver_version", "550.90.07")),
+        cuda_driver_version=int(doc.get("cuda_driver_version", 12040)),
+        init_error=INIT_ERRORS[init],
+        latency=latency,
+        missing_functions=frozenset(doc.get("missing_functions", [])),
+        **kwargs,
+    )
+
+
+def load_scenario(path: str, **kwargs) -> FakeNvmlLibrary:
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as e:
+        raise ScenarioError(f"cannot read fake-NVML scenario {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ScenarioError(f"{path}: {e}") from None
+    return library_from_dict(doc, where=path, **kwargs)

@@ -1,0 +1,536 @@
+"""NVIDIA GPUs through NVML (nvidia-ml-py's `pynvml`).
+
+Conventions (see also ../shared/REFERENCE.md):
+- Utilization comes from the driver's own sample buffer (nvmlDeviceGetSamples), each sample
+  the percent of its sample period (1/6 s to 1 s by product) in which a kernel ran. Sample
+  timestamps are microseconds on an unspecified clock, so only their differences are used.
+  Some drivers stop adding samples while the GPU idles and answer NVML_ERROR_NOT_FOUND: a
+  sample is credited with at most one sample period, so a gap in the buffer counts as idle.
+- PCIe bytes come from the cumulative field values NVML_FI_DEV_PCIE_COUNT_TX/RX_BYTES read in
+  the same nvmlDeviceGetFieldValues call as NVLink. Where the driver lacks them, a helper
+  thread polls nvmlDeviceGetPcieThroughput (which blocks ~20 ms per direction per GPU) at the
+  slow interval, off the fast path, and integrates its KB/s readings.
+- NVML_ERROR_NOT_SUPPORTED and FunctionNotFound make a value absent for that GPU (logged
+  once); NVML_ERROR_GPU_IS_LOST raises GpuLost; a missing library or driver is Unavailable.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from agentd.gpu.backend import (
+    CLOCK_EVENT_REASONS,
+    FastReading,
+    GpuEvent,
+    GpuIdentity,
+    GpuLost,
+    GpuProcessUse,
+    SlowReading,
+)
+from agentd.logs import LogOnce
+from agentd.samplers.base import Unavailable
+
+log = logging.getLogger("agentd.gpu.nvml")
+
+UINT_MAX = 0xFFFFFFFF
+GPM_MIN_INTERVAL = 0.1  # GPM metrics between samples closer than 100 ms are not valid
+
+# Usable bytes/s per lane per direction: transfer rate after line encoding.
+PCIE_LANE_BYTES = {
+    1: 2.5e9 * 8 / 10 / 8,
+    2: 5e9 * 8 / 10 / 8,
+    3: 8e9 * 128 / 130 / 8,
+    4: 16e9 * 128 / 130 / 8,
+    5: 32e9 * 128 / 130 / 8,
+    6: 64e9 * 242 / 256 / 8,  # FLIT mode
+    7: 128e9 * 242 / 256 / 8,
+}
+
+
+def pcie_capacity(generation: int | None, width: int | None) -> float | None:
+    if not generation or not width or generation not in PCIE_LANE_BYTES:
+        return None
+    return PCIE_LANE_BYTES[generation] * width
+
+
+def load_pynvml():
+    import pynvml
+
+    return pynvml
+
+
+def clock_event_reason_bits(N) -> dict[str, int]:
+    """Our reason names -> NVML's bits (nvmlClocksEventReason<CamelCase>)."""
+    out = {}
+    for name in CLOCK_EVENT_REASONS:
+        attr = "nvmlClocksEventReason" + "".join(w.capitalize() for w in name.split("_"))
+        if hasattr(N, attr):
+            out[name] = getattr(N, attr)
+    return out
+
+
+def field_value(N, fv) -> int | float:
+    t = fv.valueType
+    if t == N.NVML_VALUE_TYPE_DOUBLE:
+        return fv.value.dVal
+    if t == N.NVML_VALUE_TYPE_UNSIGNED_INT:
+        return fv.value.uiVal
+    if t == N.NVML_VALUE_TYPE_UNSIGNED_LONG:
+        return fv.value.ulVal
+    if t == N.NVML_VALUE_TYPE_SIGNED_LONG_LONG:
+        return fv.value.sllVal
+    if t == N.NVML_VALUE_TYPE_SIGNED_INT:
+        return fv.value.siVal
+    return fv.value.ullVal
+
+
+def counter_delta(prev: int, cur: int, bits: int) -> int:
+    """Advance of a hardware counter, through one wrap of a 32-bit counter.
+    A 64-bit counter that goes backwards was reset (driver reload): count nothing."""
+    if cur >= prev:
+        return cur - prev
+    if bits == 32:
+        return cur + 2**32 - prev
+    return 0
+
+
+@dataclass
+class _Device:
+    index: int
+    handle: object
+    identity: GpuIdentity | None = None
+    address: int = 0  # the handle's pointer value, to match event data
+    lost: bool = False
+    absent: set = field(default_factory=set)  # capabilities the device lacks
+    util_last_ts: int = 0
+    util_period_s: float | None = None
+    util_last_seen: float = 0.0  # monotonic time the newest sample arrived
+    counter_fields: list = field(default_factory=list)
+    counter_prev: dict = field(default_factory=dict)  # field id -> (value, bits, timestamp us)
+    gpm_samples: list = field(default_factory=list)
+    gpm_prev_t: float | None = None
+    proc_util_last_ts: int = 0
+
+
+class NvmlBackend:
+    name = "nvml"
+
+    def __init__(self, slow_interval: float = 1.0, pynvml_module=None):
+        self.N = pynvml_module or load_pynvml()
+        self.slow_interval = slow_interval
+        self.devices: list[_Device] = []
+        self.driver_version = ""
+        self._event_set = None
+        self._log_once = LogOnce(log)
+        self._fallback: dict[int, list[float]] = {}  # index -> [tx bytes, rx bytes, last t]
+        self._fallback_lock = threading.Lock()
+        self._fallback_stop = threading.Event()
+        self._fallback_thread: threading.Thread | None = None
+        self._reasons = clock_event_reason_bits(self.N)
+
+    # --- set-up -------------------------------------------------------------------------------
+
+    def open(self) -> list[GpuIdentity]:
+        N = self.N
+        try:
+            N.nvmlInit()
+        except N.NVMLError as e:
+            code = getattr(e, "value", None)
+            if code in (N.NVML_ERROR_LIBRARY_NOT_FOUND, N.NVML_ERROR_DRIVER_NOT_LOADED):
+                raise Unavailable(f"no NVIDIA driver ({e}); sampling the host only") from None
+            raise Unavailable(f"NVML initialisation failed: {e}") from None
+        try:
+            self.driver_version = str(N.nvmlSystemGetDriverVersion())
+            count = N.nvmlDeviceGetCount()
+        except N.NVMLError as e:
+            N.nvmlShutdown()
+            raise Unavailable(f"NVML cannot list devices: {e}") from None
+        self.devices = []
+        for i in range(count):
+            try:
+                handle = N.nvmlDeviceGetHandleByIndex(i)
+            except N.NVMLError as e:
+                # A GPU that fell off the bus before we started: report it, keep the others.
+                log.error("GPU %d cannot be opened: %s", i, e)
+                self.devices.append(_Device(i, None, lost=True))
+                continue
+            dev = _Device(i, handle, address=ctypes.cast(handle, ctypes.c_void_p).value or 0)
+            try:
+                dev.identity = self._identify(dev)
+            except GpuLost as e:
+                log.error("%s", e)
+                dev.lost = True
+            self.devices.append(dev)
+        self._open_events()
+        if any(d.identity and d.identity.pcie_counter_source == "throughput_sampled"
+               for d in self.devices):
+            self._start_fallback()
+        return [d.identity for d in self.devices if d.identity]
+
+    def _call(self, dev: _Device, capability: str, fn, *args):
+        """One NVML call for one device: None where unsupported; GpuLost when lost."""
+        N = self.N
+        if capability in dev.absent:
+            return None
+        try:
+            return fn(*args)
+        except (N.NVMLError_NotSupported, N.NVMLError_FunctionNotFound) as e:
+            dev.absent.add(capability)
+            self._log_once(logging.INFO, (dev.index, capability),
+                           "GPU %d: %s not available (%s)", dev.index, capability, e)
+            return None
+        except N.NVMLError_GPUIsLost:
+            dev.lost = True
+            raise GpuLost(dev.index, "NVML_ERROR_GPU_IS_LOST") from None
+
+    def _identify(self, dev: _Device) -> GpuIdentity:
+        N, h = self.N, dev.handle
+        uuid = self._call(dev, "uuid", N.nvmlDeviceGetUUID, h) or f"GPU-unknown-{dev.index}"
+        name = self._call(dev, "name", N.nvmlDeviceGetName, h) or "unknown"
+        pci = self._call(dev, "pci", N.nvmlDeviceGetPciInfo, h)
+        bus_id = pci.busId.decode() if pci is not None and isinstance(pci.busId, bytes) else (
+            str(pci.busId) if pci is not None else "")
+        mem = self._call(dev, "memory", N.nvmlDeviceGetMemoryInfo, h)
+        clock_max = self._call(dev, "sm_clock_max", N.nvmlDeviceGetMaxClockInfo, h,
+                               N.NVML_CLOCK_SM)
+        gen = self._call(dev, "pcie_max_generation", N.nvmlDeviceGetMaxPcieLinkGeneration, h)
+        width = self._call(dev, "pcie_max_width", N.nvmlDeviceGetMaxPcieLinkWidth, h)
+        minor = self._call(dev, "minor", N.nvmlDeviceGetMinorNumber, h)
+        source = self._probe_counters(dev)
+        gpm = self._call(dev, "gpm", N.nvmlGpmQueryDeviceSupport, h)
+        if gpm is not None and gpm.isSupportedDevice:
+            try:
+                dev.gpm_samples = [N.nvmlGpmSampleAlloc(), N.nvmlGpmSampleAlloc()]
+            except N.NVMLError as e:
+                self._log_once(logging.INFO, (dev.index, "gpm"), "GPU %d: GPM unavailable (%s)",
+                               dev.index, e)
+        else:
+            dev.absent.add("gpm")
+        return GpuIdentity(
+            index=dev.index, uuid=str(uuid), name=str(name), pci_bus_id=bus_id, minor=minor,
+            memory_total=mem.total if mem is not None else None,
+            sm_clock_max_hz=clock_max * 1e6 if clock_max else None,
+            pcie_max_generation=gen, pcie_max_width=width, pcie_counter_source=source,
+        )
+
+    def _probe_counters(self, dev: _Device) -> str:
+        N = self.N
+        wanted = [N.NVML_FI_DEV_PCIE_COUNT_TX_BYTES, N.NVML_FI_DEV_PCIE_COUNT_RX_BYTES,
+                  (N.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX, UINT_MAX),
+                  (N.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX, UINT_MAX)]
+        values = self._call(dev, "field_values", N.nvmlDeviceGetFieldValues, dev.handle, wanted)
+        if values is None:
+            dev.counter_fields = []
+        else:
+            dev.counter_fields = [w for w, v in zip(wanted, values)
+                                  if v.nvmlReturn == N.NVML_SUCCESS]
+            for w, v in zip(wanted, values):
+                if v.nvmlReturn == N.NVML_SUCCESS:
+                    dev.counter_prev[v.fieldId] = self._counter_of(v)
+        have = {f if isinstance(f, int) else f[0] for f in dev.counter_fields}
+        if N.NVML_FI_DEV_PCIE_COUNT_RX_BYTES in have and N.NVML_FI_DEV_PCIE_COUNT_TX_BYTES in have:
+            return "counter"
+        if "pcie_throughput" not in dev.absent:
+            self._log_once(logging.INFO, (dev.index, "pcie_counters"),
+                           "GPU %d: no PCIe byte counters; sampling nvmlDeviceGetPcieThroughput "
+                           "every %.1fs in a helper thread", dev.index, self.slow_interval)
+            return "throughput_sampled"
+        return "none"
+
+    def _counter_of(self, fv) -> tuple[int, int, int]:
+        bits = 32 if fv.valueType in (self.N.NVML_VALUE_TYPE_UNSIGNED_INT,
+                                      self.N.NVML_VALUE_TYPE_SIGNED_INT) else 64
+        return int(field_value(self.N, fv)), bits, int(fv.timestamp)
+
+    def _open_events(self) -> None:
+        N = self.N
+        try:
+            self._event_set = N.nvmlEventSetCreate()
+        except N.NVMLError as e:
+            self._log_once(logging.INFO, "events", "XID events unavailable: %s", e)
+            return
+        for dev in self.devices:
+            if dev.lost or dev.handle is None:
+                continue
+            try:
+                supported = N.nvmlDeviceGetSupportedEventTypes(dev.handle)
+                if supported & N.nvmlEventTypeXidCriticalError:
+                    N.nvmlDeviceRegisterEvents(dev.handle, N.nvmlEventTypeXidCriticalError,
+                                               self._event_set)
+            except N.NVMLError as e:
+                self._log_once(logging.INFO, (dev.index, "events"),
+                               "GPU %d: XID events unavailable (%s)", dev.index, e)
+
+    # --- the fast path --------------------------------------------------------------------------
+
+    def read_fast(self, index: int) -> FastReading:
+        dev = self.devices[index]
+        if dev.lost:
+            raise GpuLost(index)
+        r = FastReading()
+        self._read_utilization(dev, r)
+        self._read_counters(dev, r)
+        self._read_gpm(dev, r)
+        return r
+
+    def _read_utilization(self, dev: _Device, r: FastReading) -> None:
+        N = self.N
+        if "utilization" in dev.absent:
+            return
+        try:
+            _, samples = N.nvmlDeviceGetSamples(dev.handle, N.NVML_GPU_UTILIZATION_SAMPLES,
+                                                dev.util_last_ts)
+        except N.NVMLError_NotFound:
+            samples = []  # no sample newer than the last one
+        except (N.NVMLError_NotSupported, N.NVMLError_FunctionNotFound) as e:
+            dev.absent.add("utilization")
+            self._log_once(logging.WARNING, (dev.index, "utilization"),
+                           "GPU %d: utilization samples unavailable (%s)", dev.index, e)
+            return
+        except N.NVMLError_GPUIsLost:
+            dev.lost = True
+            raise GpuLost(dev.index, "NVML_ERROR_GPU_IS_LOST") from None
+        now = time.monotonic()
+        pts = sorted((s.timeStamp, s.sampleValue.uiVal) for s in samples)
+        if dev.util_last_ts == 0:
+            # First read: the buffer's history predates us. Learn the sample period from it
+            # and start integrating from its newest sample.
+            if len(pts) >= 2:
+                gaps = [b[0] - a[0] for a, b in zip(pts, pts[1:]) if b[0] > a[0]]
+                if gaps:
+                    dev.util_period_s = min(gaps) / 1e6
+            if pts:
+                dev.util_last_ts = pts[-1][0]
+                dev.util_last_seen = now
+                r.last_utilization = min(pts[-1][1], 100) / 100
+            return
+        prev = dev.util_last_ts
+        for ts, value in pts:
+            if ts <= prev:
+                continue
+            dt = (ts - prev) / 1e6
+            if dev.util_period_s is None or dt < dev.util_period_s:
+                dev.util_period_s = dt
+            credited = min(dt, dev.util_period_s * 1.5)
+            r.busy_seconds += min(value, 100) / 100 * credited
+            r.covered_seconds += dt
+            r.last_utilization = min(value, 100) / 100
+            prev = ts
+        if prev != dev.util_last_ts:
+            dev.util_last_ts = prev
+            dev.util_last_seen = now
+        r.seconds_since_sample = now - dev.util_last_seen
+
+    def _read_counters(self, dev: _Device, r: FastReading) -> None:
+        N = self.N
+        if dev.counter_fields:
+            values = self._call(dev, "field_values", N.nvmlDeviceGetFieldValues, dev.handle,
+                                dev.counter_fields)
+            if values is None:
+                return
+            deltas: dict[int, int] = {}
+            seconds = None
+            for fv in values:
+                if fv.nvmlReturn != N.NVML_SUCCESS:
+                    continue
+                cur = self._counter_of(fv)
+                prev = dev.counter_prev.get(fv.fieldId)
+                dev.counter_prev[fv.fieldId] = cur
+                if prev is None:
+                    continue
+                deltas[fv.fieldId] = counter_delta(prev[0], cur[0], cur[1])
+                if cur[2] > prev[2]:
+                    seconds = (cur[2] - prev[2]) / 1e6
+            r.counter_seconds = seconds
+            r.pcie_tx_bytes = deltas.get(N.NVML_FI_DEV_PCIE_COUNT_TX_BYTES)
+            r.pcie_rx_bytes = deltas.get(N.NVML_FI_DEV_PCIE_COUNT_RX_BYTES)
+            kib_tx = deltas.get(N.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX)
+            kib_rx = deltas.get(N.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX)
+            r.nvlink_tx_bytes = kib_tx * 1024 if kib_tx is not None else None
+            r.nvlink_rx_bytes = kib_rx * 1024 if kib_rx is not None else None
+        with self._fallback_lock:
+            acc = self._fallback.get(dev.index)
+            if acc is not None:
+                tx, rx = int(acc[0]), int(acc[1])
+                acc[0] -= tx
+                acc[1] -= rx
+                r.pcie_tx_bytes, r.pcie_rx_bytes = tx, rx
+
+    def _read_gpm(self, dev: _Device, r: FastReading) -> None:
+        N = self.N
+        if not dev.gpm_samples or "gpm" in dev.absent:
+            return
+        now = time.monotonic()
+        if dev.gpm_prev_t is not None and now - dev.gpm_prev_t < GPM_MIN_INTERVAL:
+            return  # too close to the previous sample; measure over a longer span next tick
+        cur = dev.gpm_samples[1]
+        if self._call(dev, "gpm", N.nvmlGpmSampleGet, dev.handle, cur) is None:
+            return
+        if dev.gpm_prev_t is not None:
+            req = N.c_nvmlGpmMetricsGet_t()
+            req.version = N.NVML_GPM_METRICS_GET_VERSION
+            ids = {
+                "sm_active": N.NVML_GPM_METRIC_SM_UTIL,
+                "sm_occupancy": N.NVML_GPM_METRIC_SM_OCCUPANCY,
+                "tensor_active": N.NVML_GPM_METRIC_ANY_TENSOR_UTIL,
+                "dram_active": N.NVML_GPM_METRIC_DRAM_BW_UTIL,
+            }
+            req.numMetrics = len(ids)
+            req.sample1, req.sample2 = dev.gpm_samples[0], cur
+            for i, mid in enumerate(ids.values()):
+                req.metrics[i].metricId = mid
+            if self._call(dev, "gpm", N.nvmlGpmMetricsGet, req) is not None:
+                r.activity = {
+                    name: min(max(req.metrics[i].value / 100, 0.0), 1.0)
+                    for i, name in enumerate(ids)
+                    if req.metrics[i].nvmlReturn == N.NVML_SUCCESS
+                }
+                r.activity_seconds = now - dev.gpm_prev_t
+        dev.gpm_samples.reverse()  # the newest sample becomes the base of the next interval
+        dev.gpm_prev_t = now
+
+    # --- the slow path --------------------------------------------------------------------------
+
+    def read_slow(self, index: int) -> SlowReading:
+        dev = self.devices[index]
+        if dev.lost:
+            raise GpuLost(index)
+        N, h, c = self.N, dev.handle, self._call
+        r = SlowReading()
+        mem = c(dev, "memory", N.nvmlDeviceGetMemoryInfo, h)
+        r.memory_used = mem.used if mem is not None else None
+        clock = c(dev, "sm_clock", N.nvmlDeviceGetClockInfo, h, N.NVML_CLOCK_SM)
+        r.sm_clock_hz = clock * 1e6 if clock is not None else None
+        power = c(dev, "power", N.nvmlDeviceGetPowerUsage, h)
+        r.power_w = power / 1000 if power is not None else None
+        limit = c(dev, "power_limit", N.nvmlDeviceGetEnforcedPowerLimit, h)
+        r.power_limit_w = limit / 1000 if limit is not None else None
+        r.temperature_c = c(dev, "temperature", N.nvmlDeviceGetTemperature, h,
+                            N.NVML_TEMPERATURE_GPU)
+        reasons = c(dev, "clock_event_reasons", N.nvmlDeviceGetCurrentClocksEventReasons, h)
+        if reasons is not None:
+            r.clock_event_reasons = {k: bool(reasons & bit) for k, bit in self._reasons.items()}
+        r.pcie_generation = c(dev, "pcie_generation", N.nvmlDeviceGetCurrPcieLinkGeneration, h)
+        r.pcie_width = c(dev, "pcie_width", N.nvmlDeviceGetCurrPcieLinkWidth, h)
+        corrected = c(dev, "ecc", N.nvmlDeviceGetTotalEccErrors, h,
+                      N.NVML_MEMORY_ERROR_TYPE_CORRECTED, N.NVML_AGGREGATE_ECC)
+        if corrected is not None:
+            uncorrected = c(dev, "ecc", N.nvmlDeviceGetTotalEccErrors, h,
+                            N.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, N.NVML_AGGREGATE_ECC)
+            if uncorrected is not None:
+                r.ecc_errors = {"corrected": corrected, "uncorrected": uncorrected}
+        rows = c(dev, "remapped_rows", N.nvmlDeviceGetRemappedRows, h)
+        if rows is not None:
+            r.remapped_rows = (rows[0], rows[1], bool(rows[2]), bool(rows[3]))
+        r.processes = self._processes(dev)
+        return r
+
+    def _processes(self, dev: _Device) -> list[GpuProcessUse]:
+        N = self.N
+        procs = self._call(dev, "processes", N.nvmlDeviceGetComputeRunningProcesses, dev.handle)
+        if not procs:
+            return []
+        sm: dict[int, float] = {}
+        if "process_utilization" not in dev.absent:
+            try:
+                samples = N.nvmlDeviceGetProcessUtilization(dev.handle, dev.proc_util_last_ts)
+                for s in samples:
+                    sm[s.pid] = min(s.smUtil, 100) / 100
+                    dev.proc_util_last_ts = max(dev.proc_util_last_ts, s.timeStamp)
+            except N.NVMLError_NotFound:
+                pass
+            except (N.NVMLError_NotSupported, N.NVMLError_FunctionNotFound):
+                dev.absent.add("process_utilization")
+            except N.NVMLError_GPUIsLost:
+                dev.lost = True
+                raise GpuLost(dev.index, "NVML_ERROR_GPU_IS_LOST") from None
+        return [GpuProcessUse(p.pid, p.usedGpuMemory, sm.get(p.pid)) for p in procs]
+
+    def events(self) -> list[GpuEvent]:
+        """XID events since the last call; never blocks (timeout 0)."""
+        N = self.N
+        if self._event_set is None:
+            return []
+        out = []
+        by_address = {d.address: d.index for d in self.devices}
+        for _ in range(256):  # bounded drain
+            try:
+                data = N.nvmlEventSetWait(self._event_set, 0)
+            except N.NVMLError_Timeout:
+                break
+            except N.NVMLError as e:
+                self._log_once(logging.WARNING, "event_wait", "XID event wait failed: %s", e)
+                break
+            if data.eventType & N.nvmlEventTypeXidCriticalError:
+                addr = ctypes.cast(data.device, ctypes.c_void_p).value or 0
+                idx = by_address.get(addr)
+                if idx is not None:
+                    out.append(GpuEvent(idx, int(data.eventData)))
+        return out
+
+    # --- the PCIe throughput fallback -----------------------------------------------------------
+
+    def _start_fallback(self) -> None:
+        for dev in self.devices:
+            if dev.identity and dev.identity.pcie_counter_source == "throughput_sampled":
+                self._fallback[dev.index] = [0.0, 0.0, time.monotonic()]
+        self._fallback_thread = threading.Thread(
+            target=self._fallback_loop, name="nvml-pcie-throughput", daemon=True)
+        self._fallback_thread.start()
+
+    def _fallback_loop(self) -> None:
+        N = self.N
+        while not self._fallback_stop.wait(self.slow_interval):
+            for index in list(self._fallback):
+                dev = self.devices[index]
+                if dev.lost:
+                    continue
+                try:
+                    tx = N.nvmlDeviceGetPcieThroughput(dev.handle, N.NVML_PCIE_UTIL_TX_BYTES)
+                    rx = N.nvmlDeviceGetPcieThroughput(dev.handle, N.NVML_PCIE_UTIL_RX_BYTES)
+                except N.NVMLError_GPUIsLost:
+                    dev.lost = True
+                    continue
+                except (N.NVMLError_NotSupported, N.NVMLError_FunctionNotFound) as e:
+                    self._log_once(logging.INFO, (index, "pcie_throughput"),
+                                   "GPU %d: no PCIe throughput either (%s)", index, e)
+                    with self._fallback_lock:
+                        del self._fallback[index]
+                    continue
+                except N.NVMLError as e:
+                    self._log_once(logging.WARNING, (index, "pcie_throughput"),
+                                   "GPU %d: nvmlDeviceGetPcieThroughput failed: %s", index, e)
+                    continue
+                now = time.monotonic()
+                with self._fallback_lock:
+                    acc = self._fallback[index]
+                    # A 20 ms reading stands for the whole interval since the last one.
+                    elapsed = now - acc[2]
+                    acc[0] += tx * 1000 * elapsed
+                    acc[1] += rx * 1000 * elapsed
+                    acc[2] = now
+
+    def close(self) -> None:
+        N = self.N
+        self._fallback_stop.set()
+        if self._fallback_thread is not None:
+            self._fallback_thread.join(timeout=2)
+        for dev in self.devices:
+            for s in dev.gpm_samples:
+                try:
+                    N.nvmlGpmSampleFree(s)
+                except N.NVMLError:
+                    pass
+        if self._event_set is not None:
+            try:
+                N.nvmlEventSetFree(self._event_set)
+            except N.NVMLError:
+                pass
+        try:
+            N.nvmlShutdown()
+        except N.NVMLError:
+            pass

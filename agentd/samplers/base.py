@@ -1,0 +1,159 @@
+"""The interface every sampler implements, and the store of what it exports.
+
+A sampler reads one source (NVML, /proc/stat, /proc/diskstats, ...). The daemon runs each in
+its own thread at its own interval, so that a sampler stuck in a slow read never delays the
+others. One run is `sample(now, slow)`: it updates the sampler's exported series and returns
+one row for the high-rate window (canonical signal values keyed "signal:subject").
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterable
+
+from agentd.catalog import METRICS_BY_NAME
+from agentd.logs import LogOnce
+from agentd.paths import Paths
+
+Labels = tuple  # label values, in the order the catalog gives the metric's label names
+Series = tuple  # (metric name, label values, value)
+Row = dict  # window row: "signal:subject" -> float
+
+
+class Unavailable(Exception):
+    """The sampler's source is absent here (no GPU driver, no /proc/pressure, ...).
+
+    Not an error: logged once with the reason, and the sampler is tried again later.
+    """
+
+
+@dataclass(frozen=True)
+class Option:
+    """One sampler option, settable as [collectors.NAME] KEY in the config file or as the
+    flag --collector.NAME.KEY (underscores in KEY become dashes)."""
+
+    type: type
+    default: Any
+    help: str
+
+
+@dataclass
+class SharedState:
+    """What one sampler learns that another needs (kept tiny on purpose)."""
+
+    # pid -> indexes of the GPUs it holds memory on; written by the gpu sampler, read by the
+    # process sampler. Replaced whole, never mutated, so readers need no lock.
+    gpu_processes: dict[int, tuple[int, ...]] = field(default_factory=dict)
+
+
+@dataclass
+class Context:
+    paths: Paths
+    fast_interval: float
+    slow_interval: float
+    shared: SharedState = field(default_factory=SharedState)
+    # Scenario file for the fake NVML library (None: the real libnvidia-ml).
+    fake_nvml: str | None = None
+
+
+class SeriesStore:
+    """The series a sampler exports, safe to read from the scrape thread.
+
+    Counters persist until dropped (their subject vanished). Gauges are replaced a group at a
+    time, so a label set that stopped existing (an exited process, a lost GPU's per-process
+    series) disappears at the next refresh instead of being exported forever.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counters: dict[tuple[str, Labels], float] = {}
+        self._gauges: dict[str, dict[tuple[str, Labels], float]] = {}
+
+    @staticmethod
+    def _check(name: str, labels: Labels) -> None:
+        spec = METRICS_BY_NAME.get(name)
+        if spec is None:
+            raise KeyError(f"metric {name} is not in agentd/catalog.py")
+        if len(labels) != len(spec.labels):
+            raise ValueError(f"metric {name} takes labels {spec.labels}, got {labels!r}")
+
+    def add(self, name: str, labels: Labels, delta: float) -> None:
+        """Advance an integrated counter."""
+        self._check(name, labels)
+        key = (name, labels)
+        with self._lock:
+            self._counters[key] = self._counters.get(key, 0.0) + delta
+
+    def set_counter(self, name: str, labels: Labels, value: float) -> None:
+        """Export a counter the kernel or driver already keeps."""
+        self._check(name, labels)
+        with self._lock:
+            self._counters[(name, labels)] = value
+
+    def counter(self, name: str, labels: Labels) -> float | None:
+        with self._lock:
+            return self._counters.get((name, labels))
+
+    def replace_gauges(self, group: str, gauges: Iterable[Series]) -> None:
+        fresh = {}
+        for name, labels, value in gauges:
+            self._check(name, labels)
+            fresh[(name, labels)] = value
+        with self._lock:
+            self._gauges[group] = fresh
+
+    def drop(self, match: Callable[[str, Labels], bool]) -> None:
+        """Forget counters (and gauges) whose subject is gone."""
+        with self._lock:
+            for key in [k for k in self._counters if match(*k)]:
+                del self._counters[key]
+            for group in self._gauges.values():
+                for key in [k for k in group if match(*k)]:
+                    del group[key]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._counters.clear()
+            self._gauges.clear()
+
+    def items(self) -> list[Series]:
+        with self._lock:
+            out = [(n, labels, v) for (n, labels), v in self._counters.items()]
+            for group in self._gauges.values():
+                out.extend((n, labels, v) for (n, labels), v in group.items())
+        return out
+
+
+class Sampler:
+    name: ClassVar[str]
+    help: ClassVar[str]
+    default_rate: ClassVar[str] = "fast"  # "fast" or "slow" loop
+    default_interval: ClassVar[float | None] = None  # overrides the loop's interval
+    window_columns: ClassVar[int] = 256  # the most channels its window ring holds at once
+    default_enabled: ClassVar[bool] = True
+    options: ClassVar[dict[str, Option]] = {}
+
+    def __init__(self, ctx: Context, options: dict[str, Any] | None = None):
+        self.ctx = ctx
+        self.opts = {k: o.default for k, o in self.options.items()}
+        self.opts.update(options or {})
+        self.out = SeriesStore()
+        self.log = logging.getLogger(f"agentd.sampler.{self.name}")
+        self.log_once = LogOnce(self.log)
+
+    def open(self) -> None:
+        """Find the source; raise Unavailable(reason) when it is absent."""
+
+    def sample(self, now: float, slow: bool) -> Row | None:
+        """Read the source once. `now` is Unix time; `slow` is True on slow-loop ticks
+        (every tick for a slow sampler). Returns the window row, if any."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the source (NVML handles, event sets, helper threads)."""
+
+    def series(self) -> list[Series]:
+        """What the exporter serves for this sampler; no hardware access happens here."""
+        return self.out.items()

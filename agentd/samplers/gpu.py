@@ -1,0 +1,220 @@
+"""GPUs: utilization, SM/tensor/DRAM activity, PCIe and NVLink bytes, memory, clocks and their
+throttle reasons, power, temperature, XID events, ECC and remapped rows, per-process use.
+
+Vendor-neutral: the backend (agentd.gpu.nvml for NVIDIA) reads the hardware; this file turns
+its readings into integrated counters (so rate() gives exact means at any scrape interval),
+gauges and window rows. One GPU failing or falling off the bus never stops the others.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from agentd.gpu.backend import CLOCK_EVENT_REASONS, FastReading, GpuIdentity, GpuLost, SlowReading
+from agentd.gpu.nvml import NvmlBackend, pcie_capacity
+from agentd.samplers.base import Option, Row, Sampler, Series
+
+_ACTIVITY_COUNTERS = {
+    "sm_active": "agentd_gpu_sm_active_seconds_total",
+    "sm_occupancy": "agentd_gpu_sm_occupancy_seconds_total",
+    "tensor_active": "agentd_gpu_tensor_active_seconds_total",
+    "dram_active": "agentd_gpu_dram_active_seconds_total",
+}
+
+
+class GpuSampler(Sampler):
+    name = "gpu"
+    help = "GPUs through NVML: utilization samples, PCIe/NVLink counters, GPM, clocks, XIDs"
+    default_rate = "fast"
+    window_columns = 384  # 17 signals x up to 22 GPUs
+    options = {
+        "processes": Option(bool, True, "attribute GPU memory and SM use to processes"),
+    }
+
+    def open(self) -> None:
+        self.backend = NvmlBackend(slow_interval=self.ctx.slow_interval)
+        gpus = self.backend.open()  # raises Unavailable without a driver
+        self.gpus: dict[int, GpuIdentity] = {g.index: g for g in gpus}
+        self.lost: set[int] = {d.index for d in self.backend.devices if d.lost}
+        self._last_busy: dict[int, float] = {}
+        self._last_slow_t: float | None = None
+        self.log.info("%d GPU(s), driver %s: %s", len(self.backend.devices),
+                      self.backend.driver_version,
+                      ", ".join(f"{g.index}:{g.name}" for g in gpus) or "none")
+        info = []
+        for g in gpus:
+            info.append(("agentd_gpu_info", self._labels(g) + (
+                g.name, g.pci_bus_id, self.backend.driver_version, g.pcie_counter_source), 1.0))
+            static = [
+                ("agentd_gpu_memory_total_bytes", g.memory_total),
+                ("agentd_gpu_sm_clock_max_hertz", g.sm_clock_max_hz),
+                ("agentd_gpu_pcie_link_max_generation", g.pcie_max_generation),
+                ("agentd_gpu_pcie_link_max_width", g.pcie_max_width),
+                ("agentd_gpu_pcie_link_capacity_bytes_per_second",
+                 pcie_capacity(g.pcie_max_generation, g.pcie_max_width)),
+            ]
+            info += [(n, self._labels(g), float(v)) for n, v in static if v is not None]
+        self.out.replace_gauges("info", info)
+        self._export_lost()
+
+    @staticmethod
+    def _labels(g: GpuIdentity) -> tuple[str, str]:
+        return (str(g.index), g.uuid)
+
+    def _export_lost(self) -> None:
+        self.out.replace_gauges("lost", [
+            ("agentd_gpu_lost", self._labels(g), float(g.index in self.lost))
+            for g in self.gpus.values()
+        ])
+
+    def _mark_lost(self, e: GpuLost) -> None:
+        if e.index not in self.lost:
+            self.lost.add(e.index)
+            self.log.error("%s; no longer sampled", e)
+            self._export_lost()
+
+    def sample(self, now: float, slow: bool) -> Row:
+        row: Row = {}
+        failures = []
+        for index, g in self.gpus.items():
+            if index in self.lost:
+                continue
+            try:
+                r = self.backend.read_fast(index)
+            except GpuLost as e:
+                self._mark_lost(e)
+                continue
+            except Exception as e:  # one GPU's fault must not cost the others their sample
+                failures.append(f"GPU {index}: {e}")
+                continue
+            self._account_fast(g, r, row)
+        if slow:
+            failures += self._sample_slow(now, row)
+        if failures:
+            raise RuntimeError("; ".join(failures))
+        return row
+
+    def _account_fast(self, g: GpuIdentity, r: FastReading, row: Row) -> None:
+        lab = self._labels(g)
+        i = g.index
+        out = self.out
+        out.add("agentd_gpu_busy_seconds_total", lab, r.busy_seconds)
+        if r.covered_seconds > 0:
+            busy = r.busy_seconds / r.covered_seconds
+        elif r.seconds_since_sample is not None and r.seconds_since_sample > 2.0:
+            busy = 0.0  # the driver stopped adding samples: it does so while the GPU idles
+        else:
+            busy = self._last_busy.get(i)
+        if busy is not None:
+            self._last_busy[i] = busy
+            row[f"gpu.busy:{i}"] = busy
+        if r.pcie_rx_bytes is not None:
+            out.add("agentd_gpu_pcie_rx_bytes_total", lab, r.pcie_rx_bytes)
+            out.add("agentd_gpu_pcie_tx_bytes_total", lab, r.pcie_tx_bytes or 0)
+            if r.counter_seconds:
+                row[f"gpu.pcie_rx:{i}"] = r.pcie_rx_bytes / r.counter_seconds
+                row[f"gpu.pcie_tx:{i}"] = (r.pcie_tx_bytes or 0) / r.counter_seconds
+        if r.nvlink_rx_bytes is not None:
+            out.add("agentd_gpu_nvlink_rx_bytes_total", lab, r.nvlink_rx_bytes)
+            out.add("agentd_gpu_nvlink_tx_bytes_total", lab, r.nvlink_tx_bytes or 0)
+            if r.counter_seconds:
+                row[f"gpu.nvlink_rx:{i}"] = r.nvlink_rx_bytes / r.counter_seconds
+                row[f"gpu.nvlink_tx:{i}"] = (r.nvlink_tx_bytes or 0) / r.counter_seconds
+        if r.activity is not None and r.activity_seconds > 0:
+            for key, value in r.activity.items():
+                out.add(_ACTIVITY_COUNTERS[key], lab, value * r.activity_seconds)
+                row[f"gpu.{key}:{i}"] = value
+
+    def _sample_slow(self, now: float, row: Row) -> list[str]:
+        failures = []
+        elapsed = now - self._last_slow_t if self._last_slow_t is not None else 0.0
+        self._last_slow_t = now
+        gauges: list[Series] = []
+        procs: dict[int, list[int]] = {}
+        for index, g in self.gpus.items():
+            if index in self.lost:
+                continue
+            try:
+                s = self.backend.read_slow(index)
+            except GpuLost as e:
+                self._mark_lost(e)
+                continue
+            except Exception as e:
+                failures.append(f"GPU {index}: {e}")
+                continue
+            gauges += self._account_slow(g, s, elapsed, row)
+            for p in s.processes:
+                procs.setdefault(p.pid, []).append(index)
+        self.out.replace_gauges("state", gauges)
+        self.ctx.shared.gpu_processes = {pid: tuple(ix) for pid, ix in procs.items()}
+        try:
+            events = self.backend.events()
+        except Exception as e:
+            events = []
+            failures.append(f"XID events: {e}")
+        for ev in events:
+            g = self.gpus.get(ev.index)
+            if g is not None:
+                self.out.add("agentd_gpu_xid_errors_total", self._labels(g) + (str(ev.xid),), 1)
+                self.log.warning("GPU %d: XID %d", ev.index, ev.xid)
+        return failures
+
+    def _account_slow(self, g: GpuIdentity, s: SlowReading, elapsed: float, row: Row) -> list:
+        lab = self._labels(g)
+        i = g.index
+        gauges = []
+        for name, value, signal in (
+            ("agentd_gpu_memory_used_bytes", s.memory_used, "gpu.mem_used"),
+            ("agentd_gpu_sm_clock_hertz", s.sm_clock_hz, "gpu.sm_clock"),
+            ("agentd_gpu_power_watts", s.power_w, "gpu.power"),
+            ("agentd_gpu_power_limit_watts", s.power_limit_w, "gpu.power_limit"),
+            ("agentd_gpu_temperature_celsius", s.temperature_c, "gpu.temperature"),
+            ("agentd_gpu_pcie_link_generation", s.pcie_generation, None),
+            ("agentd_gpu_pcie_link_width", s.pcie_width, None),
+        ):
+            if value is not None:
+                gauges.append((name, lab, float(value)))
+                if signal:
+                    row[f"{signal}:{i}"] = float(value)
+        if g.sm_clock_max_hz:
+            row[f"gpu.sm_clock_max:{i}"] = g.sm_clock_max_hz
+        cap = pcie_capacity(g.pcie_max_generation, g.pcie_max_width)
+        if cap:
+            row[f"gpu.pcie_capacity:{i}"] = cap
+        if s.clock_event_reasons is not None:
+            bits = 0
+            for reason, active in s.clock_event_reasons.items():
+                gauges.append(("agentd_gpu_clock_event_active", lab + (reason,), float(active)))
+                self.out.add("agentd_gpu_clock_event_seconds_total", lab + (reason,),
+                             elapsed if active else 0.0)
+                bits |= int(active) << CLOCK_EVENT_REASONS.index(reason)
+            row[f"gpu.throttle:{i}"] = float(bits)
+        if s.ecc_errors is not None:
+            for kind, n in s.ecc_errors.items():
+                self.out.set_counter("agentd_gpu_ecc_errors_total", lab + (kind,), n)
+        if s.remapped_rows is not None:
+            corr, unc, pending, failed = s.remapped_rows
+            gauges += [
+                ("agentd_gpu_remapped_rows", lab + ("correctable",), float(corr)),
+                ("agentd_gpu_remapped_rows", lab + ("uncorrectable",), float(unc)),
+                ("agentd_gpu_remapped_rows_pending", lab, float(pending)),
+                ("agentd_gpu_remapped_rows_failed", lab, float(failed)),
+            ]
+        if self.opts["processes"]:
+            for p in s.processes:
+                plab = lab + (str(p.pid),)
+                if p.memory_used is not None:
+                    gauges.append(("agentd_gpu_process_memory_used_bytes", plab,
+                                   float(p.memory_used)))
+                if p.sm_utilization is not None:
+                    gauges.append(("agentd_gpu_process_sm_utilization_ratio", plab,
+                                   p.sm_utilization))
+        return gauges
+
+    def close(self) -> None:
+        backend = getattr(self, "backend", None)
+        if backend is not None:
+            try:
+                backend.close()
+            except Exception as e:  # closing must not hide the reason we are closing
+                self.log.log(logging.DEBUG, "NVML close: %s", e)

@@ -1,0 +1,90 @@
+"""Host memory and page-cache behaviour from /proc/meminfo and /proc/vmstat.
+
+Refaults (file pages read again soon after the page cache evicted them) are what tells a
+training set that no longer fits in the cache from one that simply was never cached.
+"""
+
+from __future__ import annotations
+
+from agentd.paths import read_optional, read_text
+from agentd.samplers.base import Row, Sampler, Unavailable
+
+
+def parse_meminfo(text: str) -> dict[str, int]:
+    """Field -> bytes (the kernel prints kB, meaning KiB)."""
+    out = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if not parts:
+            continue
+        value = int(parts[0])
+        if len(parts) > 1 and parts[1] == "kB":
+            value *= 1024
+        out[key] = value
+    return out
+
+
+def parse_vmstat(text: str) -> dict[str, int]:
+    out = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            out[parts[0]] = int(parts[1])
+    return out
+
+
+def _sum_prefixed(vm: dict[str, int], *prefixes: str) -> int:
+    # pgscan_direct_throttle counts throttling events, not pages.
+    return sum(
+        v for k, v in vm.items() if k.startswith(prefixes) and not k.endswith("_throttle")
+    )
+
+
+class MemorySampler(Sampler):
+    name = "memory"
+    help = "memory, page cache, reclaim and refaults (/proc/meminfo, /proc/vmstat)"
+    default_rate = "slow"
+
+    def open(self) -> None:
+        self._meminfo = self.ctx.paths.proc("meminfo")
+        self._vmstat = self.ctx.paths.proc("vmstat")
+        try:
+            read_text(self._meminfo)
+        except OSError as e:
+            raise Unavailable(f"cannot read {self._meminfo}: {e.strerror}") from None
+        self._last_refaults: tuple[float, int] | None = None
+
+    def sample(self, now: float, slow: bool) -> Row:
+        mem = parse_meminfo(read_text(self._meminfo))
+        row: Row = {}
+        gauges = [
+            ("agentd_memory_total_bytes", (), mem.get("MemTotal", 0)),
+            ("agentd_memory_available_bytes", (), mem.get("MemAvailable", mem.get("MemFree", 0))),
+            ("agentd_memory_cached_bytes", (), mem.get("Cached", 0)),
+            ("agentd_memory_dirty_bytes", (), mem.get("Dirty", 0)),
+            ("agentd_memory_writeback_bytes", (), mem.get("Writeback", 0)),
+            ("agentd_memory_swap_used_bytes", (),
+             mem.get("SwapTotal", 0) - mem.get("SwapFree", 0)),
+        ]
+        self.out.replace_gauges("meminfo", gauges)
+        row["mem.available:"] = float(gauges[1][2])
+        row["mem.cached:"] = float(gauges[2][2])
+
+        vmtext = read_optional(self._vmstat)
+        if vmtext is not None:
+            vm = parse_vmstat(vmtext)
+            # workingset_refault split into _anon/_file in 5.9; older kernels count file only.
+            refaults = vm.get("workingset_refault_file", vm.get("workingset_refault", 0))
+            self.out.set_counter("agentd_memory_major_faults_total", (), vm.get("pgmajfault", 0))
+            self.out.set_counter("agentd_memory_pages_scanned_total", (),
+                                 _sum_prefixed(vm, "pgscan_kswapd", "pgscan_direct"))
+            self.out.set_counter("agentd_memory_pages_reclaimed_total", (),
+                                 _sum_prefixed(vm, "pgsteal_kswapd", "pgsteal_direct"))
+            self.out.set_counter("agentd_memory_file_refaults_total", (), refaults)
+            if self._last_refaults is not None:
+                t0, r0 = self._last_refaults
+                if now > t0:
+                    row["mem.refault:"] = max(refaults - r0, 0) / (now - t0)
+            self._last_refaults = (now, refaults)
+        return row

@@ -1,0 +1,306 @@
+"""Processes that use GPUs, with their process trees (data-loader workers are children of
+the trainer): CPU, storage reads against all reads (read_bytes vs rchar: what the page cache
+did not serve), processes in D state, and who they belong to (systemd unit, container,
+Kubernetes pod, Slurm job) from their cgroup. Command lines are never read or exported.
+
+Reading other users' /proc/PID/io needs CAP_SYS_PTRACE (the kernel checks ptrace read access);
+without it the I/O figures of those processes are absent and the reason is logged once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+from agentd.paths import read_optional, read_text
+from agentd.samplers.base import Option, Row, Sampler, Series
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    comm: str
+    state: str
+    ppid: int
+    cpu_ticks: int  # utime + stime
+    threads: int
+    start_ticks: int  # start time since boot, tells a reused pid from the original
+    rss_bytes: int
+
+
+def parse_proc_stat(text: str) -> ProcStat:
+    # comm is in parentheses and may itself contain spaces and parentheses.
+    left = text.index("(")
+    right = text.rindex(")")
+    f = text[right + 2:].split()
+    return ProcStat(
+        comm=text[left + 1:right],
+        state=f[0],
+        ppid=int(f[1]),
+        cpu_ticks=int(f[11]) + int(f[12]),
+        threads=int(f[17]),
+        start_ticks=int(f[19]),
+        rss_bytes=int(f[21]) * PAGE_SIZE,
+    )
+
+
+def parse_proc_io(text: str) -> dict[str, int]:
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if value.strip().isdigit():
+            out[key] = int(value)
+    return out
+
+
+@dataclass(frozen=True)
+class Attribution:
+    systemd_unit: str = ""
+    container_id: str = ""
+    pod_uid: str = ""
+    slurm_job_id: str = ""
+
+
+_CONTAINER = re.compile(r"(?:docker|cri-containerd|crio|libpod|containerd)[-/]([0-9a-f]{64})")
+_BARE_ID = re.compile(r"/([0-9a-f]{64})(?:/|$)")
+_POD = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})")
+_SLURM = re.compile(r"/job_(\d+)(?:/|$)")
+_UNIT = re.compile(r"([^/]+\.(?:service|scope))(?:/|$)")
+
+
+def parse_cgroup(text: str) -> Attribution:
+    """Who a process belongs to, from /proc/PID/cgroup (v1 or v2 lines)."""
+    paths = []
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            paths.append(parts[2])
+    # Prefer the unified (v2) hierarchy's path, then the systemd and cpu v1 ones.
+    paths.sort(key=lambda p: 0 if p != "/" else 1)
+    joined = "\n".join(paths)
+    container = _CONTAINER.search(joined) or _BARE_ID.search(joined)
+    pod = _POD.search(joined)
+    slurm = _SLURM.search(joined)
+    unit = ""
+    for p in paths:
+        units = [u for u in _UNIT.findall(p) if not _CONTAINER.search(u)]
+        if units:
+            unit = units[-1]
+            break
+    return Attribution(
+        systemd_unit=unit,
+        container_id=container.group(1) if container else "",
+        pod_uid=pod.group(1).replace("_", "-") if pod else "",
+        slurm_job_id=slurm.group(1) if slurm else "",
+    )
+
+
+@dataclass
+class _Member:
+    start_ticks: int
+    cpu_ticks: int
+    io: dict[str, int] | None
+
+
+@dataclass
+class _Tree:
+    root: int
+    comm: str
+    gpus: tuple[int, ...]
+    attribution: Attribution
+    pids: list[int] = field(default_factory=list)
+    members: dict[int, _Member] = field(default_factory=dict)
+    cpu_seconds: float = 0.0
+    read_bytes: int = 0
+    rchar: int = 0
+    write_bytes: int = 0
+    blocked: int = 0
+    rss_bytes: int = 0
+
+
+class ProcessSampler(Sampler):
+    name = "process"
+    help = "GPU processes and their trees: CPU, reads from storage vs cache, D state, cgroup"
+    default_rate = "fast"
+    options = {
+        "comm_match": Option(str, "",
+                             "also watch processes whose name (comm) matches this regular "
+                             "expression, with or without a GPU (e.g. for CPU-only nodes)"),
+        "max_trees": Option(int, 64, "most process trees watched at once"),
+    }
+
+    def open(self) -> None:
+        pattern = self.opts["comm_match"]
+        try:
+            self._comm_match = re.compile(pattern) if pattern else None
+        except re.error as e:
+            raise ValueError(f"collectors.process.comm_match: {e}") from None
+        self._trees: dict[int, _Tree] = {}
+        self._matched: set[int] = set()
+        self._last_t: float | None = None
+
+    # --- discovery (slow ticks) -------------------------------------------------------------------
+
+    def _children(self, pid: int) -> list[int] | None:
+        task_dir = self.ctx.paths.proc(str(pid), "task")
+        try:
+            tids = os.listdir(task_dir)
+        except OSError:
+            return []
+        kids: list[int] = []
+        for tid in tids:
+            text = read_optional(os.path.join(task_dir, tid, "children"))
+            if text is None:
+                return None  # kernel without CONFIG_PROC_CHILDREN
+            kids += [int(k) for k in text.split()]
+        return kids
+
+    def _all_parents(self) -> dict[int, list[int]]:
+        """ppid -> children, from a scan of every process (the slow fallback)."""
+        out: dict[int, list[int]] = {}
+        for entry in os.listdir(self.ctx.paths.procfs):
+            if entry.isdigit():
+                text = read_optional(self.ctx.paths.proc(entry, "stat"))
+                if text:
+                    out.setdefault(parse_proc_stat(text).ppid, []).append(int(entry))
+        return out
+
+    def _scan_comm(self) -> set[int]:
+        found = set()
+        for entry in os.listdir(self.ctx.paths.procfs):
+            if entry.isdigit():
+                comm = read_optional(self.ctx.paths.proc(entry, "comm"))
+                if comm and self._comm_match.search(comm.strip()):
+                    found.add(int(entry))
+        return found
+
+    def _discover(self, roots: dict[int, tuple[int, ...]]) -> None:
+        parents: dict[int, list[int]] | None = None
+        for root in list(self._trees):
+            if root not in roots:
+                del self._trees[root]
+        for root in roots:
+            if root not in self._trees:
+                text = read_optional(self.ctx.paths.proc(str(root), "stat"))
+                if text is None:
+                    continue
+                cg = read_optional(self.ctx.paths.proc(str(root), "cgroup")) or ""
+                self._trees[root] = _Tree(root, parse_proc_stat(text).comm, roots[root],
+                                          parse_cgroup(cg))
+            tree = self._trees[root]
+            tree.gpus = roots[root]
+            pids, stack = [], [root]
+            while stack:
+                pid = stack.pop()
+                pids.append(pid)
+                kids = self._children(pid)
+                if kids is None:
+                    if parents is None:
+                        parents = self._all_parents()
+                    kids = parents.get(pid, [])
+                # Another watched root's subtree belongs to that root, not to this one.
+                stack += [k for k in kids if k not in roots]
+            tree.pids = pids
+
+    # --- reading (every tick) ---------------------------------------------------------------------
+
+    def sample(self, now: float, slow: bool) -> Row:
+        if slow or self._last_t is None:
+            roots = dict(self.ctx.shared.gpu_processes)
+            if self._comm_match is not None:
+                self._matched = self._scan_comm()
+                # A matched process whose parent also matched is a worker, not a root.
+                for pid in self._matched:
+                    stat = read_optional(self.ctx.paths.proc(str(pid), "stat"))
+                    if stat and parse_proc_stat(stat).ppid not in self._matched:
+                        roots.setdefault(pid, ())
+            if len(roots) > self.opts["max_trees"]:
+                self.log_once(30, "max_trees", "watching %d of %d process trees (max_trees)",
+                              self.opts["max_trees"], len(roots))
+                roots = dict(sorted(roots.items())[: self.opts["max_trees"]])
+            self._discover(roots)
+        dt = now - self._last_t if self._last_t is not None else 0.0
+        self._last_t = now
+        row: Row = {}
+        for tree in self._trees.values():
+            row.update(self._read_tree(tree, dt))
+        return row
+
+    def _read_tree(self, tree: _Tree, dt: float) -> Row:
+        first = not tree.members
+        live: dict[int, _Member] = {}
+        cpu_delta = 0
+        max_member = 0
+        io_delta = {"read_bytes": 0, "rchar": 0, "write_bytes": 0}
+        blocked = 0
+        rss = 0
+        for pid in tree.pids:
+            text = read_optional(self.ctx.paths.proc(str(pid), "stat"))
+            if text is None:
+                continue  # exited since discovery
+            st = parse_proc_stat(text)
+            io_text = read_optional(self.ctx.paths.proc(str(pid), "io"))
+            if io_text is None and os.path.exists(self.ctx.paths.proc(str(pid))):
+                self.log_once(30, "io_denied",
+                              "cannot read /proc/%d/io (needs CAP_SYS_PTRACE for other users' "
+                              "processes); storage attribution is incomplete", pid)
+            io = parse_proc_io(io_text) if io_text else None
+            m = _Member(st.start_ticks, st.cpu_ticks, io)
+            prev = tree.members.get(pid)
+            if prev is not None and prev.start_ticks == st.start_ticks:
+                d = max(st.cpu_ticks - prev.cpu_ticks, 0)
+                if io and prev.io:
+                    for k in io_delta:
+                        io_delta[k] += max(io.get(k, 0) - prev.io.get(k, 0), 0)
+            elif not first:
+                # Born since the last tick (a new worker): all its work is new.
+                d = st.cpu_ticks
+                if io:
+                    for k in io_delta:
+                        io_delta[k] += io.get(k, 0)
+            else:
+                d = 0
+            cpu_delta += d
+            max_member = max(max_member, d)
+            blocked += st.state == "D"
+            rss += st.rss_bytes
+            live[pid] = m
+        tree.members = live
+        tree.cpu_seconds += cpu_delta / CLK_TCK
+        tree.read_bytes += io_delta["read_bytes"]
+        tree.rchar += io_delta["rchar"]
+        tree.write_bytes += io_delta["write_bytes"]
+        tree.blocked = blocked
+        tree.rss_bytes = rss
+        if dt <= 0 or first:
+            return {}
+        r = tree.root
+        return {
+            f"proc.cpu:{r}": cpu_delta / CLK_TCK / dt,
+            f"proc.max_member_cpu:{r}": max_member / CLK_TCK / dt,
+            f"proc.members:{r}": float(len(live)),
+            f"proc.read:{r}": io_delta["read_bytes"] / dt,
+            f"proc.rchar:{r}": io_delta["rchar"] / dt,
+            f"proc.blocked:{r}": float(blocked),
+        }
+
+    def series(self) -> list[Series]:
+        out: list[Series] = []
+        for t in list(self._trees.values()):
+            p = (str(t.root),)
+            a = t.attribution
+            out += [
+                ("agentd_process_info", p + (t.comm, ",".join(map(str, t.gpus)), a.systemd_unit,
+                                             a.container_id, a.pod_uid, a.slurm_job_id), 1.0),
+                ("agentd_process_cpu_seconds_total", p, t.cpu_seconds),
+                ("agentd_process_read_bytes_total", p, float(t.read_bytes)),
+                ("agentd_process_read_chars_total", p, float(t.rchar)),
+                ("agentd_process_written_bytes_total", p, float(t.write_bytes)),
+                ("agentd_process_members", p, float(len(t.members))),
+                ("agentd_process_blocked", p, float(t.blocked)),
+                ("agentd_process_resident_memory_bytes", p, float(t.rss_bytes)),
+            ]
+        return out

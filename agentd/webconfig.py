@@ -1,0 +1,161 @@
+"""The web configuration file of Prometheus exporters (exporter-toolkit's format, as used by
+node_exporter and dcgm-exporter): TLS, client certificates, basic auth with bcrypt hashes.
+
+    tls_server_config:
+      cert_file: /etc/agentd/agentd.crt
+      key_file: /etc/agentd/agentd.key
+      client_auth_type: RequireAndVerifyClientCert   # optional
+      client_ca_file: /etc/agentd/ca.crt             # optional
+      min_version: TLS12                             # optional
+    http_server_config:
+      headers: {X-Frame-Options: deny}               # optional
+    basic_auth_users:
+      prometheus: $2y$10$...                         # htpasswd -nBC 10 "" | tr -d ':\\n'
+
+Settings this server cannot honour (cipher_suites, client_allowed_sans, ...) are refused
+rather than silently ignored: a security setting that does nothing is worse than an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ssl
+import threading
+from dataclasses import dataclass, field
+
+import yaml
+
+
+class WebConfigError(ValueError):
+    pass
+
+
+CLIENT_AUTH = {
+    "NoClientCert": ssl.CERT_NONE,
+    "RequestClientCert": ssl.CERT_OPTIONAL,
+    "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
+    "RequireAnyClientCert": ssl.CERT_REQUIRED,
+    "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
+}
+TLS_VERSIONS = {
+    "TLS10": ssl.TLSVersion.TLSv1,
+    "TLS11": ssl.TLSVersion.TLSv1_1,
+    "TLS12": ssl.TLSVersion.TLSv1_2,
+    "TLS13": ssl.TLSVersion.TLSv1_3,
+}
+_TLS_KEYS = {"cert_file", "key_file", "client_auth_type", "client_ca_file", "min_version",
+             "max_version"}
+_TLS_REFUSED = {"cipher_suites", "curve_preferences", "prefer_server_cipher_suites",
+                "client_allowed_sans", "cert", "key"}
+
+
+@dataclass
+class WebConfig:
+    tls: ssl.SSLContext | None = None
+    users: dict[str, bytes] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+    _cache: dict = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def check_password(self, user: str, password: str) -> bool:
+        """bcrypt is deliberately slow (~50-100 ms at cost 10): remember verified pairs, keyed
+        by a salted digest of the password, so repeated scrapes cost a dictionary lookup."""
+        import bcrypt
+
+        hashed = self.users.get(user)
+        if hashed is None:
+            # Spend the same time as a real check so user names cannot be probed by timing.
+            bcrypt.checkpw(password.encode(), _DUMMY_HASH)
+            return False
+        key = (user, hmac.new(hashed, password.encode(), hashlib.sha256).digest())
+        with self._lock:
+            cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        try:
+            ok = bcrypt.checkpw(password.encode(), hashed)
+        except ValueError:
+            ok = False
+        with self._lock:
+            if len(self._cache) > 1024:
+                self._cache.clear()
+            self._cache[key] = ok
+        return ok
+
+
+_DUMMY_HASH = b"$2b$10$" + b"C" * 53
+
+
+def load_web_config(path: str) -> WebConfig:
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise WebConfigError(f"cannot read web config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise WebConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(doc, dict):
+        raise WebConfigError(f"{path}: expected a mapping at the top level")
+    unknown = set(doc) - {"tls_server_config", "http_server_config", "basic_auth_users"}
+    if unknown:
+        raise WebConfigError(f"{path}: unknown key {sorted(unknown)[0]!r}")
+    cfg = WebConfig()
+    tls = doc.get("tls_server_config")
+    if tls:
+        cfg.tls = _tls_context(tls, path)
+    http = doc.get("http_server_config") or {}
+    if not isinstance(http, dict) or set(http) - {"headers", "http2"}:
+        raise WebConfigError(f"{path}: http_server_config supports 'headers' only")
+    headers = http.get("headers") or {}
+    if not isinstance(headers, dict):
+        raise WebConfigError(f"{path}: http_server_config.headers must be a mapping")
+    cfg.headers = {str(k): str(v) for k, v in headers.items()}
+    users = doc.get("basic_auth_users") or {}
+    if not isinstance(users, dict):
+        raise WebConfigError(f"{path}: basic_auth_users must map user names to bcrypt hashes")
+    for user, hashed in users.items():
+        if not isinstance(hashed, str) or not hashed.startswith(("$2a$", "$2b$", "$2y$")):
+            raise WebConfigError(f"{path}: basic_auth_users.{user}: not a bcrypt hash")
+        cfg.users[str(user)] = hashed.encode()
+    return cfg
+
+
+def _tls_context(tls: dict, path: str) -> ssl.SSLContext:
+    if not isinstance(tls, dict):
+        raise WebConfigError(f"{path}: tls_server_config must be a mapping")
+    refused = set(tls) & _TLS_REFUSED
+    if refused:
+        raise WebConfigError(
+            f"{path}: tls_server_config.{sorted(refused)[0]} is not supported by agentd")
+    unknown = set(tls) - _TLS_KEYS
+    if unknown:
+        raise WebConfigError(f"{path}: unknown key tls_server_config.{sorted(unknown)[0]}")
+    if not tls.get("cert_file") or not tls.get("key_file"):
+        raise WebConfigError(f"{path}: tls_server_config needs cert_file and key_file")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(tls["cert_file"], tls["key_file"])
+    except (OSError, ssl.SSLError) as e:
+        raise WebConfigError(f"{path}: cannot load cert_file/key_file: {e}") from None
+    auth = tls.get("client_auth_type", "NoClientCert")
+    if auth not in CLIENT_AUTH:
+        raise WebConfigError(f"{path}: client_auth_type: expected one of {', '.join(CLIENT_AUTH)}")
+    ca = tls.get("client_ca_file")
+    if auth != "NoClientCert" and not ca:
+        # Python's TLS verifies every client certificate it accepts, so each of these
+        # modes needs the CA to verify against (Go's RequireAnyClientCert does not).
+        raise WebConfigError(f"{path}: client_auth_type {auth} needs client_ca_file")
+    if ca:
+        try:
+            ctx.load_verify_locations(ca)
+        except (OSError, ssl.SSLError) as e:
+            raise WebConfigError(f"{path}: cannot load client_ca_file: {e}") from None
+    ctx.verify_mode = CLIENT_AUTH[auth]
+    for key, attr in (("min_version", "minimum_version"), ("max_version", "maximum_version")):
+        if key in tls:
+            if tls[key] not in TLS_VERSIONS:
+                raise WebConfigError(f"{path}: {key}: expected one of {', '.join(TLS_VERSIONS)}")
+            setattr(ctx, attr, TLS_VERSIONS[tls[key]])
+    return ctx

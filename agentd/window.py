@@ -1,0 +1,219 @@
+"""The high-rate window: the last N minutes of every sampler's rows at full rate, in fixed memory.
+
+Each sampler has its own ring (its own timestamps and interval), so a slow or stalled sampler
+never blurs another's timing; readers align rings by time. Memory is bounded by
+rows x max_columns x 4 bytes per ring (float32 values) plus 8 bytes per row for timestamps;
+columns are allocated as channels appear, so a node with few devices uses less.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import threading
+
+import numpy as np
+
+VALUE_DTYPE = np.float32
+
+
+class Ring:
+    def __init__(self, rows: int, max_columns: int = 256, initial_columns: int = 16):
+        self.rows = max(int(rows), 2)
+        self.max_columns = max_columns
+        self._t = np.full(self.rows, np.nan)
+        self._v = np.full((self.rows, min(initial_columns, max_columns)), np.nan, VALUE_DTYPE)
+        self._columns: dict[str, int] = {}
+        self._last_write: list[int] = []
+        self.appended = 0  # rows appended since creation
+        self.dropped_columns = 0
+        self._lock = threading.Lock()
+
+    @property
+    def reserved_bytes(self) -> int:
+        return self.rows * (self.max_columns * np.dtype(VALUE_DTYPE).itemsize + 8)
+
+    @property
+    def used_bytes(self) -> int:
+        return self._t.nbytes + self._v.nbytes
+
+    def _column(self, key: str) -> int | None:
+        col = self._columns.get(key)
+        if col is not None:
+            return col
+        if len(self._columns) < self._v.shape[1]:
+            col = len(self._columns)
+        elif self._v.shape[1] < self.max_columns:
+            width = min(self._v.shape[1] * 2, self.max_columns)
+            grown = np.full((self.rows, width), np.nan, VALUE_DTYPE)
+            grown[:, : self._v.shape[1]] = self._v
+            self._v = grown
+            col = len(self._columns)
+        else:
+            # Reuse a column whose channel has not been written for a whole ring: its data
+            # has aged out completely (an exited process, a removed disk).
+            stale = [c for k, c in self._columns.items()
+                     if self.appended - self._last_write[c] >= self.rows]
+            if not stale:
+                self.dropped_columns += 1
+                return None
+            col = stale[0]
+            del self._columns[next(k for k, c in self._columns.items() if c == col)]
+            self._v[:, col] = np.nan
+        self._columns[key] = col
+        if col == len(self._last_write):
+            self._last_write.append(self.appended)
+        return col
+
+    def append(self, t: float, row: dict[str, float]) -> None:
+        with self._lock:
+            i = self.appended % self.rows
+            self._t[i] = t
+            line = self._v[i]
+            line[:] = np.nan
+            for key, value in row.items():
+                col = self._column(key)
+                if col is not None:
+                    line = self._v[i]  # the matrix may have grown
+                    line[col] = value
+                    self._last_write[col] = self.appended
+            self.appended += 1
+
+    def snapshot(self, since: float | None = None) -> tuple[np.ndarray, list[str], np.ndarray]:
+        """(times, column names, values[rows, columns]) in time order, copies."""
+        with self._lock:
+            n = min(self.appended, self.rows)
+            start = self.appended % self.rows if self.appended > self.rows else 0
+            order = (np.arange(n) + start) % self.rows
+            t = self._t[order]
+            names = sorted(self._columns, key=self._columns.get)
+            v = self._v[order][:, [self._columns[k] for k in names]]
+        if since is not None:
+            keep = t >= since
+            t, v = t[keep], v[keep]
+        return t, names, v
+
+    def column(self, key: str, since: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            col = self._columns.get(key)
+            n = min(self.appended, self.rows)
+            start = self.appended % self.rows if self.appended > self.rows else 0
+            order = (np.arange(n) + start) % self.rows
+            t = self._t[order]
+            v = self._v[order, col] if col is not None else np.full(n, np.nan, VALUE_DTYPE)
+        if since is not None:
+            keep = t >= since
+            t, v = t[keep], v[keep]
+        return t, v
+
+
+class Window:
+    """The rings of all samplers, by sampler name."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self._rings: dict[str, Ring] = {}
+        self._intervals: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def ring(self, name: str, interval: float, max_columns: int = 256) -> Ring:
+        """The sampler's ring, kept across restarts of the sampler when its interval holds."""
+        rows = math.ceil(self.seconds / interval)
+        with self._lock:
+            ring = self._rings.get(name)
+            if ring is None or ring.rows != rows:
+                ring = Ring(rows, max_columns)
+                self._rings[name] = ring
+                self._intervals[name] = interval
+            return ring
+
+    def drop(self, name: str) -> None:
+        with self._lock:
+            self._rings.pop(name, None)
+            self._intervals.pop(name, None)
+
+    def rings(self) -> dict[str, Ring]:
+        with self._lock:
+            return dict(self._rings)
+
+    def interval(self, name: str) -> float | None:
+        return self._intervals.get(name)
+
+    @property
+    def reserved_bytes(self) -> int:
+        return sum(r.reserved_bytes for r in self.rings().values())
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(r.used_bytes for r in self.rings().values())
+
+    def export(self, since: float | None = None) -> dict[str, dict]:
+        out = {}
+        for name, ring in self.rings().items():
+            t, names, v = ring.snapshot(since)
+            out[name] = {"interval": self._intervals.get(name), "t": t, "columns": names,
+                         "values": v}
+        return out
+
+    def to_json(self, since: float | None = None) -> dict:
+        groups = {}
+        for name, g in self.export(since).items():
+            values = g["values"]
+            groups[name] = {
+                "interval_seconds": g["interval"],
+                "t": [round(float(x), 6) for x in g["t"]],
+                "columns": {
+                    col: [None if math.isnan(x) else float(x) for x in values[:, j].tolist()]
+                    for j, col in enumerate(g["columns"])
+                },
+            }
+        return {"window_seconds": self.seconds, "groups": groups}
+
+    def to_npz(self, since: float | None = None) -> bytes:
+        arrays = {}
+        for name, g in self.export(since).items():
+            arrays[f"t:{name}"] = g["t"]
+            arrays[f"v:{name}"] = g["values"]
+            arrays[f"c:{name}"] = np.array(g["columns"], dtype=np.str_)
+            arrays[f"i:{name}"] = np.array([g["interval"] or 0.0])
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        return buf.getvalue()
+
+
+def load_npz(data: bytes) -> dict[str, dict]:
+    """The inverse of Window.to_npz: sampler -> {interval, t, columns, values}."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        names = {k.split(":", 1)[1] for k in z.files}
+        return {
+            n: {"interval": float(z[f"i:{n}"][0]), "t": z[f"t:{n}"],
+                "columns": [str(c) for c in z[f"c:{n}"]], "values": z[f"v:{n}"]}
+            for n in names
+        }
+
+
+def gpu_window_stats(t: np.ndarray, busy: np.ndarray, idle_threshold: float
+                     ) -> dict[str, float] | None:
+    """Idle fraction, longest idle gap (seconds) and utilization quantiles of one GPU's busy
+    series at the fast interval. Pure: arrays in, numbers out."""
+    ok = ~np.isnan(busy)
+    t, busy = t[ok], busy[ok].astype(np.float64)
+    if len(busy) < 2:
+        return None
+    dt = np.diff(t, append=t[-1] + np.median(np.diff(t)))
+    idle = busy < idle_threshold
+    longest = 0.0
+    if idle.any():
+        # Sum the row durations of each run of idle rows.
+        edges = np.diff(np.concatenate(([0], idle.astype(np.int8), [0])))
+        starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+        cum = np.concatenate(([0.0], np.cumsum(dt)))
+        longest = float(np.max(cum[ends] - cum[starts]))
+    q10, q50, q90 = np.quantile(busy, [0.1, 0.5, 0.9])
+    return {
+        "idle_ratio": float(dt[idle].sum() / dt.sum()),
+        "longest_idle_seconds": longest,
+        "p10": float(q10),
+        "p50": float(q50),
+        "p90": float(q90),
+    }
