@@ -37,7 +37,7 @@ from agentd.samplers.base import Unavailable
 log = logging.getLogger("agentd.gpu.nvml")
 
 UINT_MAX = 0xFFFFFFFF
-GPM_MIN_INTERVAL = 0.1  # GPM metrics between samples closer than 100 ms are not valid
+GPM_MIN_INTERVAL = 0.095  # GPM metrics need samples ~100 ms apart; 5 ms of slack for tick jitter
 
 # Usable bytes/s per lane per direction: transfer rate after line encoding.
 PCIE_LANE_BYTES = {
@@ -106,6 +106,7 @@ class _Device:
     address: int = 0  # the handle's pointer value, to match event data
     lost: bool = False
     absent: set = field(default_factory=set)  # capabilities the device lacks
+    util_primed: bool = False
     util_last_ts: int = 0
     util_period_s: float | None = None
     util_last_seen: float = 0.0  # monotonic time the newest sample arrived
@@ -119,8 +120,15 @@ class _Device:
 class NvmlBackend:
     name = "nvml"
 
-    def __init__(self, slow_interval: float = 1.0, pynvml_module=None):
-        self.N = pynvml_module or load_pynvml()
+    def __init__(self, slow_interval: float = 1.0, pynvml_module=None, clock=time.monotonic):
+        self.N = N = pynvml_module or load_pynvml()
+        self.clock = clock
+        # Error classes by code: their generated names differ between pynvml releases.
+        err = N.nvmlExceptionClass
+        self.NotSupported = (err(N.NVML_ERROR_NOT_SUPPORTED), err(N.NVML_ERROR_FUNCTION_NOT_FOUND))
+        self.Lost = err(N.NVML_ERROR_GPU_IS_LOST)
+        self.NotFound = err(N.NVML_ERROR_NOT_FOUND)
+        self.Timeout = err(N.NVML_ERROR_TIMEOUT)
         self.slow_interval = slow_interval
         self.devices: list[_Device] = []
         self.driver_version = ""
@@ -178,12 +186,12 @@ class NvmlBackend:
             return None
         try:
             return fn(*args)
-        except (N.NVMLError_NotSupported, N.NVMLError_FunctionNotFound) as e:
+        except self.NotSupported as e:
             dev.absent.add(capability)
             self._log_once(logging.INFO, (dev.index, capability),
                            "GPU %d: %s not available (%s)", dev.index, capability, e)
             return None
-        except N.NVMLError_GPUIsLost:
+        except self.Lost:
             dev.lost = True
             raise GpuLost(dev.index, "NVML_ERROR_GPU_IS_LOST") from None
 
@@ -284,25 +292,25 @@ class NvmlBackend:
         try:
             _, samples = N.nvmlDeviceGetSamples(dev.handle, N.NVML_GPU_UTILIZATION_SAMPLES,
                                                 dev.util_last_ts)
-        except N.NVMLError_NotFound:
+        except self.NotFound:
             samples = []  # no sample newer than the last one
-        except (N.NVMLError_NotSupported, N.NVMLError_FunctionNotFound) as e:
+        except self.NotSupported as e:
             dev.absent.add("utilization")
             self._log_once(logging.WARNING, (dev.index, "utilization"),
                            "GPU %d: utilization samples unavailable (%s)", dev.index, e)
             return
-        except N.NVMLError_GPUIsLost:
+        except self.Lost:
             dev.lost = True
             raise GpuLost(dev.index, "NVML_ERROR_GPU_IS_LOST") from None
-        now = time.monotonic()
+        now = self.clock()
         pts = sorted((s.timeStamp, s.sampleValue.uiVal) for s in samples)
-        if dev.util_last_ts == 0:
-            # First read: the buffer's history predates us. Learn the sample period from it
-            # and start integrating from its newest sample.
-            if len(pts) >= 2:
-                gaps = [b[0] - a[0] for a, b in zip(pts, pts[1:]) if b[0] > a[0]]
-                if gaps:
-                    dev.util_period_s = min(gaps) / 1e6
+        if len(pts) >= 2 and dev.util_period_s is None:
+            gaps = [b[0] - a[0] for a, b in zip(pts, pts[1:]) if b[0] > a[0]]
+            if gaps:
+                dev.util_period_s = min(gaps) / 1e6  # the driver's sample period
+        if not dev.util_primed:
+            # First read: the buffer's history predates us; integrate from its newest sample.
+            dev.util_primed = True
             if pts:
                 dev.util_last_ts = pts[-1][0]
                 dev.util_last_seen = now
@@ -312,12 +320,15 @@ class NvmlBackend:
         for ts, value in pts:
             if ts <= prev:
                 continue
-            dt = (ts - prev) / 1e6
-            if dev.util_period_s is None or dt < dev.util_period_s:
-                dev.util_period_s = dt
-            credited = min(dt, dev.util_period_s * 1.5)
-            r.busy_seconds += min(value, 100) / 100 * credited
-            r.covered_seconds += dt
+            if prev:  # the very first sample ever seen only marks where time starts
+                dt = (ts - prev) / 1e6
+                if dev.util_period_s is None or dt < dev.util_period_s:
+                    dev.util_period_s = dt
+                # A sample speaks for one sample period; a longer gap means the driver
+                # skipped samples because the GPU idled.
+                credited = min(dt, dev.util_period_s * 1.5)
+                r.busy_seconds += min(value, 100) / 100 * credited
+                r.covered_seconds += dt
             r.last_utilization = min(value, 100) / 100
             prev = ts
         if prev != dev.util_last_ts:
@@ -364,7 +375,7 @@ class NvmlBackend:
         N = self.N
         if not dev.gpm_samples or "gpm" in dev.absent:
             return
-        now = time.monotonic()
+        now = self.clock()
         if dev.gpm_prev_t is not None and now - dev.gpm_prev_t < GPM_MIN_INTERVAL:
             return  # too close to the previous sample; measure over a longer span next tick
         cur = dev.gpm_samples[1]
@@ -441,11 +452,11 @@ class NvmlBackend:
                 for s in samples:
                     sm[s.pid] = min(s.smUtil, 100) / 100
                     dev.proc_util_last_ts = max(dev.proc_util_last_ts, s.timeStamp)
-            except N.NVMLError_NotFound:
+            except self.NotFound:
                 pass
-            except (N.NVMLError_NotSupported, N.NVMLError_FunctionNotFound):
+            except self.NotSupported:
                 dev.absent.add("process_utilization")
-            except N.NVMLError_GPUIsLost:
+            except self.Lost:
                 dev.lost = True
                 raise GpuLost(dev.index, "NVML_ERROR_GPU_IS_LOST") from None
         return [GpuProcessUse(p.pid, p.usedGpuMemory, sm.get(p.pid)) for p in procs]
@@ -460,7 +471,7 @@ class NvmlBackend:
         for _ in range(256):  # bounded drain
             try:
                 data = N.nvmlEventSetWait(self._event_set, 0)
-            except N.NVMLError_Timeout:
+            except self.Timeout:
                 break
             except N.NVMLError as e:
                 self._log_once(logging.WARNING, "event_wait", "XID event wait failed: %s", e)
@@ -492,10 +503,10 @@ class NvmlBackend:
                 try:
                     tx = N.nvmlDeviceGetPcieThroughput(dev.handle, N.NVML_PCIE_UTIL_TX_BYTES)
                     rx = N.nvmlDeviceGetPcieThroughput(dev.handle, N.NVML_PCIE_UTIL_RX_BYTES)
-                except N.NVMLError_GPUIsLost:
+                except self.Lost:
                     dev.lost = True
                     continue
-                except (N.NVMLError_NotSupported, N.NVMLError_FunctionNotFound) as e:
+                except self.NotSupported as e:
                     self._log_once(logging.INFO, (index, "pcie_throughput"),
                                    "GPU %d: no PCIe throughput either (%s)", index, e)
                     with self._fallback_lock:

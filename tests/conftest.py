@@ -1,0 +1,150 @@
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIXTURES = os.path.join(HERE, "fixtures")
+sys.path.insert(0, FIXTURES)
+
+import sysfs  # noqa: E402  (tests/fixtures/sysfs.py)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true",
+                     help="rewrite golden files from the current output")
+
+
+@pytest.fixture
+def update_golden(request) -> bool:
+    return request.config.getoption("--update-golden")
+
+
+def fixture_path(*parts: str) -> str:
+    return os.path.join(FIXTURES, *parts)
+
+
+@pytest.fixture(scope="session")
+def dgx_sysfs(tmp_path_factory) -> str:
+    return sysfs.load("dgx-like", str(tmp_path_factory.mktemp("sys-dgx")))
+
+
+@pytest.fixture(scope="session")
+def vm_sysfs(tmp_path_factory) -> str:
+    return sysfs.load("vm-debian12", str(tmp_path_factory.mktemp("sys-vm")))
+
+
+@pytest.fixture(scope="session")
+def dgx_procfs(tmp_path_factory) -> str:
+    """The captured VM's /proc with the composed GPU node's disks, mounts and interfaces."""
+    dest = str(tmp_path_factory.mktemp("proc-dgx"))
+    shutil.copytree(fixture_path("vm-debian12", "proc"), dest, dirs_exist_ok=True)
+    shutil.copytree(fixture_path("dgx-like", "proc"), dest, dirs_exist_ok=True)
+    return dest
+
+
+@pytest.fixture
+def fake_gpus():
+    """Install a fake NVML library built from a scenario dict; uninstalled afterwards."""
+    from agentd.gpu.fake import install, library_from_dict, uninstall
+
+    def make(doc: dict, **kwargs):
+        return install(library_from_dict(doc, **kwargs))
+
+    yield make
+    uninstall()
+
+
+class FakeClock:
+    def __init__(self, t: float = 1_800_000_000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, dt: float) -> float:
+        self.t += dt
+        return self.t
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 10.0, context=None) -> None:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1, context=context) as r:
+                if r.status == 200:
+                    return
+        except Exception as e:  # not up yet
+            last = e
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer: {last}")
+
+
+class Proc:
+    """A child process with its stderr captured to a file, stopped at teardown."""
+
+    def __init__(self, args: list[str], env: dict | None = None, cwd: str | None = None):
+        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+        self.p = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
+                                  env={**os.environ, **(env or {})}, cwd=cwd)
+
+    def output(self) -> str:
+        self.log.flush()
+        with open(self.log.name) as f:
+            return f.read()
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 5.0) -> int:
+        if self.p.poll() is None:
+            self.p.send_signal(sig)
+            try:
+                self.p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+        return self.p.returncode
+
+
+@pytest.fixture
+def spawn():
+    procs: list[Proc] = []
+
+    def start(args, **kw) -> Proc:
+        p = Proc(args, **kw)
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        p.stop(signal.SIGKILL if p.p.poll() is None else signal.SIGTERM)
+
+
+def agentd_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "agentd", *args]
+
+
+def need(binary: str) -> str:
+    path = shutil.which(binary)
+    if path is None:
+        pytest.skip(f"{binary} is not installed (bash .ci/run installs it)")
+    return path
