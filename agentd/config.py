@@ -159,7 +159,13 @@ def _apply_collector(cfg: Config, name: str, key: str, raw: Any, where: str) -> 
     elif key == "interval":
         cur = replace(cur, interval=parse_duration(raw, where))
     elif key in classes[name].options:
-        value = _typed(raw, classes[name].options[key].type, where)
+        opt = classes[name].options[key]
+        value = _typed(raw, opt.type, where)
+        if opt.check is not None:
+            try:
+                opt.check(value)
+            except ValueError as e:
+                raise ConfigError(f"{where}: {e}") from None
         cur = replace(cur, options={**cur.options, key: value})
     else:
         known = ", ".join(["enabled", "interval", *classes[name].options])

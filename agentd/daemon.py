@@ -61,6 +61,7 @@ class Daemon:
         self.registry.register(AgentCollector(self))
         ProcessCollector(registry=self.registry)
         self.extra_routes: dict = {}
+        self.clock = time.time  # wall clock of the window statistics; tests pin it
 
     # --- parts --------------------------------------------------------------------------------
 

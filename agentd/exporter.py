@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import platform
 import threading
-import time
 from typing import TYPE_CHECKING, Iterable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -106,7 +105,7 @@ class AgentCollector:
         return out
 
     def _window_series(self) -> list:
-        now = time.time()
+        now = self.daemon.clock()
         with self._stats_lock:
             cached_at, cached = self._stats_cache
             if now - cached_at < 1.0:

@@ -66,7 +66,7 @@ class WebConfig:
         hashed = self.users.get(user)
         if hashed is None:
             # Spend the same time as a real check so user names cannot be probed by timing.
-            bcrypt.checkpw(password.encode(), _DUMMY_HASH)
+            bcrypt.checkpw(password.encode(), _dummy_hash())
             return False
         key = (user, hmac.new(hashed, password.encode(), hashlib.sha256).digest())
         with self._lock:
@@ -84,7 +84,15 @@ class WebConfig:
         return ok
 
 
-_DUMMY_HASH = b"$2b$10$" + b"C" * 53
+_DUMMY: list[bytes] = []
+
+
+def _dummy_hash() -> bytes:
+    import bcrypt
+
+    if not _DUMMY:
+        _DUMMY.append(bcrypt.hashpw(b"agentd", bcrypt.gensalt(10)))
+    return _DUMMY[0]
 
 
 def load_web_config(path: str) -> WebConfig:

@@ -37,6 +37,16 @@ class Option:
     type: type
     default: Any
     help: str
+    check: Callable[[Any], None] | None = None  # raises ValueError on a bad value
+
+
+def regex(value: str) -> None:
+    import re
+
+    try:
+        re.compile(value)
+    except re.error as e:
+        raise ValueError(f"not a regular expression: {e}") from None
 
 
 @dataclass

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 
 from agentd.paths import read_optional, read_text
-from agentd.samplers.base import Option, Row, Sampler, Series, Unavailable
+from agentd.samplers.base import Option, regex, Row, Sampler, Series, Unavailable
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class NetworkSampler(Sampler):
     default_rate = "slow"
     options = {
         "device_exclude": Option(str, r"^(lo|veth.*|docker\d*|cali.*|virbr\d*)$",
-                                 "regular expression of interface names to leave out"),
+                                 "regular expression of interface names to leave out", check=regex),
         "rdma": Option(bool, True, "read RDMA port counters under /sys/class/infiniband"),
     }
 

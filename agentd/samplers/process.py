@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 
 from agentd.paths import read_optional, read_text
-from agentd.samplers.base import Option, Row, Sampler, Series
+from agentd.samplers.base import Option, regex, Row, Sampler, Series
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -128,7 +128,7 @@ class ProcessSampler(Sampler):
     options = {
         "comm_match": Option(str, "",
                              "also watch processes whose name (comm) matches this regular "
-                             "expression, with or without a GPU (e.g. for CPU-only nodes)"),
+                             "expression, with or without a GPU (e.g. for CPU-only nodes)", check=regex),
         "max_trees": Option(int, 64, "most process trees watched at once"),
     }
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from agentd.paths import read_optional, read_text
-from agentd.samplers.base import Option, Row, Sampler, Series, Unavailable
+from agentd.samplers.base import Option, regex, Row, Sampler, Series, Unavailable
 
 SECTOR = 512  # /proc/diskstats counts 512-byte sectors whatever the device's block size
 # Used only when no sysfs is available to tell disks from partitions.
@@ -113,7 +113,7 @@ class StorageSampler(Sampler):
     default_rate = "fast"
     options = {
         "device_exclude": Option(str, r"^(ram|loop|fd|zram)\d+$",
-                                 "regular expression of device names to leave out"),
+                                 "regular expression of device names to leave out", check=regex),
         "nfs": Option(bool, True, "read NFS client statistics from mountstats"),
     }
 

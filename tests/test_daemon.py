@@ -1,0 +1,232 @@
+"""`agentd run` as a process: signals, reload, sd_notify, no driver, TLS and basic auth."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from conftest import agentd_cmd, free_port, wait_http
+
+SCENARIO = """
+[[gpus]]
+count = 2
+utilization = 0.5
+"""
+
+
+def metrics(url: str, **kw) -> str:
+    with urllib.request.urlopen(url + "/metrics", timeout=5, **kw) as r:
+        return r.read().decode()
+
+
+def value(text: str, line_prefix: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(line_prefix):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(line_prefix)
+
+
+@pytest.fixture
+def scenario(tmp_path) -> str:
+    p = tmp_path / "gpus.toml"
+    p.write_text(SCENARIO)
+    return str(p)
+
+
+def start(spawn, *args, env=None):
+    port = free_port()
+    proc = spawn(agentd_cmd("run", "--web.listen-address", f"127.0.0.1:{port}", *args), env=env)
+    url = f"http://127.0.0.1:{port}"
+    return proc, url, port
+
+
+def test_sigterm_stops_within_two_seconds(spawn, scenario):
+    proc, url, _ = start(spawn, "--fake-nvml", scenario)
+    wait_http(url + "/metrics")
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    proc.p.send_signal(signal.SIGTERM)
+    rc = proc.p.wait(5)
+    assert time.monotonic() - t0 < 2.0
+    assert rc == 0
+    assert "Traceback" not in proc.output()
+
+
+def test_sigint_stops_cleanly(spawn, scenario):
+    proc, url, _ = start(spawn, "--fake-nvml", scenario)
+    wait_http(url + "/metrics")
+    t0 = time.monotonic()
+    proc.p.send_signal(signal.SIGINT)
+    assert proc.p.wait(5) == 0
+    assert time.monotonic() - t0 < 2.0
+
+
+def test_sighup_reloads_and_keeps_running_config_on_error(spawn, scenario, tmp_path):
+    cfg = tmp_path / "agentd.toml"
+    cfg.write_text("[collectors.network]\nenabled = true\n")
+    proc, url, _ = start(spawn, "--config.file", str(cfg), "--fake-nvml", scenario)
+    wait_http(url + "/metrics")
+    assert 'agentd_sampler_available{sampler="network"}' in metrics(url)
+    cfg.write_text("[collectors.network]\nenabled = false\n")
+    proc.p.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while 'sampler="network"' in metrics(url) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    text = metrics(url)
+    assert 'sampler="network"' not in text
+    assert value(text, "agentd_config_last_reload_successful") == 1
+    # A broken file: logged, the running configuration stays.
+    cfg.write_text("[collectors.network]\nenabled = maybe\n")
+    proc.p.send_signal(signal.SIGHUP)
+    time.sleep(1.5)
+    text = metrics(url)
+    assert value(text, "agentd_config_last_reload_successful") == 0
+    assert 'agentd_sampler_available{sampler="cpu"} 1.0' in text
+    assert proc.p.poll() is None
+    assert "reload failed" in proc.output()
+
+
+def test_no_driver_says_so_once_and_samples_the_host(spawn):
+    proc, url, _ = start(spawn, "--collector.gpu.interval", "0.2s")
+    wait_http(url + "/metrics")
+    time.sleep(1.0)
+    text = metrics(url)
+    assert 'agentd_sampler_available{sampler="gpu"} 0.0' in text
+    assert 'agentd_sampler_success{sampler="cpu"} 1.0' in text
+    assert "agentd_cpu_seconds_total" in text
+    proc.stop()
+    assert proc.output().count("no NVIDIA driver") == 1
+
+
+def test_sd_notify_ready_watchdog_stopping(spawn, scenario, tmp_path):
+    sock_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.settimeout(10)
+    try:
+        proc, url, _ = start(spawn, "--fake-nvml", scenario, env={
+            "NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "400000", "JOURNAL_STREAM": "8:1"})
+        messages = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any("WATCHDOG=1" in m for m in messages):
+            messages.append(sock.recv(4096).decode())
+        assert messages[0].startswith("READY=1")
+        assert any("WATCHDOG=1" in m for m in messages)
+        proc.p.send_signal(signal.SIGTERM)
+        while "STOPPING=1" not in messages[-1]:
+            messages.append(sock.recv(4096).decode())
+        proc.p.wait(5)
+        # Under journald: no timestamps, sd-daemon priority prefixes instead.
+        first = proc.output().splitlines()[0]
+        assert first.startswith("<4>") and "FAKE GPUs" in first
+    finally:
+        sock.close()
+
+
+def test_window_endpoint(spawn, scenario):
+    import json
+
+    from agentd.window import load_npz
+
+    proc, url, _ = start(spawn, "--fake-nvml", scenario)
+    wait_http(url + "/metrics")
+    time.sleep(1.5)
+    with urllib.request.urlopen(url + "/api/v1/window?seconds=1", timeout=5) as r:
+        doc = json.load(r)
+    gpu = doc["groups"]["gpu"]
+    assert gpu["interval_seconds"] == 0.1
+    assert 8 <= len(gpu["t"]) <= 11
+    assert set(gpu["columns"]["gpu.busy:0"]) == {0.5}
+    with urllib.request.urlopen(url + "/api/v1/window?format=npz", timeout=5) as r:
+        back = load_npz(r.read())
+    assert "gpu.busy:1" in back["gpu"]["columns"]
+    with urllib.request.urlopen(url + "/api/v1/status", timeout=5) as r:
+        status = json.load(r)
+    assert status["samplers"]["gpu"]["available"] is True
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(url + "/api/v1/window?seconds=abc", timeout=5)
+    assert e.value.code == 400
+
+
+def _self_signed(tmp_path) -> tuple[str, str]:
+    cert, key = str(tmp_path / "tls.crt"), str(tmp_path / "tls.key")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                    "-out", cert, "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def test_tls_and_basic_auth(spawn, scenario, tmp_path):
+    import bcrypt
+
+    cert, key = _self_signed(tmp_path)
+    hashed = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(10)).decode().replace("$2b$", "$2y$")
+    web = tmp_path / "web.yml"
+    web.write_text(f"tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n"
+                   f"basic_auth_users:\n  prometheus: '{hashed}'\n")
+    proc, _, port = start(spawn, "--fake-nvml", scenario, "--web.config.file", str(web))
+    url = f"https://127.0.0.1:{port}"
+    tls = ssl.create_default_context(cafile=cert)
+
+    def get(auth: str | None) -> int:
+        req = urllib.request.Request(url + "/metrics")
+        if auth:
+            req.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+        try:
+            with urllib.request.urlopen(req, timeout=5, context=tls) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            get(None)
+            break
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.1)
+    assert get(None) == 401
+    assert get("prometheus:wrong") == 401
+    assert get("nobody:s3cret") == 401
+    t0 = time.perf_counter()
+    assert get("prometheus:s3cret") == 200
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(5):
+        assert get("prometheus:s3cret") == 200
+    # Verified credentials are cached: later scrapes skip the deliberate bcrypt cost.
+    assert (time.perf_counter() - t0) / 5 < max(first, 0.05)
+    # Plain HTTP on the TLS port is refused.
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=3)
+
+
+def test_sampler_fault_does_not_stop_others(spawn, scenario, tmp_path):
+    """A procfs whose stat file is garbage: the cpu sampler fails and is counted; the GPU
+    and memory samplers carry on."""
+    import shutil
+
+    proc_dir = tmp_path / "proc"
+    shutil.copytree(os.path.join(os.path.dirname(__file__), "fixtures", "vm-debian12", "proc"),
+                    proc_dir)
+    proc, url, _ = start(spawn, "--fake-nvml", scenario, "--path.procfs", str(proc_dir))
+    wait_http(url + "/metrics")
+    (proc_dir / "stat").write_text("garbage\n")
+    time.sleep(1.5)
+    text = metrics(url)
+    assert value(text, 'agentd_sampler_errors_total{sampler="cpu"}') > 0
+    assert value(text, 'agentd_sampler_success{sampler="cpu"}') == 0
+    assert value(text, 'agentd_sampler_success{sampler="gpu"}') == 1
+    assert value(text, 'agentd_sampler_success{sampler="memory"}') == 1
+    # One log line for the failure, not one per tick.
+    assert proc.output().count("no aggregate 'cpu' line") == 1

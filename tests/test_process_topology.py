@@ -1,0 +1,180 @@
+"""Process trees of GPU processes (real processes here) and the PCIe topology (fixtures)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from agentd.paths import Paths
+from agentd.samplers.base import Context
+from agentd.samplers.process import ProcessSampler, parse_cgroup, parse_proc_io, parse_proc_stat
+from agentd.samplers.topology import TopologySampler, link_capacity
+
+TRAINER = textwrap.dedent("""
+    import multiprocessing as mp, os, sys, time
+
+    def worker(path):
+        data = b""
+        end = time.time() + 60
+        while time.time() < end:
+            with open(path, "rb") as f:   # cached re-reads: rchar grows, read_bytes does not
+                data = f.read()
+
+    if __name__ == "__main__":
+        path = sys.argv[1]
+        procs = [mp.Process(target=worker, args=(path,)) for _ in range(2)]
+        for p in procs:
+            p.start()
+        print("ready", flush=True)
+        time.sleep(60)
+""")
+
+
+@pytest.fixture
+def trainer(tmp_path):
+    data = tmp_path / "shard.bin"
+    data.write_bytes(os.urandom(1 << 20))
+    script = tmp_path / "trainer.py"
+    script.write_text(TRAINER)
+    exe = tmp_path / "mytrainer"  # the process name (comm) comes from the name executed
+    exe.symlink_to(sys.executable)
+    p = subprocess.Popen([str(exe), str(script), str(data)], stdout=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    assert p.stdout.readline().strip() == "ready"
+    yield p
+    os.killpg(p.pid, signal.SIGKILL)  # the workers too, or they outlive the test as orphans
+    p.wait()
+    deadline = time.time() + 5
+    while time.time() < deadline and subprocess.run(["pgrep", "-g", str(p.pid)],
+                                                     capture_output=True).returncode == 0:
+        time.sleep(0.05)
+
+
+def test_parse_proc_stat_with_odd_comm():
+    text = "4242 (my (weird) name) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 " \
+           "7 0 12345 1000000 2500 18446744073709551615 0 0 0 0 0 0 0 0 0 0 0 0 17 3 0 0\n"
+    st = parse_proc_stat(text)
+    assert st.comm == "my (weird) name"
+    assert (st.state, st.ppid, st.cpu_ticks, st.threads, st.start_ticks) == ("S", 1, 300, 7, 12345)
+    assert st.rss_bytes == 2500 * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_parse_proc_io():
+    io = parse_proc_io("rchar: 100\nwchar: 5\nsyscr: 1\nsyscw: 1\nread_bytes: 40\n"
+                       "write_bytes: 8\ncancelled_write_bytes: 0\n")
+    assert io["rchar"] == 100 and io["read_bytes"] == 40 and io["write_bytes"] == 8
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("0::/system.slice/train.service\n", {"systemd_unit": "train.service"}),
+    ("0::/system.slice/docker-" + "a" * 64 + ".scope\n",
+     {"container_id": "a" * 64}),
+    ("0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1b2c3d4e_5f60_7182_93a4_"
+     "b5c6d7e8f901.slice/cri-containerd-" + "b" * 64 + ".scope\n",
+     {"pod_uid": "1b2c3d4e-5f60-7182-93a4-b5c6d7e8f901", "container_id": "b" * 64}),
+    ("12:cpuset:/slurm/uid_1000/job_48213/step_0/task_0\n0::/\n",
+     {"slurm_job_id": "48213"}),
+    ("0::/user.slice/user-1000.slice/session-3.scope\n", {"systemd_unit": "session-3.scope"}),
+])
+def test_parse_cgroup(text, expected):
+    got = parse_cgroup(text)
+    for k, v in expected.items():
+        assert getattr(got, k) == v
+    for k in {"systemd_unit", "container_id", "pod_uid", "slurm_job_id"} - set(expected):
+        if k != "systemd_unit":
+            assert getattr(got, k) == ""
+
+
+def test_trainer_tree_cpu_and_cached_reads(trainer):
+    ctx = Context(Paths(), 0.1, 1.0)
+    ctx.shared.gpu_processes = {trainer.pid: (0, 1)}
+    s = ProcessSampler(ctx)
+    s.open()
+    s.sample(time.time(), True)
+    rows = []
+    t_end = time.time() + 2.0
+    i = 0
+    while time.time() < t_end:
+        time.sleep(0.1)
+        i += 1
+        rows.append(s.sample(time.time(), i % 10 == 0))
+    got = {(n, labels): v for n, labels, v in s.series()}
+    pid = (str(trainer.pid),)
+    assert got[("agentd_process_members", pid)] == 3  # the trainer and its two workers
+    cpu = got[("agentd_process_cpu_seconds_total", pid)]
+    # Two busy workers on a machine with at least one spare core: > 0.8 core over 2 s.
+    assert cpu > 1.6 * min(os.cpu_count() or 1, 2) / 2
+    rchar = got[("agentd_process_read_chars_total", pid)]
+    read = got[("agentd_process_read_bytes_total", pid)]
+    assert rchar > 50 * 2**20  # the workers re-read their 1 MiB shard many times...
+    assert read < rchar / 10  # ...from the page cache, not from storage
+    info = [labels for (n, labels) in got if n == "agentd_process_info"][0]
+    assert info[1] == "mytrainer"
+    assert info[2] == "0,1"
+    last = rows[-1]
+    assert last[f"proc.members:{trainer.pid}"] == 3
+    assert 0 < last[f"proc.max_member_cpu:{trainer.pid}"] <= 1.3
+
+
+def test_comm_match_without_gpu(trainer):
+    ctx = Context(Paths(), 0.1, 1.0)
+    s = ProcessSampler(ctx, {"comm_match": "^mytrainer$"})
+    s.open()
+    s.sample(time.time(), True)
+    roots = {int(labels[0]) for n, labels, _ in s.series() if n == "agentd_process_info"}
+    # The trainer is the one root; its workers (same name) are members of its tree.
+    assert roots == {trainer.pid}
+    members = {labels: v for n, labels, v in s.series() if n == "agentd_process_members"}
+    assert members[(str(trainer.pid),)] == 3
+
+
+def test_exited_tree_disappears(trainer):
+    ctx = Context(Paths(), 0.1, 1.0)
+    ctx.shared.gpu_processes = {trainer.pid: (0,)}
+    s = ProcessSampler(ctx)
+    s.open()
+    s.sample(time.time(), True)
+    ctx.shared.gpu_processes = {}
+    s.sample(time.time(), True)
+    assert not s.series()
+
+
+# --- topology ----------------------------------------------------------------------------------
+
+
+def test_link_capacity():
+    assert link_capacity("32.0 GT/s PCIe\n", "16\n") == pytest.approx(63.0e9, rel=0.001)
+    assert link_capacity("8.0 GT/s PCIe", "4") == pytest.approx(3.94e9, rel=0.001)
+    assert link_capacity("2.5 GT/s PCIe", "1") == pytest.approx(250e6)
+    assert link_capacity("Unknown", "0") is None
+
+
+def test_topology_shared_switch(dgx_sysfs):
+    s = TopologySampler(Context(Paths("/proc", dgx_sysfs), 0.1, 1.0))
+    s.open()
+    s.sample(0.0, True)
+    got = {(n, labels): v for n, labels, v in s.series()}
+    shared = [labels for (n, labels) in got if n == "agentd_pcie_shared_uplink"]
+    # Each of the 4 switches carries 2 GPUs and 1 NVMe drive: 8 GPU/NVMe pairs.
+    assert len(shared) == 8
+    assert ("0000:18:00.0", "0000:19:00.0", "0000:16:00.0", "63015384615") in shared
+    info = {labels[0]: labels for (n, labels) in got if n == "agentd_pcie_device_info"}
+    assert info["0000:19:00.0"][1:3] == ("nvme", "nvme0n1")
+    assert info["0000:1a:00.0"][1:3] == ("nic", "ibp26s0,mlx5_0")
+    assert info["0000:58:00.0"][5] == "1"  # NUMA node of the second socket
+    assert got[("agentd_pcie_link_capacity_bytes_per_second", ("0000:19:00.0",))] == \
+        pytest.approx(15.75e9, rel=0.001)  # Gen5 x4 NVMe
+
+
+def test_topology_of_this_vm(vm_sysfs):
+    s = TopologySampler(Context(Paths("/proc", vm_sysfs), 0.1, 1.0))
+    s.open()
+    s.sample(0.0, True)
+    kinds = {labels[1] for n, labels, _ in s.series() if n == "agentd_pcie_device_info"}
+    assert kinds == {"nic"}  # virtio: no GPU, no NVMe

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from agentd.window import Ring, Window, gpu_window_stats, load_npz
+
+
+def test_ring_keeps_the_last_rows_in_order():
+    r = Ring(rows=5)
+    for i in range(12):
+        r.append(float(i), {"a": i, "b": -i})
+    t, names, v = r.snapshot()
+    assert list(t) == [7, 8, 9, 10, 11]
+    assert names == ["a", "b"]
+    assert list(v[:, 0]) == [7, 8, 9, 10, 11]
+
+
+def test_ring_missing_values_are_nan_not_zero():
+    r = Ring(rows=4)
+    r.append(1.0, {"a": 1.0})
+    r.append(2.0, {"b": 2.0})
+    t, v = r.column("a")
+    assert v[0] == 1.0 and np.isnan(v[1])
+
+
+def test_ring_grows_columns_up_to_its_bound_then_reuses_aged_out_ones():
+    r = Ring(rows=3, max_columns=4, initial_columns=2)
+    r.append(0.0, {f"c{i}": i for i in range(4)})
+    assert r.used_bytes < r.reserved_bytes or r._v.shape[1] == 4
+    r.append(1.0, {"c4": 4.0})  # full, nothing aged out yet
+    assert r.dropped_columns == 1
+    for t in range(2, 6):
+        r.append(float(t), {"c0": 0.0})  # c1..c3 age out after 3 rows
+    r.append(6.0, {"new": 9.0})
+    assert r.dropped_columns == 1
+    t, v = r.column("new")
+    assert v[-1] == 9.0 and np.isnan(v[:-1]).all()  # no stale data from the old channel
+
+
+def test_memory_bound():
+    r = Ring(rows=6000, max_columns=256)
+    assert r.reserved_bytes == 6000 * (256 * 4 + 8)
+    r.append(0.0, {"x": 1.0})
+    assert r.used_bytes == 6000 * 8 + 6000 * 16 * 4  # columns are allocated as they appear
+
+
+def test_window_json_and_npz_round_trip():
+    w = Window(seconds=10)
+    ring = w.ring("gpu", 0.5)
+    assert ring.rows == 20
+    for i in range(30):
+        ring.append(100.0 + i * 0.5, {"gpu.busy:0": 0.25, "gpu.busy:1": float(i % 2)})
+    doc = json.loads(json.dumps(w.to_json(since=110.0)))
+    g = doc["groups"]["gpu"]
+    assert g["interval_seconds"] == 0.5 and len(g["t"]) == 10
+    assert g["columns"]["gpu.busy:0"] == [0.25] * 10
+    back = load_npz(w.to_npz())
+    assert back["gpu"]["columns"] == ["gpu.busy:0", "gpu.busy:1"]
+    assert back["gpu"]["values"].shape == (20, 2)
+    assert w.ring("gpu", 0.5) is ring  # kept across sampler restarts
+
+
+def test_gpu_window_stats():
+    t = np.arange(0, 60, 0.1)
+    busy = np.where((t % 10) < 7, 0.9, 0.0)  # 3 s idle gaps every 10 s
+    s = gpu_window_stats(t, busy.astype(np.float32), 0.05)
+    assert s["idle_ratio"] == pytest.approx(0.3, abs=0.01)
+    assert s["longest_idle_seconds"] == pytest.approx(3.0, abs=0.11)
+    assert s["p10"] == 0.0 and s["p90"] == pytest.approx(0.9)
+    assert gpu_window_stats(t[:1], busy[:1], 0.05) is None
