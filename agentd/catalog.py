@@ -123,6 +123,9 @@ METRICS: list[MetricSpec] = [
        "Window channels refused because a ring was full of live channels.", ("sampler",), "window"),
     _M("agentd_window_stats_seconds", "gauge", "seconds",
        "Length of the trailing window the agentd_gpu_window_* statistics cover.", (), "window"),
+    _M("agentd_fake_nvml_cpu_seconds_total", "counter", "seconds",
+       "CPU time spent emulating the NVIDIA driver (only with --fake-nvml; part of "
+       "process_cpu_seconds_total, absent on real GPUs).", (), "self"),
     _M("process_cpu_seconds_total", "counter", "seconds", "agentd's own user and system CPU time.",
        (), "self"),
     _M("process_resident_memory_bytes", "gauge", "bytes", "agentd's own resident memory.", (), "self"),

@@ -16,13 +16,11 @@ import time
 from dataclasses import replace
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, ProcessCollector
-
 from agentd import __version__
 from agentd.config import Config, ConfigError, parse_listen
-from agentd.exporter import AgentCollector
+from agentd.exporter import Exporter
 from agentd.paths import Paths
-from agentd.runner import Runner
+from agentd.runner import Loop, SamplerState
 from agentd.samplers import registry
 from agentd.samplers.base import Context, SharedState
 from agentd.systemd import Notifier
@@ -49,7 +47,8 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.window = Window(config.window_seconds)
         self.shared = SharedState()
-        self._runners: dict[str, Runner] = {}
+        self._loops: dict[tuple, Loop] = {}
+        self._states: dict[str, SamplerState] = {}
         self._lock = threading.Lock()
         self.server: WebServer | None = None
         self.gpu_backend = "fake" if config.fake_nvml else "nvml"
@@ -57,21 +56,21 @@ class Daemon:
         self.last_reload_time = time.time()
         self._stop = threading.Event()
         self._reload = threading.Event()
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(AgentCollector(self))
-        ProcessCollector(registry=self.registry)
+        self.exporter = Exporter(self)
         self.extra_routes: dict = {}
         self.clock = time.time  # wall clock of the window statistics; tests pin it
 
     # --- parts --------------------------------------------------------------------------------
 
-    def runners(self) -> list[Runner]:
+    def runners(self) -> list[SamplerState]:
+        """Every configured sampler with its bookkeeping, in registry order."""
         with self._lock:
-            return list(self._runners.values())
+            states = dict(self._states)
+        return [states[n] for n in registry() if n in states]
 
-    def runner(self, name: str) -> Runner | None:
+    def runner(self, name: str) -> SamplerState | None:
         with self._lock:
-            return self._runners.get(name)
+            return self._states.get(name)
 
     def _context(self, cfg: Config) -> Context:
         return Context(paths=Paths(cfg.procfs, cfg.sysfs), fast_interval=cfg.fast_interval,
@@ -85,43 +84,68 @@ class Daemon:
             return own
         return cfg.fast_interval if cls.default_rate == "fast" else cfg.slow_interval
 
-    def _start_runner(self, cfg: Config, name: str) -> Runner:
-        cls = registry()[name]
-        interval = self._interval(cfg, name)
-        sampler = cls(self._context(cfg), cfg.collector(name).options)
-        ring = None if name == "topology" else self.window.ring(
-            name, interval, max_columns=cls.window_columns)
-        r = Runner(sampler, interval, cfg.slow_interval, ring)
-        r.start()
-        return r
+    def _plan(self, cfg: Config) -> dict[tuple, list[str]]:
+        """Which loop runs which samplers: one per isolated sampler, one per interval else."""
+        plan: dict[tuple, list[str]] = {}
+        for name, cls in registry().items():
+            if cfg.collector(name).enabled:
+                interval = self._interval(cfg, name)
+                key = (name, interval) if cls.isolated else ("host", interval)
+                plan.setdefault(key, []).append(name)
+        return plan
 
     @staticmethod
-    def _runner_key(cfg: Config, name: str) -> tuple:
-        """What a sampler's configuration is; a change restarts it."""
+    def _sampler_key(cfg: Config, name: str) -> tuple:
+        """What a sampler's configuration is; a change restarts its loop."""
         c = cfg.collector(name)
         return (c.enabled, c.interval, tuple(sorted(c.options.items())), cfg.procfs, cfg.sysfs,
                 cfg.fast_interval, cfg.slow_interval, cfg.fake_nvml)
 
+    def _start_loop(self, cfg: Config, key: tuple, names: list[str]) -> Loop:
+        interval = key[1]
+        states = []
+        for name in names:
+            cls = registry()[name]
+            sampler = cls(self._context(cfg), cfg.collector(name).options)
+            ring = None if cls.window_columns == 0 else self.window.ring(
+                name, interval, max_columns=cls.window_columns)
+            states.append(SamplerState(sampler, interval, cfg.slow_interval, ring))
+        loop = Loop("-".join(map(str, key)), interval, states)
+        with self._lock:
+            for st in states:
+                self._states[st.name] = st
+        loop.start()
+        return loop
+
+    def _stop_loops(self, keys: list[tuple]) -> None:
+        deadline = time.monotonic() + STOP_DEADLINE
+        loops = [self._loops.pop(k) for k in keys]
+        for loop in loops:
+            loop.stop()
+        for loop in loops:
+            if not loop.join(max(deadline - time.monotonic(), 0.01)):
+                log.warning("loop %s did not stop in time; leaving it", loop.name)
+            with self._lock:
+                for st in loop.states:
+                    if self._states.get(st.name) is st:
+                        del self._states[st.name]
+
     def _apply_samplers(self, old: Config | None, cfg: Config) -> None:
-        gpu_changed = old is not None and old.fake_nvml != cfg.fake_nvml
-        if gpu_changed or old is None:
+        if old is None or old.fake_nvml != cfg.fake_nvml:
             self._select_gpu_backend(cfg)
+        plan = self._plan(cfg)
+        stale = [
+            key for key, loop in self._loops.items()
+            if plan.get(key) != [st.name for st in loop.states] or old is None or any(
+                self._sampler_key(old, st.name) != self._sampler_key(cfg, st.name)
+                for st in loop.states)
+        ]
+        self._stop_loops(stale)
+        for key, names in plan.items():
+            if key not in self._loops:
+                self._loops[key] = self._start_loop(cfg, key, names)
         for name in registry():
-            enabled = cfg.collector(name).enabled
-            current = self.runner(name)
-            if current is not None and old is not None and \
-                    self._runner_key(old, name) == self._runner_key(cfg, name):
-                continue
-            if current is not None:
-                current.stop()
-                current.join(STOP_DEADLINE)
-                with self._lock:
-                    del self._runners[name]
-            if enabled:
-                r = self._start_runner(cfg, name)
-                with self._lock:
-                    self._runners[name] = r
-            else:
+            if not cfg.collector(name).enabled:
                 self.window.drop(name)
 
     def _select_gpu_backend(self, cfg: Config) -> None:
@@ -145,7 +169,7 @@ class Daemon:
             **self.extra_routes,
         }
         try:
-            self.server = WebServer(host, port, web, routes, self.registry)
+            self.server = WebServer(host, port, web, routes, self.exporter.render)
         except OSError as e:
             raise ConfigError(f"cannot listen on {cfg.listen_address}: {e.strerror}") from None
         self.server.start()
@@ -256,13 +280,7 @@ class Daemon:
 
     def stop(self) -> None:
         self.notifier.stopping()
-        deadline = time.monotonic() + STOP_DEADLINE
-        runners = self.runners()
-        for r in runners:
-            r.stop()
-        for r in runners:
-            if not r.join(max(deadline - time.monotonic(), 0.01)):
-                log.warning("%s did not stop in time; leaving it", r.name)
+        self._stop_loops(list(self._loops))
         if self.server is not None:
             self.server.stop()
         log.info("stopped")

@@ -1,4 +1,4 @@
-"""The Prometheus collector: what /metrics serves, built from the samplers' latest readings.
+"""What /metrics serves, built from the samplers' latest readings.
 
 No NVML call or file read happens here: a scrape reads state the sampler threads keep, plus
 statistics over the window (computed at most once a second). Families and label names come
@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import platform
 import threading
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import ProcessCollector
 
 from agentd import __version__
-from agentd.catalog import METRICS, METRICS_BY_NAME
+from agentd.catalog import METRICS, MetricSpec
+from agentd.gpu import fake as fake_nvml
+from agentd.exposition import TextWriter, render_client_metrics
 from agentd.window import gpu_window_stats
 
 if TYPE_CHECKING:
@@ -24,24 +26,24 @@ if TYPE_CHECKING:
 log = logging.getLogger("agentd.exporter")
 
 
-class AgentCollector:
+class Exporter:
+    """Builds /metrics from the samplers' state, the window and agentd's own bookkeeping."""
+
     def __init__(self, daemon: "Daemon"):
         self.daemon = daemon
         self._stats_cache: tuple[float, list] = (0.0, [])
         self._stats_lock = threading.Lock()
         self._unknown_logged: set[str] = set()
+        self._writer = TextWriter()
+        self._writer_lock = threading.Lock()
+        self._process = ProcessCollector(registry=None)
 
-    def describe(self) -> Iterable[Metric]:
-        return []  # families vary with the hardware; no describe-time registration checks
-
-    def collect(self) -> Iterable[Metric]:
+    def families(self) -> list[tuple[MetricSpec, list]]:
+        """(catalog entry, [(label values, value)]) for every family with data, in catalog
+        order; a name that is not in the catalog is logged once and left out."""
         series: dict[str, list] = {}
-
-        def add(name: str, labels: tuple, value: float) -> None:
-            series.setdefault(name, []).append((labels, value))
-
         for name, labels, value in self._self_series():
-            add(name, labels, value)
+            series.setdefault(name, []).append((labels, value))
         for runner in self.daemon.runners():
             if not runner.available:
                 continue
@@ -51,29 +53,35 @@ class AgentCollector:
                 log.error("%s: series() failed: %s", runner.name, e)
                 continue
             for name, labels, value in items:
-                if value is None:
-                    continue
-                add(name, labels, value)
+                if value is not None:
+                    series.setdefault(name, []).append((labels, value))
         for name, labels, value in self._window_series():
-            add(name, labels, value)
+            series.setdefault(name, []).append((labels, value))
 
+        out = []
         for spec in METRICS:
             rows = series.pop(spec.name, None)
             if not rows:
                 continue
-            family_cls = CounterMetricFamily if spec.type == "counter" else GaugeMetricFamily
-            family = family_cls(spec.name, spec.help, labels=spec.labels)
-            seen = set()
+            seen: set = set()
+            unique = []
             for labels, value in rows:
-                if labels in seen:
-                    continue  # two samplers must not export the same series; keep the first
-                seen.add(labels)
-                family.add_metric([str(v) for v in labels], float(value))
-            yield family
+                if labels not in seen:  # two samplers must not export one series; keep the first
+                    seen.add(labels)
+                    unique.append((labels, float(value)))
+            out.append((spec, unique))
         for name in series:
-            if name not in self._unknown_logged and name not in METRICS_BY_NAME:
+            if name not in self._unknown_logged:
                 self._unknown_logged.add(name)
                 log.error("metric %s is not in the catalog; not served", name)
+        return out
+
+    def render(self) -> bytes:
+        families = self.families()
+        with self._writer_lock:
+            parts = self._writer.render(families)
+        parts += render_client_metrics(self._process.collect())
+        return "".join(parts).encode()
 
     def _self_series(self) -> list:
         d = self.daemon
@@ -95,6 +103,9 @@ class AgentCollector:
             if r.ring is not None:
                 out.append(("agentd_window_columns_dropped_total", lab,
                             float(r.ring.dropped_columns)))
+        fake = fake_nvml.installed()
+        if fake is not None:
+            out.append(("agentd_fake_nvml_cpu_seconds_total", (), fake.cpu_seconds))
         out += [
             ("agentd_config_last_reload_successful", (), float(d.last_reload_ok)),
             ("agentd_config_last_reload_success_timestamp_seconds", (), d.last_reload_time),

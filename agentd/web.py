@@ -17,9 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 from urllib.parse import parse_qs, urlparse
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
-
+from agentd.exposition import CONTENT_TYPE
 from agentd.webconfig import WebConfig
 
 log = logging.getLogger("agentd.web")
@@ -42,10 +40,10 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 64
 
     def __init__(self, address, handler, web: WebConfig, routes: dict[str, Route],
-                 registry: CollectorRegistry):
+                 metrics: Callable[[], bytes]):
         self.web = web
         self.routes = routes
-        self.registry = registry
+        self.metrics = metrics
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, handler)
@@ -119,8 +117,9 @@ class _Handler(BaseHTTPRequestHandler):
     do_HEAD = do_GET
 
     def _metrics(self) -> None:
-        encoder, ctype = choose_encoder(self.headers.get("Accept"))
-        body = encoder(self.server.registry)
+        # Always the 0.0.4 text format: Prometheus accepts it whatever else it offers.
+        body = self.server.metrics()
+        ctype = CONTENT_TYPE
         extra = {}
         if "gzip" in self.headers.get("Accept-Encoding", ""):
             body = gzip.compress(body, compresslevel=1)
@@ -130,11 +129,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 class WebServer:
     def __init__(self, host: str, port: int, web: WebConfig, routes: dict[str, Route],
-                 registry: CollectorRegistry):
+                 metrics: Callable[[], bytes]):
         routes = {"/": lambda q: (200, "text/html; charset=utf-8", LANDING),
                   "/-/healthy": lambda q: (200, "text/plain", b"OK\n"),
                   "/-/ready": lambda q: (200, "text/plain", b"OK\n"), **routes}
-        self.httpd = _Server((host, port), _Handler, web, routes, registry)
+        self.httpd = _Server((host, port), _Handler, web, routes, metrics)
         self.scheme = "https" if web.tls else "http"
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="http",
                                         kwargs={"poll_interval": 0.2}, daemon=True)

@@ -8,7 +8,6 @@ import re
 import subprocess
 
 import pytest
-from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agentd.catalog import METRICS_BY_NAME
@@ -16,7 +15,7 @@ from agentd.config import Config, _default_collectors
 from agentd.daemon import Daemon
 from agentd.gpu.fake import install, library_from_dict
 from agentd.paths import Paths
-from agentd.runner import Runner
+from agentd.runner import SamplerState
 from agentd.samplers import registry
 from agentd.samplers.base import Context
 from conftest import fixture_path, need
@@ -38,6 +37,7 @@ SCENARIO = {
 
 # Series that differ from run to run or machine to machine, as node_exporter's e2e test does.
 VOLATILE = re.compile(r"^(process_|agentd_build_info|agentd_sampler_duration_seconds|"
+                      r"agentd_fake_nvml_cpu_seconds_total|"
                       r"agentd_sampler_last_success_timestamp_seconds|"
                       r"agentd_config_last_reload_success_timestamp_seconds)")
 
@@ -54,23 +54,23 @@ def fixture_node(procfs: str, sysfs: str, clock) -> Daemon:
         s.open()
         if name == "gpu":
             s.backend.clock = clock
-        ring = d.window.ring(name, 0.1)
-        r = Runner(s, 0.1, 1.0, ring)
+        ring = d.window.ring(name, 0.1) if cls.window_columns else None
+        r = SamplerState(s, 0.1, 1.0, ring)
         r.available = True
-        d._runners[name] = r
+        d._states[name] = r
     for tick in range(40):
         clock.advance(0.1)
         for r in d.runners():
             row = r.sampler.sample(clock.t, tick % 10 == 0)
             r.runs += 1
             r.success = True
-            if row:
+            if row and r.ring is not None:
                 r.ring.append(clock.t, row)
     return d
 
 
 def render(procfs, sysfs, clock) -> str:
-    text = generate_latest(fixture_node(procfs, sysfs, clock).registry).decode()
+    text = fixture_node(procfs, sysfs, clock).exporter.render().decode()
     return "".join(line + "\n" for line in text.splitlines()
                    if not VOLATILE.match(line.split(" ", 3)[2] if line.startswith("#") else line))
 
@@ -106,12 +106,14 @@ def test_every_name_is_in_the_catalog(output):
 
 def test_content(output):
     assert 'agentd_gpu_lost{gpu="7"' in output
-    assert re.search(r'agentd_gpu_clock_event_active\{gpu="6",reason="hw_thermal_slowdown"', output)
+    assert re.search(r'agentd_gpu_clock_event_active\{gpu="6",uuid="[^"]+",'
+                     r'reason="hw_thermal_slowdown"\} 1.0', output)
     assert re.search(r'agentd_gpu_xid_errors_total\{gpu="7",uuid="[^"]+",xid="79"\} 1.0', output)
     assert re.search(r'agentd_pcie_shared_uplink\{gpu_address="0000:18:00.0",'
                      r'nvme_address="0000:19:00.0",switch="0000:16:00.0"', output)
     assert 'agentd_disk_read_bytes_total{device="nvme0n1"}' in output
-    assert 'agentd_nfs_read_bytes_total{export="10.0.0.5:/datasets"' in output
+    assert 'agentd_nfs_read_bytes_total{mountpoint="/mnt/datasets",export="10.0.0.5:/datasets"}' \
+        in output
     assert 'agentd_rdma_receive_bytes_total{device="mlx5_0",port="1"}' in output
     assert 'agentd_gpu_window_idle_ratio{gpu="0"' in output
 
@@ -121,7 +123,7 @@ def test_promtool_check_metrics(dgx_procfs, dgx_sysfs, clock):
     from agentd.gpu.fake import uninstall
 
     try:
-        text = generate_latest(fixture_node(dgx_procfs, dgx_sysfs, clock).registry)
+        text = fixture_node(dgx_procfs, dgx_sysfs, clock).exporter.render()
     finally:
         uninstall()
     r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True)

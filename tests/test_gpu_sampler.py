@@ -93,7 +93,9 @@ def test_window_rows(fake_gpus, clock):
     assert last["gpu.busy:0"] == pytest.approx(0.5)
     assert last["gpu.pcie_rx:0"] == pytest.approx(2e9, rel=0.01)
     assert last["gpu.nvlink_tx:0"] == pytest.approx(1e10, rel=0.01)
-    assert last["gpu.sm_active:0"] == pytest.approx(0.3)
+    gpm = [r for r in rows if "gpu.sm_active:0" in r]
+    assert len(gpm) == pytest.approx(len(rows) / 2, abs=1)  # GPM every 0.2 s by default
+    assert gpm[-1]["gpu.sm_active:0"] == pytest.approx(0.3)
     slow = [r for r in rows if "gpu.power:0" in r][-1]
     assert slow["gpu.pcie_capacity:0"] == pytest.approx(63.0e9, rel=0.001)
     assert slow["gpu.sm_clock:0"] == 1.98e9
@@ -142,9 +144,10 @@ def test_gpm_activity_counters(fake_gpus, clock):
     run(s, clock, 10.0)
     lab = ("0", s.gpus[0].uuid)
     got = series(s)
-    # 10 s at 0.9 busy x 0.4 SM-active, less the first 100 ms (no GPM sample before it)
-    assert got[("agentd_gpu_sm_active_seconds_total", lab)] == pytest.approx(3.6, rel=0.02)
-    assert got[("agentd_gpu_tensor_active_seconds_total", lab)] == pytest.approx(4.5, rel=0.02)
+    # 10 s at 0.9 busy x 0.4 SM-active, less the first 0.2 s GPM interval (no sample before)
+    assert got[("agentd_gpu_sm_active_seconds_total", lab)] == pytest.approx(3.6 * 0.98, rel=0.01)
+    assert got[("agentd_gpu_tensor_active_seconds_total", lab)] == pytest.approx(4.5 * 0.98,
+                                                                                rel=0.01)
 
 
 def test_no_gpm_before_hopper(fake_gpus, clock):

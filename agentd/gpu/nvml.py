@@ -37,7 +37,14 @@ from agentd.samplers.base import Unavailable
 log = logging.getLogger("agentd.gpu.nvml")
 
 UINT_MAX = 0xFFFFFFFF
-GPM_MIN_INTERVAL = 0.095  # GPM metrics need samples ~100 ms apart; 5 ms of slack for tick jitter
+GPM_METRICS = (  # our name, pynvml constant
+    ("sm_active", "NVML_GPM_METRIC_SM_UTIL"),
+    ("sm_occupancy", "NVML_GPM_METRIC_SM_OCCUPANCY"),
+    ("tensor_active", "NVML_GPM_METRIC_ANY_TENSOR_UTIL"),
+    ("dram_active", "NVML_GPM_METRIC_DRAM_BW_UTIL"),
+)
+# GPM metrics need samples at least 100 ms apart (NVIDIA: a hard limit on Hopper).
+GPM_MIN_INTERVAL = 0.1
 
 # Usable bytes/s per lane per direction: transfer rate after line encoding.
 PCIE_LANE_BYTES = {
@@ -73,19 +80,23 @@ def clock_event_reason_bits(N) -> dict[str, int]:
     return out
 
 
-def field_value(N, fv) -> int | float:
-    t = fv.valueType
-    if t == N.NVML_VALUE_TYPE_DOUBLE:
-        return fv.value.dVal
-    if t == N.NVML_VALUE_TYPE_UNSIGNED_INT:
-        return fv.value.uiVal
-    if t == N.NVML_VALUE_TYPE_UNSIGNED_LONG:
-        return fv.value.ulVal
-    if t == N.NVML_VALUE_TYPE_SIGNED_LONG_LONG:
-        return fv.value.sllVal
-    if t == N.NVML_VALUE_TYPE_SIGNED_INT:
-        return fv.value.siVal
-    return fv.value.ullVal
+_INT32 = (1, 5)  # NVML_VALUE_TYPE_UNSIGNED_INT, NVML_VALUE_TYPE_SIGNED_INT
+_VALUE_MEMBER = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal",
+                 6: "usVal"}
+_get = ctypes.Structure.__getattribute__
+_set = ctypes.Structure.__setattr__
+
+
+def _raw_field(fv) -> tuple[int, int, int, int]:
+    """(fieldId, nvmlReturn, valueType, timestamp) of an nvmlFieldValue_t, read through
+    ctypes directly: pynvml's Python-level __getattribute__ (a bytes-to-str shim) costs more
+    than the read itself on this 10 Hz path. Numeric fields only, so nothing is lost."""
+    return _get(fv, "fieldId"), _get(fv, "nvmlReturn"), _get(fv, "valueType"), \
+        _get(fv, "timestamp")
+
+
+def _raw_value(fv, vtype: int) -> int | float:
+    return getattr(_get(fv, "value"), _VALUE_MEMBER.get(vtype, "ullVal"))
 
 
 def counter_delta(prev: int, cur: int, bits: int) -> int:
@@ -113,6 +124,7 @@ class _Device:
     counter_fields: list = field(default_factory=list)
     counter_prev: dict = field(default_factory=dict)  # field id -> (value, bits, timestamp us)
     gpm_samples: list = field(default_factory=list)
+    gpm_request: object = None
     gpm_prev_t: float | None = None
     proc_util_last_ts: int = 0
 
@@ -120,9 +132,12 @@ class _Device:
 class NvmlBackend:
     name = "nvml"
 
-    def __init__(self, slow_interval: float = 1.0, pynvml_module=None, clock=time.monotonic):
+    def __init__(self, slow_interval: float = 1.0, pynvml_module=None, clock=time.monotonic,
+                 gpm_interval: float = 0.2):
         self.N = N = pynvml_module or load_pynvml()
         self.clock = clock
+        # 5 ms of slack so that ticks jittering around the interval still qualify.
+        self.gpm_interval = max(gpm_interval, GPM_MIN_INTERVAL) - 0.005
         # Error classes by code: their generated names differ between pynvml releases.
         err = N.nvmlExceptionClass
         self.NotSupported = (err(N.NVML_ERROR_NOT_SUPPORTED), err(N.NVML_ERROR_FUNCTION_NOT_FOUND))
@@ -227,7 +242,9 @@ class NvmlBackend:
 
     def _probe_counters(self, dev: _Device) -> str:
         N = self.N
-        wanted = [N.NVML_FI_DEV_PCIE_COUNT_TX_BYTES, N.NVML_FI_DEV_PCIE_COUNT_RX_BYTES,
+        # (field, scope) pairs throughout: pynvml takes a bare field id only after a
+        # caught TypeError, which is a measurable cost at 10 Hz.
+        wanted = [(N.NVML_FI_DEV_PCIE_COUNT_TX_BYTES, 0), (N.NVML_FI_DEV_PCIE_COUNT_RX_BYTES, 0),
                   (N.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX, UINT_MAX),
                   (N.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX, UINT_MAX)]
         values = self._call(dev, "field_values", N.nvmlDeviceGetFieldValues, dev.handle, wanted)
@@ -236,10 +253,12 @@ class NvmlBackend:
         else:
             dev.counter_fields = [w for w, v in zip(wanted, values)
                                   if v.nvmlReturn == N.NVML_SUCCESS]
-            for w, v in zip(wanted, values):
-                if v.nvmlReturn == N.NVML_SUCCESS:
-                    dev.counter_prev[v.fieldId] = self._counter_of(v)
-        have = {f if isinstance(f, int) else f[0] for f in dev.counter_fields}
+            for v in values:
+                fid, rc, vtype, ts = _raw_field(v)
+                if rc == N.NVML_SUCCESS:
+                    dev.counter_prev[fid] = (_raw_value(v, vtype), 32 if vtype in _INT32 else 64,
+                                             ts)
+        have = {f for f, _ in dev.counter_fields}
         if N.NVML_FI_DEV_PCIE_COUNT_RX_BYTES in have and N.NVML_FI_DEV_PCIE_COUNT_TX_BYTES in have:
             return "counter"
         if "pcie_throughput" not in dev.absent:
@@ -248,11 +267,6 @@ class NvmlBackend:
                            "every %.1fs in a helper thread", dev.index, self.slow_interval)
             return "throughput_sampled"
         return "none"
-
-    def _counter_of(self, fv) -> tuple[int, int, int]:
-        bits = 32 if fv.valueType in (self.N.NVML_VALUE_TYPE_UNSIGNED_INT,
-                                      self.N.NVML_VALUE_TYPE_SIGNED_INT) else 64
-        return int(field_value(self.N, fv)), bits, int(fv.timestamp)
 
     def _open_events(self) -> None:
         N = self.N
@@ -289,6 +303,11 @@ class NvmlBackend:
         N = self.N
         if "utilization" in dev.absent:
             return
+        now = self.clock()
+        if dev.util_period_s and now - dev.util_last_seen < 0.9 * dev.util_period_s:
+            # No new driver sample can be there yet: spare the call (and its NOT_FOUND).
+            r.seconds_since_sample = now - dev.util_last_seen
+            return
         try:
             _, samples = N.nvmlDeviceGetSamples(dev.handle, N.NVML_GPU_UTILIZATION_SAMPLES,
                                                 dev.util_last_ts)
@@ -302,7 +321,6 @@ class NvmlBackend:
         except self.Lost:
             dev.lost = True
             raise GpuLost(dev.index, "NVML_ERROR_GPU_IS_LOST") from None
-        now = self.clock()
         pts = sorted((s.timeStamp, s.sampleValue.uiVal) for s in samples)
         if len(pts) >= 2 and dev.util_period_s is None:
             gaps = [b[0] - a[0] for a, b in zip(pts, pts[1:]) if b[0] > a[0]]
@@ -346,16 +364,17 @@ class NvmlBackend:
             deltas: dict[int, int] = {}
             seconds = None
             for fv in values:
-                if fv.nvmlReturn != N.NVML_SUCCESS:
+                fid, rc, vtype, ts = _raw_field(fv)
+                if rc != N.NVML_SUCCESS:
                     continue
-                cur = self._counter_of(fv)
-                prev = dev.counter_prev.get(fv.fieldId)
-                dev.counter_prev[fv.fieldId] = cur
+                cur = (_raw_value(fv, vtype), 32 if vtype in _INT32 else 64, ts)
+                prev = dev.counter_prev.get(fid)
+                dev.counter_prev[fid] = cur
                 if prev is None:
                     continue
-                deltas[fv.fieldId] = counter_delta(prev[0], cur[0], cur[1])
-                if cur[2] > prev[2]:
-                    seconds = (cur[2] - prev[2]) / 1e6
+                deltas[fid] = counter_delta(prev[0], cur[0], cur[1])
+                if ts > prev[2]:
+                    seconds = (ts - prev[2]) / 1e6
             r.counter_seconds = seconds
             r.pcie_tx_bytes = deltas.get(N.NVML_FI_DEV_PCIE_COUNT_TX_BYTES)
             r.pcie_rx_bytes = deltas.get(N.NVML_FI_DEV_PCIE_COUNT_RX_BYTES)
@@ -376,30 +395,30 @@ class NvmlBackend:
         if not dev.gpm_samples or "gpm" in dev.absent:
             return
         now = self.clock()
-        if dev.gpm_prev_t is not None and now - dev.gpm_prev_t < GPM_MIN_INTERVAL:
+        if dev.gpm_prev_t is not None and now - dev.gpm_prev_t < self.gpm_interval:
             return  # too close to the previous sample; measure over a longer span next tick
         cur = dev.gpm_samples[1]
         if self._call(dev, "gpm", N.nvmlGpmSampleGet, dev.handle, cur) is None:
             return
         if dev.gpm_prev_t is not None:
-            req = N.c_nvmlGpmMetricsGet_t()
-            req.version = N.NVML_GPM_METRICS_GET_VERSION
-            ids = {
-                "sm_active": N.NVML_GPM_METRIC_SM_UTIL,
-                "sm_occupancy": N.NVML_GPM_METRIC_SM_OCCUPANCY,
-                "tensor_active": N.NVML_GPM_METRIC_ANY_TENSOR_UTIL,
-                "dram_active": N.NVML_GPM_METRIC_DRAM_BW_UTIL,
-            }
-            req.numMetrics = len(ids)
-            req.sample1, req.sample2 = dev.gpm_samples[0], cur
-            for i, mid in enumerate(ids.values()):
-                req.metrics[i].metricId = mid
+            req = dev.gpm_request
+            if req is None:
+                # Built once per GPU: the structure holds room for every GPM metric (~19 KB).
+                req = dev.gpm_request = N.c_nvmlGpmMetricsGet_t()
+                req.version = N.NVML_GPM_METRICS_GET_VERSION
+                req.numMetrics = len(GPM_METRICS)
+                for i, (_, metric_id) in enumerate(GPM_METRICS):
+                    req.metrics[i].metricId = getattr(N, metric_id)
+            _set(req, "sample1", dev.gpm_samples[0])
+            _set(req, "sample2", cur)
             if self._call(dev, "gpm", N.nvmlGpmMetricsGet, req) is not None:
-                r.activity = {
-                    name: min(max(req.metrics[i].value / 100, 0.0), 1.0)
-                    for i, name in enumerate(ids)
-                    if req.metrics[i].nvmlReturn == N.NVML_SUCCESS
-                }
+                metrics = _get(req, "metrics")
+                activity = {}
+                for i, (name, _) in enumerate(GPM_METRICS):
+                    m = metrics[i]
+                    if _get(m, "nvmlReturn") == N.NVML_SUCCESS:
+                        activity[name] = min(max(_get(m, "value") / 100, 0.0), 1.0)
+                r.activity = activity
                 r.activity_seconds = now - dev.gpm_prev_t
         dev.gpm_samples.reverse()  # the newest sample becomes the base of the next interval
         dev.gpm_prev_t = now

@@ -91,10 +91,19 @@ class SeriesStore:
 
     def add(self, name: str, labels: Labels, delta: float) -> None:
         """Advance an integrated counter."""
-        self._check(name, labels)
-        key = (name, labels)
+        self.add_many(((name, labels, delta),))
+
+    def add_many(self, deltas) -> None:
+        """Advance several counters under one lock: (name, labels, delta) triples."""
+        counters = self._counters
         with self._lock:
-            self._counters[key] = self._counters.get(key, 0.0) + delta
+            for name, labels, delta in deltas:
+                key = (name, labels)
+                value = counters.get(key)
+                if value is None:
+                    self._check(name, labels)  # once per series, not once per tick
+                    value = 0.0
+                counters[key] = value + delta
 
     def set_counter(self, name: str, labels: Labels, value: float) -> None:
         """Export a counter the kernel or driver already keeps."""
@@ -141,7 +150,9 @@ class Sampler:
     help: ClassVar[str]
     default_rate: ClassVar[str] = "fast"  # "fast" or "slow" loop
     default_interval: ClassVar[float | None] = None  # overrides the loop's interval
-    window_columns: ClassVar[int] = 256  # the most channels its window ring holds at once
+    window_columns: ClassVar[int] = 256  # the most channels its window ring holds (0: none)
+    # Runs in a loop of its own: for sources whose reads can hang (a wedged GPU driver).
+    isolated: ClassVar[bool] = False
     default_enabled: ClassVar[bool] = True
     options: ClassVar[dict[str, Option]] = {}
 

@@ -27,12 +27,17 @@ class GpuSampler(Sampler):
     help = "GPUs through NVML: utilization samples, PCIe/NVLink counters, GPM, clocks, XIDs"
     default_rate = "fast"
     window_columns = 384  # 17 signals x up to 22 GPUs
+    isolated = True  # NVML calls can block for seconds when a GPU falls off the bus
     options = {
         "processes": Option(bool, True, "attribute GPU memory and SM use to processes"),
+        "gpm_interval": Option(float, 0.2,
+                               "seconds between GPM (SM/tensor/DRAM activity) readings; "
+                               "NVIDIA's floor is 0.1"),
     }
 
     def open(self) -> None:
-        self.backend = NvmlBackend(slow_interval=self.ctx.slow_interval)
+        self.backend = NvmlBackend(slow_interval=self.ctx.slow_interval,
+                                   gpm_interval=self.opts["gpm_interval"])
         gpus = self.backend.open()  # raises Unavailable without a driver
         self.gpus: dict[int, GpuIdentity] = {g.index: g for g in gpus}
         self.lost: set[int] = {d.index for d in self.backend.devices if d.lost}
@@ -97,8 +102,7 @@ class GpuSampler(Sampler):
     def _account_fast(self, g: GpuIdentity, r: FastReading, row: Row) -> None:
         lab = self._labels(g)
         i = g.index
-        out = self.out
-        out.add("agentd_gpu_busy_seconds_total", lab, r.busy_seconds)
+        deltas = [("agentd_gpu_busy_seconds_total", lab, r.busy_seconds)]
         if r.covered_seconds > 0:
             busy = r.busy_seconds / r.covered_seconds
         elif r.seconds_since_sample is not None and r.seconds_since_sample > 2.0:
@@ -108,22 +112,20 @@ class GpuSampler(Sampler):
         if busy is not None:
             self._last_busy[i] = busy
             row[f"gpu.busy:{i}"] = busy
-        if r.pcie_rx_bytes is not None:
-            out.add("agentd_gpu_pcie_rx_bytes_total", lab, r.pcie_rx_bytes)
-            out.add("agentd_gpu_pcie_tx_bytes_total", lab, r.pcie_tx_bytes or 0)
+        for kind, rx, tx in (("pcie", r.pcie_rx_bytes, r.pcie_tx_bytes),
+                             ("nvlink", r.nvlink_rx_bytes, r.nvlink_tx_bytes)):
+            if rx is None:
+                continue
+            deltas.append((f"agentd_gpu_{kind}_rx_bytes_total", lab, rx))
+            deltas.append((f"agentd_gpu_{kind}_tx_bytes_total", lab, tx or 0))
             if r.counter_seconds:
-                row[f"gpu.pcie_rx:{i}"] = r.pcie_rx_bytes / r.counter_seconds
-                row[f"gpu.pcie_tx:{i}"] = (r.pcie_tx_bytes or 0) / r.counter_seconds
-        if r.nvlink_rx_bytes is not None:
-            out.add("agentd_gpu_nvlink_rx_bytes_total", lab, r.nvlink_rx_bytes)
-            out.add("agentd_gpu_nvlink_tx_bytes_total", lab, r.nvlink_tx_bytes or 0)
-            if r.counter_seconds:
-                row[f"gpu.nvlink_rx:{i}"] = r.nvlink_rx_bytes / r.counter_seconds
-                row[f"gpu.nvlink_tx:{i}"] = (r.nvlink_tx_bytes or 0) / r.counter_seconds
+                row[f"gpu.{kind}_rx:{i}"] = rx / r.counter_seconds
+                row[f"gpu.{kind}_tx:{i}"] = (tx or 0) / r.counter_seconds
         if r.activity is not None and r.activity_seconds > 0:
             for key, value in r.activity.items():
-                out.add(_ACTIVITY_COUNTERS[key], lab, value * r.activity_seconds)
+                deltas.append((_ACTIVITY_COUNTERS[key], lab, value * r.activity_seconds))
                 row[f"gpu.{key}:{i}"] = value
+        self.out.add_many(deltas)
 
     def _sample_slow(self, now: float, row: Row) -> list[str]:
         failures = []

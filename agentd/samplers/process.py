@@ -119,6 +119,7 @@ class _Tree:
     write_bytes: int = 0
     blocked: int = 0
     rss_bytes: int = 0
+    io_t: float = 0.0  # when /proc/PID/io was last read (slow ticks)
 
 
 class ProcessSampler(Sampler):
@@ -226,10 +227,10 @@ class ProcessSampler(Sampler):
         self._last_t = now
         row: Row = {}
         for tree in self._trees.values():
-            row.update(self._read_tree(tree, dt))
+            row.update(self._read_tree(tree, dt, with_io=slow))
         return row
 
-    def _read_tree(self, tree: _Tree, dt: float) -> Row:
+    def _read_tree(self, tree: _Tree, dt: float, with_io: bool) -> Row:
         first = not tree.members
         live: dict[int, _Member] = {}
         cpu_delta = 0
@@ -242,17 +243,21 @@ class ProcessSampler(Sampler):
             if text is None:
                 continue  # exited since discovery
             st = parse_proc_stat(text)
-            io_text = read_optional(self.ctx.paths.proc(str(pid), "io"))
-            if io_text is None and os.path.exists(self.ctx.paths.proc(str(pid))):
-                self.log_once(30, "io_denied",
-                              "cannot read /proc/%d/io (needs CAP_SYS_PTRACE for other users' "
-                              "processes); storage attribution is incomplete", pid)
-            io = parse_proc_io(io_text) if io_text else None
-            m = _Member(st.start_ticks, st.cpu_ticks, io)
             prev = tree.members.get(pid)
+            if with_io or prev is None:
+                io_text = read_optional(self.ctx.paths.proc(str(pid), "io"))
+                if io_text is None and os.path.exists(self.ctx.paths.proc(str(pid))):
+                    self.log_once(30, "io_denied",
+                                  "cannot read /proc/%d/io (needs CAP_SYS_PTRACE for other "
+                                  "users' processes); storage attribution is incomplete", pid)
+                io = parse_proc_io(io_text) if io_text else None
+            else:
+                io = None  # read on slow ticks: attribution needs no 10 Hz resolution
+            m = _Member(st.start_ticks, st.cpu_ticks, io if io is not None else
+                        (prev.io if prev is not None else None))
             if prev is not None and prev.start_ticks == st.start_ticks:
                 d = max(st.cpu_ticks - prev.cpu_ticks, 0)
-                if io and prev.io:
+                if io is not None and prev.io:
                     for k in io_delta:
                         io_delta[k] += max(io.get(k, 0) - prev.io.get(k, 0), 0)
             elif not first:
@@ -276,16 +281,23 @@ class ProcessSampler(Sampler):
         tree.blocked = blocked
         tree.rss_bytes = rss
         if dt <= 0 or first:
+            if with_io:
+                tree.io_t = self._last_t
             return {}
         r = tree.root
-        return {
+        row = {
             f"proc.cpu:{r}": cpu_delta / CLK_TCK / dt,
             f"proc.max_member_cpu:{r}": max_member / CLK_TCK / dt,
             f"proc.members:{r}": float(len(live)),
-            f"proc.read:{r}": io_delta["read_bytes"] / dt,
-            f"proc.rchar:{r}": io_delta["rchar"] / dt,
             f"proc.blocked:{r}": float(blocked),
         }
+        if with_io:
+            io_dt = self._last_t - tree.io_t if tree.io_t else 0.0
+            tree.io_t = self._last_t
+            if io_dt > 0:
+                row[f"proc.read:{r}"] = io_delta["read_bytes"] / io_dt
+                row[f"proc.rchar:{r}"] = io_delta["rchar"] / io_dt
+        return row
 
     def series(self) -> list[Series]:
         out: list[Series] = []

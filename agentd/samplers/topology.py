@@ -124,6 +124,7 @@ class TopologySampler(Sampler):
     help = "PCIe placement of GPUs, NVMe drives and NICs; links and shared switch uplinks"
     default_rate = "slow"
     default_interval = 60.0  # the topology changes only on hot-plug
+    window_columns = 0  # static: nothing for the window
 
     def open(self) -> None:
         self._dir = self.ctx.paths.sys("bus", "pci", "devices")

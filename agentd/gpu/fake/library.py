@@ -148,6 +148,7 @@ class FakeNvmlLibrary:
         self.clock = clock
         self.t0 = clock()
         self.calls: dict[str, int] = {}
+        self.cpu_seconds = 0.0
         self._lock = threading.Lock()
         self._initialized = 0
         # Opaque handles: pynvml passes pointers; we map the pointee's address back.
@@ -175,7 +176,12 @@ class FakeNvmlLibrary:
                 time.sleep(delay)
             if name not in ("nvmlInitWithFlags", "nvmlErrorString") and not self._initialized:
                 return N.NVML_ERROR_UNINITIALIZED
-            return bound(*args)
+            t0 = time.thread_time()
+            try:
+                return bound(*args)
+            finally:
+                # CPU spent emulating the driver, so benchmarks can tell it from agentd's own.
+                self.cpu_seconds += time.thread_time() - t0
 
         return _Symbol(call)
 
@@ -292,6 +298,9 @@ class FakeNvmlLibrary:
         now = self.now()
         newest = int(now / period)
         oldest = max(newest - 99, 1)  # the driver keeps about 100 samples
+        if last_ts:
+            # Skip straight to the samples after last_ts (timestamps are k periods from boot).
+            oldest = max(oldest, int((last_ts / 1e6 - self.BOOT_SECONDS) / period) - 1)
         out = []
         for k in range(oldest, newest + 1):
             t = k * period
@@ -473,38 +482,44 @@ class FakeNvmlLibrary:
         values = _out(ref)
         t = self.now()
         wall_us = int(self.clock() * 1e6)
+        pcie = nvlink = None
+        # Raw ctypes field access: pynvml's Python-level __setattr__ on every field would
+        # make the fake driver cost more than a real one.
+        put = ctypes.Structure.__setattr__
         for i in range(_val(count)):
             fv = values[i]
-            fv.timestamp = wall_us
-            fv.latencyUsec = 0
-            fid = fv.fieldId
+            fid = ctypes.Structure.__getattribute__(fv, "fieldId")
+            put(fv, "timestamp", wall_us)
+            put(fv, "latencyUsec", 0)
             if fid in m.info.unsupported_fields:
-                fv.nvmlReturn = N.NVML_ERROR_NOT_SUPPORTED
+                put(fv, "nvmlReturn", N.NVML_ERROR_NOT_SUPPORTED)
                 continue
-            fv.nvmlReturn = N.NVML_SUCCESS
+            put(fv, "nvmlReturn", N.NVML_SUCCESS)
+            value = fv.value
             if fid in (N.NVML_FI_DEV_PCIE_COUNT_TX_BYTES, N.NVML_FI_DEV_PCIE_COUNT_RX_BYTES):
-                tx, rx = m.pcie_bytes(t)
-                v = tx if fid == N.NVML_FI_DEV_PCIE_COUNT_TX_BYTES else rx
+                pcie = pcie or m.pcie_bytes(t)
+                v = pcie[0] if fid == N.NVML_FI_DEV_PCIE_COUNT_TX_BYTES else pcie[1]
                 if m.info.pcie_counter_bits == 32:
-                    fv.valueType = N.NVML_VALUE_TYPE_UNSIGNED_INT
-                    fv.value.uiVal = v & UINT_MAX
+                    put(fv, "valueType", N.NVML_VALUE_TYPE_UNSIGNED_INT)
+                    value.uiVal = v & UINT_MAX
                 else:
-                    fv.valueType = N.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
-                    fv.value.ullVal = v
+                    put(fv, "valueType", N.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG)
+                    value.ullVal = v
             elif fid in (N.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX,
                          N.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX):
                 links = m.info.nvlink_links
-                if links == 0 or (fv.scopeId != UINT_MAX and fv.scopeId >= links):
-                    fv.nvmlReturn = N.NVML_ERROR_NOT_SUPPORTED
+                scope = ctypes.Structure.__getattribute__(fv, "scopeId")
+                if links == 0 or (scope != UINT_MAX and scope >= links):
+                    put(fv, "nvmlReturn", N.NVML_ERROR_NOT_SUPPORTED)
                     continue
-                tx, rx = m.nvlink_bytes(t)
-                v = tx if fid == N.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX else rx
-                if fv.scopeId != UINT_MAX:
+                nvlink = nvlink or m.nvlink_bytes(t)
+                v = nvlink[0] if fid == N.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX else nvlink[1]
+                if scope != UINT_MAX:
                     v //= links
-                fv.valueType = N.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
-                fv.value.ullVal = v // 1024  # KiB
+                put(fv, "valueType", N.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG)
+                value.ullVal = v // 1024  # KiB
             else:
-                fv.nvmlReturn = N.NVML_ERROR_NOT_SUPPORTED
+                put(fv, "nvmlReturn", N.NVML_ERROR_NOT_SUPPORTED)
         return N.NVML_SUCCESS
 
     # --- reliability ----------------------------------------------------------------------------
