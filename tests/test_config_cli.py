@@ -119,3 +119,11 @@ def test_catalog_markdown_is_current():
     path = os.path.join(os.path.dirname(__file__), "..", "docs", "metrics.md")
     with open(path) as f:
         assert f.read() == render_markdown()
+
+
+def test_example_config_is_valid():
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "systemd", "agentd.toml")
+    cfg = C.build(parse("--config.file", path), env={})
+    assert cfg.listen_address == ":9445" and cfg.collector("topology").interval == 60

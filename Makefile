@@ -1,0 +1,45 @@
+# agentd: the two set-up commands are `make run` and `make test` (see README.md).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ARGS ?=
+PYTEST_ARGS ?=
+# What the tests start or call: a real Prometheus and node_exporter, fio, openssl (TLS
+# certificates), systemd-analyze (the unit's checks).
+TEST_TOOLS := prometheus prometheus-node-exporter fio openssl systemd-analyze
+TEST_PACKAGES := prometheus prometheus-node-exporter fio openssl systemd
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test test-packages bench docs golden clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV) || { $(SUDO) apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+run: $(BIN)/.installed
+	$(BIN)/agentd run $(ARGS)
+
+test-packages:
+	@missing=""; for t in $(TEST_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages for:$$missing"; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(TEST_PACKAGES) >/dev/null \
+		|| { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(TEST_PACKAGES) >/dev/null; }; \
+	fi
+
+test: $(BIN)/.installed test-packages
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: $(BIN)/.installed
+	$(BIN)/python bench/daemon_overhead.py
+
+docs: $(BIN)/.installed
+	$(BIN)/agentd catalog --markdown > docs/metrics.md
+
+golden: $(BIN)/.installed
+	$(BIN)/python -m pytest -q tests/test_exporter.py --update-golden
+
+clean:
+	rm -rf $(VENV) build *.egg-info
