@@ -47,6 +47,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from agentd import logs
+    from agentd.config import ConfigError, parse_listen
+    from agentd.demo import run_demo
+    from agentd.sim.scenario import ScenarioError, load
+
+    try:
+        parse_listen(args.listen_address, "--web.listen-address")
+        load(args.scenario, args.seed)
+    except (ConfigError, ScenarioError) as e:
+        return _fail(str(e))
+    logs.setup("warning")
+    try:
+        return run_demo(args.scenario, args.seed, args.listen_address, args.seconds)
+    except ConfigError as e:
+        return _fail(str(e))
+
+
 def cmd_catalog(args: argparse.Namespace) -> int:
     from agentd.catalog import METRICS, render_markdown
 
@@ -70,6 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Run the node daemon.")
     add_run_flags(run)
     run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="a simulated starved 8-GPU node, live",
+                          description="Run a simulated 8-GPU node whose input pipeline is "
+                          "starved, serve its metrics, and show what agentd sees.")
+    demo.add_argument("--scenario", default="input-storage",
+                      help="scenario name (agentd/scenarios/sim) or file (default input-storage)")
+    demo.add_argument("--seed", type=int, default=None, help="randomize the scenario")
+    demo.add_argument("--web.listen-address", dest="listen_address", default="127.0.0.1:9445",
+                      help="where to serve /metrics (default 127.0.0.1:9445)")
+    demo.add_argument("--seconds", type=float, default=0,
+                      help="stop after this long (default: until Ctrl-C)")
+    demo.set_defaults(func=cmd_demo)
 
     cat = sub.add_parser("catalog", help="print the metric table",
                          description="Print the metric and signal table.")

@@ -76,6 +76,8 @@ class Config:
     stats_seconds: float = 60.0
     idle_threshold: float = 0.05
     fake_nvml: str = ""
+    simulate: str = ""  # a simulation scenario: fake GPUs, /proc and /sys from the simulator
+    simulate_seed: int | None = None
     log_level: str = "info"
     collectors: dict[str, CollectorConfig] = field(default_factory=dict)
     source: str = ""  # the config file read, if any
@@ -228,6 +230,10 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
                    help="GPU utilization below which a fast tick counts as idle (default 0.05)")
     p.add_argument("--fake-nvml", dest="fake_nvml", metavar="SCENARIO",
                    help=f"use fake GPUs described by SCENARIO (or set {FAKE_NVML_ENV})")
+    p.add_argument("--simulate", dest="simulate", metavar="SCENARIO",
+                   help="serve a simulated node: a scenario name (agentd/scenarios/sim) or file")
+    p.add_argument("--simulate.seed", dest="simulate_seed", metavar="N", type=int,
+                   help="draw the scenario's randomized parameters with this seed")
     p.add_argument("--log.level", dest="log_level", choices=LEVELS, help="log level")
     for name, cls in registry().items():
         g = p.add_argument_group(f"collector {name}", cls.help)
@@ -250,11 +256,11 @@ _FLAG_NAMES = {
     "fast_interval": "--sampling.fast-interval", "slow_interval": "--sampling.slow-interval",
     "window_seconds": "--sampling.window", "stats_seconds": "--sampling.stats-window",
     "idle_threshold": "--sampling.idle-threshold", "fake_nvml": "--fake-nvml",
-    "log_level": "--log.level",
+    "log_level": "--log.level", "simulate": "--simulate",
 }
 _RUN_FIELDS = ("listen_address", "web_config_file", "procfs", "sysfs", "fast_interval",
                "slow_interval", "window_seconds", "stats_seconds", "idle_threshold",
-               "fake_nvml", "log_level")
+               "fake_nvml", "log_level", "simulate")
 
 
 def build(args: argparse.Namespace, env: dict[str, str] | None = None) -> Config:
@@ -277,6 +283,17 @@ def build(args: argparse.Namespace, env: dict[str, str] | None = None) -> Config
         raise ConfigError("the slow interval must not be shorter than the fast interval")
     if cfg.window_seconds < cfg.stats_seconds:
         raise ConfigError("the window must be at least as long as the stats window")
+    if getattr(args, "simulate_seed", None) is not None:
+        cfg = replace(cfg, simulate_seed=args.simulate_seed)
+    if cfg.simulate:
+        from agentd.sim.scenario import ScenarioError, load
+
+        if cfg.fake_nvml:
+            raise ConfigError("--simulate and --fake-nvml exclude each other")
+        try:
+            load(cfg.simulate, cfg.simulate_seed)
+        except ScenarioError as e:
+            raise ConfigError(str(e)) from None
     if cfg.fake_nvml and not os.path.isfile(cfg.fake_nvml):
         raise ConfigError(f"fake NVML scenario {cfg.fake_nvml!r} does not exist")
     for name in ("procfs", "sysfs"):

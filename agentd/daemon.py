@@ -42,6 +42,13 @@ def install_fake_nvml(path: str) -> None:
 class Daemon:
     def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None,
                  notifier: Notifier | None = None):
+        self.sim_node = None
+        if config.simulate:
+            from agentd.sim.node import SimulatedNode
+            from agentd.sim.scenario import load
+
+            self.sim_node = SimulatedNode(load(config.simulate, config.simulate_seed))
+            config = self._simulated(config)
         self.config = config
         self._reload_config = reload_config
         self.notifier = notifier or Notifier()
@@ -51,7 +58,8 @@ class Daemon:
         self._states: dict[str, SamplerState] = {}
         self._lock = threading.Lock()
         self.server: WebServer | None = None
-        self.gpu_backend = "fake" if config.fake_nvml else "nvml"
+        self.gpu_backend = "simulated" if self.sim_node else (
+            "fake" if config.fake_nvml else "nvml")
         self.last_reload_ok = True
         self.last_reload_time = time.time()
         self._stop = threading.Event()
@@ -148,10 +156,19 @@ class Daemon:
             if not cfg.collector(name).enabled:
                 self.window.drop(name)
 
+    def _simulated(self, cfg: Config) -> Config:
+        """The configuration pointed at the simulated node's trees."""
+        return replace(cfg, procfs=self.sim_node.procfs, sysfs=self.sim_node.sysfs)
+
     def _select_gpu_backend(self, cfg: Config) -> None:
         from agentd.gpu import fake
 
-        if cfg.fake_nvml:
+        if self.sim_node is not None:
+            fake.install(self.sim_node.nvml_library())
+            self.gpu_backend = "simulated"
+            log.warning("serving a SIMULATED node (scenario %s): no real hardware is read",
+                        self.sim_node.scenario.name)
+        elif cfg.fake_nvml:
             install_fake_nvml(cfg.fake_nvml)
             self.gpu_backend = "fake"
             log.warning("using FAKE GPUs from %s: no real GPU is read", cfg.fake_nvml)
@@ -216,6 +233,8 @@ class Daemon:
     # --- life cycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
+        if self.sim_node is not None:
+            self.sim_node.start()
         self._apply_samplers(None, self.config)
         self._start_server(self.config)
         self.notifier.ready(f"serving on {self.config.listen_address}")
@@ -234,6 +253,11 @@ class Daemon:
             self.notifier.ready("reload failed")
             return False
         old = self.config
+        if self.sim_node is not None:
+            if (cfg.simulate, cfg.simulate_seed) != (old.simulate, old.simulate_seed):
+                log.warning("the simulated scenario changes only on restart")
+            cfg = self._simulated(replace(cfg, simulate=old.simulate,
+                                          simulate_seed=old.simulate_seed))
         if cfg.window_seconds != old.window_seconds:
             log.warning("the window length changes only on restart; keeping %gs",
                         old.window_seconds)
@@ -283,4 +307,6 @@ class Daemon:
         self._stop_loops(list(self._loops))
         if self.server is not None:
             self.server.stop()
+        if self.sim_node is not None:
+            self.sim_node.stop()
         log.info("stopped")

@@ -66,6 +66,11 @@ class JobParams:
     collective_bandwidth: float = 150e9  # bytes/s (NVLink) or the network's for multi-node
     straggler_gpu: int = -1  # this GPU computes straggler_factor times slower
     straggler_factor: float = 1.0
+    peer_wait_s: float = 0.0  # per step, waiting at the collective for the slowest peer node
+    checkpoint_every_s: float = 0.0  # periodic synchronous checkpoints (0: none)
+    checkpoint_bytes: float = 0.0
+    eval_every_s: float = 0.0  # periodic evaluation phases (0: none): cached data, no backward
+    eval_duration_s: float = 0.0
     prefetch_depth: int = 2  # ready batches the loader keeps in host memory
     prefetch_to_device: bool = True  # copies overlap compute (pinned memory, non_blocking)
     episodes: list[Episode] = field(default_factory=list)
@@ -108,6 +113,8 @@ def stage_rates(p: JobParams) -> dict[str, float]:
         rates["uplink"] = p.shared_uplink_bandwidth / per_step
     slow = p.straggler_factor if 0 <= p.straggler_gpu < g else 1.0
     comm = p.collective_bytes / p.collective_bandwidth if p.collective_bytes else 0.0
+    if comm or p.peer_wait_s:
+        comm += p.peer_wait_s
     rates["compute"] = 1.0 / (p.compute_s * slow + comm)
     return rates
 
@@ -136,7 +143,7 @@ def speedup_if_removed(p: JobParams) -> dict[str, float]:
         ("h2d", {"h2d_bytes_per_sample": 1e-6}),
         ("serialized", {"prefetch_depth": max(p.prefetch_depth, 2), "prefetch_to_device": True}),
         ("uplink", {"shared_uplink_bandwidth": 0.0}),
-        ("comm", {"collective_bytes": 0.0}),
+        ("comm", {"collective_bytes": 0.0, "peer_wait_s": 0.0}),
         ("straggler", {"straggler_factor": 1.0}),
     ):
         out[stage] = analytic_throughput(replace(p, **change)) / base
@@ -208,8 +215,13 @@ class Simulator:
         if 0 <= p.straggler_gpu < g:
             self.slow[p.straggler_gpu] = p.straggler_factor
         self.comm_s = p.collective_bytes / p.collective_bandwidth if p.collective_bytes else 0.0
+        if self.comm_s or p.peer_wait_s:
+            self.comm_s += p.peer_wait_s  # remote peers arrive later: the collective waits
         self.storage_avail = storage_throughput(p)
         self._arrivals: dict[int, float] = {}  # barrier arrivals within the current step
+        self.evaluating = False
+        # Batches through each stage, for conservation checks.
+        self.count = {k: [0.0] * g for k in ("read", "prepped", "copy_started", "computed")}
 
     def _normal(self) -> float:
         try:
@@ -220,10 +232,20 @@ class Simulator:
 
     def _conditions(self, t: float) -> tuple[list[float], float, list[bool]]:
         """(clock factor per GPU, cache hit ratio, idle per GPU) in force at time t."""
-        g = self.p.gpus
+        p = self.p
+        g = p.gpus
         clock = [1.0] * g
-        cache = self.p.cache_hit
+        cache = p.cache_hit
         idle = [False] * g
+        self.evaluating = bool(p.eval_every_s) and (t % p.eval_every_s) >= \
+            p.eval_every_s - p.eval_duration_s
+        if self.evaluating:
+            cache = 1.0  # the validation set is small and cached
+        if p.checkpoint_every_s and p.checkpoint_bytes:
+            k = int(t / p.checkpoint_every_s)
+            if k >= 1 and -k not in self._checkpoints_done:
+                self._checkpoints_done.add(-k)
+                self.checkpoint_left += p.checkpoint_bytes
         for n, ep in enumerate(self.p.episodes):
             if ep.start_s <= t < ep.end_s:
                 for i in (ep.gpus or range(g)):
@@ -239,15 +261,18 @@ class Simulator:
     def _start_compute(self, i: int, clock: float) -> None:
         p = self.p
         jitter = 1.0 + p.compute_jitter * self._normal() if p.compute_jitter else 1.0
+        forward_only = 1 / 3 if self.evaluating else 1.0  # evaluation has no backward pass
+        self.count["computed"][i] += 1
         self.phase[i] = COMPUTE
-        self.rem[i] = max(p.compute_s * self.slow[i] * max(jitter, 0.2), 1e-6) / max(clock, 1e-3)
+        self.rem[i] = max(p.compute_s * forward_only * self.slow[i] * max(jitter, 0.2), 1e-6) \
+            / max(clock, 1e-3)
 
     def _step(self, rec: list) -> None:
         p, dt, g = self.p, self.dt, self.p.gpus
         phase, rem = self.phase, self.rem
         read_q, ready_q, dev_slot, dcl = self.read_q, self.ready_q, self.dev_slot, \
             self.dev_copy_left
-        if p.episodes:
+        if p.episodes or p.checkpoint_every_s or p.eval_every_s:
             clock, cache_hit, idle = self._conditions(self.now)
         else:
             clock, cache_hit, idle = [1.0] * g, p.cache_hit, [False] * g
@@ -283,6 +308,7 @@ class Simulator:
                 if dev_slot[i] < 1 and dcl[i] == 0 and ready_q[i] >= 1 - 1e-9:
                     ready_q[i] -= 1
                     dcl[i] = h2d
+                    self.count["copy_started"][i] += 1
         copy_rate = [copy_bw] * g
         uplink_limited = [False] * g
         if p.shared_uplink_bandwidth > 0:
@@ -313,10 +339,19 @@ class Simulator:
                 b = max(cap, 0.0)  # all in the page cache
             read_b[i] = max(b, 0.0)
             read_q[i] += read_b[i]
+            self.count["read"][i] += read_b[i]
         storage_bytes = [b * sb for b in read_b]
         total_read = sum(storage_bytes)
-        in_flight = min(p.storage_queue_depth, total_read / max(p.request_bytes, 1.0) / dt *
-                        p.storage_latency_s) if total_read else 0.0
+        # Requests in flight: by Little's law while the device keeps up; when readers are held
+        # to its bandwidth, their requests queue (one per worker, up to the queue depth).
+        saturated = n > 0 and sb > 0 and any(
+            wants[i] and bw[i] * dt / sb < read_cap - read_q[i] + read_b[i] - 1e-9
+            for i in range(g))
+        if saturated:
+            in_flight = float(min(p.storage_queue_depth, n * max(p.workers_per_gpu, 1)))
+        else:
+            in_flight = min(p.storage_queue_depth, total_read / max(p.request_bytes, 1.0) / dt *
+                            p.storage_latency_s) if total_read else 0.0
         if write_bytes:
             in_flight = max(in_flight, 1.0)
 
@@ -351,6 +386,7 @@ class Simulator:
             prep = min(cores * avail_t / cps, read_q[i], room[i])
             read_q[i] -= prep
             ready_q[i] += prep
+            self.count["prepped"][i] += prep
             worker_cpu[i] = prep * cps
             if serialized:
                 self.prepping[i] = read_q[i] > 1e-9
@@ -417,6 +453,7 @@ class Simulator:
                         if ready_q[i] >= 1 - 1e-9 and dcl[i] == 0:
                             # The freed slot takes the next batch at once.
                             ready_q[i] -= 1
+                            self.count["copy_started"][i] += 1
                             moved = min(h2d, copy_rate[i] * left)
                             pcie[i] += moved
                             if moved >= h2d - 1e-6:
@@ -436,6 +473,7 @@ class Simulator:
                             blame[i] = self._wait_blame(i, uplink_limited[i])
                             left -= late
                         ready_q[i] -= 1
+                        self.count["copy_started"][i] += 1
                         phase[i] = COPY
                         rem[i] = h2d
                 elif ph == COPY:

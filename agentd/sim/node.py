@@ -1,0 +1,414 @@
+"""A simulated node as agentd's samplers see one: fake GPUs behind the fake NVML library and
+a /proc and /sys tree whose files say what the simulated hardware and processes did.
+
+The simulator runs a little ahead of the clock in chunks; every quantity is read off its
+cumulative counters at the time asked, so NVML's sample buffer, a GPM interval or a
+/proc/diskstats read between two ticks all see consistent, exact values.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid as uuidlib
+
+import numpy as np
+import pynvml as N
+
+from agentd.gpu.fake.library import DeviceInfo, DeviceState, FakeNvmlLibrary, GpuProcess
+from agentd.sim.model import Simulator, Trace
+from agentd.sim.scenario import Scenario
+
+CLK_TCK = 100
+SECTOR = 512
+PID_BASE = 200_000
+MEM_TOTAL = 2 * 2**40  # 2 TiB host memory
+PAGE = 4096
+
+
+class History:
+    """The simulator's cumulative counters over the last `keep_s` seconds, and the means to
+    read any of them at any time (linear interpolation between 10 ms steps)."""
+
+    def __init__(self, sim: Simulator, keep_s: float = 60.0, chunk_s: float = 1.0):
+        self.sim = sim
+        self.keep = int(keep_s / sim.dt)
+        self.chunk_s = chunk_s
+        self.lock = threading.Lock()
+        self.t = np.zeros(0)
+        self.data: dict[str, np.ndarray] = {}
+
+    def extend_to(self, t: float) -> None:
+        with self.lock:
+            while self.sim.now < t + self.chunk_s:
+                self._append(self.sim.run(self.chunk_s))
+
+    def _append(self, tr: Trace) -> None:
+        fields = {k: getattr(tr, k) for k in (
+            "busy", "sm_active", "pcie_rx", "nvlink", "steps", "stall", "storage_read",
+            "storage_ops", "storage_busy", "storage_weighted", "cache_read", "worker_cpu",
+            "trainer_cpu", "gpu_read", "io_wait", "cpu_wait", "clock_factor", "write")}
+        if not self.data:
+            # Time 0: every counter at zero.
+            self.t = np.concatenate(([0.0], tr.t))
+            self.data = {k: np.concatenate((np.zeros((1,) + v.shape[1:]), v))
+                         for k, v in fields.items()}
+            return
+        self.t = np.concatenate((self.t, tr.t))[-self.keep:]
+        for k, v in fields.items():
+            self.data[k] = np.concatenate((self.data[k], v))[-self.keep:]
+
+    def at(self, key: str, t: float):
+        return self.snapshot(t, (key,))[key]
+
+    def snapshot(self, t: float, keys=None) -> dict:
+        """Every counter (or those named) at time t, from one lookup."""
+        self.extend_to(t)
+        with self.lock:
+            ts = self.t
+            keys = keys or self.data.keys()
+            if t <= ts[0]:
+                return {k: self.data[k][0] for k in keys}
+            i = int(np.searchsorted(ts, t))
+            if i >= len(ts):
+                return {k: self.data[k][-1] for k in keys}
+            w = (t - ts[i - 1]) / (ts[i] - ts[i - 1])
+            return {k: self.data[k][i - 1] + (self.data[k][i] - self.data[k][i - 1]) * w
+                    for k in keys}
+
+    def between(self, key: str, t0: float, t1: float):
+        return self.at(key, t1) - self.at(key, t0)
+
+
+class SimulatedGpu:
+    """One GPU of the simulated node, as the fake NVML library asks about it."""
+
+    def __init__(self, node: "SimulatedNode", index: int):
+        self.node = node
+        self.index = index
+        p = node.scenario.job
+        self.info = DeviceInfo(
+            index=index,
+            uuid="GPU-" + str(uuidlib.uuid5(uuidlib.NAMESPACE_OID,
+                                            f"{node.scenario.node_name}-gpu-{index}")),
+            pci_bus_id=f"00000000:{0x18 + 0x10 * index:02X}:00.0",
+            minor=index,
+            pcie_gen=5 if p.pcie_bandwidth > 3.2e10 / 1.5 else (4 if p.pcie_bandwidth > 8e9
+                                                                    else 3),
+            util_sample_period_s=1 / 6,
+        )
+        self.lost_at = None
+        self.xid_events: list[tuple[float, int]] = []
+        for ev in node.scenario.events:
+            if ev.gpu == index:
+                if ev.xid:
+                    self.xid_events.append((ev.at_s, ev.xid))
+                if ev.lost:
+                    self.lost_at = ev.at_s
+
+    def busy_between(self, t0: float, t1: float) -> float:
+        if t1 <= t0:
+            return 0.0
+        return float(self.node.history.between("busy", t0, t1)[self.index]) / (t1 - t0)
+
+    def activity_between(self, t0: float, t1: float) -> dict[str, float]:
+        h = self.node.history
+        span = max(t1 - t0, 1e-9)
+        sm = float(h.between("sm_active", t0, t1)[self.index]) / span
+        busy = float(h.between("busy", t0, t1)[self.index]) / span
+        return {"sm_active": sm, "sm_occupancy": sm * 0.6, "tensor_active": sm * 0.7,
+                "dram_active": busy * 0.35}
+
+    def pcie_bytes(self, t: float) -> tuple[int, int]:
+        rx = float(self.node.history.at("pcie_rx", t)[self.index])
+        base = 2**40  # counters have run since boot
+        return base + int(rx * 0.02), base + int(rx)  # TX: small device-to-host traffic
+
+    def nvlink_bytes(self, t: float) -> tuple[int, int]:
+        v = int(float(self.node.history.at("nvlink", t)[self.index]))
+        return v, v
+
+    def state(self, t: float) -> DeviceState:
+        h = self.node.history
+        recent = self.busy_between(max(t - 1.0, 0.0), t) if t > 0 else 0.0
+        clock = float(h.at("clock_factor", t)[self.index]) if t > 0 else 1.0
+        reasons = 0
+        if recent < 0.01:
+            reasons |= N.nvmlClocksEventReasonGpuIdle
+        if clock < 0.99:
+            reasons |= N.nvmlClocksEventReasonSwPowerCap
+        return DeviceState(
+            memory_used=int(0.82 * self.info.memory_total),
+            sm_clock_mhz=int(self.info.sm_clock_max_mhz * clock),
+            power_mw=int((90 + 560 * recent * clock) * 1000),
+            temperature_c=int(38 + 30 * recent),
+            clock_event_reasons=reasons,
+            pcie_gen=self.info.pcie_gen if recent > 0 else 1,
+            pcie_width=16,
+        )
+
+    def processes(self, t: float) -> list[GpuProcess]:
+        sm = self.busy_between(max(t - 1.0, 0.0), t) if t > 0 else 0.0
+        return [GpuProcess(self.node.trainer_pid(self.index), int(0.8 * self.info.memory_total),
+                           sm)]
+
+    def xids(self, t0: float, t1: float) -> list[tuple[float, int]]:
+        return [(t, x) for t, x in self.xid_events if t0 < t <= t1]
+
+
+class SimulatedNode:
+    """The whole node: history, fake GPUs, and the /proc and /sys trees agentd reads."""
+
+    def __init__(self, scenario: Scenario, root: str | None = None, clock=time.time,
+                 dt: float = 0.01):
+        self.scenario = scenario
+        self.sim = Simulator(scenario.job, dt=dt)
+        self.history = History(self.sim)
+        self.clock = clock
+        self.t0 = clock()
+        # tmpfs when there is one: the tree is rewritten 20 times a second.
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) \
+            else None
+        self._owns_root = root is None
+        self.root = root or tempfile.mkdtemp(prefix="agentd-sim-", dir=shm)
+        self._writes = 0
+        self.procfs = os.path.join(self.root, "proc")
+        self.sysfs = os.path.join(self.root, "sys")
+        self.gpus = [SimulatedGpu(self, i) for i in range(scenario.job.gpus)]
+        p = scenario.job
+        self.devices = [f"nvme{i}n1" for i in range(max(p.storage_devices, 1))]
+        self._write_static()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- identities ---------------------------------------------------------------------------
+
+    def trainer_pid(self, gpu: int) -> int:
+        return PID_BASE + gpu * 100
+
+    def worker_pids(self, gpu: int) -> list[int]:
+        return [self.trainer_pid(gpu) + 1 + w for w in range(self.scenario.job.workers_per_gpu)]
+
+    def now(self) -> float:
+        return self.clock() - self.t0
+
+    def nvml_library(self) -> FakeNvmlLibrary:
+        lib = FakeNvmlLibrary(self.gpus, clock=self.clock)
+        lib.t0 = self.t0  # the library's time 0 is the simulation's
+        return lib
+
+    # --- the trees ----------------------------------------------------------------------------
+
+    def _put(self, rel: str, text: str) -> None:
+        path = os.path.join(self.root, rel)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)  # readers never see a half-written file
+
+    def _write_static(self) -> None:
+        p = self.scenario.job
+        os.makedirs(os.path.join(self.procfs, "pressure"), exist_ok=True)
+        os.makedirs(os.path.join(self.procfs, "net"), exist_ok=True)
+        os.makedirs(os.path.join(self.procfs, "self"), exist_ok=True)
+        self._put("proc/self/mountstats", "device /dev/md0 mounted on /data with fstype xfs\n")
+        # sysfs: the GPUs and NVMe drives under PCIe switches (two GPUs and one drive each),
+        # so the topology sampler sees which of them share an uplink.
+        switches = max((p.gpus + p.gpus_per_switch - 1) // p.gpus_per_switch, 1)
+        uplink = "32.0 GT/s PCIe" if p.shared_uplink_bandwidth == 0 else "8.0 GT/s PCIe"
+        for sw in range(switches):
+            b0 = 0x15 + 0x20 * sw
+            root = f"sys/devices/pci0000:{b0:02x}/0000:{b0:02x}:01.0"
+            usp = f"{root}/0000:{b0 + 1:02x}:00.0"
+            self._pci(root, "0x060400", "0x8086", "32.0 GT/s PCIe", 16)
+            self._pci(usp, "0x060400", "0x1000", uplink, 16 if not p.shared_uplink_bandwidth
+                      else max(int(p.shared_uplink_bandwidth / 0.985e9), 1))
+            for k in range(p.gpus_per_switch):
+                gpu = sw * p.gpus_per_switch + k
+                if gpu >= p.gpus:
+                    break
+                dsp = f"{usp}/0000:{b0 + 2:02x}:0{k}.0"
+                self._pci(dsp, "0x060400", "0x1000", "32.0 GT/s PCIe", 16)
+                self._pci(f"{dsp}/0000:{0x18 + 0x10 * gpu:02x}:00.0", "0x030200", "0x10de",
+                          "32.0 GT/s PCIe", 16)
+            if sw < len(self.devices):
+                dev = self.devices[sw]
+                dsp = f"{usp}/0000:{b0 + 2:02x}:0{p.gpus_per_switch}.0"
+                nvme = f"{dsp}/0000:{b0 + 4:02x}:00.0"
+                self._pci(dsp, "0x060400", "0x1000", "32.0 GT/s PCIe", 16)
+                self._pci(nvme, "0x010802", "0x144d", "32.0 GT/s PCIe", 4)
+                ns = f"{nvme}/nvme/nvme{sw}/{dev}"
+                os.makedirs(os.path.join(self.root, ns, "queue"), exist_ok=True)
+                self._put(f"{ns}/queue/rotational", "0\n")
+                os.makedirs(os.path.join(self.root, "sys/block"), exist_ok=True)
+                link = os.path.join(self.root, "sys/block", dev)
+                if not os.path.islink(link):
+                    os.symlink(os.path.relpath(os.path.join(self.root, ns),
+                                               os.path.dirname(link)), link)
+        for dev in self.devices[switches:]:
+            d = f"sys/devices/virtual/block/{dev}"
+            os.makedirs(os.path.join(self.root, d, "queue"), exist_ok=True)
+            self._put(f"{d}/queue/rotational", "0\n")
+            link = os.path.join(self.root, "sys/block", dev)
+            if not os.path.islink(link):
+                os.symlink(os.path.relpath(os.path.join(self.root, d), os.path.dirname(link)),
+                           link)
+        # The trainer processes and their workers.
+        for gpu in range(p.gpus):
+            tp = self.trainer_pid(gpu)
+            for pid in [tp, *self.worker_pids(gpu)]:
+                os.makedirs(os.path.join(self.procfs, str(pid), "task", str(pid)), exist_ok=True)
+                self._put(f"proc/{pid}/cgroup",
+                          "0::/system.slice/train.service\n" if pid == tp else
+                          "0::/system.slice/train.service\n")
+                self._put(f"proc/{pid}/comm", "python3\n" if pid == tp else "pt_data_worker\n")
+                kids = " ".join(map(str, self.worker_pids(gpu))) + " " if pid == tp else ""
+                self._put(f"proc/{pid}/task/{pid}/children", kids)
+
+    def _pci(self, path: str, cls: str, vendor: str, speed: str, width: int) -> None:
+        os.makedirs(os.path.join(self.root, path), exist_ok=True)
+        for k, v in {"class": cls, "vendor": vendor, "numa_node": "0",
+                     "current_link_speed": speed, "current_link_width": str(width),
+                     "max_link_speed": speed, "max_link_width": str(width)}.items():
+            self._put(f"{path}/{k}", v + "\n")
+        os.makedirs(os.path.join(self.root, "sys/bus/pci/devices"), exist_ok=True)
+        link = os.path.join(self.root, "sys/bus/pci/devices", os.path.basename(path))
+        if not os.path.islink(link):
+            os.symlink(os.path.relpath(os.path.join(self.root, path), os.path.dirname(link)),
+                       link)
+
+    def write(self, t: float | None = None) -> None:
+        """Write every changing file for simulation time t (default: now)."""
+        t = self.now() if t is None else t
+        h = self.history
+        p = self.scenario.job
+        g = p.gpus
+        snap = h.snapshot(t)
+        before = h.snapshot(max(t - 0.1, 0.0), ("stall", "io_wait"))
+        at = snap.__getitem__
+        worker_cpu, trainer_cpu = at("worker_cpu"), at("trainer_cpu")
+        gpu_read, cache_read = at("gpu_read"), at("cache_read")
+        stalled = (snap["stall"] - before["stall"]) > 0.05  # per GPU, over the last 100 ms
+        io_recent = float(snap["io_wait"] - before["io_wait"]) > 0
+        # /proc/stat: each GPU's workers on their own cores, trainers on the next ones.
+        cores = max(int(p.cores), 1)
+        busy = np.zeros(cores)
+        for i in range(g):
+            for w in range(p.workers_per_gpu):
+                busy[(i * p.workers_per_gpu + w) % cores] += worker_cpu[i] / p.workers_per_gpu
+            busy[(g * p.workers_per_gpu + i) % cores] += trainer_cpu[i]
+        iowait_total = float(at("io_wait"))
+        lines = []
+        per_core = []
+        for c in range(cores):
+            user = min(int(busy[c] * CLK_TCK), int(t * CLK_TCK))
+            iowait = int(iowait_total / cores * CLK_TCK)
+            idle = max(int(t * CLK_TCK) - user - iowait, 0)
+            per_core.append((user, 0, 0, idle, iowait, 0, 0, 0))
+        total = [sum(v[k] for v in per_core) for k in range(8)]
+        lines.append("cpu  " + " ".join(map(str, total)) + " 0 0")
+        lines += [f"cpu{c} " + " ".join(map(str, v)) + " 0 0" for c, v in enumerate(per_core)]
+        lines += ["ctxt 1000000", "btime 1700000000", "processes 5000",
+                  f"procs_running {int(sum(busy) / max(t, 1e-9)) + 1}",
+                  f"procs_blocked {int(stalled.sum()) if io_recent else 0}"]
+        self._put("proc/stat", "\n".join(lines) + "\n")
+        # /proc/diskstats: reads spread evenly over the data devices.
+        nd = len(self.devices)
+        rd, ops = float(at("storage_read")) / nd, float(at("storage_ops")) / nd
+        busy_ms = float(at("storage_busy")) * 1000 / 1  # every device busy alike
+        weighted = float(at("storage_weighted")) * 1000 / nd
+        written = float(at("write")) / nd
+        recent = float(snap["storage_weighted"] - h.at("storage_weighted", max(t - 0.01, 0))) \
+            / 0.01 / nd
+        rows = []
+        for k, dev in enumerate(self.devices):
+            rows.append(f" 259 {k} {dev} {int(ops)} 0 {int(rd / SECTOR)} "
+                        f"{int(weighted)} {int(written / 2**20)} 0 "
+                        f"{int(written / SECTOR)} {int(written / 2e9 * 1000)} {int(recent)} "
+                        f"{int(busy_ms)} {int(weighted)} 0 0 0 0 0 0")
+        self._put("proc/diskstats", "\n".join(rows) + "\n")
+        # /proc/pressure
+        io_us = int(float(at("io_wait")) * 1e6)
+        cpu_us = int(float(at("cpu_wait")) * 1e6)
+        refault_t = max(t - self.scenario.onset_s, 0) if self._cache_drop() else 0.0
+        mem_us = int(refault_t * 0.02 * 1e6)
+        for res, some, full in (("cpu", cpu_us, 0), ("io", io_us, io_us // 2),
+                                ("memory", mem_us, mem_us // 3)):
+            self._put(f"proc/pressure/{res}",
+                      f"some avg10=0.00 avg60=0.00 avg300=0.00 total={some}\n"
+                      f"full avg10=0.00 avg60=0.00 avg300=0.00 total={full}\n")
+        # Memory and the page cache: when the dataset stops fitting, re-reads are refaults.
+        cached = MEM_TOTAL // 2 if not self._cache_drop() or t < self.scenario.onset_s else \
+            MEM_TOTAL // 3
+        refaults = int(float(at("storage_read")) / PAGE) if self._cache_drop() and \
+            t >= self.scenario.onset_s else 0
+        self._put("proc/meminfo",
+                  f"MemTotal: {MEM_TOTAL // 1024} kB\nMemFree: {MEM_TOTAL // 1024 // 20} kB\n"
+                  f"MemAvailable: {(MEM_TOTAL - MEM_TOTAL // 4) // 1024} kB\n"
+                  f"Cached: {cached // 1024} kB\nDirty: 0 kB\nWriteback: 0 kB\n"
+                  f"SwapTotal: 0 kB\nSwapFree: 0 kB\n")
+        self._put("proc/vmstat", f"pgmajfault 10\npgscan_kswapd {refaults * 2}\n"
+                  f"pgsteal_kswapd {refaults}\nworkingset_refault_file {refaults}\n")
+        net = float(at("nvlink").sum()) if p.collective_bandwidth < 1e11 else 0.0
+        self._put("proc/net/dev",
+                  "Inter-|   Receive                                                |  Transmit\n"
+                  " face |bytes    packets errs drop fifo frame compressed multicast|bytes    "
+                  "packets errs drop fifo colls carrier compressed\n"
+                  f"  eth0: {int(net)} {int(net / 4096)} 0 0 0 0 0 0 {int(net)} "
+                  f"{int(net / 4096)} 0 0 0 0 0 0\n")
+        # The processes: a trainer per GPU and its data-loader workers. /proc/PID/io is read
+        # once a second by the process sampler: rewrite it at about that pace.
+        self._writes += 1
+        with_io = self._writes % 10 == 1
+        for i in range(g):
+            tp = self.trainer_pid(i)
+            wp = self.worker_pids(i)
+            self._proc(tp, "python3", 1, trainer_cpu[i], 0.0, 0.0, "S", with_io)
+            stalled_io = bool(stalled[i])
+            for pid in wp:
+                self._proc(pid, "pt_data_worker", tp, worker_cpu[i] / len(wp),
+                           gpu_read[i] / len(wp), (gpu_read[i] + cache_read[i]) / len(wp),
+                           "D" if stalled_io and p.cache_hit < 1 and pid == wp[0] else "R",
+                           with_io)
+
+    def _cache_drop(self) -> bool:
+        return any(ep.cache_hit is not None and ep.cache_hit < self.scenario.job.cache_hit
+                   for ep in self.scenario.job.episodes)
+
+    def _proc(self, pid: int, comm: str, ppid: int, cpu_s: float, read: float, rchar: float,
+              state: str, with_io: bool = True) -> None:
+        ticks = int(cpu_s * CLK_TCK)
+        self._put(f"proc/{pid}/stat",
+                  f"{pid} ({comm}) {state} {ppid} {pid} {pid} 0 -1 4194560 0 0 0 0 {ticks} 0 "
+                  f"0 0 20 0 4 0 {pid} 4000000000 250000 18446744073709551615 0 0 0 0 0 0 0 0 "
+                  f"0 0 0 0 17 0 0 0\n")
+        if not with_io:
+            return
+        self._put(f"proc/{pid}/io",
+                  f"rchar: {int(rchar)}\nwchar: 0\nsyscr: {int(rchar / 2**20)}\nsyscw: 0\n"
+                  f"read_bytes: {int(read)}\nwrite_bytes: 0\ncancelled_write_bytes: 0\n")
+
+    # --- the writer thread ----------------------------------------------------------------------
+
+    def start(self, hz: float = 10.0) -> None:
+        self.write()
+        self._thread = threading.Thread(target=self._loop, args=(1.0 / hz,), daemon=True,
+                                        name="sim-writer")
+        self._thread.start()
+
+    def _loop(self, period: float) -> None:
+        while not self._stop.wait(period):
+            try:
+                self.write()
+            except OSError:
+                pass  # the tree went away (shutting down)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        if self._owns_root:
+            shutil.rmtree(self.root, ignore_errors=True)

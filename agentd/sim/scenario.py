@@ -1,0 +1,170 @@
+"""Simulation scenarios as data files (agentd/scenarios/sim/*.toml), randomizable by seed.
+
+    description = "8 GPUs starved by a slow dataset volume"
+    class = "input_storage"            # the bottleneck class this scenario exhibits
+    duration_s = 180                   # for batch runs (tests, benchmarks)
+    onset_s = 0                        # when the problem starts (detection-delay benchmarks)
+
+    [job]                              # any JobParams field (agentd/sim/model.py)
+    gpus = 8
+    storage_bandwidth = 6.0e8
+
+    [randomize]                        # field = [low, high]: drawn uniformly for a seed
+    storage_bandwidth = [4.0e8, 8.0e8]
+
+    [[episodes]]                       # time-bounded conditions (throttling, cache loss, idle)
+    start_s = 30
+    end_s = 90
+    gpus = [3]
+    clock_factor = 0.6
+
+    [[events]]                         # XIDs and GPUs falling off the bus
+    at_s = 40
+    gpu = 2
+    xid = 79
+    lost = true
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields, replace
+
+import numpy as np
+
+from agentd.sim.model import Episode, JobParams
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+SCENARIO_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "scenarios", "sim")
+
+CLASSES = ("healthy", "idle_allocated", "input_storage", "input_cpu", "h2d_pcie",
+           "io_h2d_serialized", "shared_link", "comm_wait", "throttled", "straggler",
+           "memory_pressure")
+
+
+class ScenarioError(ValueError):
+    pass
+
+
+@dataclass
+class GpuEvent:
+    at_s: float
+    gpu: int
+    xid: int = 0
+    lost: bool = False
+
+
+@dataclass
+class Scenario:
+    name: str
+    description: str
+    klass: str
+    job: JobParams
+    duration_s: float = 120.0
+    onset_s: float = 0.0
+    events: list[GpuEvent] = field(default_factory=list)
+    node_name: str = "sim-node"
+    # Ranges the job's fields were drawn from, for the record.
+    randomized: dict[str, float] = field(default_factory=dict)
+
+
+_JOB_FIELDS = {f.name: f for f in fields(JobParams)} 
+_EPISODE_KEYS = {f.name for f in fields(Episode)}
+
+
+def _coerce(name: str, value, where: str):
+    f = _JOB_FIELDS.get(name)
+    if f is None or name in ("episodes", "seed"):
+        raise ScenarioError(f"{where}: unknown job parameter {name!r}")
+    kind = type(getattr(JobParams(), name))
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ScenarioError(f"{where}.{name}: expected true or false")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ScenarioError(f"{where}.{name}: expected a number, got {value!r}")
+    if value < 0 and name != "straggler_gpu":
+        raise ScenarioError(f"{where}.{name}: must not be negative")
+    return kind(value)
+
+
+def from_dict(doc: dict, name: str, seed: int | None = None) -> Scenario:
+    where = name
+    unknown = set(doc) - {"description", "class", "duration_s", "onset_s", "job", "randomize",
+                          "episodes", "events", "node_name"}
+    if unknown:
+        raise ScenarioError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+    klass = doc.get("class", "healthy")
+    if klass not in CLASSES:
+        raise ScenarioError(f"{where}: class must be one of {', '.join(CLASSES)}")
+    job = {k: _coerce(k, v, f"{where}.job") for k, v in doc.get("job", {}).items()}
+    drawn: dict[str, float] = {}
+    if seed is not None:
+        rng = np.random.default_rng(seed)
+        for k, bounds in sorted(doc.get("randomize", {}).items()):
+            if not (isinstance(bounds, list) and len(bounds) == 2):
+                raise ScenarioError(f"{where}.randomize.{k}: expected [low, high]")
+            lo, hi = (_coerce(k, b, f"{where}.randomize") for b in bounds)
+            v = rng.uniform(lo, hi) if isinstance(lo, float) or isinstance(hi, float) else \
+                int(rng.integers(lo, hi + 1))
+            job[k] = _coerce(k, v, f"{where}.randomize")
+            drawn[k] = job[k]
+    episodes = []
+    for i, ep in enumerate(doc.get("episodes", [])):
+        bad = set(ep) - _EPISODE_KEYS
+        if bad:
+            raise ScenarioError(f"{where}.episodes[{i}]: unknown key {sorted(bad)[0]!r}")
+        episodes.append(Episode(**{**ep, "gpus": tuple(ep.get("gpus", ()))}))
+    events = []
+    for i, ev in enumerate(doc.get("events", [])):
+        bad = set(ev) - {f.name for f in fields(GpuEvent)}
+        if bad:
+            raise ScenarioError(f"{where}.events[{i}]: unknown key {sorted(bad)[0]!r}")
+        events.append(GpuEvent(**ev))
+    params = replace(JobParams(), **job, episodes=episodes,
+                     seed=seed if seed is not None else 0)
+    if params.gpus < 1 or params.batch_size < 1 or params.compute_s <= 0:
+        raise ScenarioError(f"{where}.job: gpus, batch_size and compute_s must be positive")
+    if params.straggler_gpu >= params.gpus:
+        raise ScenarioError(f"{where}.job.straggler_gpu: no such GPU")
+    for ev in events:
+        if not 0 <= ev.gpu < params.gpus:
+            raise ScenarioError(f"{where}.events: no GPU {ev.gpu}")
+    return Scenario(name=name, description=str(doc.get("description", "")), klass=klass,
+                    job=params, duration_s=float(doc.get("duration_s", 120.0)),
+                    onset_s=float(doc.get("onset_s", 0.0)), events=events,
+                    node_name=str(doc.get("node_name", "sim-node")), randomized=drawn)
+
+
+def load(path_or_name: str, seed: int | None = None) -> Scenario:
+    """A scenario by file path, or by name from the library (agentd/scenarios/sim)."""
+    path = path_or_name
+    if not os.path.exists(path):
+        candidate = os.path.join(SCENARIO_DIR, path_or_name + ".toml")
+        if not os.path.exists(candidate):
+            raise ScenarioError(f"no scenario {path_or_name!r} (a file, or one of: "
+                                f"{', '.join(library())})")
+        path = candidate
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as e:
+        raise ScenarioError(f"cannot read scenario {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ScenarioError(f"{path}: {e}") from None
+    return from_dict(doc, os.path.splitext(os.path.basename(path))[0], seed)
+
+
+def library() -> list[str]:
+    return sorted(f[:-5] for f in os.listdir(SCENARIO_DIR) if f.endswith(".toml"))
+
+
+def describe(s: Scenario) -> dict:
+    return {"name": s.name, "class": s.klass, "description": s.description,
+            "job": {k: v for k, v in dataclasses.asdict(s.job).items() if k != "episodes"},
+            "randomized": s.randomized}
