@@ -29,6 +29,18 @@ MEM_TOTAL = 2 * 2**40  # 2 TiB host memory
 PAGE = 4096
 
 
+def trainer_pid(gpu: int) -> int:
+    return PID_BASE + gpu * 100
+
+
+def link_for(copy_bandwidth: float) -> tuple[int, int]:
+    """The PCIe generation and width whose capacity a pinned copy reaches ~80% of."""
+    from agentd.gpu.nvml import pcie_capacity
+
+    options = [(gen, w) for gen in (3, 4, 5) for w in (4, 8, 16)]
+    return min(options, key=lambda gw: abs(pcie_capacity(*gw) * 0.8 - copy_bandwidth))
+
+
 class History:
     """The simulator's cumulative counters over the last `keep_s` seconds, and the means to
     read any of them at any time (linear interpolation between 10 ms steps)."""
@@ -90,14 +102,14 @@ class SimulatedGpu:
         self.node = node
         self.index = index
         p = node.scenario.job
+        gen, width = link_for(p.pcie_bandwidth)
         self.info = DeviceInfo(
             index=index,
             uuid="GPU-" + str(uuidlib.uuid5(uuidlib.NAMESPACE_OID,
                                             f"{node.scenario.node_name}-gpu-{index}")),
             pci_bus_id=f"00000000:{0x18 + 0x10 * index:02X}:00.0",
             minor=index,
-            pcie_gen=5 if p.pcie_bandwidth > 3.2e10 / 1.5 else (4 if p.pcie_bandwidth > 8e9
-                                                                    else 3),
+            pcie_gen=gen, pcie_width=width, pcie_max_gen=gen, pcie_max_width=width,
             util_sample_period_s=1 / 6,
         )
         self.lost_at = None
@@ -187,7 +199,7 @@ class SimulatedNode:
     # --- identities ---------------------------------------------------------------------------
 
     def trainer_pid(self, gpu: int) -> int:
-        return PID_BASE + gpu * 100
+        return trainer_pid(gpu)
 
     def worker_pids(self, gpu: int) -> list[int]:
         return [self.trainer_pid(gpu) + 1 + w for w in range(self.scenario.job.workers_per_gpu)]

@@ -1,0 +1,77 @@
+"""What a diagnosis says: a Finding, with its subject, evidence, expected gain and advice."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+SEVERITIES = ("info", "warning", "critical")
+
+KINDS = {
+    "idle_allocated": "GPUs allocated but idle",
+    "input_storage": "input pipeline bound by storage",
+    "input_cpu": "input pipeline bound by CPU preprocessing",
+    "h2d_pcie": "host-to-device copies bound by PCIe",
+    "io_h2d_serialized": "reads, preprocessing and copies serialized with compute (no prefetch)",
+    "shared_link": "storage and GPU copies contend for a shared PCIe uplink",
+    "comm_wait": "GPUs wait on collective communication",
+    "throttled": "GPU clocks throttled",
+    "straggler": "a straggler GPU holds its peers back",
+    "memory_pressure": "page cache evicted: data re-read from storage",
+}
+
+
+def severity_for(lost_fraction: float) -> str:
+    """How much GPU time the problem costs, as a severity."""
+    if lost_fraction >= 0.2:
+        return "critical"
+    if lost_fraction >= 0.05:
+        return "warning"
+    return "info"
+
+
+@dataclass
+class Finding:
+    kind: str
+    subject: dict  # node, gpus, and where known process / unit / container / pod / job
+    t0: float
+    t1: float
+    confidence: float  # 0..1
+    severity: str
+    summary: str
+    evidence: dict = field(default_factory=dict)
+    gain: dict = field(default_factory=dict)  # busy_now, busy_after, step_time_change, speedup
+    advice: list[str] = field(default_factory=list)
+    stall_fraction: float = 0.0  # share of GPU time lost to this cause
+
+    @property
+    def speedup(self) -> float:
+        return float(self.gain.get("speedup", 1.0))
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
+
+    def headline(self) -> str:
+        gpus = self.subject.get("gpus")
+        where = f"GPU {','.join(map(str, gpus))}" if gpus else "node"
+        gain = self.gain
+        step = gain.get("step_time_change")
+        more = f", step time {step * 100:+.0f}%" if step is not None else ""
+        return (f"[{self.severity}] {self.kind} on {self.subject.get('node', '?')} {where}: "
+                f"{self.summary} (busy {gain.get('busy_now', float('nan')) * 100:.0f}% -> "
+                f"~{gain.get('busy_after', float('nan')) * 100:.0f}%{more}; "
+                f"confidence {self.confidence:.2f})")
+
+
+def gain_from_stall(busy_now: float, recovered: float) -> dict:
+    """Expected gain when `recovered` (share of wall time) becomes compute: the same work in
+    (1 - recovered) of the time."""
+    recovered = min(max(recovered, 0.0), 0.95)
+    speedup = 1.0 / (1.0 - recovered)
+    return {
+        "busy_now": busy_now,
+        "busy_after": min(busy_now * speedup, 1.0) if busy_now == busy_now else float("nan"),
+        "step_time_change": -recovered,
+        "speedup": speedup,
+    }
