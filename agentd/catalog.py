@@ -211,6 +211,35 @@ METRICS: list[MetricSpec] = [
     _M("agentd_gpu_window_utilization_ratio", "gauge", "ratio",
        "Percentiles (10th, 50th, 90th) of GPU utilization at the fast interval over the "
        "trailing window.", _GPU + ("percentile",), "window"),
+    # --- the rolling analysis ----------------------------------------------------------------
+    _M("agentd_finding_active", "gauge", "",
+       "1 for each finding of the latest analysis (kind, severity, the GPUs it concerns).",
+       ("kind", "severity", "gpus"), "analysis"),
+    _M("agentd_finding_expected_speedup_ratio", "gauge", "ratio",
+       "How much faster the affected GPUs' steps would run were the finding's cause removed "
+       "(1.5: 50% more steps per second).", ("kind", "gpus"), "analysis"),
+    _M("agentd_finding_stall_ratio", "gauge", "ratio",
+       "Share of the affected GPUs' time lost to the finding's cause.", ("kind", "gpus"),
+       "analysis"),
+    _M("agentd_finding_confidence_ratio", "gauge", "ratio",
+       "Confidence of the finding, 0 to 1.", ("kind", "gpus"), "analysis"),
+    _M("agentd_gpu_stall_ratio", "gauge", "ratio",
+       "Share of the analysis window the GPU ran no kernel (NVML utilization), checkpoint "
+       "writes excluded.", _GPU, "analysis"),
+    _M("agentd_gpu_compute_ratio", "gauge", "ratio",
+       "Share of the analysis window the GPU computed, from SM activity (collective waits "
+       "excluded).", _GPU, "analysis"),
+    _M("agentd_gpu_step_period_seconds", "gauge", "seconds",
+       "Training step period found in the GPU's activity (autocorrelation).", _GPU,
+       "analysis"),
+    _M("agentd_analysis_runs_total", "counter", "", "Runs of the rolling analysis.", (),
+       "analysis"),
+    _M("agentd_analysis_duration_seconds", "gauge", "seconds",
+       "Duration of the last analysis run.", (), "analysis"),
+    _M("agentd_analysis_window_seconds", "gauge", "seconds",
+       "Length of the window each analysis run covers.", (), "analysis"),
+    _M("agentd_analysis_last_run_timestamp_seconds", "gauge", "seconds",
+       "Unix time of the last analysis run.", (), "analysis"),
     # --- CPU ---------------------------------------------------------------------------------
     _M("agentd_cpu_seconds_total", "counter", "seconds", "CPU time per core and mode.",
        ("cpu", "mode"), "cpu"),

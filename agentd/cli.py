@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from agentd import __version__
@@ -65,6 +66,109 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return _fail(str(e))
 
 
+def _live_config(args: argparse.Namespace):
+    from agentd import config as configmod
+
+    ns = argparse.Namespace(**{k: getattr(args, k, None) for k in (
+        "config_file", "procfs", "sysfs", "fake_nvml", "simulate", "simulate_seed",
+        "fast_interval", "slow_interval", "log_level")})
+    return configmod.build(ns)
+
+
+def _parse_time(value: str, now: float) -> float:
+    import datetime
+
+    v = value.strip()
+    if v == "now":
+        return now
+    try:
+        return float(v)
+    except ValueError:
+        pass
+    try:
+        return datetime.datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise ValueError(f"{value!r} is neither Unix seconds nor an RFC 3339 time") from None
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    import time
+
+    from agentd import config as configmod
+    from agentd import diagnose as D
+    from agentd import logs
+    from agentd.prom import SourceError, load_prometheus
+
+    logs.setup(args.log_level or "warning")
+    try:
+        if args.daemon:
+            sig = D.from_daemon(args.daemon, args.seconds or 600)
+        elif args.recording:
+            sig = D.from_recording(args.recording)
+            if args.seconds:
+                sig = sig.slice(sig.t[-1] - args.seconds, sig.t[-1])
+        elif args.prometheus:
+            if not args.node:
+                return _fail("--prometheus needs --node HOST")
+            now = time.time()
+            try:
+                end = _parse_time(args.end, now)
+                start = _parse_time(args.start, now) if args.start else \
+                    end - configmod.parse_duration(args.last, "--last")
+                step = configmod.parse_duration(args.step, "--step")
+            except (ValueError, configmod.ConfigError) as e:
+                return _fail(str(e))
+            if end <= start:
+                return _fail("--end must be after --start")
+            sig = load_prometheus(args.prometheus, args.node, start, end, step, args.flavour)
+        else:
+            try:
+                cfg = _live_config(args)
+            except configmod.ConfigError as e:
+                return _fail(str(e))
+            sig, _ = D.live(args.seconds or 60, cfg)
+        return D.report_and_exit(sig, args)
+    except SourceError as e:
+        print(f"agentd diagnose: {e}", file=sys.stderr)
+        return D.EXIT_SOURCE
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    from agentd import config as configmod
+    from agentd import diagnose as D
+    from agentd import logs
+    from agentd.prom import SourceError
+
+    logs.setup(args.log_level or "warning")
+    try:
+        seconds = configmod.parse_duration(args.duration, "--duration")
+        cfg = None if args.daemon else _live_config(args)
+    except configmod.ConfigError as e:
+        return _fail(str(e))
+    if os.path.isdir(args.out):
+        return _fail(f"--out {args.out} is a directory")
+    try:
+        return D.record(args.out, seconds, args.daemon, cfg)
+    except SourceError as e:
+        print(f"agentd record: {e}", file=sys.stderr)
+        return D.EXIT_SOURCE
+
+
+def _add_live_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling this node (when no other source is given)")
+    g.add_argument("--config.file", dest="config_file", metavar="FILE")
+    g.add_argument("--path.procfs", dest="procfs", metavar="DIR")
+    g.add_argument("--path.sysfs", dest="sysfs", metavar="DIR")
+    g.add_argument("--fake-nvml", dest="fake_nvml", metavar="SCENARIO")
+    g.add_argument("--simulate", dest="simulate", metavar="SCENARIO",
+                   help="sample a simulated node instead of this one")
+    g.add_argument("--simulate.seed", dest="simulate_seed", type=int, metavar="N")
+    g.add_argument("--sampling.fast-interval", dest="fast_interval", metavar="DURATION")
+    g.add_argument("--sampling.slow-interval", dest="slow_interval", metavar="DURATION")
+    g.add_argument("--log.level", dest="log_level", choices=("debug", "info", "warning",
+                                                             "error"))
+
+
 def cmd_catalog(args: argparse.Namespace) -> int:
     from agentd.catalog import METRICS, render_markdown
 
@@ -100,6 +204,45 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seconds", type=float, default=0,
                       help="stop after this long (default: until Ctrl-C)")
     demo.set_defaults(func=cmd_demo)
+
+    diag = sub.add_parser(
+        "diagnose", help="why are the GPUs idle? (live, a daemon, a recording, Prometheus)",
+        description="Diagnose GPU starvation. Exit status: 0 no finding at or above "
+        "--fail-on, 1 findings at or above it, 2 usage error, 3 source unreachable.")
+    src = diag.add_mutually_exclusive_group()
+    src.add_argument("--daemon", metavar="URL", help="a running agentd (http://host:9445)")
+    src.add_argument("--recording", metavar="FILE", help="a file written by agentd record")
+    src.add_argument("--prometheus", metavar="URL", help="a Prometheus server")
+    diag.add_argument("--seconds", type=float, default=None,
+                      help="seconds to sample live (default 60) or to analyse at the end of "
+                      "a window or recording")
+    diag.add_argument("--node", help="the node to diagnose in Prometheus (host name)")
+    diag.add_argument("--start", help="Prometheus range start (Unix seconds or RFC 3339)")
+    diag.add_argument("--end", default="now", help="Prometheus range end (default now)")
+    diag.add_argument("--last", default="1h", help="range length when --start is not given")
+    diag.add_argument("--step", default="15s", help="Prometheus resolution (default 15s)")
+    diag.add_argument("--flavour", choices=("auto", "agentd", "exporters"), default="auto",
+                      help="agentd's metrics, or dcgm-exporter + node_exporter (default: auto)")
+    diag.add_argument("--json", action="store_true", help="the report as JSON")
+    diag.add_argument("--plot", metavar="FILE.png",
+                      help="timeline of GPU busy, PCIe, storage and CPU with stalls shaded")
+    diag.add_argument("--fail-on", choices=("info", "warning", "critical"), default="warning",
+                      help="exit 1 on findings of this severity or worse (default warning)")
+    diag.add_argument("--samples-per-step", type=float, help="report samples per second")
+    diag.add_argument("--tokens-per-step", type=float, help="report tokens per second")
+    diag.add_argument("--price-per-gpu-hour", type=float, help="cost the GPU time lost")
+    _add_live_flags(diag)
+    diag.set_defaults(func=cmd_diagnose)
+
+    rec = sub.add_parser("record", help="record the high-rate window to a file",
+                         description="Record this node (or a daemon's window) for later "
+                         "`agentd diagnose --recording FILE`. SIGINT/SIGTERM stop early "
+                         "and keep what was recorded.")
+    rec.add_argument("--out", required=True, metavar="FILE", help="recording to write (.npz)")
+    rec.add_argument("--duration", default="10m", help="how long to record (default 10m)")
+    rec.add_argument("--daemon", metavar="URL", help="record from a running agentd")
+    _add_live_flags(rec)
+    rec.set_defaults(func=cmd_record)
 
     cat = sub.add_parser("catalog", help="print the metric table",
                          description="Print the metric and signal table.")

@@ -75,6 +75,8 @@ class Config:
     window_seconds: float = 600.0
     stats_seconds: float = 60.0
     idle_threshold: float = 0.05
+    analysis_interval: float = 10.0
+    analysis_window: float = 60.0
     fake_nvml: str = ""
     simulate: str = ""  # a simulation scenario: fake GPUs, /proc and /sys from the simulator
     simulate_seed: int | None = None
@@ -122,6 +124,7 @@ _SECTIONS = {
                  "window": "window_seconds", "stats_window": "stats_seconds",
                  "idle_threshold": "idle_threshold"},
     "gpu": {"fake_nvml": "fake_nvml"},
+    "analysis": {"interval": "analysis_interval", "window": "analysis_window"},
     "log": {"level": "log_level"},
 }
 
@@ -132,7 +135,8 @@ def _apply(cfg: Config, values: dict[str, Any], label) -> Config:
     changes: dict[str, Any] = {}
     for name, raw in values.items():
         w = label(name)
-        if name in ("fast_interval", "slow_interval", "window_seconds", "stats_seconds"):
+        if name in ("fast_interval", "slow_interval", "window_seconds", "stats_seconds",
+                    "analysis_interval", "analysis_window"):
             changes[name] = parse_duration(raw, w)
         elif name == "idle_threshold":
             v = _typed(raw, float, w)
@@ -228,6 +232,10 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
                    help="window the agentd_gpu_window_* statistics cover (default 60s)")
     p.add_argument("--sampling.idle-threshold", dest="idle_threshold", metavar="RATIO",
                    help="GPU utilization below which a fast tick counts as idle (default 0.05)")
+    p.add_argument("--analysis.interval", dest="analysis_interval", metavar="DURATION",
+                   help="how often the rolling analysis runs (default 10s)")
+    p.add_argument("--analysis.window", dest="analysis_window", metavar="DURATION",
+                   help="what each analysis run looks back over (default 60s)")
     p.add_argument("--fake-nvml", dest="fake_nvml", metavar="SCENARIO",
                    help=f"use fake GPUs described by SCENARIO (or set {FAKE_NVML_ENV})")
     p.add_argument("--simulate", dest="simulate", metavar="SCENARIO",
@@ -257,10 +265,11 @@ _FLAG_NAMES = {
     "window_seconds": "--sampling.window", "stats_seconds": "--sampling.stats-window",
     "idle_threshold": "--sampling.idle-threshold", "fake_nvml": "--fake-nvml",
     "log_level": "--log.level", "simulate": "--simulate",
+    "analysis_interval": "--analysis.interval", "analysis_window": "--analysis.window",
 }
 _RUN_FIELDS = ("listen_address", "web_config_file", "procfs", "sysfs", "fast_interval",
                "slow_interval", "window_seconds", "stats_seconds", "idle_threshold",
-               "fake_nvml", "log_level", "simulate")
+               "fake_nvml", "log_level", "simulate", "analysis_interval", "analysis_window")
 
 
 def build(args: argparse.Namespace, env: dict[str, str] | None = None) -> Config:
@@ -283,6 +292,8 @@ def build(args: argparse.Namespace, env: dict[str, str] | None = None) -> Config
         raise ConfigError("the slow interval must not be shorter than the fast interval")
     if cfg.window_seconds < cfg.stats_seconds:
         raise ConfigError("the window must be at least as long as the stats window")
+    if cfg.window_seconds < cfg.analysis_window:
+        raise ConfigError("the window must be at least as long as the analysis window")
     if getattr(args, "simulate_seed", None) is not None:
         cfg = replace(cfg, simulate_seed=args.simulate_seed)
     if cfg.simulate:

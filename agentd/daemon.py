@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 import time
 from dataclasses import replace
@@ -20,6 +21,7 @@ from agentd import __version__
 from agentd.config import Config, ConfigError, parse_listen
 from agentd.exporter import Exporter
 from agentd.paths import Paths
+from agentd.rolling import RollingAnalysis
 from agentd.runner import Loop, SamplerState
 from agentd.samplers import registry
 from agentd.samplers.base import Context, SharedState
@@ -65,6 +67,8 @@ class Daemon:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self.exporter = Exporter(self)
+        self.analysis = RollingAnalysis(self)
+        self.window_meta_cache: dict = {}
         self.extra_routes: dict = {}
         self.clock = time.time  # wall clock of the window statistics; tests pin it
 
@@ -183,6 +187,7 @@ class Daemon:
         routes = {
             "/api/v1/window": self._window_route,
             "/api/v1/status": lambda q: json_response(self.status()),
+            "/api/v1/findings": self._findings_route,
             **self.extra_routes,
         }
         try:
@@ -194,6 +199,28 @@ class Daemon:
 
     # --- HTTP routes ----------------------------------------------------------------------------
 
+    def window_meta(self) -> dict:
+        """The node's description for the analysis: GPU identities, which processes use which
+        GPU, and which switches GPUs share with NVMe drives (by GPU index)."""
+        meta: dict = {"node": socket.gethostname(), "fast_interval": self.config.fast_interval}
+        for st in self.runners():
+            if st.available:
+                try:
+                    meta.update(st.sampler.meta())
+                except Exception as e:  # a sampler's meta must not cost the window
+                    log.debug("%s: meta: %s", st.name, e)
+        by_address = {}
+        for index, g in meta.get("gpus", {}).items():
+            bus = g.get("pci_bus_id", "").lower()
+            by_address[bus[-12:]] = int(index)  # "00000000:18:00.0" -> "0000:18:00.0"
+        meta["shared_uplinks"] = [
+            {"switch": s["switch"], "uplink_bytes_per_second": s["uplink_bytes_per_second"],
+             "gpus": [by_address[a] for a in s["gpu_addresses"] if a in by_address],
+             "disks": s["disks"]}
+            for s in meta.pop("pcie_switches", []) if s.get("uplink_bytes_per_second")]
+        self.window_meta_cache = meta
+        return meta
+
     def _window_route(self, query: dict) -> tuple[int, str, bytes]:
         try:
             seconds = float(query.get("seconds", [self.config.window_seconds])[0])
@@ -201,11 +228,19 @@ class Daemon:
             return 400, "text/plain", b"seconds must be a number\n"
         since = time.time() - seconds
         fmt = query.get("format", ["json"])[0]
+        meta = self.window_meta()
         if fmt == "npz":
-            return 200, "application/octet-stream", self.window.to_npz(since)
+            return 200, "application/octet-stream", self.window.to_npz(since, meta)
         if fmt != "json":
             return 400, "text/plain", b"format must be json or npz\n"
-        return json_response(self.window.to_json(since))
+        return json_response(self.window.to_json(since, meta))
+
+    def _findings_route(self, query: dict) -> tuple[int, str, bytes]:
+        report = self.analysis.report
+        if report is None:
+            return json_response({"status": "warming up", "findings": [],
+                                  "window_seconds": self.config.analysis_window})
+        return json_response({"status": "ok", **report.to_json()})
 
     def status(self) -> dict:
         return {
@@ -232,12 +267,14 @@ class Daemon:
 
     # --- life cycle -------------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, serve_http: bool = True) -> None:
         if self.sim_node is not None:
             self.sim_node.start()
         self._apply_samplers(None, self.config)
-        self._start_server(self.config)
-        self.notifier.ready(f"serving on {self.config.listen_address}")
+        if serve_http:
+            self._start_server(self.config)
+            self.analysis.start()
+            self.notifier.ready(f"serving on {self.config.listen_address}")
 
     def reload(self) -> bool:
         if self._reload_config is None:
@@ -304,6 +341,8 @@ class Daemon:
 
     def stop(self) -> None:
         self.notifier.stopping()
+        if self.server is not None:
+            self.analysis.stop()
         self._stop_loops(list(self._loops))
         if self.server is not None:
             self.server.stop()

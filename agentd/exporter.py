@@ -55,7 +55,7 @@ class Exporter:
             for name, labels, value in items:
                 if value is not None:
                     series.setdefault(name, []).append((labels, value))
-        for name, labels, value in self._window_series():
+        for name, labels, value in self._window_series() + self.daemon.analysis.series():
             series.setdefault(name, []).append((labels, value))
 
         out = []

@@ -155,7 +155,7 @@ class Window:
                          "values": v}
         return out
 
-    def to_json(self, since: float | None = None) -> dict:
+    def to_json(self, since: float | None = None, meta: dict | None = None) -> dict:
         groups = {}
         for name, g in self.export(since).items():
             values = g["values"]
@@ -167,29 +167,46 @@ class Window:
                     for j, col in enumerate(g["columns"])
                 },
             }
-        return {"window_seconds": self.seconds, "groups": groups}
+        return {"window_seconds": self.seconds, "groups": groups, "meta": meta or {}}
 
-    def to_npz(self, since: float | None = None) -> bytes:
-        arrays = {}
-        for name, g in self.export(since).items():
-            arrays[f"t:{name}"] = g["t"]
-            arrays[f"v:{name}"] = g["values"]
-            arrays[f"c:{name}"] = np.array(g["columns"], dtype=np.str_)
-            arrays[f"i:{name}"] = np.array([g["interval"] or 0.0])
-        buf = io.BytesIO()
-        np.savez_compressed(buf, **arrays)
-        return buf.getvalue()
+    def to_npz(self, since: float | None = None, meta: dict | None = None) -> bytes:
+        return groups_to_npz(self.export(since), meta)
+
+
+def groups_to_npz(groups: dict[str, dict], meta: dict | None = None) -> bytes:
+    """The window's (and a recording's) file format: compressed numpy arrays per sampler
+    ring, t:NAME (Unix seconds), v:NAME (values), c:NAME (channel names), i:NAME (interval),
+    and the node's description as JSON in "meta"."""
+    import json
+
+    arrays = {"meta": np.array(json.dumps(meta or {}, default=str))}
+    for name, g in groups.items():
+        arrays[f"t:{name}"] = g["t"]
+        arrays[f"v:{name}"] = g["values"]
+        arrays[f"c:{name}"] = np.array(g["columns"], dtype=np.str_)
+        arrays[f"i:{name}"] = np.array([g["interval"] or 0.0])
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
 
 
 def load_npz(data: bytes) -> dict[str, dict]:
     """The inverse of Window.to_npz: sampler -> {interval, t, columns, values}."""
+    return load_npz_with_meta(data)[0]
+
+
+def load_npz_with_meta(data: bytes) -> tuple[dict[str, dict], dict]:
+    import json
+
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        names = {k.split(":", 1)[1] for k in z.files}
-        return {
+        names = {k.split(":", 1)[1] for k in z.files if ":" in k}
+        groups = {
             n: {"interval": float(z[f"i:{n}"][0]), "t": z[f"t:{n}"],
                 "columns": [str(c) for c in z[f"c:{n}"]], "values": z[f"v:{n}"]}
             for n in names
         }
+        meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
+    return groups, meta
 
 
 def gpu_window_stats(t: np.ndarray, busy: np.ndarray, idle_threshold: float

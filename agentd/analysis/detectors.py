@@ -12,7 +12,7 @@ import numpy as np
 
 from agentd.analysis import features as F
 from agentd.analysis.findings import Finding, gain_from_stall, severity_for
-from agentd.analysis.signals import Signals, nanmean
+from agentd.analysis.signals import Signals, coverage, nanmean
 
 # A GPU loses at least this share of its time to waiting before an input cause is named:
 # 5% of step time is TensorFlow's "moderately input-bound"; NVML's integer-percent samples
@@ -70,7 +70,7 @@ def measure(sig: Signals, node: str = "") -> Evidence:
         b = sig.get("gpu.busy", g)
         busy[g], compute[g] = F.compute_fraction(b, sig.get("gpu.sm_active", g))
         stall[g] = max(0.0, 1.0 - nanmean(b[mask])) if mask.any() else float("nan")
-        period[g] = F.step_period(b, sig.resolution) if sig.resolution <= 1.0 else (None, None)
+        period[g] = _period(sig, g)
         cpu[g] = F.cpu_state(sig, g, mask)
         pcie[g] = F.pcie_state(sig, g, mask)
         uplink[g] = F.uplink_state(sig, g)
@@ -91,6 +91,26 @@ def measure(sig: Signals, node: str = "") -> Evidence:
                         "counts as busy in NVML utilization, so communication waits and "
                         "stragglers are seen only through their traffic")
     return ev
+
+
+def _period(sig: Signals, g: str) -> tuple[float | None, float | None]:
+    """The step period of a GPU, or (None, None) when the samples cannot resolve it."""
+    if sig.resolution > 1.0:
+        return None, None
+    rx = sig.get("gpu.pcie_rx", g)
+    if rx is not None and coverage(rx) >= 0.9:
+        counted = F.period_from_bursts(rx, sig.resolution)
+        if counted is not None:
+            return counted, None
+    # Otherwise the autocorrelation of utilization, trusted only for periods several samples
+    # long: NVML's 1/6 s samples alias anything shorter.
+    busy = sig.get("gpu.busy", g)
+    if busy is None or coverage(busy) < 0.9:
+        return None, None
+    period, jitter, strength = F.step_period(busy, sig.resolution, min_s=0.2)
+    if period is None or period < max(5 * sig.resolution, 1.0) or strength < 0.3:
+        return None, None
+    return period, jitter
 
 
 def _confidence(base: float, ev: Evidence, needs_fine: bool = False) -> float:

@@ -11,13 +11,14 @@ from agentd.analysis.signals import Signals, coverage, nanmean
 
 
 def step_period(x: np.ndarray, resolution: float, min_s: float = 0.2,
-                max_s: float = 30.0) -> tuple[float | None, float | None]:
-    """(period, jitter) of a periodic signal, seconds: the first strong peak of its
-    autocorrelation (as Falcon does for iteration time), jitter from peak-to-peak spread."""
+                max_s: float = 30.0) -> tuple[float | None, float | None, float]:
+    """(period, jitter, strength) of a periodic signal: the fundamental among the peaks of
+    its autocorrelation (as Falcon finds iteration time), the spread of its cycle lengths,
+    and the autocorrelation at that lag (0..1)."""
     x = np.asarray(x, dtype=float)
     x = x[~np.isnan(x)]
     if len(x) < 20 or np.std(x) < 1e-6:
-        return None, None
+        return None, None, 0.0
     x = x - x.mean()
     n = len(x)
     f = np.fft.rfft(x, 2 * n)
@@ -26,25 +27,49 @@ def step_period(x: np.ndarray, resolution: float, min_s: float = 0.2,
     lo = max(int(math.ceil(min_s / resolution)), 1)
     hi = min(int(max_s / resolution), n // 2)
     if hi <= lo + 1:
-        return None, None
-    peaks, props = sps.find_peaks(acf[lo:hi], height=0.2)
+        return None, None, 0.0
+    peaks, props = sps.find_peaks(acf[lo:hi], height=0.15)
     if not len(peaks):
-        return None, None
-    lag = (peaks[np.argmax(props["peak_heights"][:3]) if len(peaks) > 1 else 0] + lo)
-    # The first peak that is nearly as strong as the strongest is the fundamental.
-    best = props["peak_heights"].max()
-    for p, h in zip(peaks, props["peak_heights"]):
-        if h >= 0.8 * best:
-            lag = p + lo
+        return None, None, 0.0
+    lags = peaks + lo
+    heights = props["peak_heights"]
+    best = int(np.argmax(heights))
+    lag, strength = lags[best], float(heights[best])
+    # A sampled signal aliases: its strongest peak can be a multiple of the true period.
+    # Take the shortest peak that divides it and is not much weaker.
+    for p, h in sorted(zip(lags, heights)):
+        if p >= lag:
+            break
+        ratio = lag / p
+        if h >= 0.5 * strength and abs(ratio - round(ratio)) < 0.1:
+            lag, strength = p, float(h)
             break
     period = lag * resolution
-    # Jitter: spread of the distance between successive rising edges.
     smooth = sps.savgol_filter(x, 5, 2) if n > 5 else x
     rising = np.flatnonzero((smooth[1:] > 0) & (smooth[:-1] <= 0)) * resolution
     gaps = np.diff(rising)
     gaps = gaps[(gaps > period * 0.5) & (gaps < period * 1.5)]
     jitter = float(np.std(gaps)) if len(gaps) >= 3 else None
-    return float(period), jitter
+    return float(period), jitter, strength
+
+
+def period_from_bursts(rx: np.ndarray, resolution: float) -> float | None:
+    """Step period from host-to-device copies when each step's copy is one short burst
+    (isolated non-zero samples): the window's length over the number of copies, each copy
+    being the typical burst's bytes. Exact where autocorrelation aliases (steps shorter than
+    a few samples)."""
+    x = np.nan_to_num(np.asarray(rx, dtype=float)) * resolution  # bytes per sample
+    on = x > 0.02 * x.max() if x.max() > 0 else np.zeros(len(x), dtype=bool)
+    if on.sum() < 10:
+        return None
+    idx = np.flatnonzero(on)
+    isolated = np.mean([(i == 0 or not on[i - 1]) and (i == len(x) - 1 or not on[i + 1])
+                        for i in idx])
+    if isolated < 0.8:
+        return None  # copies span samples: not countable this way
+    per_copy = float(np.median(x[on]))
+    copies = float(x.sum()) / per_copy
+    return len(x) * resolution / copies if copies >= 5 else None
 
 
 def compute_fraction(busy: np.ndarray, sm: np.ndarray | None) -> tuple[float, float | None]:
@@ -54,7 +79,7 @@ def compute_fraction(busy: np.ndarray, sm: np.ndarray | None) -> tuple[float, fl
     activity separates the two: the SMs' level while computing is the high end of its
     distribution; time at that level is computing, the rest of the busy time is waiting."""
     b = nanmean(busy)
-    if sm is None or coverage(sm) < 0.5:
+    if sm is None or coverage(sm) < 0.3:  # GPM reads every other fast tick
         return b, None
     s = np.asarray(sm, dtype=float)
     s = s[~np.isnan(s)]

@@ -178,3 +178,8 @@ class Sampler:
     def series(self) -> list[Series]:
         """What the exporter serves for this sampler; no hardware access happens here."""
         return self.out.items()
+
+    def meta(self) -> dict:
+        """What the analysis needs to know beyond the window's numbers (identities, which
+        processes use which GPU, the PCIe layout)."""
+        return {}

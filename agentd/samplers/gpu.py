@@ -213,6 +213,11 @@ class GpuSampler(Sampler):
                                    p.sm_utilization))
         return gauges
 
+    def meta(self) -> dict:
+        return {"gpus": {str(g.index): {"uuid": g.uuid, "name": g.name,
+                                        "pci_bus_id": g.pci_bus_id, "lost": g.index in self.lost}
+                         for g in self.gpus.values()}}
+
     def close(self) -> None:
         backend = getattr(self, "backend", None)
         if backend is not None:

@@ -299,6 +299,15 @@ class ProcessSampler(Sampler):
                 row[f"proc.rchar:{r}"] = io_delta["rchar"] / io_dt
         return row
 
+    def meta(self) -> dict:
+        procs = {}
+        for t in list(self._trees.values()):
+            a = t.attribution
+            procs[str(t.root)] = {"gpus": list(t.gpus), "comm": t.comm,
+                                  "systemd_unit": a.systemd_unit, "container_id": a.container_id,
+                                  "pod_uid": a.pod_uid, "slurm_job_id": a.slurm_job_id}
+        return {"processes": procs}
+
     def series(self) -> list[Series]:
         out: list[Series] = []
         for t in list(self._trees.values()):

@@ -155,3 +155,20 @@ class TopologySampler(Sampler):
         self.out.replace_gauges("topology", gauges)
         self.devices = devices
         return {}
+
+    def meta(self) -> dict:
+        """Switches that carry both GPUs and NVMe drives, with their uplink capacity."""
+        sysfs = self.ctx.paths.sysfs
+        switches: dict[str, dict] = {}
+        for d in self.devices:
+            if d.kind in ("gpu", "nvme") and d.switch:
+                s = switches.setdefault(d.switch, {"switch": d.switch, "gpu_addresses": [],
+                                                   "disks": []})
+                if d.kind == "gpu":
+                    s["gpu_addresses"].append(d.address)
+                else:
+                    s["disks"] += [n for n in d.name.split(",") if n]
+        shared = [s for s in switches.values() if s["gpu_addresses"] and s["disks"]]
+        for s in shared:
+            s["uplink_bytes_per_second"] = uplink_capacity(sysfs, s["switch"])
+        return {"pcie_switches": shared}

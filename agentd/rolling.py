@@ -1,0 +1,103 @@
+"""The daemon's rolling analysis: every `interval`, the last `window` of the high-rate window
+goes through analyze(); the report is kept for /api/v1/findings and for /metrics."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from agentd.analysis.core import Report, analyze
+from agentd.analysis.signals import from_groups
+
+if TYPE_CHECKING:
+    from agentd.daemon import Daemon
+
+log = logging.getLogger("agentd.analysis")
+
+
+class RollingAnalysis:
+    def __init__(self, daemon: "Daemon"):
+        self.daemon = daemon
+        self.report: Report | None = None
+        self.runs = 0
+        self.duration = 0.0
+        self.last_run = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="analysis", daemon=True)
+        self._reported: set[tuple] = set()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=1.0)
+
+    def run_once(self) -> Report | None:
+        d = self.daemon
+        cfg = d.config
+        now = d.clock()
+        t0 = time.perf_counter()
+        groups = {k: v for k, v in d.window.export(now - cfg.analysis_window).items()
+                  if k in ("gpu", "cpu", "storage", "process", "memory", "pressure", "network")}
+        meta = d.window_meta()
+        sig = from_groups(groups, step=cfg.fast_interval, source="window",
+                          node=meta.get("node", ""), meta=meta)
+        if len(sig.t) < 10:
+            return None
+        report = analyze(sig, node=meta.get("node", ""))
+        self.report = report
+        self.runs += 1
+        self.duration = time.perf_counter() - t0
+        self.last_run = time.time()
+        current = {(f.kind, tuple(f.subject.get("gpus", []))) for f in report.findings}
+        for f in report.findings:
+            key = (f.kind, tuple(f.subject.get("gpus", [])))
+            if key not in self._reported:
+                log.warning("%s", f.headline())
+        self._reported = current
+        return report
+
+    def _loop(self) -> None:
+        interval = self.daemon.config.analysis_interval
+        # The first run waits for half a window of data.
+        if self._stop.wait(min(self.daemon.config.analysis_window / 2, 30.0)):
+            return
+        while True:
+            try:
+                self.run_once()
+            except Exception as e:  # the analysis must never take the daemon down
+                log.error("analysis failed: %s", e)
+            if self._stop.wait(self.daemon.config.analysis_interval or interval):
+                return
+
+    def series(self) -> list:
+        out = [("agentd_analysis_runs_total", (), float(self.runs)),
+               ("agentd_analysis_window_seconds", (), self.daemon.config.analysis_window)]
+        if self.last_run:
+            out += [("agentd_analysis_duration_seconds", (), self.duration),
+                    ("agentd_analysis_last_run_timestamp_seconds", (), self.last_run)]
+        r = self.report
+        if r is None:
+            return out
+        uuids = {str(i): g.get("uuid", "") for i, g in
+                 self.daemon.window_meta_cache.get("gpus", {}).items()}
+        for f in r.findings:
+            gpus = ",".join(map(str, f.subject.get("gpus", [])))
+            out += [
+                ("agentd_finding_active", (f.kind, f.severity, gpus), 1.0),
+                ("agentd_finding_expected_speedup_ratio", (f.kind, gpus), f.speedup),
+                ("agentd_finding_stall_ratio", (f.kind, gpus), f.stall_fraction),
+                ("agentd_finding_confidence_ratio", (f.kind, gpus), f.confidence),
+            ]
+        for g in r.gpus:
+            lab = (g.gpu, uuids.get(g.gpu, ""))
+            if g.stall == g.stall:
+                out.append(("agentd_gpu_stall_ratio", lab, g.stall))
+            if g.computing is not None:
+                out.append(("agentd_gpu_compute_ratio", lab, g.computing))
+            if g.step_period_seconds:
+                out.append(("agentd_gpu_step_period_seconds", lab, g.step_period_seconds))
+        return out
