@@ -66,9 +66,10 @@ def measure(sig: Signals, node: str = "") -> Evidence:
     gpus = sig.gpus()
     mask = ~F.writes_dominate(sig)
     busy, compute, stall, period, cpu, pcie, uplink = {}, {}, {}, {}, {}, {}, {}
+    coarse = sig.resolution > 2.0
     for g in gpus:
         b = sig.get("gpu.busy", g)
-        busy[g], compute[g] = F.compute_fraction(b, sig.get("gpu.sm_active", g))
+        busy[g], compute[g] = F.compute_fraction(b, sig.get("gpu.sm_active", g), coarse)
         stall[g] = max(0.0, 1.0 - nanmean(b[mask])) if mask.any() else float("nan")
         period[g] = _period(sig, g)
         cpu[g] = F.cpu_state(sig, g, mask)
@@ -438,9 +439,11 @@ def comm_wait(ev: Evidence) -> list[Finding]:
     net = sum(nanmean(ev.sig.get("net.rx", d)) for d in ev.sig.subjects("net.rx")) + sum(
         nanmean(ev.sig.get("rdma.rx", d)) for d in ev.sig.subjects("rdma.rx"))
     busy = float(np.mean([ev.busy[g] for g in waiting]))
+    if ev.coarse and not (traffic > 0 or net > 0):
+        return []  # coarse SM activity alone cannot tell waiting from light kernels
     return [Finding(
         kind="comm_wait", subject=ev.subject(waiting), t0=ev.t0, t1=ev.t1,
-        confidence=_confidence(_margin(spin, MIN_SPIN, 0.2), ev),
+        confidence=_confidence(_margin(spin, MIN_SPIN, 0.2), ev, needs_fine=True),
         severity=severity_for(spin),
         summary=f"{spin * 100:.0f}% of the time the GPUs are in collectives, not computing "
                 f"(NVML reads {busy * 100:.0f}% busy, SM activity says otherwise)",

@@ -72,18 +72,26 @@ def period_from_bursts(rx: np.ndarray, resolution: float) -> float | None:
     return len(x) * resolution / copies if copies >= 5 else None
 
 
-def compute_fraction(busy: np.ndarray, sm: np.ndarray | None) -> tuple[float, float | None]:
+# SM activity of efficient compute (DCGM's guidance: >= 0.8 is needed for efficient use).
+# Used as the computing level when samples are too coarse to see it directly.
+EFFICIENT_SM = 0.8
+
+
+def compute_fraction(busy: np.ndarray, sm: np.ndarray | None, coarse: bool = False
+                     ) -> tuple[float, float | None]:
     """(NVML busy fraction, share of time actually computing).
 
     NVML counts a kernel running as busy, NCCL kernels spinning at a barrier included. SM
     activity separates the two: the SMs' level while computing is the high end of its
-    distribution; time at that level is computing, the rest of the busy time is waiting."""
+    distribution; time at that level is computing, the rest of the busy time is waiting.
+    Coarse samples average the two together, so there the level is taken as EFFICIENT_SM."""
     b = nanmean(busy)
     if sm is None or coverage(sm) < 0.3:  # GPM reads every other fast tick
         return b, None
     s = np.asarray(sm, dtype=float)
     s = s[~np.isnan(s)]
-    level = float(np.quantile(s, 0.9))
+    level = max(float(np.quantile(s, 0.9)), EFFICIENT_SM) if coarse else \
+        float(np.quantile(s, 0.9))
     if level < 0.05:
         return b, 0.0
     return b, min(float(s.mean()) / level, 1.0)
