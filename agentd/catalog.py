@@ -34,6 +34,9 @@ SIGNALS: dict[str, Signal] = {
     s.name: s
     for s in [
         Signal("gpu.busy", "ratio", "fraction of time a kernel ran (NVML utilization)", "fast"),
+        Signal("gpu.busy_time", "seconds/s",
+               "kernel time credited in the tick per second of tick (its mean over any window "
+               "is the exact busy share, as rate() of the busy counter)", "fast"),
         Signal("gpu.sm_active", "ratio", "fraction of SMs busy (GPM SM utilization)", "fast"),
         Signal("gpu.sm_occupancy", "ratio", "resident warps over the maximum (GPM)", "fast"),
         Signal("gpu.tensor_active", "ratio", "fraction of time tensor cores ran (GPM)", "fast"),

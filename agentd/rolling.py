@@ -8,7 +8,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from agentd.analysis.core import Report, analyze
+from agentd.analysis.core import Report, analyze_rolling
 from agentd.analysis.signals import from_groups
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ class RollingAnalysis:
                           node=meta.get("node", ""), meta=meta)
         if len(sig.t) < 10:
             return None
-        report = analyze(sig, node=meta.get("node", ""))
+        report = analyze_rolling(sig, node=meta.get("node", ""))
         self.report = report
         self.runs += 1
         self.duration = time.perf_counter() - t0

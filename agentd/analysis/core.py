@@ -97,3 +97,26 @@ def analyze(sig: Signals, options: Options | None = None, node: str = "") -> Rep
         findings=findings, gpus=gpus, notes=ev.notes, lost_gpu_hours=lost,
         lost_cost=lost * options.price_per_gpu_hour if options.price_per_gpu_hour else None,
         throughput=throughput)
+
+
+RECENT_SECONDS = 20.0
+
+
+def analyze_rolling(sig: Signals, options: Options | None = None, node: str = "",
+                    recent: float = RECENT_SECONDS) -> Report:
+    """The daemon's view: the whole window, plus what its last `recent` seconds show that the
+    whole window does not yet (a problem that just began is diluted in a longer window)."""
+    report = analyze(sig, options, node)
+    if len(sig.t) == 0 or sig.duration <= recent * 1.5:
+        return report
+    short = analyze(sig.slice(sig.t[-1] - recent, sig.t[-1]), options, node)
+    known = {(f.kind, tuple(f.subject.get("gpus", []))) for f in report.findings}
+    fresh = [f for f in short.findings if (f.kind, tuple(f.subject.get("gpus", []))) not in known
+             and f.kind != "idle_allocated"]
+    for f in fresh:
+        f.evidence = {**f.evidence, "onset": f"within the last {recent:.0f} s"}
+        f.confidence = round(f.confidence * 0.9, 2)
+    if fresh:
+        # Recent problems first: the whole window still averages them with the time before.
+        report.findings = sorted(fresh, key=lambda f: -f.speedup) + report.findings
+    return report

@@ -69,8 +69,11 @@ def measure(sig: Signals, node: str = "") -> Evidence:
     coarse = sig.resolution > 2.0
     for g in gpus:
         b = sig.get("gpu.busy", g)
-        busy[g], compute[g] = F.compute_fraction(b, sig.get("gpu.sm_active", g), coarse)
-        stall[g] = max(0.0, 1.0 - nanmean(b[mask])) if mask.any() else float("nan")
+        exact = sig.get("gpu.busy_time", g)
+        # The held utilization aliases with periodic steps; busy_time's mean is exact.
+        level = exact if exact is not None and coverage(exact) > 0.5 else b
+        busy[g], compute[g] = F.compute_fraction(level, sig.get("gpu.sm_active", g), coarse)
+        stall[g] = max(0.0, 1.0 - nanmean(level[mask])) if mask.any() else float("nan")
         period[g] = _period(sig, g)
         cpu[g] = F.cpu_state(sig, g, mask)
         pcie[g] = F.pcie_state(sig, g, mask)
@@ -149,15 +152,20 @@ def idle_allocated(ev: Evidence) -> list[Finding]:
         held = mem == mem and mem >= IDLE_MEMORY
         procs = [p for p, i in ev.sig.meta.get("processes", {}).items()
                  if g in map(str, i.get("gpus", []))]
-        if _is_idle(ev, g) and (held or procs) and ev.t1 - ev.t0 >= IDLE_MIN_SECONDS:
+        span = ev.t1 - ev.t0 + ev.sig.resolution
+        if _is_idle(ev, g) and (held or procs) and span >= IDLE_MIN_SECONDS:
             idle.append((g, mem))
     if not idle:
         return []
     gpus = [g for g, _ in idle]
     mem = sum(m for _, m in idle if m == m)
+    span = ev.t1 - ev.t0 + ev.sig.resolution
+    # A short pause (loading a checkpoint, an evaluation elsewhere) is not yet a problem;
+    # minutes of it are. Alerting rules add their own `for:` on top.
+    severity = "critical" if span >= 600 else ("warning" if span >= 120 else "info")
     return [Finding(
         kind="idle_allocated", subject=ev.subject(gpus), t0=ev.t0, t1=ev.t1,
-        confidence=_confidence(0.95, ev), severity="critical",
+        confidence=_confidence(0.95, ev), severity=severity,
         summary=f"{len(gpus)} GPU(s) hold {mem / 2**30:.0f} GiB of memory but ran kernels "
                 f"{max(ev.busy[g] for g in gpus) * 100:.1f}% of the time for "
                 f"{ev.t1 - ev.t0:.0f} s",
@@ -197,7 +205,8 @@ def memory_pressure(ev: Evidence, gpus: list[str]) -> tuple[float, Finding] | No
     share = refault / read
     if share < 0.3:
         return None
-    score = 0.5 + min(share, 1.0) / 2
+    # Refaults explain a storage (or shared-link) saturation: the cause outranks the symptom.
+    score = 2.0 + min(share, 1.0)
     return score, _input_finding(
         ev, "memory_pressure", gpus, _confidence(0.5 + 0.4 * min(share, 1.0), ev),
         f"{share * 100:.0f}% of storage reads re-fetch pages the cache evicted "
@@ -220,7 +229,8 @@ def shared_link(ev: Evidence, gpus: list[str]) -> tuple[float, Finding] | None:
     affected = [g for g in gpus if ev.uplink[g] and ev.uplink[g]["switch"] == u["switch"]]
     if not affected:
         return None
-    return 0.6 + 0.4 * min(u["utilization"], 1.0), _input_finding(
+    # Contention on the uplink explains slow reads and slow copies: it outranks both.
+    return 1.5 + min(u["utilization"], 1.0), _input_finding(
         ev, "shared_link", affected, _confidence(0.55 + 0.4 * min(u["utilization"], 1.0), ev),
         f"NVMe reads and GPU copies behind PCIe switch {u['switch']} use "
         f"{u['utilization'] * 100:.0f}% of its {_fmt_gbs(u['capacity_bytes_per_second'])} uplink",
@@ -239,7 +249,7 @@ def input_storage(ev: Evidence, gpus: list[str]) -> tuple[float, Finding] | None
     if not s["saturated"]:
         return None
     cpu_sat = [ev.cpu[g] for g in gpus if ev.cpu[g]["saturated"]]
-    score = s["score"] - (0.3 if cpu_sat else 0.0)
+    score = min(s["score"], 1.0) - (0.3 if cpu_sat else 0.0)
     dev = ", ".join(s["disks"]) or "the data volume"
     return score, _input_finding(
         ev, "input_storage", gpus,
@@ -278,7 +288,7 @@ def input_cpu(ev: Evidence, gpus: list[str]) -> tuple[float, Finding] | None:
     if idle_cores == idle_cores and idle_cores >= 2 and ws == ws:
         advice.insert(0, f"{idle_cores:.0f} cores are idle: raise DataLoader num_workers "
                          f"(now about {c['workers']:.0f} per GPU).")
-    return c["score"] - storage_penalty, _input_finding(
+    return min(c["score"], 1.0) - storage_penalty, _input_finding(
         ev, "input_cpu", gpus,
         _confidence(_margin(c["score"], 0.8, 0.2) * (1.0 if ws == ws else 0.75), ev),
         f"CPU preprocessing cannot keep up: {detail}; storage is not saturated",
@@ -304,7 +314,7 @@ def h2d_pcie(ev: Evidence, gpus: list[str]) -> tuple[float, Finding] | None:
                          "pin_memory=True) and non_blocking copies.".format(util * 100))
     advice.append("Check the link trains at its maximum generation and width "
                   "(agentd_gpu_pcie_link_generation against ..._max_generation).")
-    return p["score"], _input_finding(
+    return min(p["score"], 1.0), _input_finding(
         ev, "h2d_pcie", gpus, _confidence(_margin(p["duty"], 0.85, 0.15), ev, needs_fine=True),
         f"host-to-device copies keep PCIe busy {p['duty'] * 100:.0f}% of the time at "
         f"{_fmt_gbs(p['rx_bytes_per_second'])} on a {_fmt_gbs(p['capacity_bytes_per_second'])} "

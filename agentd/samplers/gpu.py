@@ -43,6 +43,7 @@ class GpuSampler(Sampler):
         self.lost: set[int] = {d.index for d in self.backend.devices if d.lost}
         self._last_busy: dict[int, float] = {}
         self._last_slow_t: float | None = None
+        self._last_fast: float | None = None
         self.log.info("%d GPU(s), driver %s: %s", len(self.backend.devices),
                       self.backend.driver_version,
                       ", ".join(f"{g.index}:{g.name}" for g in gpus) or "none")
@@ -81,6 +82,8 @@ class GpuSampler(Sampler):
     def sample(self, now: float, slow: bool) -> Row:
         row: Row = {}
         failures = []
+        tick = now - self._last_fast if self._last_fast is not None else None
+        self._last_fast = now
         for index, g in self.gpus.items():
             if index in self.lost:
                 continue
@@ -93,6 +96,10 @@ class GpuSampler(Sampler):
                 failures.append(f"GPU {index}: {e}")
                 continue
             self._account_fast(g, r, row)
+            if tick:
+                # The driver's samples credited in this tick, per second of tick: unlike the
+                # held utilization, its mean over a window is exact (aliasing-free).
+                row[f"gpu.busy_time:{index}"] = r.busy_seconds / tick
         if slow:
             failures += self._sample_slow(now, row)
         if failures:

@@ -35,6 +35,7 @@ class Episode:
     cache_hit: float | None = None  # page-cache hit ratio during the episode
     idle: bool = False  # the job holds its GPU memory but runs no steps
     checkpoint_bytes: float = 0.0  # written once at the start; training pauses meanwhile
+    storage_factor: float = 1.0  # storage delivers this share of its bandwidth (a neighbour)
 
 
 @dataclass
@@ -220,6 +221,7 @@ class Simulator:
         self.storage_avail = storage_throughput(p)
         self._arrivals: dict[int, float] = {}  # barrier arrivals within the current step
         self.evaluating = False
+        self.storage_factor = 1.0
         # Batches through each stage, for conservation checks.
         self.count = {k: [0.0] * g for k in ("read", "prepped", "copy_started", "computed")}
 
@@ -237,6 +239,7 @@ class Simulator:
         clock = [1.0] * g
         cache = p.cache_hit
         idle = [False] * g
+        self.storage_factor = 1.0
         self.evaluating = bool(p.eval_every_s) and (t % p.eval_every_s) >= \
             p.eval_every_s - p.eval_duration_s
         if self.evaluating:
@@ -253,6 +256,7 @@ class Simulator:
                     idle[i] = idle[i] or ep.idle
                 if ep.cache_hit is not None:
                     cache = ep.cache_hit
+                self.storage_factor *= ep.storage_factor
                 if ep.checkpoint_bytes and n not in self._checkpoints_done:
                     self._checkpoints_done.add(n)
                     self.checkpoint_left += ep.checkpoint_bytes
@@ -300,7 +304,7 @@ class Simulator:
             read_cap = p.workers_per_gpu + p.prefetch_depth
             wants = [read_q[i] < read_cap and not idle[i] for i in range(g)]
         n = sum(wants)
-        share = self.storage_avail / n if n else 0.0
+        share = self.storage_avail * self.storage_factor / n if n else 0.0
         bw = [share if w else 0.0 for w in wants]
         if dev_prefetch:
             # The copy engine starts the next batch's copy as soon as the device slot frees.

@@ -56,6 +56,10 @@ def window_from_trace(scenario: Scenario, tr: Trace, start: float = 1.7e9) -> Si
     busy_c = _at(ts, cum(tr.busy), np.concatenate(([0.0], samples_t)))
     util = np.round(np.diff(busy_c, axis=0) / UTIL_PERIOD * 100) / 100
     which = np.searchsorted(samples_t, ticks + 1e-9, side="right") - 1
+    # Kernel time credited per tick: the samples that arrived in it, each one period long.
+    arrived = np.searchsorted(samples_t, ticks + 1e-9, side="right")
+    per_sample = np.vstack((np.zeros((1, g)), np.cumsum(util * UTIL_PERIOD, axis=0)))
+    busy_time = np.diff(np.vstack((np.zeros((1, g)), per_sample[arrived])), axis=0) / TICK
     # GPM: SM activity over 0.2 s spans.
     gpm_t = np.arange(GPM_PERIOD, tr.t[-1] + 1e-9, GPM_PERIOD)
     sm_c = _at(ts, cum(tr.sm_active), np.concatenate(([0.0], gpm_t)))
@@ -77,7 +81,7 @@ def window_from_trace(scenario: Scenario, tr: Trace, start: float = 1.7e9) -> Si
         idle_reason = (np.nan_to_num(b) < 0.01).astype(int)  # gpu_idle bit 0
         power_cap = (clock[:, i] < 0.99).astype(int) << 2  # sw_power_cap bit 2
         channels = {
-            "gpu.busy": b, "gpu.sm_active": s, "gpu.pcie_rx": rx[:, i],
+            "gpu.busy": b, "gpu.busy_time": busy_time[:, i], "gpu.sm_active": s, "gpu.pcie_rx": rx[:, i],
             "gpu.pcie_tx": rx[:, i] * 0.02, "gpu.nvlink_rx": nv[:, i], "gpu.nvlink_tx": nv[:, i],
             "gpu.pcie_capacity": np.where(slow_mask, cap, np.nan),
             "gpu.mem_used": np.where(slow_mask, 0.82 * info.memory_total, np.nan),
