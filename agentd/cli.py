@@ -169,6 +169,14 @@ def _add_live_flags(p: argparse.ArgumentParser) -> None:
                                                              "error"))
 
 
+def cmd_dashboards(args: argparse.Namespace) -> int:
+    from agentd.dashboards import write_all
+
+    for path in write_all(args.out):
+        print(path)
+    return 0
+
+
 def cmd_catalog(args: argparse.Namespace) -> int:
     from agentd.catalog import METRICS, render_markdown
 
@@ -243,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--daemon", metavar="URL", help="record from a running agentd")
     _add_live_flags(rec)
     rec.set_defaults(func=cmd_record)
+
+    dash = sub.add_parser("dashboards", help="write the Grafana dashboards (grafanalib)",
+                          description="Generate the Grafana dashboards as JSON.")
+    dash.add_argument("--out", default="grafana/dashboards", help="directory to write into")
+    dash.set_defaults(func=cmd_dashboards)
 
     cat = sub.add_parser("catalog", help="print the metric table",
                          description="Print the metric and signal table.")
