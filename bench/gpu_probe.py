@@ -43,7 +43,7 @@ def main() -> None:
                   f"ull {fv.value.ullVal}, timestamp {fv.timestamp}")
         print(f"  nvmlDeviceGetFieldValues: {timed(N.nvmlDeviceGetFieldValues, h, fields) * 1e3:.3f} ms")
         print(f"  nvmlDeviceGetSamples: "
-              f"{timed(lambda: _samples(h)) * 1e3:.3f} ms")
+              f"{timed(_samples, h) * 1e3:.3f} ms")
         print(f"  nvmlDeviceGetPcieThroughput: "
               f"{timed(N.nvmlDeviceGetPcieThroughput, h, N.NVML_PCIE_UTIL_RX_BYTES, n=5) * 1e3:.1f} ms")
         try:

@@ -11,7 +11,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from agentd.analysis import detectors as D
 from agentd.analysis.core import Options, analyze
 from agentd.analysis.signals import Signals, from_groups
 from agentd.sim import scenario as S
@@ -212,8 +211,7 @@ def test_direct_window_agrees_with_real_samplers():
                          "values": np.array([[r.get(c, np.nan) for c in cols] for r in rows[n]])}
         meta = {**samplers["process"].meta(), **samplers["gpu"].meta()}
         real = from_groups(groups, step=0.1, meta=meta).slice(clock.t - 30, clock.t)
-        direct_full = window_from_trace(sc, node.sim.run(0.0) if False else _trace(node),
-                                        start=node.t0)
+        direct_full = window_from_trace(sc, _trace(node), start=node.t0)
         direct = direct_full.slice(clock.t - 30, clock.t)
     finally:
         uninstall()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from agentd.sim import scenario as S
-from agentd.sim.model import (BLAME, COMPUTE, COPY, Episode, JobParams, Simulator,
+from agentd.sim.model import (BLAME, Episode, JobParams, Simulator,
                               analytic_throughput, speedup_if_removed, stage_rates)
 
 BASE = JobParams(gpus=8, compute_jitter=0.0)

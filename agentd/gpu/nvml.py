@@ -196,7 +196,6 @@ class NvmlBackend:
 
     def _call(self, dev: _Device, capability: str, fn, *args):
         """One NVML call for one device: None where unsupported; GpuLost when lost."""
-        N = self.N
         if capability in dev.absent:
             return None
         try:

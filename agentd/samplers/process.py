@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from agentd.paths import read_optional, read_text
+from agentd.paths import read_optional
 from agentd.samplers.base import Option, regex, Row, Sampler, Series
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096

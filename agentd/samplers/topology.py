@@ -91,7 +91,7 @@ def read_topology(sysfs: str) -> list[PciDevice]:
             names = sorted(_listdir(os.path.join(d, "net"))) + sorted(
                 _listdir(os.path.join(d, "infiniband")))
 
-        def attr(name: str) -> str | None:
+        def attr(name: str, d: str = d) -> str | None:
             return read_optional(os.path.join(d, name))
 
         out.append(PciDevice(
