@@ -86,8 +86,7 @@ class Daemon:
 
     def _context(self, cfg: Config) -> Context:
         return Context(paths=Paths(cfg.procfs, cfg.sysfs), fast_interval=cfg.fast_interval,
-                       slow_interval=cfg.slow_interval, shared=self.shared,
-                       fake_nvml=cfg.fake_nvml or None)
+                       slow_interval=cfg.slow_interval, shared=self.shared)
 
     def _interval(self, cfg: Config, name: str) -> float:
         cls = registry()[name]

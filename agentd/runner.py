@@ -127,7 +127,6 @@ class Loop:
         self.name = name
         self.interval = interval
         self.states = states
-        self.heartbeat = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name=f"loop-{name}", daemon=True)
 
@@ -176,7 +175,6 @@ class Loop:
                 s.run(tick, interval)
                 if self._stop.is_set():
                     return
-            self.heartbeat = time.monotonic()
             next_tick = tick + 1
             now_tick = time.monotonic() / interval
             if now_tick >= next_tick:

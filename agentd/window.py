@@ -136,9 +136,6 @@ class Window:
         with self._lock:
             return dict(self._rings)
 
-    def interval(self, name: str) -> float | None:
-        return self._intervals.get(name)
-
     @property
     def reserved_bytes(self) -> int:
         return sum(r.reserved_bytes for r in self.rings().values())

@@ -64,16 +64,14 @@ class Context:
     fast_interval: float
     slow_interval: float
     shared: SharedState = field(default_factory=SharedState)
-    # Scenario file for the fake NVML library (None: the real libnvidia-ml).
-    fake_nvml: str | None = None
 
 
 class SeriesStore:
     """The series a sampler exports, safe to read from the scrape thread.
 
-    Counters persist until dropped (their subject vanished). Gauges are replaced a group at a
-    time, so a label set that stopped existing (an exited process, a lost GPU's per-process
-    series) disappears at the next refresh instead of being exported forever.
+    Counters persist for the sampler's life. Gauges are replaced a group at a time, so a label
+    set that stopped existing (an exited process, a lost GPU's per-process series) disappears
+    at the next refresh instead of being exported forever.
     """
 
     def __init__(self) -> None:
@@ -111,10 +109,6 @@ class SeriesStore:
         with self._lock:
             self._counters[(name, labels)] = value
 
-    def counter(self, name: str, labels: Labels) -> float | None:
-        with self._lock:
-            return self._counters.get((name, labels))
-
     def replace_gauges(self, group: str, gauges: Iterable[Series]) -> None:
         fresh = {}
         for name, labels, value in gauges:
@@ -122,20 +116,6 @@ class SeriesStore:
             fresh[(name, labels)] = value
         with self._lock:
             self._gauges[group] = fresh
-
-    def drop(self, match: Callable[[str, Labels], bool]) -> None:
-        """Forget counters (and gauges) whose subject is gone."""
-        with self._lock:
-            for key in [k for k in self._counters if match(*k)]:
-                del self._counters[key]
-            for group in self._gauges.values():
-                for key in [k for k in group if match(*k)]:
-                    del group[key]
-
-    def clear(self) -> None:
-        with self._lock:
-            self._counters.clear()
-            self._gauges.clear()
 
     def items(self) -> list[Series]:
         with self._lock:

@@ -27,7 +27,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field, fields, replace
 
@@ -162,9 +161,3 @@ def load(path_or_name: str, seed: int | None = None) -> Scenario:
 
 def library() -> list[str]:
     return sorted(f[:-5] for f in os.listdir(SCENARIO_DIR) if f.endswith(".toml"))
-
-
-def describe(s: Scenario) -> dict:
-    return {"name": s.name, "class": s.klass, "description": s.description,
-            "job": {k: v for k, v in dataclasses.asdict(s.job).items() if k != "episodes"},
-            "randomized": s.randomized}
