@@ -174,6 +174,13 @@ def cluster_dashboard() -> G.Dashboard:
                                     "{{instance}} {{kind}} GPU {{gpus}}", instant=True)],
                    gridPos=G.GridPos(h=8, w=12, x=12, y=21), max=1, format="percentunit",
                    orientation="horizontal"),
+        G.BarGauge(title="Most starved jobs (share of their GPU time lost)", dataSource=DS,
+                   targets=[_target('topk(10, agentd:job_gpu_stall:ratio_avg_rate5m)',
+                                    "{{systemd_unit}}{{pod_uid}} {{slurm_job_id}}",
+                                    instant=True)],
+                   gridPos=G.GridPos(h=8, w=24, x=0, y=37), max=1, format="percentunit",
+                   orientation="horizontal",
+                   description="From the recording rules in rules/agentd.rules.yml."),
         _ts("Idle GPU-hours per hour, by node", [_target(
             'sum by (instance) (clamp_min(1 - rate(agentd_gpu_busy_seconds_total{instance=~"$node"}[$__rate_interval]), 0))',
             "{{instance}}")], "", 0, 29, w=24),

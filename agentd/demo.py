@@ -59,13 +59,17 @@ def render(daemon: Daemon, now: float, span: float = 2.0) -> str:
     lines.append(f"CPU: {cores or 0:.1f} of {count or 0:.0f} cores busy, "
                  f"iowait {iowait or 0:.2f} cores")
     lines.append("")
-    findings = getattr(daemon, "findings", None)
-    if findings:
-        lines.append("Diagnosis:")
-        for f in findings()[:3]:
-            lines.append("  " + f)
+    report = daemon.analysis.report
+    if report is None:
+        lines.append("Diagnosis: the first analysis runs after 30 s of data.")
+    elif not report.findings:
+        lines.append("Diagnosis: no finding: the GPUs are not starved.")
     else:
-        lines.append("Diagnosis: the analysis will speak after a minute of data.")
+        lines.append("Diagnosis (rolling analysis of the last 60 s):")
+        for f in report.findings[:3]:
+            lines.append(f"  {f.kind}: {f.summary}")
+            lines.append(f"    expected gain {f.speedup:.2f}x steps per second; "
+                         f"{f.advice[0] if f.advice else ''}")
     return "\n".join(lines)
 
 
