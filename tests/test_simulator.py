@@ -245,3 +245,18 @@ def test_simulate_flag_serves_metrics(spawn):
     assert "agentd_process_cpu_seconds_total{" in text
     assert "agentd_pcie_shared_uplink{" in text
     assert "Traceback" not in proc.output()
+
+
+@pytest.mark.slow
+def test_demo_shows_gpus_storage_and_the_diagnosis():
+    import subprocess
+
+    from conftest import agentd_cmd, free_port
+
+    r = subprocess.run(agentd_cmd("demo", "--seconds", "38", "--web.listen-address",
+                                  f"127.0.0.1:{free_port()}"),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    last = r.stdout.strip().split("\n\n\n")[-1] if "\n\n\n" in r.stdout else r.stdout
+    assert "GPU   busy    SM    PCIe RX" in last and "storage nvme0n1" in last
+    assert "input_storage" in r.stdout and "expected gain" in r.stdout
