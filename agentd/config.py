@@ -15,11 +15,8 @@ from typing import Any
 
 from agentd.logs import LEVELS
 from agentd.samplers import registry
+from agentd.tomlfile import read_toml
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
 
 DEFAULT_PORT = 9445
 DEFAULT_LISTEN = f":{DEFAULT_PORT}"
@@ -182,13 +179,7 @@ def _apply_collector(cfg: Config, name: str, key: str, raw: Any, where: str) -> 
 
 def load_file(path: str, cfg: Config | None = None) -> Config:
     cfg = cfg or Config(collectors=_default_collectors())
-    try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    doc = read_toml(path, "config file", ConfigError)
     values: dict[str, Any] = {}
     keys: dict[str, str] = {}
     for section, table in doc.items():

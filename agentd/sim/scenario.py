@@ -33,11 +33,8 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 
 from agentd.sim.model import Episode, JobParams
+from agentd.tomlfile import read_toml
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
 
 SCENARIO_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "scenarios", "sim")
 
@@ -149,13 +146,7 @@ def load(path_or_name: str, seed: int | None = None) -> Scenario:
             raise ScenarioError(f"no scenario {path_or_name!r} (a file, or one of: "
                                 f"{', '.join(library())})")
         path = candidate
-    try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-    except OSError as e:
-        raise ScenarioError(f"cannot read scenario {path}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ScenarioError(f"{path}: {e}") from None
+    doc = read_toml(path, "scenario", ScenarioError)
     return from_dict(doc, os.path.splitext(os.path.basename(path))[0], seed)
 
 

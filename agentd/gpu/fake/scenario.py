@@ -15,12 +15,8 @@ from dataclasses import dataclass, field
 import pynvml as N
 
 from agentd.gpu.nvml import clock_event_reason_bits
+from agentd.tomlfile import read_toml
 from agentd.gpu.fake.library import DeviceInfo, DeviceState, FakeNvmlLibrary, GpuProcess
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
 
 
 class ScenarioError(ValueError):
@@ -299,11 +295,5 @@ def library_from_dict(doc: dict, where: str = "scenario", **kwargs) -> FakeNvmlL
 
 
 def load_scenario(path: str, **kwargs) -> FakeNvmlLibrary:
-    try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-    except OSError as e:
-        raise ScenarioError(f"cannot read fake-NVML scenario {path}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ScenarioError(f"{path}: {e}") from None
+    doc = read_toml(path, "fake-NVML scenario", ScenarioError)
     return library_from_dict(doc, where=path, **kwargs)
