@@ -7,7 +7,8 @@ import time
 import pytest
 
 from agentd.gpu.backend import GpuLost
-from agentd.gpu.nvml import NvmlBackend, counter_delta, pcie_capacity
+from agentd.gpu.nvml import NvmlBackend, counter_delta
+from agentd.pcie import capacity as pcie_capacity
 from agentd.paths import Paths
 from agentd.samplers.base import Context, Unavailable
 from agentd.samplers.gpu import GpuSampler

@@ -14,7 +14,8 @@ import pytest
 from agentd.paths import Paths
 from agentd.samplers.base import Context
 from agentd.samplers.process import ProcessSampler, parse_cgroup, parse_proc_io, parse_proc_stat
-from agentd.samplers.topology import TopologySampler, link_capacity
+from agentd.pcie import sysfs_capacity as link_capacity
+from agentd.samplers.topology import TopologySampler
 
 TRAINER = textwrap.dedent("""
     import multiprocessing as mp, os, sys, time

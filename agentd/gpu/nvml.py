@@ -46,24 +46,6 @@ GPM_METRICS = (  # our name, pynvml constant
 # GPM metrics need samples at least 100 ms apart (NVIDIA: a hard limit on Hopper).
 GPM_MIN_INTERVAL = 0.1
 
-# Usable bytes/s per lane per direction: transfer rate after line encoding.
-PCIE_LANE_BYTES = {
-    1: 2.5e9 * 8 / 10 / 8,
-    2: 5e9 * 8 / 10 / 8,
-    3: 8e9 * 128 / 130 / 8,
-    4: 16e9 * 128 / 130 / 8,
-    5: 32e9 * 128 / 130 / 8,
-    6: 64e9 * 242 / 256 / 8,  # FLIT mode
-    7: 128e9 * 242 / 256 / 8,
-}
-
-
-def pcie_capacity(generation: int | None, width: int | None) -> float | None:
-    if not generation or not width or generation not in PCIE_LANE_BYTES:
-        return None
-    return PCIE_LANE_BYTES[generation] * width
-
-
 def load_pynvml():
     import pynvml
 

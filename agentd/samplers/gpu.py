@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 
 from agentd.gpu.backend import CLOCK_EVENT_REASONS, FastReading, GpuIdentity, GpuLost, SlowReading
-from agentd.gpu.nvml import NvmlBackend, pcie_capacity
+from agentd.gpu.nvml import NvmlBackend
+from agentd.pcie import capacity as pcie_capacity
 from agentd.samplers.base import Option, Row, Sampler, Series
 
 _ACTIVITY_COUNTERS = {

@@ -13,30 +13,11 @@ import re
 from dataclasses import dataclass
 
 from agentd.paths import read_optional
+from agentd.pcie import sysfs_capacity
 from agentd.samplers.base import Row, Sampler, Unavailable
 
 BDF = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 NVIDIA, AMD = "0x10de", "0x1002"
-
-
-def link_capacity(speed: str | None, width: str | None) -> float | None:
-    """Usable bytes/s per direction from sysfs 'current_link_speed' ('16.0 GT/s PCIe') and
-    'current_link_width' ('16'), after line encoding."""
-    if not speed or not width:
-        return None
-    m = re.match(r"\s*([\d.]+)\s*GT/s", speed)
-    if not m or not width.strip().isdigit():
-        return None
-    gts, lanes = float(m.group(1)), int(width)
-    if lanes <= 0:
-        return None
-    if gts <= 5.0:
-        efficiency = 8 / 10
-    elif gts <= 32.0:
-        efficiency = 128 / 130
-    else:
-        efficiency = 242 / 256  # PCIe 6 FLIT mode
-    return gts * 1e9 * efficiency / 8 * lanes
 
 
 def classify(pci_class: str, vendor: str) -> str | None:
@@ -100,8 +81,8 @@ def read_topology(sysfs: str) -> list[PciDevice]:
             name=",".join(names),
             bridges=bridges,
             numa_node=(attr("numa_node") or "-1").strip(),
-            capacity=link_capacity(attr("current_link_speed"), attr("current_link_width")),
-            max_capacity=link_capacity(attr("max_link_speed"), attr("max_link_width")),
+            capacity=sysfs_capacity(attr("current_link_speed"), attr("current_link_width")),
+            max_capacity=sysfs_capacity(attr("max_link_speed"), attr("max_link_width")),
         ))
     return out
 
@@ -113,9 +94,9 @@ def _listdir(path: str) -> list[str]:
         return []
 
 
-def uplink_capacity(sysfs: str, bridge: str) -> float | None:
+def upsysfs_capacity(sysfs: str, bridge: str) -> float | None:
     d = os.path.join(sysfs, "bus", "pci", "devices", bridge)
-    return link_capacity(read_optional(os.path.join(d, "current_link_speed")),
+    return sysfs_capacity(read_optional(os.path.join(d, "current_link_speed")),
                          read_optional(os.path.join(d, "current_link_width")))
 
 
@@ -148,7 +129,7 @@ class TopologySampler(Sampler):
                                dev.max_capacity))
         for gpu in (d for d in devices if d.kind == "gpu" and d.switch):
             for nvme in (d for d in devices if d.kind == "nvme" and d.switch == gpu.switch):
-                cap = uplink_capacity(sysfs, gpu.switch)
+                cap = upsysfs_capacity(sysfs, gpu.switch)
                 gauges.append(("agentd_pcie_shared_uplink",
                                (gpu.address, nvme.address, gpu.switch,
                                 f"{cap:.0f}" if cap else ""), 1.0))
@@ -170,5 +151,5 @@ class TopologySampler(Sampler):
                     s["disks"] += [n for n in d.name.split(",") if n]
         shared = [s for s in switches.values() if s["gpu_addresses"] and s["disks"]]
         for s in shared:
-            s["uplink_bytes_per_second"] = uplink_capacity(sysfs, s["switch"])
+            s["uplink_bytes_per_second"] = upsysfs_capacity(sysfs, s["switch"])
         return {"pcie_switches": shared}

@@ -19,6 +19,7 @@ import numpy as np
 import pynvml as N
 
 from agentd.gpu.fake.library import DeviceInfo, DeviceState, FakeNvmlLibrary, GpuProcess
+from agentd.pcie import capacity, lane_bytes
 from agentd.sim.model import Simulator, Trace
 from agentd.sim.scenario import Scenario
 
@@ -33,12 +34,18 @@ def trainer_pid(gpu: int) -> int:
     return PID_BASE + gpu * 100
 
 
+UPLINK_SPEED = "8.0 GT/s PCIe"  # a shared switch uplink is simulated as gen 3
+
+
+def uplink_width(p) -> int:
+    """Lanes of a gen-3 switch uplink carrying about `shared_uplink_bandwidth`."""
+    return max(int(p.shared_uplink_bandwidth / lane_bytes(8.0)), 1)
+
+
 def link_for(copy_bandwidth: float) -> tuple[int, int]:
     """The PCIe generation and width whose capacity a pinned copy reaches ~80% of."""
-    from agentd.gpu.nvml import pcie_capacity
-
     options = [(gen, w) for gen in (3, 4, 5) for w in (4, 8, 16)]
-    return min(options, key=lambda gw: abs(pcie_capacity(*gw) * 0.8 - copy_bandwidth))
+    return min(options, key=lambda gw: abs(capacity(*gw) * 0.8 - copy_bandwidth))
 
 
 class History:
@@ -230,14 +237,14 @@ class SimulatedNode:
         # sysfs: the GPUs and NVMe drives under PCIe switches (two GPUs and one drive each),
         # so the topology sampler sees which of them share an uplink.
         switches = max((p.gpus + p.gpus_per_switch - 1) // p.gpus_per_switch, 1)
-        uplink = "32.0 GT/s PCIe" if p.shared_uplink_bandwidth == 0 else "8.0 GT/s PCIe"
+        uplink = "32.0 GT/s PCIe" if p.shared_uplink_bandwidth == 0 else UPLINK_SPEED
         for sw in range(switches):
             b0 = 0x15 + 0x20 * sw
             root = f"sys/devices/pci0000:{b0:02x}/0000:{b0:02x}:01.0"
             usp = f"{root}/0000:{b0 + 1:02x}:00.0"
             self._pci(root, "0x060400", "0x8086", "32.0 GT/s PCIe", 16)
             self._pci(usp, "0x060400", "0x1000", uplink, 16 if not p.shared_uplink_bandwidth
-                      else max(int(p.shared_uplink_bandwidth / 0.985e9), 1))
+                      else uplink_width(p))
             for k in range(p.gpus_per_switch):
                 gpu = sw * p.gpus_per_switch + k
                 if gpu >= p.gpus:

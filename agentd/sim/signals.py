@@ -12,9 +12,10 @@ from __future__ import annotations
 import numpy as np
 
 from agentd.analysis.signals import Signals
-from agentd.gpu.nvml import pcie_capacity
 from agentd.sim.model import Simulator, Trace
-from agentd.sim.node import MEM_TOTAL, SimulatedGpu, trainer_pid
+from agentd.pcie import capacity as pcie_capacity
+from agentd.pcie import sysfs_capacity
+from agentd.sim.node import MEM_TOTAL, UPLINK_SPEED, SimulatedGpu, trainer_pid, uplink_width
 from agentd.sim.scenario import Scenario
 
 TICK = 0.1
@@ -168,8 +169,7 @@ def _node_info(scenario: Scenario) -> dict:
     disks = [f"nvme{i}n1" for i in range(max(p.storage_devices, 1))]
     uplinks = []
     if p.shared_uplink_bandwidth > 0:
-        width = max(int(p.shared_uplink_bandwidth / 0.985e9), 1)
-        cap = 8e9 * 128 / 130 / 8 * width
+        cap = sysfs_capacity(UPLINK_SPEED, str(uplink_width(p)))
         switches = (p.gpus + p.gpus_per_switch - 1) // p.gpus_per_switch
         for sw in range(switches):
             members = [i for i in range(sw * p.gpus_per_switch,
