@@ -32,17 +32,21 @@ EXIT_OK, EXIT_FINDINGS, EXIT_USAGE, EXIT_SOURCE = 0, 1, 2, 3
 # --- sources --------------------------------------------------------------------------------------
 
 
-def from_daemon(url: str, seconds: float, timeout: float = 30.0) -> Signals:
-    url = url.rstrip("/")
+def _fetch_window(url: str, seconds: float, timeout: float = 30.0) -> bytes:
+    """A running agentd's last `seconds` of window, as npz bytes."""
     try:
         with urllib.request.urlopen(f"{url}/api/v1/window?seconds={seconds:g}&format=npz",
                                     timeout=timeout) as r:
-            data = r.read()
+            return r.read()
     except urllib.error.HTTPError as e:
         raise SourceError(f"agentd at {url} answered {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError) as e:
         raise SourceError(f"cannot reach agentd at {url}: {getattr(e, 'reason', e)}") from None
-    return _signals_from_npz(data, f"daemon {url}")
+
+
+def from_daemon(url: str, seconds: float) -> Signals:
+    url = url.rstrip("/")
+    return _signals_from_npz(_fetch_window(url, seconds), f"daemon {url}")
 
 
 def from_recording(path: str) -> Signals:
@@ -68,33 +72,42 @@ def _signals_from_npz(data: bytes, what: str) -> Signals:
     return from_groups(groups, step=step, source=what, node=meta.get("node", ""), meta=meta)
 
 
-def live(seconds: float, config, progress=sys.stderr) -> tuple[Signals, dict]:
-    """Sample this node for `seconds` with the daemon's samplers (no HTTP server)."""
+def _sample_locally(seconds: float, config, stop: threading.Event, progress=None
+                    ) -> tuple[dict, dict]:
+    """Run the daemon's samplers (no HTTP server) for `seconds`, or until `stop`; return the
+    window's groups since the start and the node's description."""
     from agentd.daemon import Daemon
 
-    cfg = replace(config, window_seconds=max(config.window_seconds, seconds + 5))
-    d = Daemon(cfg)
+    d = Daemon(replace(config, window_seconds=max(config.window_seconds, seconds + 5)))
     d.start(serve_http=False)
-    stop = threading.Event()
-    old = signal.signal(signal.SIGINT, lambda *a: stop.set())
+    t0 = time.time()
+    bar = progress is not None and progress.isatty()
     try:
-        t0 = time.time()
         while not stop.is_set() and time.time() - t0 < seconds:
-            done = min((time.time() - t0) / seconds, 1.0)
-            if progress is not None and progress.isatty():
-                bar = "#" * int(done * 30)
-                progress.write(f"\rsampling [{bar:<30}] {time.time() - t0:5.1f}/{seconds:g} s")
+            if bar:
+                done = "#" * int(min((time.time() - t0) / seconds, 1.0) * 30)
+                progress.write(f"\rsampling [{done:<30}] {time.time() - t0:5.1f}/{seconds:g} s")
                 progress.flush()
             stop.wait(0.25)
-        if progress is not None and progress.isatty():
+        if bar:
             progress.write("\n")
         meta = d.window_meta()
         groups = {k: g for k, g in d.window.export(t0).items() if k != "topology"}
-        return from_groups(groups, step=cfg.fast_interval, source="live sampling",
-                           node=meta.get("node", ""), meta=meta), meta
+    finally:
+        d.stop()
+    return groups, meta
+
+
+def live(seconds: float, config, progress=sys.stderr) -> tuple[Signals, dict]:
+    """Sample this node for `seconds` (Ctrl-C analyses what was gathered so far)."""
+    stop = threading.Event()
+    old = signal.signal(signal.SIGINT, lambda *a: stop.set())
+    try:
+        groups, meta = _sample_locally(seconds, config, stop, progress)
     finally:
         signal.signal(signal.SIGINT, old)
-        d.stop()
+    return from_groups(groups, step=config.fast_interval, source="live sampling",
+                       node=meta.get("node", ""), meta=meta), meta
 
 
 # --- output ---------------------------------------------------------------------------------------
@@ -240,7 +253,7 @@ def record(out: str, seconds: float, daemon_url: str | None, config, poll: float
         if daemon_url:
             groups, meta = _record_from_daemon(daemon_url, seconds, poll, stop)
         else:
-            groups, meta = _record_local(seconds, config, stop)
+            groups, meta = _sample_locally(seconds, config, stop)
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
@@ -252,22 +265,6 @@ def record(out: str, seconds: float, daemon_url: str | None, config, poll: float
     print(f"agentd record: {rows} rows of {len(groups)} samplers written to {out}",
           file=sys.stderr)
     return EXIT_OK
-
-
-def _record_local(seconds: float, config, stop: threading.Event):
-    from agentd.daemon import Daemon
-
-    cfg = replace(config, window_seconds=max(seconds + 5, 60.0))
-    d = Daemon(cfg)
-    d.start(serve_http=False)
-    t0 = time.time()
-    try:
-        stop.wait(seconds)
-        meta = d.window_meta()
-        groups = {k: g for k, g in d.window.export(t0).items() if k != "topology"}
-    finally:
-        d.stop()
-    return groups, meta
 
 
 def _record_from_daemon(url: str, seconds: float, poll: float, stop: threading.Event):
@@ -284,13 +281,10 @@ def _record_from_daemon(url: str, seconds: float, poll: float, stop: threading.E
     while True:
         last = stop.is_set() or time.time() >= t_end
         try:
-            with urllib.request.urlopen(
-                    f"{url}/api/v1/window?seconds={poll * 2 + 5:g}&format=npz", timeout=30) as r:
-                groups, meta = load_npz_with_meta(r.read())
-        except (urllib.error.URLError, OSError) as e:
+            groups, meta = load_npz_with_meta(_fetch_window(url, poll * 2 + 5))
+        except SourceError as e:
             if not merged:
-                raise SourceError(f"cannot reach agentd at {url}: {getattr(e, 'reason', e)}") \
-                    from None
+                raise
             print(f"agentd record: {e}; keeping what was recorded", file=sys.stderr)
             break
         for name, g in groups.items():
