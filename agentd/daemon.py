@@ -68,7 +68,6 @@ class Daemon:
         self._reload = threading.Event()
         self.exporter = Exporter(self)
         self.analysis = RollingAnalysis(self)
-        self.window_meta_cache: dict = {}
         self.extra_routes: dict = {}
         self.clock = time.time  # wall clock of the window statistics; tests pin it
 
@@ -217,7 +216,6 @@ class Daemon:
              "gpus": [by_address[a] for a in s["gpu_addresses"] if a in by_address],
              "disks": s["disks"]}
             for s in meta.pop("pcie_switches", []) if s.get("uplink_bytes_per_second")]
-        self.window_meta_cache = meta
         return meta
 
     def _window_route(self, query: dict) -> tuple[int, str, bytes]:

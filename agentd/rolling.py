@@ -82,8 +82,9 @@ class RollingAnalysis:
         r = self.report
         if r is None:
             return out
-        uuids = {str(i): g.get("uuid", "") for i, g in
-                 self.daemon.window_meta_cache.get("gpus", {}).items()}
+        gpu = self.daemon.runner("gpu")
+        uuids = {i: g["uuid"] for i, g in gpu.sampler.meta()["gpus"].items()} \
+            if gpu is not None and gpu.available else {}
         for f in r.findings:
             gpus = ",".join(map(str, f.subject.get("gpus", [])))
             out += [
