@@ -28,11 +28,11 @@ def _fail(message: str) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agentd import config as configmod
+    from agentd.daemon import config as configmod
     from agentd import logs
-    from agentd.daemon import Daemon
+    from agentd.daemon.core import Daemon
     from agentd.gpu.fake import ScenarioError
-    from agentd.webconfig import WebConfigError
+    from agentd.daemon.webconfig import WebConfigError
 
     try:
         cfg = configmod.build(args)
@@ -50,8 +50,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from agentd import logs
-    from agentd.config import ConfigError, parse_listen
-    from agentd.demo import run_demo
+    from agentd.daemon.config import ConfigError, parse_listen
+    from agentd.sim.demo import run_demo
     from agentd.sim.scenario import ScenarioError, load
 
     try:
@@ -67,7 +67,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _live_config(args: argparse.Namespace):
-    from agentd import config as configmod
+    from agentd.daemon import config as configmod
 
     ns = argparse.Namespace(**{k: getattr(args, k, None) for k in (
         "config_file", "procfs", "sysfs", "fake_nvml", "simulate", "simulate_seed",
@@ -91,67 +91,110 @@ def _parse_time(value: str, now: float) -> float:
         raise ValueError(f"{value!r} is neither Unix seconds nor an RFC 3339 time") from None
 
 
-def cmd_diagnose(args: argparse.Namespace) -> int:
+def _http_options(args: argparse.Namespace):
+    from agentd.daemon import config as configmod
+    from agentd.diagnose.sources.http import env_options
+
+    deadline = configmod.parse_duration(args.timeout, "--timeout") if getattr(
+        args, "timeout", None) else None
+    return env_options(deadline, getattr(args, "auth_file", None),
+                       getattr(args, "ca_file", None), getattr(args, "insecure", False))
+
+
+def _source(args: argparse.Namespace):
+    """The source the flags name (a usage problem raises ConfigError or ValueError)."""
     import time
 
-    from agentd import config as configmod
+    from agentd.daemon import config as configmod
+
+    if args.daemon:
+        from agentd.diagnose.sources.daemon import DaemonSource
+
+        return DaemonSource(args.daemon, args.seconds or 600, _http_options(args))
+    if args.recording:
+        from agentd.diagnose.sources.recording import RecordingSource
+
+        return RecordingSource(args.recording, args.seconds)
+    if args.prometheus:
+        from agentd.diagnose.sources.prometheus_agentd import AgentdPrometheusSource, detect
+        from agentd.diagnose.sources.prometheus_exporters import ExportersPrometheusSource
+        from agentd.diagnose.sources.promclient import PromClient
+
+        if not args.node:
+            raise configmod.ConfigError("--prometheus needs --node HOST (or a label matcher)")
+        now = time.time()
+        end = _parse_time(args.end, now)
+        start = _parse_time(args.start, now) if args.start else \
+            end - configmod.parse_duration(args.last, "--last")
+        step = None if args.step in (None, "auto") else \
+            configmod.parse_duration(args.step, "--step")
+        if end <= start:
+            raise configmod.ConfigError("--end must be after --start")
+        client = PromClient(args.prometheus, _http_options(args))
+        flavour = args.flavour if args.flavour != "auto" else detect(client, args.node, end)
+        cls = AgentdPrometheusSource if flavour == "agentd" else ExportersPrometheusSource
+        return cls(args.prometheus, args.node, start, end, step, client=client)
+    from agentd.diagnose.sources.live import LiveSource
+
+    return LiveSource(args.seconds or 60, _live_config(args))
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
     from agentd import diagnose as D
     from agentd import logs
-    from agentd.prom import SourceError, load_prometheus
+    from agentd.daemon import config as configmod
+    from agentd.diagnose.plot import PlotUnavailable
 
     logs.setup(args.log_level or "warning")
+    if args.seconds is not None and not args.seconds > 0:
+        return _fail("--seconds must be positive")
     try:
-        if args.daemon:
-            sig = D.from_daemon(args.daemon, args.seconds or 600)
-        elif args.recording:
-            sig = D.from_recording(args.recording)
-            if args.seconds:
-                sig = sig.slice(sig.t[-1] - args.seconds, sig.t[-1])
-        elif args.prometheus:
-            if not args.node:
-                return _fail("--prometheus needs --node HOST")
-            now = time.time()
-            try:
-                end = _parse_time(args.end, now)
-                start = _parse_time(args.start, now) if args.start else \
-                    end - configmod.parse_duration(args.last, "--last")
-                step = configmod.parse_duration(args.step, "--step")
-            except (ValueError, configmod.ConfigError) as e:
-                return _fail(str(e))
-            if end <= start:
-                return _fail("--end must be after --start")
-            sig = load_prometheus(args.prometheus, args.node, start, end, step, args.flavour)
-        else:
-            try:
-                cfg = _live_config(args)
-            except configmod.ConfigError as e:
-                return _fail(str(e))
-            sig, _ = D.live(args.seconds or 60, cfg)
-        return D.report_and_exit(sig, args)
-    except SourceError as e:
+        try:
+            source = _source(args)
+        except (configmod.ConfigError, ValueError) as e:
+            return _fail(str(e))
+        return D.report_and_exit(source.read(), args)
+    except PlotUnavailable as e:
+        return _fail(str(e))
+    except D.SourceError as e:
         print(f"agentd diagnose: {e}", file=sys.stderr)
         return D.EXIT_SOURCE
 
 
 def cmd_record(args: argparse.Namespace) -> int:
-    from agentd import config as configmod
     from agentd import diagnose as D
     from agentd import logs
-    from agentd.prom import SourceError
+    from agentd.daemon import config as configmod
+    from agentd.diagnose.record import RecordError, record
 
     logs.setup(args.log_level or "warning")
     try:
         seconds = configmod.parse_duration(args.duration, "--duration")
         cfg = None if args.daemon else _live_config(args)
+        http = _http_options(args)
     except configmod.ConfigError as e:
         return _fail(str(e))
-    if os.path.isdir(args.out):
-        return _fail(f"--out {args.out} is a directory")
     try:
-        return D.record(args.out, seconds, args.daemon, cfg)
-    except SourceError as e:
+        return record(args.out, seconds, args.daemon, cfg, http=http)
+    except RecordError as e:
+        print(f"agentd record: {e}", file=sys.stderr)
+        return D.EXIT_OUTPUT
+    except D.SourceError as e:
         print(f"agentd record: {e}", file=sys.stderr)
         return D.EXIT_SOURCE
+
+
+def _add_http_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("reaching a daemon or Prometheus")
+    g.add_argument("--auth-file", metavar="FILE",
+                   help="basic-auth credentials, user:password on the first line "
+                   "(default $AGENTD_AUTH_FILE)")
+    g.add_argument("--ca-file", metavar="FILE",
+                   help="CA certificates to verify the server (default $AGENTD_CA_FILE)")
+    g.add_argument("--insecure-skip-verify", dest="insecure", action="store_true",
+                   help="do not verify the server's TLS certificate")
+    g.add_argument("--timeout", default="60s",
+                   help="deadline for each request, body included (default 60s)")
 
 
 def _add_live_flags(p: argparse.ArgumentParser) -> None:
@@ -189,7 +232,7 @@ def cmd_catalog(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from agentd.config import add_run_flags
+    from agentd.daemon.config import add_run_flags
 
     p = _Parser(prog="agentd", description="Is this node's GPU input pipeline starved, and why?")
     p.add_argument("--version", action="version", version=f"agentd {__version__}")
@@ -228,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--start", help="Prometheus range start (Unix seconds or RFC 3339)")
     diag.add_argument("--end", default="now", help="Prometheus range end (default now)")
     diag.add_argument("--last", default="1h", help="range length when --start is not given")
-    diag.add_argument("--step", default="15s", help="Prometheus resolution (default 15s)")
+    diag.add_argument("--step", default="auto",
+                      help="Prometheus resolution (default: the scrape interval in the data)")
     diag.add_argument("--flavour", choices=("auto", "agentd", "exporters"), default="auto",
                       help="agentd's metrics, or dcgm-exporter + node_exporter (default: auto)")
     diag.add_argument("--json", action="store_true", help="the report as JSON")
@@ -240,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--tokens-per-step", type=float, help="report tokens per second")
     diag.add_argument("--price-per-gpu-hour", type=float, help="cost the GPU time lost")
     _add_live_flags(diag)
+    _add_http_flags(diag)
     diag.set_defaults(func=cmd_diagnose)
 
     rec = sub.add_parser("record", help="record the high-rate window to a file",
@@ -250,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--duration", default="10m", help="how long to record (default 10m)")
     rec.add_argument("--daemon", metavar="URL", help="record from a running agentd")
     _add_live_flags(rec)
+    _add_http_flags(rec)
     rec.set_defaults(func=cmd_record)
 
     dash = sub.add_parser("dashboards", help="write the Grafana dashboards (grafanalib)",

@@ -115,7 +115,7 @@ def speed(seconds: float = 3600.0) -> dict:
     r = analyze(sig)
     analyse = time.perf_counter() - t0
     # The same hour as a recording: write, then load and align.
-    from agentd.window import groups_to_npz, load_npz_with_meta
+    from agentd.daemon.window import groups_to_npz, load_npz_with_meta
 
     gpu_cols = [k for k in sig.channels if k.startswith("gpu.")]
     other = [k for k in sig.channels if not k.startswith("gpu.")]

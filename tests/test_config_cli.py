@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from agentd import config as C
+from agentd.daemon import config as C
 from conftest import agentd_cmd
 
 

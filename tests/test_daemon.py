@@ -135,7 +135,7 @@ def test_sd_notify_ready_watchdog_stopping(spawn, scenario, tmp_path):
 def test_window_endpoint(spawn, scenario):
     import json
 
-    from agentd.window import load_npz
+    from agentd.daemon.window import load_npz
 
     proc, url, _ = start(spawn, "--fake-nvml", scenario)
     wait_http(url + "/metrics")

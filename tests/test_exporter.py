@@ -11,11 +11,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agentd.catalog import METRICS_BY_NAME
-from agentd.config import Config, _default_collectors
-from agentd.daemon import Daemon
+from agentd.daemon.config import Config, _default_collectors
+from agentd.daemon.core import Daemon
 from agentd.gpu.fake import install, library_from_dict
 from agentd.paths import Paths
-from agentd.runner import SamplerState
+from agentd.daemon.runner import SamplerState
 from agentd.samplers import registry
 from agentd.samplers.base import Context
 from conftest import fixture_path, need

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from agentd.window import Ring, Window, gpu_window_stats, load_npz
+from agentd.daemon.window import Ring, Window, gpu_window_stats, load_npz
 
 
 def test_ring_keeps_the_last_rows_in_order():

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from agentd.analysis import detectors as D
-from agentd.analysis.findings import SEVERITIES, Finding
+from agentd.analysis.findings import SEVERITIES, Finding, json_safe
 from agentd.analysis.signals import Signals
 
 
@@ -50,20 +50,15 @@ class Report:
         return max((f.severity for f in self.findings), key=SEVERITIES.index)
 
     def to_json(self) -> dict:
-        def clean(v):
-            if isinstance(v, float) and math.isnan(v):
-                return None
-            return v
-
-        return {
+        return json_safe({
             "node": self.node, "window": {"start": self.t0, "end": self.t1},
             "resolution_seconds": self.resolution, "source": self.source,
             "findings": [f.to_json() for f in self.findings],
-            "gpus": [{k: clean(v) for k, v in g.__dict__.items()} for g in self.gpus],
+            "gpus": [dict(g.__dict__) for g in self.gpus],
             "lost_gpu_hours": self.lost_gpu_hours, "lost_cost": self.lost_cost,
-            "throughput": {k: clean(v) for k, v in self.throughput.items()},
+            "throughput": self.throughput,
             "notes": self.notes,
-        }
+        })
 
 
 def analyze(sig: Signals, options: Options | None = None, node: str = "") -> Report:

@@ -21,6 +21,19 @@ KINDS = {
 }
 
 
+def json_safe(v):
+    """Plain JSON: NaN and infinities become null, numpy numbers Python ones."""
+    if isinstance(v, dict):
+        return {str(k): json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    if hasattr(v, "item") and callable(v.item):  # numpy scalars
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
 def severity_for(lost_fraction: float) -> str:
     """How much GPU time the problem costs, as a severity."""
     if lost_fraction >= 0.2:
@@ -49,8 +62,7 @@ class Finding:
         return float(self.gain.get("speedup", 1.0))
 
     def to_json(self) -> dict:
-        d = asdict(self)
-        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
+        return json_safe(asdict(self))
 
     def headline(self) -> str:
         gpus = self.subject.get("gpus")

@@ -12,7 +12,7 @@ from agentd.analysis.core import Report, analyze_rolling
 from agentd.analysis.signals import from_groups
 
 if TYPE_CHECKING:
-    from agentd.daemon import Daemon
+    from agentd.daemon.core import Daemon
 
 log = logging.getLogger("agentd.analysis")
 

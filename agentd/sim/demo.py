@@ -10,8 +10,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from agentd.config import Config, _default_collectors
-from agentd.daemon import Daemon
+from agentd.daemon.config import Config, _default_collectors
+from agentd.daemon.core import Daemon
 
 
 def _mean(ring, key: str, since: float) -> float | None:

@@ -18,17 +18,17 @@ from dataclasses import replace
 from typing import Callable
 
 from agentd import __version__
-from agentd.config import Config, ConfigError, parse_listen
-from agentd.exporter import Exporter
+from agentd.daemon.config import Config, ConfigError, parse_listen
+from agentd.daemon.exporter import Exporter
 from agentd.paths import Paths
-from agentd.rolling import RollingAnalysis
-from agentd.runner import Loop, SamplerState
+from agentd.daemon.rolling import RollingAnalysis
+from agentd.daemon.runner import Loop, SamplerState
 from agentd.samplers import registry
 from agentd.samplers.base import Context, SharedState
-from agentd.systemd import Notifier
-from agentd.web import WebServer, json_response
-from agentd.webconfig import WebConfig, WebConfigError, load_web_config
-from agentd.window import Window
+from agentd.daemon.systemd import Notifier
+from agentd.daemon.web import WebServer, json_response
+from agentd.daemon.webconfig import WebConfig, WebConfigError, load_web_config
+from agentd.daemon.window import Window
 
 log = logging.getLogger("agentd")
 

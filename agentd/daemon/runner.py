@@ -21,7 +21,7 @@ import threading
 import time
 
 from agentd.samplers.base import Sampler, Unavailable
-from agentd.window import Ring
+from agentd.daemon.window import Ring
 
 MAX_BACKOFF = 30.0
 

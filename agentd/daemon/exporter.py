@@ -17,11 +17,11 @@ from prometheus_client import ProcessCollector
 from agentd import __version__
 from agentd.catalog import METRICS, MetricSpec
 from agentd.gpu import fake as fake_nvml
-from agentd.exposition import TextWriter, render_client_metrics
-from agentd.window import gpu_window_stats
+from agentd.daemon.exposition import TextWriter, render_client_metrics
+from agentd.daemon.window import gpu_window_stats
 
 if TYPE_CHECKING:
-    from agentd.daemon import Daemon
+    from agentd.daemon.core import Daemon
 
 log = logging.getLogger("agentd.exporter")
 

@@ -17,8 +17,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 from urllib.parse import parse_qs, urlparse
 
-from agentd.exposition import CONTENT_TYPE
-from agentd.webconfig import WebConfig
+from agentd.daemon.exposition import CONTENT_TYPE
+from agentd.daemon.webconfig import WebConfig
 
 log = logging.getLogger("agentd.web")
 

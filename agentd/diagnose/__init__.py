@@ -1,0 +1,51 @@
+"""`agentd diagnose` and `agentd record`: a source in, a report out.
+
+    sources/   where the signals come from (live, daemon, recording, Prometheus x2)
+    render.py  the text report
+    plot.py    --plot
+    record.py  `agentd record`
+
+Exit status: 0 no finding at or above --fail-on; 1 findings at or above --fail-on;
+2 usage error; 3 the source cannot be reached or read; 4 the output cannot be written.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from agentd.analysis.core import Options, Report, analyze
+from agentd.analysis.findings import SEVERITIES
+from agentd.analysis.signals import Signals
+from agentd.diagnose.sources import SourceError
+
+EXIT_OK, EXIT_FINDINGS, EXIT_USAGE, EXIT_SOURCE, EXIT_OUTPUT = 0, 1, 2, 3, 4
+
+__all__ = ["EXIT_FINDINGS", "EXIT_OK", "EXIT_OUTPUT", "EXIT_SOURCE", "EXIT_USAGE",
+           "SourceError", "exit_status", "report_and_exit"]
+
+
+def exit_status(r: Report, fail_on: str) -> int:
+    worst = r.worst_severity()
+    if worst is None or SEVERITIES.index(worst) < SEVERITIES.index(fail_on):
+        return EXIT_OK
+    return EXIT_FINDINGS
+
+
+def report_and_exit(sig: Signals, args) -> int:
+    from agentd.diagnose.render import render_text
+
+    if len(sig.t) < 10:
+        raise SourceError(f"{sig.source} holds {len(sig.t)} samples: too few to analyse")
+    opts = Options(samples_per_step=args.samples_per_step, tokens_per_step=args.tokens_per_step,
+                   price_per_gpu_hour=args.price_per_gpu_hour)
+    r = analyze(sig, opts, node=args.node or sig.node)
+    if args.plot:
+        from agentd.diagnose.plot import plot
+
+        plot(sig, r, args.plot)  # before any output: a missing matplotlib is a usage error
+    if args.json:
+        sys.stdout.write(json.dumps(r.to_json(), indent=1, allow_nan=False) + "\n")
+    else:
+        sys.stdout.write(render_text(r))
+    return exit_status(r, args.fail_on)

@@ -1,0 +1,212 @@
+"""agentd's own metrics in a Prometheus server, mapped back into its signals.
+
+Counters become rates (irate over the last scrape interval at the default step, so the mean
+over the range is exact); gauges are averaged over each step. Identities (GPU models, process
+trees, shared PCIe uplinks) come from the info series at the range end.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from agentd.analysis.signals import Signals
+from agentd.diagnose.sources import SourceError
+from agentd.diagnose.sources.promclient import (Grid, NodeSelector, PromClient, PrometheusSource,
+                                                scrape_interval, with_matchers)
+
+# signal, metric, label of the subject, counter?
+SERIES = (
+    ("gpu.busy_time", "agentd_gpu_busy_seconds_total", "gpu", True),
+    ("gpu.sm_active", "agentd_gpu_sm_active_seconds_total", "gpu", True),
+    ("gpu.tensor_active", "agentd_gpu_tensor_active_seconds_total", "gpu", True),
+    ("gpu.dram_active", "agentd_gpu_dram_active_seconds_total", "gpu", True),
+    ("gpu.pcie_rx", "agentd_gpu_pcie_rx_bytes_total", "gpu", True),
+    ("gpu.pcie_tx", "agentd_gpu_pcie_tx_bytes_total", "gpu", True),
+    ("gpu.nvlink_rx", "agentd_gpu_nvlink_rx_bytes_total", "gpu", True),
+    ("gpu.nvlink_tx", "agentd_gpu_nvlink_tx_bytes_total", "gpu", True),
+    ("gpu.pcie_capacity", "agentd_gpu_pcie_link_capacity_bytes_per_second", "gpu", False),
+    ("gpu.mem_used", "agentd_gpu_memory_used_bytes", "gpu", False),
+    ("gpu.sm_clock", "agentd_gpu_sm_clock_hertz", "gpu", False),
+    ("gpu.sm_clock_max", "agentd_gpu_sm_clock_max_hertz", "gpu", False),
+    ("gpu.power", "agentd_gpu_power_watts", "gpu", False),
+    ("gpu.power_limit", "agentd_gpu_power_limit_watts", "gpu", False),
+    ("gpu.temperature", "agentd_gpu_temperature_celsius", "gpu", False),
+    ("disk.read", "agentd_disk_read_bytes_total", "device", True),
+    ("disk.write", "agentd_disk_written_bytes_total", "device", True),
+    ("disk.read_ops", "agentd_disk_reads_completed_total", "device", True),
+    ("disk.busy", "agentd_disk_io_time_seconds_total", "device", True),
+    ("disk.queue", "agentd_disk_io_time_weighted_seconds_total", "device", True),
+    ("proc.cpu", "agentd_process_cpu_seconds_total", "pid", True),
+    ("proc.read", "agentd_process_read_bytes_total", "pid", True),
+    ("proc.members", "agentd_process_members", "pid", False),
+    ("proc.blocked", "agentd_process_blocked", "pid", False),
+    ("net.rx", "agentd_network_receive_bytes_total", "device", True),
+    ("net.tx", "agentd_network_transmit_bytes_total", "device", True),
+    ("rdma.rx", "agentd_rdma_receive_bytes_total", "device", True),
+    ("rdma.tx", "agentd_rdma_transmit_bytes_total", "device", True),
+    ("mem.refault", "agentd_memory_file_refaults_total", None, True),
+    ("mem.available", "agentd_memory_available_bytes", None, False),
+    ("mem.cached", "agentd_memory_cached_bytes", None, False),
+    ("cpu.procs_blocked", "agentd_cpu_procs_blocked", None, False),
+)
+
+
+class AgentdPrometheusSource(PrometheusSource):
+    name = "prometheus (agentd)"
+
+    def read(self) -> Signals:
+        c = self.client
+        nodes = NodeSelector(c, self.node, self.end)
+        base = nodes.for_metric("agentd_gpu_busy_seconds_total")
+        if base is None:
+            raise SourceError(f"Prometheus at {c.url} holds no agentd GPU series for node "
+                              f"{self.node!r} in the hour before the range end")
+        scrape = scrape_interval(c, "agentd_gpu_busy_seconds_total", base, self.end)
+        step = self.step or scrape or 15.0
+        grid = Grid(self.start, self.end, step)
+        # irate over 3 steps: the rate between the last two samples (one scrape interval
+        # at the default step). At a step longer than the scrape, rate() over the step.
+        fine = scrape is not None and step <= scrape * 1.5
+        win = f"{max(int(round(step * (3 if fine else 1))), 1)}s"
+        fn = "irate" if fine else "rate"
+        ch: dict[str, np.ndarray] = {}
+        meta: dict = {"node": self.node, "scrape_interval_seconds": scrape, "missing": []}
+
+        def fetch(key: str, query: str, label: str | None) -> None:
+            for s in c.query_range(query, self.start, self.end, step):
+                subject = s["metric"].get(label, "") if label else ""
+                ch[key.format(subject)] = grid.place(s.get("values", []))
+
+        for signal, metric, label, counter in SERIES:
+            sel = nodes.for_metric(metric)
+            if sel is None:
+                continue
+            by = f" by ({label})" if label else ""
+            inner = f"{fn}({metric}{sel}[{win}])" if counter else \
+                f"avg_over_time({metric}{sel}[{max(int(round(step)), 1)}s])"
+            fetch(signal + ":{}", f"max{by} ({inner})", label)
+        # The held utilization: the busy rate is the exact mean; gpu.busy is the same here.
+        for k in [k for k in ch if k.startswith("gpu.busy_time:")]:
+            ch["gpu.busy:" + k.split(":", 1)[1]] = ch[k].copy()
+        sel = nodes.for_metric("agentd_cpu_seconds_total")
+        if sel is not None:
+            busy = with_matchers(sel, 'mode!~"idle|iowait|steal"')
+            iowait = with_matchers(sel, 'mode="iowait"')
+            idle = with_matchers(sel, 'mode="idle"')
+            fetch("cpu.busy:{}", f"sum({fn}(agentd_cpu_seconds_total{busy}[{win}]))", None)
+            fetch("cpu.iowait:{}", f"sum({fn}(agentd_cpu_seconds_total{iowait}[{win}]))", None)
+            fetch("cpu.count:{}", f"count(agentd_cpu_seconds_total{idle})", None)
+        else:
+            online = nodes.for_metric("agentd_cpu_online")
+            if online is not None:
+                fetch("cpu.count:{}", f"max(agentd_cpu_online{online})", None)
+        psel = nodes.for_metric("agentd_pressure_waiting_seconds_total")
+        if psel is not None:
+            for res in ("io", "cpu", "memory"):
+                some = with_matchers(psel, 'resource="%s",kind="some"' % res)
+                fetch(f"psi.{res}:{{}}",
+                      f"max({fn}(agentd_pressure_waiting_seconds_total{some}[{win}]))", None)
+        self._throttle(ch, nodes, grid, step, fn, win)
+        meta["processes"] = self._processes(nodes)
+        meta["gpus"] = self._gpus(nodes)
+        meta["shared_uplinks"] = self._shared_uplinks(nodes)
+        lost = nodes.for_metric("agentd_gpu_lost")
+        if lost is not None:
+            meta["gpus_lost"] = sorted(
+                s["metric"].get("gpu", "") for s in c.query(
+                    f"last_over_time(agentd_gpu_lost{lost}[1h]) == 1", at=self.end))
+        if not any(k.startswith("gpu.busy:") for k in ch) and not meta.get("gpus_lost"):
+            raise SourceError(f"Prometheus at {c.url} holds no GPU utilization for node "
+                              f"{self.node!r} between {self.start:.0f} and {self.end:.0f}")
+        return Signals(grid.t, ch, step, source=self.name, node=self.node, meta=meta)
+
+    def _throttle(self, ch, nodes, grid, step, fn, win) -> None:
+        """Throttle reasons as bits, from the share of each step the reason was active."""
+        from agentd.gpu.backend import CLOCK_EVENT_REASONS
+
+        sel = nodes.for_metric("agentd_gpu_clock_event_seconds_total")
+        if sel is None:
+            return
+        by_gpu: dict[str, np.ndarray] = {}
+        for s in self.client.query_range(
+                f"max by (gpu, reason) ({fn}(agentd_gpu_clock_event_seconds_total{sel}[{win}]))",
+                self.start, self.end, step):
+            m = s["metric"]
+            if m.get("reason") not in CLOCK_EVENT_REASONS:
+                continue
+            share = grid.place(s.get("values", []))
+            g = m.get("gpu", "")
+            bits = by_gpu.setdefault(g, np.zeros(len(grid.t)))
+            bits += (np.nan_to_num(share) >= 0.5) * (1 << CLOCK_EVENT_REASONS.index(m["reason"]))
+        for g, b in by_gpu.items():
+            ch[f"gpu.throttle:{g}"] = b
+
+    def _processes(self, nodes: NodeSelector) -> dict:
+        sel = nodes.for_metric("agentd_process_info")
+        if sel is None:
+            return {}
+        procs = {}
+        for s in self.client.query(f"last_over_time(agentd_process_info{sel}[5m])", at=self.end):
+            m = s["metric"]
+            if "pid" not in m:
+                continue
+            procs[m["pid"]] = {
+                "gpus": [int(x) for x in m.get("gpus", "").split(",") if x.strip().isdigit()],
+                **{k: m.get(k, "") for k in ("comm", "systemd_unit", "container_id", "pod_uid",
+                                             "slurm_job_id")}}
+        return procs
+
+    def _gpus(self, nodes: NodeSelector) -> dict:
+        sel = nodes.for_metric("agentd_gpu_info")
+        if sel is None:
+            return {}
+        out = {}
+        for s in self.client.query(f"last_over_time(agentd_gpu_info{sel}[1h])", at=self.end):
+            m = s["metric"]
+            out[m.get("gpu", "")] = {"uuid": m.get("uuid", ""), "name": m.get("name", ""),
+                                     "pci_bus_id": m.get("pci_bus_id", "")}
+        return out
+
+    def _shared_uplinks(self, nodes: NodeSelector) -> list[dict]:
+        c = self.client
+        gsel = nodes.for_metric("agentd_gpu_info")
+        usel = nodes.for_metric("agentd_pcie_shared_uplink")
+        if gsel is None or usel is None:
+            return []
+        gpus = {}
+        for s in c.query(f"last_over_time(agentd_gpu_info{gsel}[1h])", at=self.end):
+            m = s["metric"]
+            try:
+                gpus[m.get("pci_bus_id", "").lower()[-12:]] = int(m.get("gpu", "-1"))
+            except ValueError:
+                continue
+        disks = {}
+        dsel = nodes.for_metric("agentd_disk_info")
+        if dsel is not None:
+            for s in c.query(f"last_over_time(agentd_disk_info{dsel}[1h])", at=self.end):
+                m = s["metric"]
+                if m.get("pci_address"):
+                    disks[m["pci_address"]] = m.get("device", "")
+        links: dict[str, dict] = {}
+        for s in c.query(f"last_over_time(agentd_pcie_shared_uplink{usel}[1h])", at=self.end):
+            m = s["metric"]
+            try:
+                cap = float(m.get("uplink_bytes_per_second") or s["value"][1] or 0)
+            except (ValueError, KeyError, IndexError, TypeError):
+                cap = 0.0
+            link = links.setdefault(m.get("switch", ""), {
+                "switch": m.get("switch", ""), "gpus": [], "disks": [],
+                "uplink_bytes_per_second": cap})
+            g = gpus.get(m.get("gpu_address", ""))
+            if g is not None and g not in link["gpus"]:
+                link["gpus"].append(g)
+            d = disks.get(m.get("nvme_address", ""))
+            if d and d not in link["disks"]:
+                link["disks"].append(d)
+        return list(links.values())
+
+
+def detect(client: PromClient, node: str, at: float) -> str:
+    """"agentd" when the server holds agentd's metrics for the node, else "exporters"."""
+    return "agentd" if NodeSelector(client, node, at).for_metric(
+        "agentd_gpu_busy_seconds_total") else "exporters"
