@@ -37,6 +37,12 @@ SIGNALS: dict[str, Signal] = {
         Signal("gpu.busy_time", "seconds/s",
                "kernel time credited in the tick per second of tick (its mean over any window "
                "is the exact busy share, as rate() of the busy counter)", "fast"),
+        Signal("gpu.util_sample", "ratio",
+               "mean of the driver's utilization samples that arrived in the tick (NaN when "
+               "none did)", "fast"),
+        Signal("gpu.util_sample_age", "seconds",
+               "how long before the tick the middle of those samples' periods lies, on the "
+               "driver's own timeline: the samples' true times, for the step period", "fast"),
         Signal("gpu.sm_active", "ratio", "fraction of SMs busy (GPM SM utilization)", "fast"),
         Signal("gpu.sm_occupancy", "ratio", "resident warps over the maximum (GPM)", "fast"),
         Signal("gpu.tensor_active", "ratio", "fraction of time tensor cores ran (GPM)", "fast"),
@@ -83,6 +89,9 @@ SIGNALS: dict[str, Signal] = {
         Signal("rdma.tx", "bytes/s", "bytes sent by an RDMA port", "slow"),
         Signal("proc.cpu", "cores", "CPU of a GPU process and its descendants", "fast"),
         Signal("proc.max_member_cpu", "cores", "CPU of the busiest process in the tree", "fast"),
+        Signal("proc.root_cpu", "cores",
+               "CPU of the tree's root (the trainer): the rest is its data-loader workers'",
+               "fast"),
         Signal("proc.members", "processes", "processes in the tree (trainer and workers)", "fast"),
         Signal("proc.read", "bytes/s", "bytes the tree caused to be read from storage", "fast"),
         Signal("proc.rchar", "bytes/s", "bytes the tree read through read() and friends", "fast"),

@@ -1,15 +1,30 @@
-"""analyze(): signals in, a ranked diagnosis out. Pure: no I/O, no clock, no globals."""
+"""analyze(): signals in, a ranked diagnosis out. Pure: no I/O, no clock, no globals.
+
+    measure the window once (evidence.py)
+    -> device findings: lost GPUs, idle allocations, throttling, stragglers
+    -> the GPUs starved of input significantly above the source's noise (detectors/common.py)
+    -> for each, the best-evidenced input mechanism, root causes before their symptoms
+    -> collective waits, only where no input cause and no straggler explains them
+    -> what is left: `unexplained_idle` at info, with what would tell it apart
+A healthy node (no GPU losing 5% of its job time significantly above noise, no device fault)
+gets no finding at all.
+"""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from agentd.analysis import detectors as D
-from agentd.analysis.findings import SEVERITIES, Finding, json_safe
+from agentd.analysis.detectors import common as C
+from agentd.analysis.evidence import Evidence, measure
+from agentd.analysis.findings import SEVERITIES, Finding, gain_from_stall, json_safe
 from agentd.analysis.signals import Signals
+
+# Among input causes, a root cause outranks its symptom; then the clearer evidence wins.
+ROOT_ORDER = {"memory_pressure": 0, "shared_link": 1, "input_storage": 2, "input_cpu": 2,
+              "h2d_pcie": 2, "io_h2d_serialized": 3}
 
 
 @dataclass
@@ -24,10 +39,15 @@ class GpuSummary:
     gpu: str
     busy: float
     computing: float | None
+    collective: float | None
     stall: float
+    stall_standard_error: float | None
+    job_seconds: float
     step_period_seconds: float | None
-    step_jitter_seconds: float | None
+    step_period_interval: list | None
+    step_period_note: str
     steps_per_second: float | None
+    lost: bool = False
 
 
 @dataclass
@@ -40,9 +60,12 @@ class Report:
     findings: list[Finding]
     gpus: list[GpuSummary]
     notes: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    spare_gpus: list[dict] = field(default_factory=list)
     lost_gpu_hours: float = 0.0
     lost_cost: float | None = None
     throughput: dict = field(default_factory=dict)
+    covered_seconds: float = 0.0
 
     def worst_severity(self) -> str | None:
         if not self.findings:
@@ -51,31 +74,135 @@ class Report:
 
     def to_json(self) -> dict:
         return json_safe({
-            "node": self.node, "window": {"start": self.t0, "end": self.t1},
+            "node": self.node, "window": {"start": self.t0, "end": self.t1,
+                                          "covered_seconds": self.covered_seconds},
             "resolution_seconds": self.resolution, "source": self.source,
             "findings": [f.to_json() for f in self.findings],
             "gpus": [dict(g.__dict__) for g in self.gpus],
+            "spare_gpus": self.spare_gpus, "signals_missing": self.missing,
             "lost_gpu_hours": self.lost_gpu_hours, "lost_cost": self.lost_cost,
-            "throughput": self.throughput,
-            "notes": self.notes,
+            "throughput": self.throughput, "notes": self.notes,
         })
+
+
+def _input_findings(ev: Evidence, starved: list[str]) -> list[Finding]:
+    """For starved GPUs, the best-evidenced input cause each; GPUs with the same cause form
+    one finding."""
+    if not starved:
+        return []
+    by_gpu: dict[str, tuple] = {}
+    for det in D.INPUT:
+        for f in det.detect(ev, starved):
+            key = (ROOT_ORDER.get(f.kind, 9), -f.confidence)
+            for g in f.gpus:
+                if g in starved and (g not in by_gpu or key < by_gpu[g][0]):
+                    by_gpu[g] = (key, det, f.kind)
+    groups: dict[tuple, list[str]] = {}
+    for g, (_, det, kind) in by_gpu.items():
+        groups.setdefault((det, kind), []).append(g)
+    out = []
+    for (det, kind), gpus in groups.items():
+        gpus.sort(key=lambda s: (len(s), s))
+        # Re-run the chosen detector on its own GPUs, so the finding's numbers are theirs.
+        out += [f for f in det.detect(ev, gpus) if f.kind == kind]
+    return out
+
+
+def _unexplained(ev: Evidence, gpus: list[str]) -> Finding:
+    stall = C.stall_of(ev, gpus)
+    busy = C.busy_of(ev, gpus)
+    tell = []
+    if ev.coarse:
+        tell.append(f"samples finer than {ev.sig.resolution:g} s (agentd's 10 Hz window)")
+    tell += [f"{m}" for m in ev.missing]
+    if not tell:
+        tell.append("a profile of the step (PyTorch profiler, nsys): the gap is not in the "
+                    "reads, the loader's CPU, the copies or the collectives that agentd sees")
+    loaders = [ev.loaders[g] for g in gpus if g in ev.loaders]
+    if loaders and not ev.coarse and all(ld.saturation.mean < 0.7 for ld in loaders
+                                         if ld.saturation.n):
+        tell.append("whether batches are fetched on demand (no prefetch): the loader has "
+                    "headroom, but steps this short hide whether its work alternates with "
+                    "compute at 10 Hz (check DataLoader num_workers/prefetch_factor)")
+    return Finding(
+        kind="unexplained_idle", subject=ev.subject(gpus), t0=ev.t0, t1=ev.t1,
+        confidence=0.3, severity="info",
+        summary=f"the GPUs run no kernel {stall * 100:.0f}% of their job time and no measured "
+                "mechanism (storage, loader CPU, PCIe, collectives) explains it",
+        mechanism="none seen",
+        evidence={"stall_fraction": stall, "gpu_busy": busy,
+                  "stall_standard_error": float(np.mean([ev.gpus[g].idle.se for g in gpus])),
+                  **C.period_evidence(ev, gpus)},
+        gain=gain_from_stall(busy, stall),
+        advice=["What would tell it apart: " + "; ".join(tell) + ".",
+                "Common causes of gaps no counter shows: host-side Python between steps "
+                "(logging, metrics, .item() syncs), evaluation phases, the optimizer step on "
+                "the CPU."],
+        stall_fraction=stall)
+
+
+def _order(findings: list[Finding]) -> list[Finding]:
+    """Severest first; at equal severity the most GPU time lost; a throttled GPU before the
+    straggling it causes."""
+    findings.sort(key=lambda f: (-SEVERITIES.index(f.severity),
+                                 -(f.stall_fraction * max(len(f.gpus), 1)), f.kind))
+    thr = {g: f for f in findings if f.kind == "throttled" for g in f.gpus}
+    for i, f in enumerate(list(findings)):
+        if f.kind == "straggler" and f.gpus and f.gpus[0] in thr:
+            t = thr[f.gpus[0]]
+            # The straggling is the throttling's consequence: it costs the peers' wait too.
+            if SEVERITIES.index(t.severity) < SEVERITIES.index(f.severity):
+                t.severity = f.severity
+            t.evidence = {**t.evidence, "peers_wait_fraction":
+                          f.evidence.get("peers_wait_fraction")}
+            findings.remove(t)
+            findings.insert(findings.index(f), t)
+    gone = [f for f in findings if f.kind == "gpu_lost"]
+    return gone + [f for f in findings if f.kind != "gpu_lost"]
 
 
 def analyze(sig: Signals, options: Options | None = None, node: str = "") -> Report:
     options = options or Options()
-    ev = D.measure(sig, node)
+    ev = measure(sig, node)
     findings: list[Finding] = []
-    for detector in D.NODE_DETECTORS:
-        findings += detector(ev)
-    # A throttled GPU that also straggles: the throttling is the cause, the straggling the
-    # consequence; keep both, the cause first when the gains tie.
-    findings.sort(key=lambda f: (-f.speedup, -SEVERITIES.index(f.severity), f.kind))
+    for det in D.DEVICE:
+        findings += det.detect(ev)
+    idle = {g for f in findings if f.kind == "idle_allocated" for g in f.gpus}
+    blocked = {g for f in findings if f.kind == "straggler" and
+               f.mechanism.startswith("one rank idles") for g in f.gpus}
+    starved = C.starved(ev, exclude=idle | blocked)
+    inputs = _input_findings(ev, starved)
+    findings += inputs
+    explained = {g for f in inputs for g in f.gpus}
+    if not inputs and not any(f.kind == "straggler" for f in findings):
+        for det in D.COLLECTIVE:
+            findings += det.detect(ev, idle | set(ev.lost_gpus))
+    rest = [g for g in starved if g not in explained]
+    if rest:
+        findings.append(_unexplained(ev, rest))
+    findings = _order(findings)
+    return _report(ev, sig, findings, options)
+
+
+def _report(ev: Evidence, sig: Signals, findings: list[Finding], options: Options) -> Report:
     gpus = []
-    for g in ev.gpus:
-        period, jitter = ev.period[g]
-        gpus.append(GpuSummary(g, ev.busy[g], ev.compute[g], ev.stall[g], period, jitter,
-                               1.0 / period if period else None))
-    periods = [s.step_period_seconds for s in gpus if s.step_period_seconds]
+    spare = []
+    for g, s in ev.gpus.items():
+        if s.lost and not s.present.any():
+            gpus.append(GpuSummary(g, float("nan"), None, None, float("nan"), None, 0.0, None,
+                                   None, "lost", None, lost=True))
+            continue
+        no_job = len(sig.t) * sig.resolution - s.seconds
+        if s.held_known and no_job >= max(30.0, 3 * sig.resolution):
+            spare.append({"gpu": g, "seconds_without_job": no_job})
+        p = s.period
+        gpus.append(GpuSummary(
+            g, s.busy_mean, s.compute.mean if s.compute is not None else None,
+            s.spin.mean if s.spin is not None else None,
+            s.idle.mean if s.idle.n else float("nan"), s.idle.se if s.idle.n else None,
+            s.seconds, p.seconds if p else None, list(p.interval) if p else None,
+            s.period_note, 1.0 / p.seconds if p else None, lost=s.lost))
+    periods = [x.step_period_seconds for x in gpus if x.step_period_seconds]
     throughput: dict = {}
     if periods:
         steps = 1.0 / float(np.median(periods))
@@ -84,14 +211,43 @@ def analyze(sig: Signals, options: Options | None = None, node: str = "") -> Rep
             throughput["samples_per_second"] = steps * options.samples_per_step
         if options.tokens_per_step:
             throughput["tokens_per_second"] = steps * options.tokens_per_step
-    hours = (ev.t1 - ev.t0 + sig.resolution) / 3600 if len(sig.t) else 0.0
-    lost = sum(max(f.stall_fraction, 0.0) * len(f.subject.get("gpus", [])) * hours
-               for f in findings)
+    hours = sig.duration / 3600
+    lost = 0.0
+    for f in findings:
+        if f.kind == "gpu_lost":
+            continue
+        n = len(f.gpus)
+        if f.kind == "straggler":
+            n += int(f.evidence.get("peers_spinning") or f.evidence.get("peers_waiting") or 0)
+        lost += max(f.stall_fraction, 0.0) * n * hours
+    notes = list(ev.notes)
+    if ev.coarse:
+        notes.append(f"samples every {sig.resolution:g} s: stalls shorter than that average "
+                     "out; step period, idle gaps and the overlap of reads with copies cannot "
+                     "be resolved")
+    if ev.missing:
+        notes.append("signals missing from this source: " + "; ".join(ev.missing) +
+                     " (the classes that need them cannot be named)")
+    if spare:
+        notes.append("spare capacity: GPU " + ", ".join(
+            f"{s['gpu']} ({s['seconds_without_job']:.0f} s)" for s in spare) +
+            " held no job memory part of the window; that time is not counted as a stall")
+    if ev.checkpoint_share >= 0.01:
+        notes.append(f"{ev.checkpoint_share * 100:.0f}% of the job time went to checkpoints "
+                     "(writes or device-to-host copies while the GPUs idled): not counted as "
+                     "input stalls")
+    limits = sig.meta.get("limits")
+    if limits:
+        notes.append(str(limits))
+    if sig.meta.get("from_model_table"):
+        notes.append("PCIe link, maximum SM clock or power limit taken from the GPU model "
+                     "table (the source does not export them)")
     return Report(
         node=ev.node, t0=ev.t0, t1=ev.t1, resolution=sig.resolution, source=sig.source,
-        findings=findings, gpus=gpus, notes=ev.notes, lost_gpu_hours=lost,
+        findings=findings, gpus=gpus, notes=notes, missing=ev.missing, spare_gpus=spare,
+        lost_gpu_hours=lost,
         lost_cost=lost * options.price_per_gpu_hour if options.price_per_gpu_hour else None,
-        throughput=throughput)
+        throughput=throughput, covered_seconds=sig.duration)
 
 
 RECENT_SECONDS = 20.0
@@ -105,9 +261,10 @@ def analyze_rolling(sig: Signals, options: Options | None = None, node: str = ""
     if len(sig.t) == 0 or sig.duration <= recent * 1.5:
         return report
     short = analyze(sig.slice(sig.t[-1] - recent, sig.t[-1]), options, node)
-    known = {(f.kind, tuple(f.subject.get("gpus", []))) for f in report.findings}
-    fresh = [f for f in short.findings if (f.kind, tuple(f.subject.get("gpus", []))) not in known
-             and f.kind != "idle_allocated"]
+    known = {(f.kind, tuple(f.gpus)) for f in report.findings}
+    fresh = [f for f in short.findings if (f.kind, tuple(f.gpus)) not in known
+             and f.kind not in ("idle_allocated", "unexplained_idle")
+             and f.severity != "info"]
     for f in fresh:
         f.evidence = {**f.evidence, "onset": f"within the last {recent:.0f} s"}
         f.confidence = round(f.confidence * 0.9, 2)

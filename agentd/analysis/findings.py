@@ -1,4 +1,5 @@
-"""What a diagnosis says: a Finding, with its subject, evidence, expected gain and advice."""
+"""What a diagnosis says: a Finding, with its subject, the mechanism seen, the evidence in
+numbers, the expected gain and advice."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 SEVERITIES = ("info", "warning", "critical")
 
 KINDS = {
+    "gpu_lost": "a GPU fell off the bus",
     "idle_allocated": "GPUs allocated but idle",
     "input_storage": "input pipeline bound by storage",
     "input_cpu": "input pipeline bound by CPU preprocessing",
@@ -16,9 +18,13 @@ KINDS = {
     "shared_link": "storage and GPU copies contend for a shared PCIe uplink",
     "comm_wait": "GPUs wait on collective communication",
     "throttled": "GPU clocks throttled",
-    "straggler": "a straggler GPU holds its peers back",
+    "straggler": "one GPU holds its peers back",
     "memory_pressure": "page cache evicted: data re-read from storage",
+    "unexplained_idle": "GPUs idle for a reason the signals do not show",
 }
+
+# A finding needs this much confidence in its mechanism to warn; below, it is info.
+WARN_CONFIDENCE = 0.5
 
 
 def json_safe(v):
@@ -34,8 +40,10 @@ def json_safe(v):
     return v
 
 
-def severity_for(lost_fraction: float) -> str:
-    """How much GPU time the problem costs, as a severity."""
+def severity_for(lost_fraction: float, confidence: float = 1.0) -> str:
+    """How much GPU time the problem costs, as a severity; weak evidence never warns."""
+    if not lost_fraction == lost_fraction or confidence < WARN_CONFIDENCE:
+        return "info"
     if lost_fraction >= 0.2:
         return "critical"
     if lost_fraction >= 0.05:
@@ -46,20 +54,26 @@ def severity_for(lost_fraction: float) -> str:
 @dataclass
 class Finding:
     kind: str
-    subject: dict  # node, gpus, and where known process / unit / container / pod / job
+    subject: dict  # node, gpus, and where known processes / unit / container / pod / job
     t0: float
     t1: float
-    confidence: float  # 0..1
+    confidence: float  # 0..1: how clearly the mechanism was seen
     severity: str
     summary: str
+    mechanism: str = ""  # what was seen, in one phrase
     evidence: dict = field(default_factory=dict)
     gain: dict = field(default_factory=dict)  # busy_now, busy_after, step_time_change, speedup
     advice: list[str] = field(default_factory=list)
-    stall_fraction: float = 0.0  # share of GPU time lost to this cause
+    stall_fraction: float = 0.0  # share of the affected GPUs' time lost to this cause
 
     @property
     def speedup(self) -> float:
-        return float(self.gain.get("speedup", 1.0))
+        s = self.gain.get("speedup", 1.0)
+        return float(s) if s is not None and s == s else 1.0
+
+    @property
+    def gpus(self) -> list[str]:
+        return [str(g) for g in self.subject.get("gpus", [])]
 
     def to_json(self) -> dict:
         return json_safe(asdict(self))
@@ -67,23 +81,19 @@ class Finding:
     def headline(self) -> str:
         gpus = self.subject.get("gpus")
         where = f"GPU {','.join(map(str, gpus))}" if gpus else "node"
-        gain = self.gain
-        step = gain.get("step_time_change")
-        more = f", step time {step * 100:+.0f}%" if step is not None else ""
         return (f"[{self.severity}] {self.kind} on {self.subject.get('node', '?')} {where}: "
-                f"{self.summary} (busy {gain.get('busy_now', float('nan')) * 100:.0f}% -> "
-                f"~{gain.get('busy_after', float('nan')) * 100:.0f}%{more}; "
-                f"confidence {self.confidence:.2f})")
+                f"{self.summary} (stall {self.stall_fraction * 100:.0f}%, expected speed-up "
+                f"{self.speedup:.2f}x; confidence {self.confidence:.2f})")
 
 
 def gain_from_stall(busy_now: float, recovered: float) -> dict:
     """Expected gain when `recovered` (share of wall time) becomes compute: the same work in
     (1 - recovered) of the time."""
-    recovered = min(max(recovered, 0.0), 0.95)
+    recovered = min(max(recovered, 0.0), 0.95) if recovered == recovered else 0.0
     speedup = 1.0 / (1.0 - recovered)
     return {
         "busy_now": busy_now,
-        "busy_after": min(busy_now * speedup, 1.0) if busy_now == busy_now else float("nan"),
+        "busy_after": min(busy_now * speedup, 1.0) if busy_now == busy_now else None,
         "step_time_change": -recovered,
         "speedup": speedup,
     }

@@ -50,33 +50,55 @@ class Signals:
 
     @property
     def duration(self) -> float:
+        """Seconds the samples cover (gaps in the rows excluded)."""
+        return float(len(self.t) * self.resolution)
+
+    @property
+    def span(self) -> float:
+        """Seconds from the first sample to the end of the last."""
         return float(self.t[-1] - self.t[0] + self.resolution) if len(self.t) else 0.0
+
+
+MAX_GAP_STEPS = 50  # a pause in the rows longer than this many steps splits the grid
 
 
 def from_groups(groups: dict[str, dict], step: float | None = None, source: str = "window",
                 node: str = "", meta: dict | None = None) -> Signals:
     """Align the window's per-sampler rings ({name: {interval, t, columns, values}}) on the
     finest ring's grid. Slow signals are held (step-wise) between their samples; a sample
-    never reaches back before its own ring began."""
-    groups = {k: g for k, g in groups.items() if len(g["t"])}
+    never reaches back before its own ring began. Rows are taken in time order (duplicates
+    dropped); where no sampler wrote for a while (the agent stopped, the clock jumped) the
+    grid skips the gap, so memory follows the rows present, never the span of time."""
+    clean = {}
+    for k, g in groups.items():
+        t = np.asarray(g["t"], dtype=float)
+        if not len(t):
+            continue
+        values = np.asarray(g["values"], dtype=float).reshape(len(t), -1)
+        ok = np.isfinite(t)
+        t, values = t[ok], values[ok]
+        order = np.argsort(t, kind="stable")
+        t, values = t[order], values[order]
+        keep = np.ones(len(t), dtype=bool)
+        keep[1:] = np.diff(t) > 0
+        values = np.where(np.isfinite(values), values, np.nan)
+        if keep.any():
+            clean[k] = {**g, "t": t[keep], "values": values[keep]}
+    groups = clean
     if not groups:
         return Signals(np.zeros(0), {}, step or 0.1, source, node, meta or {})
     step = step or min(float(g["interval"] or 1.0) for g in groups.values())
-    t0 = max(min(float(g["t"][0]) for g in groups.values()), 0.0)
-    t1 = max(float(g["t"][-1]) for g in groups.values())
-    grid = np.arange(np.round(t0 / step) * step, t1 + step / 2, step)
+    grid = _grid(groups, step)
     channels: dict[str, np.ndarray] = {}
     for g in groups.values():
-        t = np.asarray(g["t"], dtype=float)
-        values = np.asarray(g["values"], dtype=float)
-        order = np.argsort(t)
-        t, values = t[order], values[order]
+        t, values = g["t"], g["values"]
+        interval = float(g["interval"] or step)
         # Each grid point takes the latest row at or before it (a row holds the interval
         # that ends at its time); rows finer than the grid are averaged into it.
         idx = np.searchsorted(t, grid + step * 1e-3, side="right") - 1
         valid = (idx >= 0) & (grid - t[np.clip(idx, 0, None)] <= max(
-            float(g["interval"] or step) * 2.5, step * 1.5))
-        fine = (g["interval"] or step) < step * 0.75
+            interval * 2.5, step * 1.5))
+        fine = interval < step * 0.75
         for j, col in enumerate(g["columns"]):
             v = values[:, j]
             if fine:
@@ -85,6 +107,19 @@ def from_groups(groups: dict[str, dict], step: float | None = None, source: str 
                 out = np.where(valid, v[np.clip(idx, 0, None)], np.nan)
             channels[col] = out
     return Signals(grid, channels, step, source, node, meta or {})
+
+
+def _grid(groups: dict[str, dict], step: float) -> np.ndarray:
+    """Grid points at multiples of `step` over the spans where rows exist."""
+    times = np.unique(np.concatenate([g["t"] for g in groups.values()]))
+    breaks = np.flatnonzero(np.diff(times) > max(step * MAX_GAP_STEPS, 10.0))
+    starts = np.concatenate(([0], breaks + 1))
+    ends = np.concatenate((breaks, [len(times) - 1]))
+    parts = []
+    for a, b in zip(starts, ends):
+        t0 = np.round(times[a] / step) * step
+        parts.append(np.arange(t0, times[b] + step / 2, step))
+    return np.concatenate(parts) if parts else np.zeros(0)
 
 
 def _bin_mean(t: np.ndarray, v: np.ndarray, grid: np.ndarray, step: float) -> np.ndarray:

@@ -216,6 +216,13 @@ class Daemon:
              "gpus": [by_address[a] for a in s["gpu_addresses"] if a in by_address],
              "disks": s["disks"]}
             for s in meta.pop("pcie_switches", []) if s.get("uplink_bytes_per_second")]
+        links = meta.pop("pcie_links", {})
+        for info in (meta.get("disks") or {}).values():
+            link = links.get(info.get("pci_address", ""))
+            if link:
+                info["link_bytes_per_second"] = link
+        if self.sim_node is not None and self.sim_node.ceilings() is not None:
+            meta.setdefault("ceilings", self.sim_node.ceilings())
         return meta
 
     def _window_route(self, query: dict) -> tuple[int, str, bytes]:

@@ -55,6 +55,11 @@ class FastReading:
     busy_seconds: float = 0.0  # kernel time in the newly arrived driver samples
     covered_seconds: float = 0.0  # time those samples span
     last_utilization: float | None = None  # latest driver sample, 0..1
+    # The samples that arrived since the last reading, for step-period estimation on the
+    # driver's own timeline: their mean value, and how long before this reading the middle
+    # of their sample periods lies (the driver's timestamps mapped onto our clock).
+    new_samples_mean: float | None = None
+    new_samples_age: float | None = None
     seconds_since_sample: float | None = None  # age of the newest driver sample
     pcie_tx_bytes: int | None = None
     pcie_rx_bytes: int | None = None

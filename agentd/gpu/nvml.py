@@ -103,6 +103,7 @@ class _Device:
     util_last_ts: int = 0
     util_period_s: float | None = None
     util_last_seen: float = 0.0  # monotonic time the newest sample arrived
+    util_clock_offset: float | None = None  # our clock minus the driver's, at its lowest
     counter_fields: list = field(default_factory=list)
     counter_prev: dict = field(default_factory=dict)  # field id -> (value, bits, timestamp us)
     gpm_samples: list = field(default_factory=list)
@@ -315,10 +316,20 @@ class NvmlBackend:
                 dev.util_last_seen = now
                 r.last_utilization = min(pts[-1][1], 100) / 100
             return
+        if pts:
+            # The driver's timestamps are on its own clock: the smallest (our clock - its
+            # newest timestamp) seen so far maps them onto ours (a sample read just after it
+            # was taken gives the true offset; later reads only add to it).
+            offset = now - pts[-1][0] / 1e6
+            if dev.util_clock_offset is None or offset < dev.util_clock_offset:
+                dev.util_clock_offset = offset
         prev = dev.util_last_ts
+        fresh_t, fresh_v = [], []
         for ts, value in pts:
             if ts <= prev:
                 continue
+            fresh_t.append(ts / 1e6)
+            fresh_v.append(min(value, 100) / 100)
             if prev:  # the very first sample ever seen only marks where time starts
                 dt = (ts - prev) / 1e6
                 if dev.util_period_s is None or dt < dev.util_period_s:
@@ -333,6 +344,10 @@ class NvmlBackend:
         if prev != dev.util_last_ts:
             dev.util_last_ts = prev
             dev.util_last_seen = now
+        if fresh_v and dev.util_clock_offset is not None:
+            half = (dev.util_period_s or 0.0) / 2
+            r.new_samples_mean = sum(fresh_v) / len(fresh_v)
+            r.new_samples_age = now - (sum(fresh_t) / len(fresh_t) + dev.util_clock_offset) + half
         r.seconds_since_sample = now - dev.util_last_seen
 
     def _read_counters(self, dev: _Device, r: FastReading) -> None:

@@ -27,7 +27,7 @@ class GpuSampler(Sampler):
     name = "gpu"
     help = "GPUs through NVML: utilization samples, PCIe/NVLink counters, GPM, clocks, XIDs"
     default_rate = "fast"
-    window_columns = 384  # 17 signals x up to 22 GPUs
+    window_columns = 512  # 19 signals x up to 26 GPUs
     isolated = True  # NVML calls can block for seconds when a GPU falls off the bus
     options = {
         "processes": Option(bool, True, "attribute GPU memory and SM use to processes"),
@@ -120,6 +120,9 @@ class GpuSampler(Sampler):
         if busy is not None:
             self._last_busy[i] = busy
             row[f"gpu.busy:{i}"] = busy
+        if r.new_samples_mean is not None:
+            row[f"gpu.util_sample:{i}"] = r.new_samples_mean
+            row[f"gpu.util_sample_age:{i}"] = r.new_samples_age
         for kind, rx, tx in (("pcie", r.pcie_rx_bytes, r.pcie_tx_bytes),
                              ("nvlink", r.nvlink_rx_bytes, r.nvlink_tx_bytes)):
             if rx is None:

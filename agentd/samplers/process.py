@@ -235,6 +235,7 @@ class ProcessSampler(Sampler):
         live: dict[int, _Member] = {}
         cpu_delta = 0
         max_member = 0
+        root_delta = 0
         io_delta = {"read_bytes": 0, "rchar": 0, "write_bytes": 0}
         blocked = 0
         rss = 0
@@ -270,6 +271,8 @@ class ProcessSampler(Sampler):
                 d = 0
             cpu_delta += d
             max_member = max(max_member, d)
+            if pid == tree.root:
+                root_delta = d
             blocked += st.state == "D"
             rss += st.rss_bytes
             live[pid] = m
@@ -288,6 +291,7 @@ class ProcessSampler(Sampler):
         row = {
             f"proc.cpu:{r}": cpu_delta / CLK_TCK / dt,
             f"proc.max_member_cpu:{r}": max_member / CLK_TCK / dt,
+            f"proc.root_cpu:{r}": root_delta / CLK_TCK / dt,
             f"proc.members:{r}": float(len(live)),
             f"proc.blocked:{r}": float(blocked),
         }

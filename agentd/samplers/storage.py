@@ -147,6 +147,7 @@ class StorageSampler(Sampler):
 
     def _export_info(self) -> None:
         info = []
+        self._info: dict[str, dict] = {}
         for dev in self._devices:
             base = self.ctx.paths.sys("block", dev.replace("/", "!"))
             model = (read_optional(os.path.join(base, "device", "model")) or "").strip()
@@ -161,6 +162,7 @@ class StorageSampler(Sampler):
             except OSError:
                 pass
             info.append(("agentd_disk_info", (dev, model, rotational, pci), 1.0))
+            self._info[dev] = {"model": model, "rotational": rotational, "pci_address": pci}
         self.out.replace_gauges("info", info)
 
     def sample(self, now: float, slow: bool) -> Row:
@@ -202,6 +204,11 @@ class StorageSampler(Sampler):
             self._last_nfs[m.mountpoint] = (now, m.read_bytes)
         self._nfs = mounts
         return row
+
+    def meta(self) -> dict:
+        """The whole devices, for the analysis' device-class defaults (joined with their
+        PCIe links by the daemon)."""
+        return {"disks": {k: dict(v) for k, v in getattr(self, "_info", {}).items()}}
 
     def series(self) -> list[Series]:
         # Built from the last reading at scrape time: the kernel keeps these counters already.

@@ -152,4 +152,5 @@ class TopologySampler(Sampler):
         shared = [s for s in switches.values() if s["gpu_addresses"] and s["disks"]]
         for s in shared:
             s["uplink_bytes_per_second"] = upsysfs_capacity(sysfs, s["switch"])
-        return {"pcie_switches": shared}
+        links = {d.address: d.capacity for d in self.devices if d.capacity}
+        return {"pcie_switches": shared, "pcie_links": links}

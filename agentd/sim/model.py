@@ -52,13 +52,19 @@ class JobParams:
     storage_queue_depth: int = 64  # requests in flight, node total
     request_bytes: float = 256e3
     storage_devices: int = 1  # reads spread evenly over this many devices
+    # What the devices are: "nvme" (local drives on PCIe, a link to match their bandwidth),
+    # "sata" (SATA SSDs) or "network" (a network or virtual volume: no device class).
+    storage_kind: str = "nvme"
+    probed: bool = True  # `agentd probe` has measured the node's ceilings
     cpu_per_sample_s: float = 2e-3  # preprocessing CPU time per sample
     workers_per_gpu: int = 8
     cores: int = 96  # node cores available to the jobs
     trainer_cores: float = 0.2  # each trainer process's own CPU (launching kernels)
     pinned: bool = True  # pageable copies run at half speed and cost a core
     pcie_bandwidth: float = 25e9  # usable host-to-device bytes/s per GPU link
-    shared_uplink_bandwidth: float = 0.0  # >0: NVMe and GPUs of a switch share this uplink
+    # >0: the GPUs (and NVMe drives) of a switch share this uplink, per direction: the GPUs'
+    # host-to-device copies flow down it, the drives' reads (and device-to-host copies) up.
+    shared_uplink_bandwidth: float = 0.0
     gpus_per_switch: int = 2
     compute_s: float = 0.25  # per step at full clocks
     compute_jitter: float = 0.02  # relative standard deviation
@@ -109,9 +115,10 @@ def stage_rates(p: JobParams) -> dict[str, float]:
         "h2d": h2d_bw / p.h2d_bytes_per_step,
     }
     if p.shared_uplink_bandwidth > 0:
-        # Each switch carries its GPUs' copies and its share of the NVMe reads.
-        per_step = p.gpus_per_switch * (p.h2d_bytes_per_step + sb)
-        rates["uplink"] = p.shared_uplink_bandwidth / per_step
+        # Down each switch's uplink: its GPUs' copies; up it: its drive's share of the reads.
+        down = p.gpus_per_switch * p.h2d_bytes_per_step
+        up = g * sb / max(p.storage_devices, 1)
+        rates["uplink"] = p.shared_uplink_bandwidth / max(down, up)
     slow = p.straggler_factor if 0 <= p.straggler_gpu < g else 1.0
     comm = p.collective_bytes / p.collective_bandwidth if p.collective_bytes else 0.0
     if comm or p.peer_wait_s:
@@ -174,6 +181,10 @@ class Trace:
     trainer_cpu: np.ndarray  # [steps, gpus] trainer CPU seconds (incl. pageable copies)
     gpu_read: np.ndarray  # [steps, gpus] storage bytes read for that GPU's job
     io_wait: np.ndarray  # [steps] time some task waited for storage (PSI io some)
+    io_full: np.ndarray  # [steps] time every runnable task waited for storage (PSI io full)
+    mem_wait: np.ndarray  # [steps] time tasks waited on refaulting pages (PSI memory some)
+    pcie_tx: np.ndarray  # [steps, gpus] bytes copied device to host (checkpoints)
+    io_blocked: np.ndarray  # [steps, gpus] worker-seconds blocked on reads (D state)
     cpu_wait: np.ndarray  # [steps] time some task waited for a core (PSI cpu some)
     clock_factor: np.ndarray  # [steps, gpus] SM clock / max clock
     memory_held: np.ndarray  # [steps, gpus] 1 while a job holds GPU memory
@@ -188,9 +199,9 @@ class Simulator:
     times faster than numpy, whose per-call overhead dominates arrays of 8 elements."""
 
     CUM = ("storage_read", "storage_ops", "storage_busy", "storage_weighted", "io_wait",
-           "cpu_wait", "write")
+           "cpu_wait", "write", "io_full", "mem_wait")
     GCUM = ("busy", "sm_active", "pcie_rx", "nvlink", "steps", "stall", "cache_read",
-            "worker_cpu", "trainer_cpu", "gpu_read")
+            "worker_cpu", "trainer_cpu", "gpu_read", "pcie_tx", "io_blocked")
 
     def __init__(self, p: JobParams, dt: float = 0.01):
         if dt > 0.01:
@@ -209,6 +220,7 @@ class Simulator:
         self.dev_copy_left = [0.0] * g  # bytes of a prefetch copy in progress
         self.prepping = [False] * g  # serialized: a whole batch is being preprocessed
         self.checkpoint_left = 0.0
+        self.d2h_left = [0.0] * g  # a checkpoint's device-to-host copy still to go, per GPU
         self._checkpoints_done: set[int] = set()
         self.cum = dict.fromkeys(self.CUM, 0.0)
         self.gcum = {k: [0.0] * g for k in self.GCUM}
@@ -219,6 +231,10 @@ class Simulator:
         if self.comm_s or p.peer_wait_s:
             self.comm_s += p.peer_wait_s  # remote peers arrive later: the collective waits
         self.storage_avail = storage_throughput(p)
+        if p.shared_uplink_bandwidth > 0:
+            # Each drive's reads go up its switch's uplink.
+            self.storage_avail = min(self.storage_avail,
+                                     p.shared_uplink_bandwidth * max(p.storage_devices, 1))
         self._arrivals: dict[int, float] = {}  # barrier arrivals within the current step
         self.evaluating = False
         self.storage_factor = 1.0
@@ -248,7 +264,7 @@ class Simulator:
             k = int(t / p.checkpoint_every_s)
             if k >= 1 and -k not in self._checkpoints_done:
                 self._checkpoints_done.add(-k)
-                self.checkpoint_left += p.checkpoint_bytes
+                self._start_checkpoint(p.checkpoint_bytes)
         for n, ep in enumerate(self.p.episodes):
             if ep.start_s <= t < ep.end_s:
                 for i in (ep.gpus or range(g)):
@@ -259,8 +275,14 @@ class Simulator:
                 self.storage_factor *= ep.storage_factor
                 if ep.checkpoint_bytes and n not in self._checkpoints_done:
                     self._checkpoints_done.add(n)
-                    self.checkpoint_left += ep.checkpoint_bytes
+                    self._start_checkpoint(ep.checkpoint_bytes)
         return clock, cache, idle
+
+    def _start_checkpoint(self, nbytes: float) -> None:
+        """Each GPU copies its share of the state to host memory, then the node writes it."""
+        for i in range(self.p.gpus):
+            self.d2h_left[i] += nbytes / self.p.gpus
+        self.checkpoint_left += nbytes
 
     def _start_compute(self, i: int, clock: float) -> None:
         p = self.p
@@ -290,10 +312,17 @@ class Simulator:
 
         # --- storage: readers fill their read-ahead (workers + prefetch batches) -----------------
         write_bytes = 0.0
+        d2h = [0.0] * g
         if self.checkpoint_left > 0:
-            # A synchronous checkpoint: training stops while the storage writes it.
-            write_bytes = min(self.checkpoint_left, p.storage_bandwidth * dt)
-            self.checkpoint_left -= write_bytes
+            # A synchronous checkpoint: training stops while the GPUs copy their state to the
+            # host (PCIe, device to host) and the storage then writes it.
+            if any(x > 0 for x in self.d2h_left):
+                for i in range(g):
+                    d2h[i] = min(self.d2h_left[i], p.pcie_bandwidth * dt)
+                    self.d2h_left[i] -= d2h[i]
+            else:
+                write_bytes = min(self.checkpoint_left, p.storage_bandwidth * dt)
+                self.checkpoint_left -= write_bytes
             idle = [True] * g
         if serialized:
             # No prefetch: the next batch is read only once the GPU asks for it.
@@ -316,18 +345,17 @@ class Simulator:
         copy_rate = [copy_bw] * g
         uplink_limited = [False] * g
         if p.shared_uplink_bandwidth > 0:
-            # A switch uplink carries the NVMe reads and the GPUs' copies behind it: when
-            # their demand exceeds it, everyone on that switch slows down alike.
+            # Down a switch's uplink flow its GPUs' copies: when they ask more than it
+            # carries, they slow down alike. (Up it flow its drive's reads: see storage_avail.)
             per = p.gpus_per_switch
             for first in range(0, g, per):
                 members = range(first, min(first + per, g))
                 copying = sum(1 for i in members if dcl[i] > 0 or phase[i] == COPY or (
                     not dev_prefetch and phase[i] == WAIT and ready_q[i] >= 1 - 1e-9))
-                demand = sum(bw[i] for i in members) + copy_bw * copying
+                demand = copy_bw * copying
                 if demand > p.shared_uplink_bandwidth:
                     f = p.shared_uplink_bandwidth / demand
                     for i in members:
-                        bw[i] *= f
                         copy_rate[i] *= f
                         uplink_limited[i] = True
         read_b = [0.0] * g
@@ -396,6 +424,15 @@ class Simulator:
                 self.prepping[i] = read_q[i] > 1e-9
                 ready_at[i] = dt - avail_t + prep * cps / cores
 
+        # Workers that wait for reads sleep in D state: with prefetch, those of a reader held
+        # back by the storage and not preprocessing; without, the one reader while it reads.
+        blocked = [0.0] * g
+        for i in range(g):
+            if serialized:
+                blocked[i] = read_time[i]
+            elif wants[i] and saturated:
+                blocked[i] = max(p.workers_per_gpu - worker_cpu[i] / dt, 0.0) * dt
+
         # --- copies to the device in flight (overlapping compute) ---------------------------------
         pcie = [0.0] * g
         trainer_cpu = [p.trainer_cores * dt] * g
@@ -431,7 +468,7 @@ class Simulator:
                 if ph == COMPUTE:
                     use = rem[i] if rem[i] < left else left
                     busy[i] += use
-                    sm[i] += use * sm_c * clock[i]
+                    sm[i] += use * sm_c  # SMs stay busy at any clock: it takes longer
                     rem[i] -= use
                     left -= use
                     if rem[i] <= 1e-12:
@@ -524,6 +561,8 @@ class Simulator:
             gc["worker_cpu"][i] += worker_cpu[i]
             gc["trainer_cpu"][i] += trainer_cpu[i]
             gc["gpu_read"][i] += storage_bytes[i]
+            gc["pcie_tx"][i] += d2h[i]
+            gc["io_blocked"][i] += blocked[i]
         c = self.cum
         c["storage_read"] += total_read
         c["storage_ops"] += total_read / max(p.request_bytes, 1.0)
@@ -532,6 +571,13 @@ class Simulator:
         c["storage_weighted"] += in_flight * dt
         # Readers block on their requests while any are in flight: PSI's "some" I/O stall.
         c["io_wait"] += busy_frac * dt if n else 0.0
+        # "full": no task runnable (every reader waits, no worker preprocesses): the less CPU
+        # the workers get to use in the step, the closer to "some".
+        prep_cores = sum(worker_cpu) / dt
+        c["io_full"] += busy_frac * dt * max(0.0, 1.0 - prep_cores) if n else 0.0
+        # Readers of thrashed pages stall in reclaim and refaults: PSI memory counts them.
+        miss = (1 - cache_hit) if cache_hit < p.cache_hit else 0.0
+        c["mem_wait"] += busy_frac * dt * miss if n else 0.0
         c["cpu_wait"] += dt * (1 - spare / total) if total > spare else 0.0
         c["write"] += write_bytes
         row = [self.now]
@@ -619,6 +665,8 @@ class Simulator:
             cache_read=gcols["cache_read"], worker_cpu=gcols["worker_cpu"],
             trainer_cpu=gcols["trainer_cpu"], gpu_read=gcols["gpu_read"],
             io_wait=ccols["io_wait"], cpu_wait=ccols["cpu_wait"], clock_factor=clock,
+            io_full=ccols["io_full"], mem_wait=ccols["mem_wait"], pcie_tx=gcols["pcie_tx"],
+            io_blocked=gcols["io_blocked"],
             memory_held=np.ones((n, g)), write=ccols["write"],
         )
 

@@ -19,8 +19,9 @@ import numpy as np
 import pynvml as N
 
 from agentd.gpu.fake.library import DeviceInfo, DeviceState, FakeNvmlLibrary, GpuProcess
+from agentd.pcie import GENERATION_GTS as GTS
 from agentd.pcie import capacity, lane_bytes
-from agentd.sim.model import Simulator, Trace
+from agentd.sim.model import Simulator, Trace, storage_throughput
 from agentd.sim.scenario import Scenario
 
 CLK_TCK = 100
@@ -40,6 +41,42 @@ UPLINK_SPEED = "8.0 GT/s PCIe"  # a shared switch uplink is simulated as gen 3
 def uplink_width(p) -> int:
     """Lanes of a gen-3 switch uplink carrying about `shared_uplink_bandwidth`."""
     return max(int(p.shared_uplink_bandwidth / lane_bytes(8.0)), 1)
+
+
+def disk_names(p) -> list[str]:
+    n = max(p.storage_devices, 1)
+    if p.storage_kind == "sata":
+        return [f"sd{chr(ord('b') + i)}" for i in range(n)]
+    if p.storage_kind == "network":
+        return [f"vd{chr(ord('b') + i)}" for i in range(n)]
+    return [f"nvme{i}n1" for i in range(n)]
+
+
+def nvme_link(p) -> tuple[int, int]:
+    """The PCIe generation (x4) of a simulated NVMe drive: the slowest whose link carries its
+    share of the node's storage bandwidth (drives read at ~85-95% of their link)."""
+    per = storage_throughput(p) / max(p.storage_devices, 1)
+    for gen in (3, 4, 5):
+        if 0.85 * capacity(gen, 4) >= per:
+            return gen, 4
+    return 5, 4
+
+
+def probed_ceilings(p, gpu_links: list[float | None]) -> dict:
+    """What `agentd probe` would have measured on the simulated node."""
+    per = storage_throughput(p) / max(p.storage_devices, 1)
+    return {
+        "version": 1, "source": "simulation",
+        "storage": {d: {"source": "measured", "seq_read_bytes_per_second": per,
+                        "rand_read_bytes_per_second": per,
+                        "rand_read_iops": per / max(p.request_bytes, 1.0)}
+                    for d in disk_names(p)},
+        "h2d": {str(i): {"source": "measured", "pinned_bytes_per_second": p.pcie_bandwidth,
+                         "pageable_bytes_per_second": p.pcie_bandwidth * 0.5,
+                         "link_bytes_per_second": link}
+                for i, link in enumerate(gpu_links)},
+        "cpu": {"source": "measured", "cores": float(p.cores)},
+    }
 
 
 def link_for(copy_bandwidth: float) -> tuple[int, int]:
@@ -69,7 +106,8 @@ class History:
         fields = {k: getattr(tr, k) for k in (
             "busy", "sm_active", "pcie_rx", "nvlink", "steps", "stall", "storage_read",
             "storage_ops", "storage_busy", "storage_weighted", "cache_read", "worker_cpu",
-            "trainer_cpu", "gpu_read", "io_wait", "cpu_wait", "clock_factor", "write")}
+            "trainer_cpu", "gpu_read", "io_wait", "cpu_wait", "clock_factor", "write",
+            "io_full", "mem_wait", "pcie_tx", "io_blocked")}
         if not self.data:
             # Time 0: every counter at zero.
             self.t = np.concatenate(([0.0], tr.t))
@@ -142,9 +180,12 @@ class SimulatedGpu:
                 "dram_active": busy * 0.35}
 
     def pcie_bytes(self, t: float) -> tuple[int, int]:
-        rx = float(self.node.history.at("pcie_rx", t)[self.index])
+        snap = self.node.history.snapshot(t, ("pcie_rx", "pcie_tx"))
+        rx = float(snap["pcie_rx"][self.index])
+        tx = float(snap["pcie_tx"][self.index])
         base = 2**40  # counters have run since boot
-        return base + int(rx * 0.02), base + int(rx)  # TX: small device-to-host traffic
+        # TX: checkpoints' device-to-host copies, plus small traffic (results, losses).
+        return base + int(rx * 0.02 + tx), base + int(rx)
 
     def nvlink_bytes(self, t: float) -> tuple[int, int]:
         v = int(float(self.node.history.at("nvlink", t)[self.index]))
@@ -198,7 +239,7 @@ class SimulatedNode:
         self.sysfs = os.path.join(self.root, "sys")
         self.gpus = [SimulatedGpu(self, i) for i in range(scenario.job.gpus)]
         p = scenario.job
-        self.devices = [f"nvme{i}n1" for i in range(max(p.storage_devices, 1))]
+        self.devices = disk_names(p)
         self._write_static()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -213,6 +254,14 @@ class SimulatedNode:
 
     def now(self) -> float:
         return self.clock() - self.t0
+
+    def ceilings(self) -> dict | None:
+        """The probe's state on this node, when the scenario says it was probed."""
+        p = self.scenario.job
+        if not p.probed:
+            return None
+        return probed_ceilings(p, [capacity(g.info.pcie_max_gen, g.info.pcie_max_width)
+                                   for g in self.gpus])
 
     def nvml_library(self) -> FakeNvmlLibrary:
         lib = FakeNvmlLibrary(self.gpus, clock=self.clock)
@@ -253,12 +302,13 @@ class SimulatedNode:
                 self._pci(dsp, "0x060400", "0x1000", "32.0 GT/s PCIe", 16)
                 self._pci(f"{dsp}/0000:{0x18 + 0x10 * gpu:02x}:00.0", "0x030200", "0x10de",
                           "32.0 GT/s PCIe", 16)
-            if sw < len(self.devices):
+            if sw < len(self.devices) and p.storage_kind == "nvme":
                 dev = self.devices[sw]
                 dsp = f"{usp}/0000:{b0 + 2:02x}:0{p.gpus_per_switch}.0"
                 nvme = f"{dsp}/0000:{b0 + 4:02x}:00.0"
                 self._pci(dsp, "0x060400", "0x1000", "32.0 GT/s PCIe", 16)
-                self._pci(nvme, "0x010802", "0x144d", "32.0 GT/s PCIe", 4)
+                gen, width = nvme_link(p)
+                self._pci(nvme, "0x010802", "0x144d", f"{GTS[gen]:.1f} GT/s PCIe", width)
                 ns = f"{nvme}/nvme/nvme{sw}/{dev}"
                 os.makedirs(os.path.join(self.root, ns, "queue"), exist_ok=True)
                 self._put(f"{ns}/queue/rotational", "0\n")
@@ -267,7 +317,8 @@ class SimulatedNode:
                 if not os.path.islink(link):
                     os.symlink(os.path.relpath(os.path.join(self.root, ns),
                                                os.path.dirname(link)), link)
-        for dev in self.devices[switches:]:
+        on_switches = switches if p.storage_kind == "nvme" else 0
+        for dev in self.devices[on_switches:]:
             d = f"sys/devices/virtual/block/{dev}"
             os.makedirs(os.path.join(self.root, d, "queue"), exist_ok=True)
             self._put(f"{d}/queue/rotational", "0\n")
@@ -306,7 +357,7 @@ class SimulatedNode:
         p = self.scenario.job
         g = p.gpus
         snap = h.snapshot(t)
-        before = h.snapshot(max(t - 0.1, 0.0), ("stall", "io_wait"))
+        before = h.snapshot(max(t - 0.1, 0.0), ("stall", "io_wait", "io_blocked"))
         at = snap.__getitem__
         worker_cpu, trainer_cpu = at("worker_cpu"), at("trainer_cpu")
         gpu_read, cache_read = at("gpu_read"), at("cache_read")
@@ -319,7 +370,7 @@ class SimulatedNode:
             for w in range(p.workers_per_gpu):
                 busy[(i * p.workers_per_gpu + w) % cores] += worker_cpu[i] / p.workers_per_gpu
             busy[(g * p.workers_per_gpu + i) % cores] += trainer_cpu[i]
-        iowait_total = float(at("io_wait"))
+        iowait_total = float(np.sum(at("io_blocked")))  # core-seconds waiting on reads
         lines = []
         per_core = []
         for c in range(cores):
@@ -351,10 +402,10 @@ class SimulatedNode:
         self._put("proc/diskstats", "\n".join(rows) + "\n")
         # /proc/pressure
         io_us = int(float(at("io_wait")) * 1e6)
+        full_us = int(float(at("io_full")) * 1e6)
         cpu_us = int(float(at("cpu_wait")) * 1e6)
-        refault_t = max(t - self.scenario.onset_s, 0) if self._cache_drop() else 0.0
-        mem_us = int(refault_t * 0.02 * 1e6)
-        for res, some, full in (("cpu", cpu_us, 0), ("io", io_us, io_us // 2),
+        mem_us = int(float(at("mem_wait")) * 1e6)
+        for res, some, full in (("cpu", cpu_us, 0), ("io", io_us, full_us),
                                 ("memory", mem_us, mem_us // 3)):
             self._put(f"proc/pressure/{res}",
                       f"some avg10=0.00 avg60=0.00 avg300=0.00 total={some}\n"
@@ -386,12 +437,12 @@ class SimulatedNode:
             tp = self.trainer_pid(i)
             wp = self.worker_pids(i)
             self._proc(tp, "python3", 1, trainer_cpu[i], 0.0, 0.0, "S", with_io)
-            stalled_io = bool(stalled[i])
-            for pid in wp:
+            # Workers waiting for reads over the last 100 ms sleep in D state.
+            n_d = int(round(float(snap["io_blocked"][i] - before["io_blocked"][i]) / 0.1))
+            for k, pid in enumerate(wp):
                 self._proc(pid, "pt_data_worker", tp, worker_cpu[i] / len(wp),
                            gpu_read[i] / len(wp), (gpu_read[i] + cache_read[i]) / len(wp),
-                           "D" if stalled_io and p.cache_hit < 1 and pid == wp[0] else "R",
-                           with_io)
+                           "D" if k < n_d else "R", with_io)
 
     def _cache_drop(self) -> bool:
         return any(ep.cache_hit is not None and ep.cache_hit < self.scenario.job.cache_hit

@@ -85,20 +85,38 @@ def exporters_openmetrics(sig: Signals, host: str, scrape: float = 15.0) -> str:
             "The weighted # of seconds spent doing I/Os.",
             [(f'device="{d}",{node}', sig.get("disk.queue", d)) for d in disks])
     cores = int(np.nanmax(sig.get("cpu.count"))) if sig.get("cpu.count") is not None else 1
-    busy = np.nan_to_num(sig.get("cpu.busy")) if sig.get("cpu.busy") is not None else \
-        np.zeros(len(sig.t))
+    zero = np.zeros(len(sig.t))
+    busy = np.nan_to_num(sig.get("cpu.busy")) if sig.get("cpu.busy") is not None else zero
+    iowait = np.nan_to_num(sig.get("cpu.iowait")) if sig.get("cpu.iowait") is not None \
+        else zero
     rows = []
     for c in range(cores):
         rows.append((f'cpu="{c}",mode="user",{node}', busy / cores))
-        rows.append((f'cpu="{c}",mode="idle",{node}', 1 - busy / cores))
+        rows.append((f'cpu="{c}",mode="iowait",{node}', iowait / cores))
+        rows.append((f'cpu="{c}",mode="idle",{node}',
+                     np.maximum(1 - (busy + iowait) / cores, 0.0)))
     counter("node_cpu_seconds_total", "Seconds the CPUs spent in each mode.", rows)
     for res in ("io", "cpu", "memory"):
         x = sig.get(f"psi.{res}")
         if x is not None:
-            held = _hold(x)
             counter(f"node_pressure_{res}_waiting_seconds_total",
                     f"Total time in seconds that processes have waited for {res}.",
-                    [(node, held)])
+                    [(node, _hold(x))])
+    full = sig.get("psi.io_full")
+    if full is not None:
+        counter("node_pressure_io_stalled_seconds_total",
+                "Total time in seconds no process could make progress due to IO congestion.",
+                [(node, _hold(full))])
+    blocked = sig.get("cpu.procs_blocked")
+    if blocked is not None:
+        gauge("node_procs_blocked", "Number of processes blocked waiting for I/O to complete.",
+              [(node, at_scrape(_hold(blocked)))])
+    for name, signal in (("node_memory_MemAvailable_bytes", "mem.available"),
+                         ("node_memory_Cached_bytes", "mem.cached")):
+        x = sig.get(signal)
+        if x is not None:
+            gauge(name, f"Memory information field {name[12:-6]}.",
+                  [(node, at_scrape(_hold(x)))])
     lines.append("# EOF")
     return "\n".join(lines) + "\n"
 

@@ -78,6 +78,10 @@ def _coerce(name: str, value, where: str):
     if f is None or name in ("episodes", "seed"):
         raise ScenarioError(f"{where}: unknown job parameter {name!r}")
     kind = type(getattr(JobParams(), name))
+    if name == "storage_kind":
+        if value not in ("nvme", "sata", "network"):
+            raise ScenarioError(f"{where}.{name}: expected \"nvme\", \"sata\" or \"network\"")
+        return value
     if kind is bool:
         if not isinstance(value, bool):
             raise ScenarioError(f"{where}.{name}: expected true or false")
@@ -106,8 +110,13 @@ def from_dict(doc: dict, name: str, seed: int | None = None) -> Scenario:
             if not (isinstance(bounds, list) and len(bounds) == 2):
                 raise ScenarioError(f"{where}.randomize.{k}: expected [low, high]")
             lo, hi = (_coerce(k, b, f"{where}.randomize") for b in bounds)
-            v = rng.uniform(lo, hi) if isinstance(lo, float) or isinstance(hi, float) else \
-                int(rng.integers(lo, hi + 1))
+            if isinstance(lo, bool) or isinstance(hi, bool):
+                v = bool(rng.random() < 0.5) if lo != hi else lo
+            elif isinstance(lo, str):
+                v = lo if rng.random() < 0.5 else hi
+            else:
+                v = rng.uniform(lo, hi) if isinstance(lo, float) or isinstance(hi, float) \
+                    else int(rng.integers(lo, hi + 1))
             job[k] = _coerce(k, v, f"{where}.randomize")
             drawn[k] = job[k]
     episodes = []

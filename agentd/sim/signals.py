@@ -15,7 +15,8 @@ from agentd.analysis.signals import Signals
 from agentd.sim.model import Simulator, Trace
 from agentd.pcie import capacity as pcie_capacity
 from agentd.pcie import sysfs_capacity
-from agentd.sim.node import MEM_TOTAL, UPLINK_SPEED, SimulatedGpu, trainer_pid, uplink_width
+from agentd.sim.node import (MEM_TOTAL, UPLINK_SPEED, SimulatedGpu, disk_names, nvme_link,
+                             probed_ceilings, trainer_pid, uplink_width)
 from agentd.sim.scenario import Scenario
 
 TICK = 0.1
@@ -61,12 +62,22 @@ def window_from_trace(scenario: Scenario, tr: Trace, start: float = 1.7e9) -> Si
     arrived = np.searchsorted(samples_t, ticks + 1e-9, side="right")
     per_sample = np.vstack((np.zeros((1, g)), np.cumsum(util * UTIL_PERIOD, axis=0)))
     busy_time = np.diff(np.vstack((np.zeros((1, g)), per_sample[arrived])), axis=0) / TICK
+    # The samples that arrived in each tick on the driver's timeline (gpu.util_sample/_age).
+    n_new = np.diff(np.concatenate(([0], arrived)))
+    cum_util = np.vstack((np.zeros((1, g)), np.cumsum(util, axis=0)))
+    cum_ts = np.concatenate(([0.0], np.cumsum(samples_t)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        new_mean = (cum_util[arrived] - cum_util[arrived - n_new]) / n_new[:, None]
+        new_ts = (cum_ts[arrived] - cum_ts[arrived - n_new]) / n_new
+    new_mean[n_new == 0] = np.nan
+    new_age = np.where(n_new > 0, ticks - (new_ts - UTIL_PERIOD / 2), np.nan)
     # GPM: SM activity over 0.2 s spans.
     gpm_t = np.arange(GPM_PERIOD, tr.t[-1] + 1e-9, GPM_PERIOD)
     sm_c = _at(ts, cum(tr.sm_active), np.concatenate(([0.0], gpm_t)))
     sm = np.diff(sm_c, axis=0) / GPM_PERIOD
     gpm_idx = np.round(gpm_t / TICK).astype(int) - 1
     rx = np.diff(_at(ts, cum(tr.pcie_rx), np.concatenate(([0.0], ticks))), axis=0) / TICK
+    tx = np.diff(_at(ts, cum(tr.pcie_tx), np.concatenate(([0.0], ticks))), axis=0) / TICK
     nv = np.diff(_at(ts, cum(tr.nvlink), np.concatenate(([0.0], ticks))), axis=0) / TICK
     clock = tr.clock_factor[np.clip(np.round(ticks / tr.dt).astype(int) - 1, 0, len(tr.t) - 1)]
     node = _node_info(scenario)
@@ -82,8 +93,9 @@ def window_from_trace(scenario: Scenario, tr: Trace, start: float = 1.7e9) -> Si
         idle_reason = (np.nan_to_num(b) < 0.01).astype(int)  # gpu_idle bit 0
         power_cap = (clock[:, i] < 0.99).astype(int) << 2  # sw_power_cap bit 2
         channels = {
-            "gpu.busy": b, "gpu.busy_time": busy_time[:, i], "gpu.sm_active": s, "gpu.pcie_rx": rx[:, i],
-            "gpu.pcie_tx": rx[:, i] * 0.02, "gpu.nvlink_rx": nv[:, i], "gpu.nvlink_tx": nv[:, i],
+            "gpu.busy": b, "gpu.busy_time": busy_time[:, i], "gpu.util_sample": new_mean[:, i],
+            "gpu.util_sample_age": new_age, "gpu.sm_active": s, "gpu.pcie_rx": rx[:, i],
+            "gpu.pcie_tx": rx[:, i] * 0.02 + tx[:, i], "gpu.nvlink_rx": nv[:, i], "gpu.nvlink_tx": nv[:, i],
             "gpu.pcie_capacity": np.where(slow_mask, cap, np.nan),
             "gpu.mem_used": np.where(slow_mask, 0.82 * info.memory_total, np.nan),
             "gpu.sm_clock": np.where(slow_mask, info.sm_clock_max_mhz * 1e6 * clock[:, i],
@@ -119,32 +131,45 @@ def window_from_trace(scenario: Scenario, tr: Trace, start: float = 1.7e9) -> Si
     cores = float(p.cores)
     ch["cpu.busy:"] = np.minimum(worker.sum(axis=1) + trainer.sum(axis=1), cores)
     ch["cpu.count:"] = np.full(n, cores)
-    ch["cpu.iowait:"] = rate(tr.io_wait)
+    # A core idles "in iowait" while a task that last ran on it waits for a read: about as
+    # many cores as workers are blocked on reads (as long as cores are idle).
+    idle_cores = np.maximum(cores - ch["cpu.busy:"], 0.0)
+    ch["cpu.iowait:"] = np.minimum(rate(tr.io_blocked).sum(axis=1), idle_cores)
     ch["cpu.max_core:"] = np.minimum(worker.max(axis=1) / max(p.workers_per_gpu, 1) * 1.0, 1.0)
     slow = (np.arange(n) % 10) == 9
     ch["psi.io:"] = np.where(slow, _slow_rate(ts, tr.io_wait, ticks), np.nan)
+    ch["psi.io_full:"] = np.where(slow, _slow_rate(ts, tr.io_full, ticks), np.nan)
     ch["psi.cpu:"] = np.where(slow, _slow_rate(ts, tr.cpu_wait, ticks), np.nan)
     drop = any(ep.cache_hit is not None and ep.cache_hit < p.cache_hit for ep in p.episodes)
     refault = np.where(ticks >= scenario.onset_s, read * nd / 4096, 0.0) if drop else \
         np.zeros(n)
     ch["mem.refault:"] = np.where(slow, refault, np.nan)
-    ch["psi.memory:"] = np.where(slow, np.where(refault > 0, 0.02, 0.0), np.nan)
+    ch["psi.memory:"] = np.where(slow, _slow_rate(ts, tr.mem_wait, ticks), np.nan)
     ch["mem.cached:"] = np.where(slow, MEM_TOTAL / (3 if drop else 2), np.nan)
     ch["mem.available:"] = np.where(slow, MEM_TOTAL * 0.75, np.nan)
     procs = {}
     gpu_read = rate(tr.gpu_read)
+    blocked = rate(tr.io_blocked)
     for i in range(g):
         pid = str(node["trainer_pids"][i])
         ch[f"proc.cpu:{pid}"] = worker[:, i] + trainer[:, i]
         ch[f"proc.max_member_cpu:{pid}"] = np.minimum(worker[:, i] / max(p.workers_per_gpu, 1),
                                                       1.0)
+        ch[f"proc.root_cpu:{pid}"] = trainer[:, i]
         ch[f"proc.members:{pid}"] = np.full(n, 1.0 + p.workers_per_gpu)
+        ch[f"proc.blocked:{pid}"] = blocked[:, i]
         ch[f"proc.read:{pid}"] = np.where(slow, gpu_read[:, i], np.nan)
         ch[f"proc.rchar:{pid}"] = np.where(slow, gpu_read[:, i] + rate(tr.cache_read)[:, i],
                                            np.nan)
         procs[pid] = {"gpus": [i], "comm": "python3", "systemd_unit": "train.service"}
     meta = {"processes": procs, "shared_uplinks": node["shared_uplinks"],
-            "scenario": scenario.name}
+            "scenario": scenario.name, "disks": node["disk_info"],
+            "gpus": {str(i): {"uuid": info.uuid, "name": info.name,
+                              "pci_bus_id": info.pci_bus_id, "lost": i in lost}
+                     for i, info in enumerate(node["gpus"])}}
+    if p.probed:
+        meta["ceilings"] = probed_ceilings(p, [pcie_capacity(x.pcie_max_gen, x.pcie_max_width)
+                                               for x in node["gpus"]])
     return Signals(start + ticks, ch, TICK, source="simulation", node=scenario.node_name,
                    meta=meta)
 
@@ -166,7 +191,14 @@ def _node_info(scenario: Scenario) -> dict:
     stub = _Stub()
     stub.scenario = scenario
     gpus = [SimulatedGpu(stub, i) for i in range(p.gpus)]
-    disks = [f"nvme{i}n1" for i in range(max(p.storage_devices, 1))]
+    disks = disk_names(p)
+    disk_info = {}
+    for d in disks:
+        info = {"rotational": "0"}
+        if p.storage_kind == "nvme":
+            gen, width = nvme_link(p)
+            info["link_bytes_per_second"] = pcie_capacity(gen, width)
+        disk_info[d] = info
     uplinks = []
     if p.shared_uplink_bandwidth > 0:
         cap = sysfs_capacity(UPLINK_SPEED, str(uplink_width(p)))
@@ -176,7 +208,8 @@ def _node_info(scenario: Scenario) -> dict:
                                         min((sw + 1) * p.gpus_per_switch, p.gpus))]
             uplinks.append({"switch": f"0000:{0x16 + 0x20 * sw:02x}:00.0",
                             "uplink_bytes_per_second": cap, "gpus": members,
-                            "disks": [disks[sw]] if sw < len(disks) else []})
+                            "disks": [disks[sw]] if sw < len(disks) and
+                            p.storage_kind == "nvme" else []})
     return {"gpus": [x.info for x in gpus], "disks": disks,
             "trainer_pids": [trainer_pid(i) for i in range(p.gpus)],
-            "shared_uplinks": uplinks}
+            "shared_uplinks": uplinks, "disk_info": disk_info}

@@ -1,0 +1,53 @@
+"""GPUs wait on collective communication: at fine resolution SM activity shows two states
+(computing, and a few SMs in a collective), most GPUs spend a significant share of their
+time in the second, collective traffic flows (NVLink, network, RDMA), and no GPU stands out
+as the one the others wait for. Without SM activity this cannot be seen: NVML counts a
+spinning NCCL kernel as busy."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from agentd.analysis.detectors.common import confidence, margin
+from agentd.analysis.evidence import Evidence
+from agentd.analysis.findings import Finding, gain_from_stall, severity_for
+
+MIN_SPIN = 0.08
+TRAFFIC_NVLINK = 1e8  # bytes/s per GPU
+TRAFFIC_NETWORK = 1e7
+
+
+def detect(ev: Evidence, exclude: set[str]) -> list[Finding]:
+    gpus = [g for g in ev.job_gpus() if g not in exclude and ev.gpus[g].spin is not None]
+    if not gpus or ev.coarse:
+        return []
+    waiting = [g for g in gpus if ev.gpus[g].spin.mean >= MIN_SPIN and
+               ev.gpus[g].spin.lo >= MIN_SPIN / 2]
+    if len(waiting) < max(1, int(0.75 * len(gpus))):
+        return []
+    nvlink = float(np.mean([ev.nvlink_rx.get(g, 0.0) for g in waiting]))
+    traffic = (nvlink == nvlink and nvlink >= TRAFFIC_NVLINK) or \
+        ev.network_rx >= TRAFFIC_NETWORK
+    if not traffic:
+        return []
+    spin = float(np.mean([ev.gpus[g].spin.mean for g in waiting]))
+    busy = float(np.mean([ev.gpus[g].busy_mean for g in waiting]))
+    comp = float(np.mean([ev.gpus[g].compute.mean for g in waiting]))
+    conf = confidence(0.8 * margin(spin, MIN_SPIN, 0.2), ev, needs_fine=True)
+    return [Finding(
+        kind="comm_wait", subject=ev.subject(waiting), t0=ev.t0, t1=ev.t1, confidence=conf,
+        severity=severity_for(spin, conf),
+        summary=f"{spin * 100:.0f}% of the time the GPUs are in collectives, not computing "
+                f"(NVML reads {busy * 100:.0f}% busy; SM activity shows {comp * 100:.0f}% "
+                "computing)",
+        mechanism="SM activity at the collective level with collective traffic flowing",
+        evidence={"collective_fraction": spin, "gpu_busy": busy, "compute_fraction": comp,
+                  "nvlink_rx_bytes_per_second": nvlink,
+                  "network_rx_bytes_per_second": ev.network_rx},
+        gain={**gain_from_stall(busy, spin), "busy_now": comp,
+              "busy_after": min(comp / max(1 - spin, 0.05), 1.0)},
+        advice=["Overlap communication with the backward pass (DDP bucket_cap_mb, FSDP "
+                "prefetch) and communicate less often (gradient accumulation).",
+                "Check the collectives use NVLink/NVSwitch and the fastest network path "
+                "(NCCL_DEBUG=INFO, topology), and that no peer node is slower."],
+        stall_fraction=spin)]

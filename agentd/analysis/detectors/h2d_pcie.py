@@ -1,0 +1,78 @@
+"""Host-to-device copies bound by PCIe, from byte counts rather than per-sample duty (a copy
+shorter than one 0.1 s sample never reads "at capacity" in it): the bytes a GPU receives,
+moved at the achievable rate (pinned, or pageable: measured by `agentd probe`, else shares of
+the link), need either nearly all the time there is (the link never rests), or about the
+time the GPU idles (copies serialized with compute fill its gaps)."""
+
+from __future__ import annotations
+
+from agentd.analysis.detectors.common import (EXPLAINS_HI, EXPLAINS_LO, SATURATED, confidence,
+                                              fmt_rate, input_finding, margin)
+from agentd.analysis.evidence import Evidence
+from agentd.analysis.findings import Finding
+
+GAP_RATE = 0.25  # pageable without a measured ceiling: rx through the gaps >= this x link
+
+
+def judge(ev: Evidence, g: str) -> tuple[str, float, float, dict] | None:
+    """(how, share of the gap explained, confidence, evidence) for one GPU, or None."""
+    link = ev.links.get(g)
+    s = ev.gpus[g]
+    if link is None or not link.rx.n or not link.pinned.known or not s.idle.n:
+        return None
+    idle = s.idle.mean
+    pinned = link.rx.mean / link.pinned.value  # time share the copies need at full rate
+    pinned_lo = (link.rx.mean - 1.645 * link.rx.se) / link.pinned.value
+    ev_out = {"pcie_rx_bytes_per_second": link.rx.mean,
+              "pcie_capacity_bytes_per_second": link.capacity,
+              "h2d_ceiling_bytes_per_second": link.pinned.value,
+              "h2d_ceiling_source": link.pinned.source,
+              "copy_time_share": pinned, "idle_share": idle,
+              "rx_in_gaps_bytes_per_second": link.rx_in_gaps}
+    if pinned >= SATURATED and pinned_lo >= SATURATED - 0.05:
+        return "saturated", 1.0, 0.85 * margin(pinned, SATURATED, 0.1), ev_out
+    explained = pinned / idle if idle > 0 else 0.0
+    if EXPLAINS_LO <= explained <= EXPLAINS_HI:
+        return "serialized", explained, 0.75 * margin(explained, EXPLAINS_LO, 0.3), ev_out
+    if link.pageable.known:
+        pageable = link.rx.mean / link.pageable.value
+        explained = pageable / idle if idle > 0 else 0.0
+        gap_rate = link.rx_in_gaps / link.capacity if link.capacity and \
+            link.rx_in_gaps == link.rx_in_gaps else float("nan")
+        measured = link.pageable.source == "measured"
+        seen = measured or (gap_rate == gap_rate and gap_rate >= GAP_RATE)
+        if seen and (pageable >= SATURATED or EXPLAINS_LO <= explained <= EXPLAINS_HI):
+            ev_out.update(pageable_ceiling_bytes_per_second=link.pageable.value,
+                          pageable_copy_time_share=pageable)
+            return "pageable", min(explained, 1.0), (0.8 if measured else 0.6), ev_out
+    return None
+
+
+def detect(ev: Evidence, starved: list[str]) -> list[Finding]:
+    hits = {g: j for g in starved if (j := judge(ev, g)) is not None}
+    if not hits:
+        return []
+    gpus = sorted(hits, key=lambda g: (len(g), g))
+    how, _, conf, evidence = hits[gpus[0]]
+    conf = min(h[2] for h in hits.values())
+    link = ev.links[gpus[0]]
+    advice = ["Send compact data to the GPU (uint8 images rather than float32; decode and "
+              "normalise on the GPU).",
+              "Check the link trains at its maximum generation and width "
+              "(agentd_gpu_pcie_link_generation against ..._max_generation)."]
+    if how == "pageable":
+        advice.insert(0, "Copies run at pageable-memory speed: use pinned memory (DataLoader "
+                         "pin_memory=True) and non_blocking copies.")
+    if how == "serialized":
+        advice.insert(0, "Copies take the GPU's gaps: overlap them with compute "
+                         "(pin_memory=True, .to(device, non_blocking=True), prefetch the next "
+                         "batch on a side stream).")
+    mech = {"saturated": "the link carries copies nearly all the time at its achievable rate",
+            "serialized": "copies at link rate need about the time the GPU idles",
+            "pageable": "copies at pageable-memory speed fill the GPU's gaps"}[how]
+    return [input_finding(
+        ev, "h2d_pcie", gpus, confidence(conf, ev), mech,
+        f"host-to-device copies bound by PCIe: {fmt_rate(link.rx.mean)} needs "
+        f"{evidence['copy_time_share'] * 100:.0f}% of the time at "
+        f"{fmt_rate(link.pinned.value)} ({link.pinned.source}); the GPU idles "
+        f"{evidence['idle_share'] * 100:.0f}%", {**evidence, "mode": how}, advice)]

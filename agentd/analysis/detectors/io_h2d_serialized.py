@@ -1,0 +1,86 @@
+"""No prefetch: reading, preprocessing and copying the next batch start only when the step
+asks for it, so they alternate with compute instead of overlapping it. Seen at fine
+resolution as the loader's CPU (or the reads) running while the GPU idles and
+resting while it computes: a significant positive correlation of the GPU's idle share with
+that activity, tested with the samples' effective number (steps span several samples).
+Steps shorter than a few samples hide the alternation: then nothing is claimed."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from agentd.analysis.detectors.common import confidence, input_finding
+from agentd.analysis.evidence import Evidence
+from agentd.analysis.findings import Finding
+from agentd.analysis.stats import correlation
+
+
+REST = 0.5  # while the GPU computes, the activity runs at most at this share of its level
+#             in the gaps (a prefetching loader keeps working during compute)
+
+
+def _series(ev: Evidence, g: str, what: str, disk):
+    if what == "loader CPU":
+        return ev.loaders[g].cpu
+    return disk
+
+
+def _rests(idle: np.ndarray, activity: np.ndarray) -> bool:
+    """The activity rests while the GPU computes and works while it idles."""
+    x = np.asarray(activity, dtype=float)
+    ok = np.isfinite(idle) & np.isfinite(x)
+    if ok.sum() < 40:
+        return False
+    # The samples most and least in a gap (a gap may be shorter than a sample).
+    hi, lo = np.quantile(idle[ok], [0.75, 0.25])
+    if hi - lo < 0.05:
+        return False
+    gap, work = ok & (idle >= hi), ok & (idle <= lo)
+    in_gaps = np.nanmean(x[gap])
+    during = np.nanmean(x[work])
+    return bool(in_gaps > 0 and during <= REST * in_gaps)
+
+
+def detect(ev: Evidence, starved: list[str]) -> list[Finding]:
+    if ev.coarse or not starved:
+        return []
+    sig = ev.sig
+    disk = None
+    if ev.disks:
+        disk = sum(np.nan_to_num(sig.get("disk.read", d)) for d in ev.disks)
+    hits = {}
+    for g in starved:
+        s = ev.gpus[g]
+        m = s.present & ~s.benign
+        idle = np.where(m, s.idle_aligned, np.nan)
+        tests = {}
+        ld = ev.loaders.get(g)
+        if ld is not None and ld.cpu is not None:
+            tests["loader CPU"] = correlation(idle, ld.cpu)
+        if disk is not None and len(ev.disks) and len(starved) <= 2:
+            tests["storage reads"] = correlation(idle, disk)
+        # (Copies are no evidence: in any input-bound pipeline a batch is copied when it is
+        # ready, i.e. while the GPU waits for it.)
+        good = {k: c for k, c in tests.items() if c.significant(+1) and
+                _rests(idle, _series(ev, g, k, disk))}
+        if good:
+            best = max(good.items(), key=lambda kv: kv[1].r)
+            hits[g] = best
+    if not hits:
+        return []
+    gpus = sorted(hits, key=lambda g: (len(g), g))
+    what, corr = max(hits.values(), key=lambda kv: kv[1].r)
+    r = float(np.mean([c.r for _, c in hits.values()]))
+    conf = 0.5 + 0.4 * min(max(r - 0.3, 0.0) / 0.4, 1.0)
+    return [input_finding(
+        ev, "io_h2d_serialized", gpus, confidence(conf, ev),
+        f"{what} runs while the GPU idles and rests while it computes "
+        f"(correlation {r:+.2f}, effective samples {corr.n_eff:.0f})",
+        "the next batch is fetched only when the step needs it: loading alternates with "
+        f"compute instead of overlapping it ({what} follows the GPU's gaps, r={r:+.2f})",
+        {"alternation_correlation": r, "alternating": what, "p_value": corr.p},
+        ["Overlap loading with compute: DataLoader(num_workers=N, prefetch_factor=2, "
+         "pin_memory=True, persistent_workers=True) and copies with non_blocking=True; "
+         "tf.data: .prefetch(tf.data.AUTOTUNE).",
+         "Prefetch the next batch to the GPU on a side CUDA stream while the current step "
+         "runs."])]

@@ -1,0 +1,530 @@
+"""What a window shows, measured once and shared by the detectors: per GPU (is a job on it,
+how much of that time it ran no kernel, computed, or waited in a collective; its step period),
+per data loader (its process tree's CPU against its workers, time blocked on I/O), the
+node's storage against its ceilings, PCIe per GPU and per shared uplink and direction, page
+cache, CPU. Pure: arrays in, numbers out.
+
+A signal the source lacks stays None here, never zero: `missing` names the families the
+detectors will not be able to judge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from agentd.analysis import limits as L
+from agentd.analysis import periodicity as P
+from agentd.analysis.signals import Signals, nanmean
+from agentd.analysis.stats import NONE, Estimate, estimate
+from agentd.gpu import models
+
+IDLE_MEMORY = 2**30  # a process holding >= 1 GiB of device memory holds the GPU
+NO_JOB_MEMORY = 512 * 2**20  # below this no job runs on the GPU (driver context only)
+# Checkpoints: node writes or device-to-host copies dominate while the GPU idles.
+CHECKPOINT_WRITE = 100e6
+CHECKPOINT_D2H = 1e9
+# Computing vs waiting in a collective, from SM activity at fine resolution: the SM level
+# per unit of busy time must show two states this far apart to be told apart.
+TWO_STATES = 2.5
+QUANT_SE = 0.003  # NVML integer-percent samples: the resolution of a busy mean
+
+
+@dataclass
+class GpuState:
+    gpu: str
+    busy: np.ndarray  # per sample: share of the sample a kernel ran
+    exact: bool  # from credited kernel time / DCGM engine activity (else a held sample)
+    present: np.ndarray  # a job holds the GPU
+    held_known: bool  # memory or a process says so (else assumed)
+    memory: float  # mean bytes held while present
+    benign: np.ndarray  # checkpoint samples
+    idle_aligned: np.ndarray  # per sample, idle share on the driver's own timeline
+    idle: Estimate  # share of job time without a kernel (checkpoints excluded)
+    busy_mean: float
+    compute: Estimate | None  # share of job time computing (SM activity)
+    spin: Estimate | None  # share of job time busy in a collective, not computing
+    sm_mean: float | None
+    tensor_mean: float | None
+    power: float | None
+    power_limit: float | None
+    clock: float | None  # mean SM clock while busy (Hz)
+    clock_max: float | None
+    period: P.Period | None
+    period_note: str
+    lost: bool
+    seconds: float  # job time in the window
+
+    @property
+    def lost_share(self) -> float:
+        """Share of job time not computing: idle, and waiting in collectives when known."""
+        i = self.idle.mean if self.idle.n else 0.0
+        return i + (self.spin.mean if self.spin is not None and self.spin.n else 0.0)
+
+
+@dataclass
+class Loader:
+    """A GPU's data loader: the process tree of the process that holds the GPU."""
+
+    pid: str
+    cores: Estimate  # CPU of the tree, in cores
+    workers: float  # processes besides the trainer (at least one)
+    saturation: Estimate  # cores / workers
+    max_member: Estimate  # CPU of the busiest member (a single-worker loader pegs it at 1)
+    blocked: Estimate  # processes in D state / members
+    read: float  # bytes/s the tree read from storage
+    cpu: np.ndarray | None  # per sample, for alternation with the GPU
+
+
+@dataclass
+class Disk:
+    name: str
+    read: Estimate  # bytes/s
+    read_ops: float
+    request_bytes: float | None
+    limit: L.Limit
+    utilization: Estimate  # read / limit
+    queue: float
+    await_s: float
+    busy: float
+
+
+@dataclass
+class Link:
+    gpu: str
+    rx: Estimate  # host to device, bytes/s
+    tx: Estimate
+    capacity: float | None  # usable bytes/s of the link per direction
+    pinned: L.Limit
+    pageable: L.Limit
+    rx_in_gaps: float  # mean rx over samples where the GPU idled
+    rx_series: np.ndarray | None
+
+
+@dataclass
+class Uplink:
+    switch: str
+    capacity: float
+    gpus: list[str]
+    disks: list[str]
+    down: Estimate  # GPUs' copies (+ disk writes), bytes/s
+    up: Estimate  # disk reads (+ GPUs' device-to-host), bytes/s
+
+
+@dataclass
+class Evidence:
+    sig: Signals
+    node: str
+    t0: float
+    t1: float
+    coarse: bool  # samples too far apart to see steps, gaps or overlap
+    gpus: dict[str, GpuState]
+    loaders: dict[str, Loader]  # by GPU
+    disks: dict[str, Disk]  # data disks (those carrying the reads)
+    psi_io: Estimate
+    psi_io_full: Estimate
+    psi_cpu: Estimate
+    psi_memory: Estimate
+    iowait: float
+    cpu_busy: Estimate  # node cores busy
+    cpu_limit: L.Limit
+    links: dict[str, Link]
+    uplinks: list[Uplink]
+    refault: Estimate  # bytes/s of file pages read again after eviction
+    read_total: Estimate  # bytes/s from the data disks
+    nfs_read: float
+    network_rx: float
+    nvlink_rx: dict[str, float]
+    checkpoint_share: float
+    missing: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    lost_gpus: list[str] = field(default_factory=list)
+
+    def job_gpus(self) -> list[str]:
+        """GPUs a job holds for a meaningful part of the window."""
+        return [g for g, s in self.gpus.items() if not s.lost and s.seconds >= 5 * max(
+            self.sig.resolution, 1.0) and s.present.any()]
+
+    def subject(self, gpus: list[str]) -> dict:
+        sub: dict = {"node": self.node, "gpus": [int(g) if g.isdigit() else g for g in gpus]}
+        procs = self.sig.meta.get("processes", {}) or {}
+        owners = [dict(pid=int(pid) if str(pid).isdigit() else pid,
+                       **{k: v for k, v in info.items() if k != "gpus" and v})
+                  for pid, info in procs.items()
+                  if set(map(str, info.get("gpus", []))) & set(gpus)]
+        if owners:
+            sub["processes"] = owners
+        idents = (self.sig.meta.get("gpus") or {})
+        uuids = [idents.get(g, {}).get("uuid") or idents.get(g, {}).get("UUID") for g in gpus]
+        if any(uuids):
+            sub["uuids"] = [u or "" for u in uuids]
+        return sub
+
+
+def held_forward(x: np.ndarray | None, limit: int) -> np.ndarray | None:
+    """A slow signal on the fast grid, held forward up to `limit` samples."""
+    if x is None:
+        return None
+    x = np.asarray(x, dtype=float)
+    ok = np.isfinite(x)
+    if not ok.any():
+        return x
+    idx = np.where(ok, np.arange(len(x)), -1)
+    idx = np.maximum.accumulate(idx)
+    out = np.where(idx >= 0, x[np.clip(idx, 0, None)], np.nan)
+    age = np.arange(len(x)) - idx
+    return np.where(age <= limit, out, np.nan)
+
+
+def _mean_where(x: np.ndarray | None, mask: np.ndarray) -> float:
+    if x is None or not mask.any():
+        return float("nan")
+    return nanmean(np.asarray(x, dtype=float)[mask])
+
+
+def measure(sig: Signals, node: str = "") -> Evidence:
+    n = len(sig.t)
+    res = sig.resolution
+    coarse = res > 2.0
+    hold = max(int(round(3.0 / res)), 1)
+    meta = sig.meta or {}
+    ceilings = meta.get("ceilings") if isinstance(meta.get("ceilings"), dict) else None
+    missing: list[str] = []
+    notes: list[str] = list(meta.get("notes", []) or [])
+
+    # --- checkpoints: writes or device-to-host copies dominate ------------------------------
+    writes = _sum(sig, "disk.write")
+    reads = _sum(sig, "disk.read")
+    ckpt = np.zeros(n, dtype=bool)
+    if writes is not None:
+        ckpt |= (writes > CHECKPOINT_WRITE) & (writes > 2 * np.nan_to_num(reads))
+
+    gpus: dict[str, GpuState] = {}
+    lost_meta = {str(g) for g, i in (meta.get("gpus") or {}).items()
+                 if isinstance(i, dict) and i.get("lost")}
+    lost_meta |= {str(g) for g in meta.get("gpus_lost", []) or []}
+    lost_meta |= {str(g) for g in meta.get("gpus_absent_at_end", []) or []}
+    names = sorted(set(sig.gpus()) | set(sig.subjects("gpu.busy_time")),
+                   key=lambda s: (len(s), s))
+    for g in names:
+        gpus[g] = _gpu_state(sig, g, ckpt, hold, coarse, g in lost_meta)
+    for g in sorted(lost_meta - set(gpus), key=lambda s: (len(s), s)):
+        # Known to the source but without a single sample in the window: lost before it.
+        gpus[g] = _gpu_state(sig, g, ckpt, hold, coarse, True)
+    lost = [g for g, s in gpus.items() if s.lost]
+
+    # --- storage ------------------------------------------------------------------------------
+    disk_meta = meta.get("disks") if isinstance(meta.get("disks"), dict) else {}
+    job_mask = np.zeros(n, dtype=bool)
+    for s in gpus.values():
+        if not s.lost:
+            job_mask |= s.present
+    if not job_mask.any():
+        job_mask = np.ones(n, dtype=bool)
+    active = job_mask & ~ckpt
+    disks: dict[str, Disk] = {}
+    if sig.has("disk.read"):
+        rates = {d: nanmean(sig.get("disk.read", d)) for d in sig.subjects("disk.read")}
+        total = sum(v for v in rates.values() if v == v)
+        for d, v in rates.items():
+            if not (total > 0 and v == v and v >= 0.1 * total):
+                continue
+            read = sig.get("disk.read", d)
+            ops = nanmean(_pick(sig.get("disk.read_ops", d), active))
+            est = estimate(_pick(read, active))
+            req = est.mean / ops if ops == ops and ops > 0 else None
+            lim = L.storage_limit(d, ceilings, disk_meta, req)
+            util = Estimate(est.mean / lim.value, est.se / lim.value, est.n) if lim.known \
+                else NONE
+            disks[d] = Disk(d, est, ops, req, lim, util,
+                            nanmean(_pick(sig.get("disk.queue", d), active)),
+                            nanmean(_pick(sig.get("disk.await", d), active)),
+                            nanmean(_pick(sig.get("disk.busy", d), active)))
+    else:
+        missing.append("storage (disk reads)")
+    read_total = estimate(_pick(reads, active)) if reads is not None else NONE
+
+    def psi(name: str) -> Estimate:
+        x = held_forward(sig.get(name), hold)
+        return estimate(_pick(x, active)) if x is not None else NONE
+
+    psi_io, psi_io_full, psi_cpu, psi_mem = (psi("psi.io"), psi("psi.io_full"),
+                                             psi("psi.cpu"), psi("psi.memory"))
+    refault = held_forward(sig.get("mem.refault"), hold)
+    refault_est = estimate(_pick(refault * 4096, active)) if refault is not None else NONE
+
+    # --- CPU ----------------------------------------------------------------------------------
+    cores = nanmean(sig.get("cpu.count"))
+    cpu_busy = estimate(_pick(sig.get("cpu.busy"), active)) if sig.has("cpu.busy") else NONE
+    if not sig.has("cpu.busy"):
+        missing.append("host CPU")
+    loaders: dict[str, Loader] = {}
+    procs = meta.get("processes") or {}
+    if not procs and not sig.has("proc.cpu"):
+        missing.append("data-loader process trees")
+    for pid, info in procs.items():
+        for g in map(str, info.get("gpus", []) or []):
+            if g in gpus and g not in loaders:
+                ld = _loader(sig, str(pid), active, hold)
+                if ld is not None:
+                    loaders[g] = ld
+
+    # --- PCIe ---------------------------------------------------------------------------------
+    links: dict[str, Link] = {}
+    for g, s in gpus.items():
+        rx = sig.get("gpu.pcie_rx", g)
+        if rx is None or s.lost:
+            continue
+        cap = _capacity(sig, g)
+        pinned, pageable = L.h2d_limits(g, ceilings, cap)
+        m = s.present & ~s.benign
+        gaps = m & (s.busy < 0.5)
+        links[g] = Link(g, estimate(_pick(rx, m)), estimate(_pick(sig.get("gpu.pcie_tx", g), m)),
+                        cap, pinned, pageable, _mean_where(rx, gaps),
+                        np.asarray(rx, dtype=float))
+    if gpus and not links:
+        missing.append("PCIe bytes")
+    uplinks = []
+    for u in meta.get("shared_uplinks", []) or []:
+        cap = u.get("uplink_bytes_per_second") or 0
+        try:
+            cap = float(cap)
+        except (TypeError, ValueError):
+            cap = 0.0
+        ug = [str(x) for x in u.get("gpus", []) if str(x) in links]
+        ud = [d for d in u.get("disks", []) if sig.get("disk.read", d) is not None]
+        if not cap or not ug:
+            continue
+        down = sum(np.nan_to_num(sig.get("gpu.pcie_rx", g)) for g in ug)
+        down = down + sum(np.nan_to_num(sig.get("disk.write", d)) for d in ud)
+        up = sum(np.nan_to_num(sig.get("disk.read", d)) for d in ud) + sum(
+            np.nan_to_num(sig.get("gpu.pcie_tx", g)) for g in ug)
+        uplinks.append(Uplink(str(u.get("switch", "")), cap, ug, ud,
+                              estimate(_pick(np.asarray(down, dtype=float), active)),
+                              estimate(_pick(np.asarray(up, dtype=float), active))))
+
+    nv = {g: nanmean(sig.get("gpu.nvlink_rx", g)) for g in gpus if sig.get("gpu.nvlink_rx", g)
+          is not None}
+    net = sum(nanmean(sig.get("net.rx", d)) for d in sig.subjects("net.rx")) + sum(
+        nanmean(sig.get("rdma.rx", d)) for d in sig.subjects("rdma.rx"))
+    nfs = sum(nanmean(sig.get("nfs.read", m)) for m in sig.subjects("nfs.read")) \
+        if sig.has("nfs.read") else float("nan")
+    ev = Evidence(
+        sig=sig, node=node or sig.node or str(meta.get("node", "")) or "node",
+        t0=float(sig.t[0]) if n else 0.0, t1=float(sig.t[-1]) if n else 0.0, coarse=coarse,
+        gpus=gpus, loaders=loaders, disks=disks, psi_io=psi_io, psi_io_full=psi_io_full,
+        psi_cpu=psi_cpu, psi_memory=psi_mem,
+        iowait=nanmean(_pick(sig.get("cpu.iowait"), active)), cpu_busy=cpu_busy,
+        cpu_limit=L.cpu_limit(ceilings, cores if cores == cores else None), links=links,
+        uplinks=uplinks, refault=refault_est, read_total=read_total, nfs_read=nfs,
+        network_rx=net, nvlink_rx=nv,
+        checkpoint_share=float((ckpt & job_mask).sum() / max(job_mask.sum(), 1)),
+        missing=missing, notes=notes, lost_gpus=lost)
+    if not any(s.compute is not None for s in gpus.values()) and gpus:
+        ev.missing.append("SM activity resolving compute from collective waits")
+    return ev
+
+
+def _sum(sig: Signals, signal: str) -> np.ndarray | None:
+    if not sig.has(signal):
+        return None
+    return np.asarray(sum(np.nan_to_num(sig.get(signal, d)) for d in sig.subjects(signal)),
+                      dtype=float)
+
+
+def _pick(x: np.ndarray | None, mask: np.ndarray) -> np.ndarray | None:
+    if x is None:
+        return None
+    x = np.asarray(x, dtype=float)
+    return x[mask] if len(x) == len(mask) else x
+
+
+def _capacity(sig: Signals, g: str) -> float | None:
+    cap = nanmean(sig.get("gpu.pcie_capacity", g))
+    if cap == cap and cap > 0:
+        return cap
+    peers = [nanmean(sig.get("gpu.pcie_capacity", p)) for p in sig.subjects("gpu.pcie_capacity")]
+    peers = [c for c in peers if c == c and c > 0]
+    return float(np.median(peers)) if peers else None
+
+
+def _gpu_state(sig: Signals, g: str, ckpt: np.ndarray, hold: int, coarse: bool,
+               lost_flag: bool) -> GpuState:
+    n = len(sig.t)
+    held_util = sig.get("gpu.busy", g)
+    exact_series = sig.get("gpu.busy_time", g)
+    exact = exact_series is not None and np.isfinite(exact_series).mean() > 0.5
+    # Per sample: the held utilization (0..1); for means: the kernel time credited per tick
+    # (exact over any window, but a single tick may credit more than its length).
+    level = np.asarray(held_util if held_util is not None else exact_series
+                       if exact_series is not None else np.full(n, np.nan), dtype=float)
+    level = np.clip(level, 0.0, 1.0)
+    credit = np.asarray(exact_series, dtype=float) if exact else level
+    busy = level
+    known = np.isfinite(credit) | np.isfinite(level)
+    # A GPU that stopped reporting before the window's end fell off the bus (or its job's
+    # exporter died): treat a tail of missing samples after data as lost when flagged.
+    lost = lost_flag
+    mem = held_forward(sig.get("gpu.mem_used", g), hold * 4)
+    held_known = mem is not None and np.isfinite(mem).any()
+    attributed = any(g in map(str, i.get("gpus", []) or [])
+                     for i in (sig.meta.get("processes") or {}).values())
+    if held_known:
+        present = known & (np.nan_to_num(mem, nan=np.inf) >= NO_JOB_MEMORY)
+    elif attributed or (known.any() and nanmean(credit) >= 0.02):
+        present = known.copy()
+    else:
+        # No memory reading, no process, no kernel: nothing says a job is there.
+        present = np.zeros(n, dtype=bool)
+    memory = _mean_where(mem, present) if held_known else float("nan")
+    tx = sig.get("gpu.pcie_tx", g)
+    benign = ckpt & present & (busy < 0.5)
+    if tx is not None:
+        rx = np.nan_to_num(sig.get("gpu.pcie_rx", g)) if sig.get("gpu.pcie_rx", g) is not None \
+            else np.zeros(n)
+        benign |= present & (busy < 0.5) & (np.nan_to_num(tx) > CHECKPOINT_D2H) & \
+            (np.nan_to_num(tx) > 2 * rx)
+    m = present & ~benign
+    idle = estimate(1.0 - credit[m], floor_se=QUANT_SE) if m.any() else NONE
+    if idle.n:
+        idle = Estimate(min(max(idle.mean, 0.0), 1.0), idle.se, idle.n)
+    sm = sig.get("gpu.sm_active", g)
+    compute = spin = None
+    sm_mean = tensor_mean = None
+    if sm is not None and np.isfinite(sm).any():
+        sm_mean = _mean_where(sm, m)
+        if not coarse:
+            compute, spin = _unmix(np.asarray(sm, dtype=float), busy, m)
+    tensor = sig.get("gpu.tensor_active", g)
+    if tensor is not None and np.isfinite(tensor).any():
+        tensor_mean = _mean_where(tensor, m)
+    power = held_forward(sig.get("gpu.power", g), hold)
+    power_mean = _mean_where(power, m) if power is not None else None
+    limit = nanmean(sig.get("gpu.power_limit", g))
+    if not limit == limit:
+        ident = (sig.meta.get("gpus") or {}).get(g) or {}
+        model = models.lookup(ident.get("name") or ident.get("modelName"))
+        limit = model.power_limit_watts if model else float("nan")
+    clock = held_forward(sig.get("gpu.sm_clock", g), hold)
+    busy_m = m & (busy >= 0.5)
+    clock_mean = _mean_where(clock, busy_m) if clock is not None else None
+    cmax = nanmean(sig.get("gpu.sm_clock_max", g))
+    period, note = _period(sig, g, busy, coarse)
+    aligned = _aligned_idle(sig, g, busy)
+    return GpuState(
+        gpu=g, busy=busy, exact=exact, present=present, held_known=held_known, memory=memory,
+        benign=benign, idle_aligned=aligned, idle=idle, busy_mean=1.0 - idle.mean if idle.n else float("nan"),
+        compute=compute, spin=spin,
+        sm_mean=sm_mean, tensor_mean=tensor_mean,
+        power=power_mean if power_mean == power_mean else None,
+        power_limit=limit if limit == limit and limit > 0 else None,
+        clock=clock_mean if clock_mean == clock_mean else None,
+        clock_max=cmax if cmax == cmax and cmax > 0 else None,
+        period=period, period_note=note, lost=lost,
+        seconds=float(present.sum() * sig.resolution))
+
+
+def _aligned_idle(sig: Signals, g: str, level: np.ndarray) -> np.ndarray:
+    """Idle share per sample placed where the driver measured it: its samples' own times
+    (gpu.util_sample/_age) interpolated onto the grid. The held utilization lags the truth by
+    up to a sample period, which blurs any alignment with what the host did meanwhile."""
+    smp, age = sig.get("gpu.util_sample", g), sig.get("gpu.util_sample_age", g)
+    if smp is None or age is None:
+        return 1.0 - level
+    ok = np.isfinite(smp) & np.isfinite(age)
+    if ok.sum() < 10:
+        return 1.0 - level
+    ts = sig.t[ok] - age[ok]
+    order = np.argsort(ts)
+    centre = sig.t - sig.resolution / 2
+    out = 1.0 - np.interp(centre, ts[order], smp[ok][order])
+    return np.where(np.isfinite(level), out, np.nan)
+
+
+def _unmix(sm: np.ndarray, busy: np.ndarray, m: np.ndarray
+           ) -> tuple[Estimate | None, Estimate | None]:
+    """(computing share, collective share) of job time from SM activity at fine resolution.
+
+    Each sample's SM activity mixes computing (SMs at level hi) and waiting in a collective
+    (a few SMs: level lo): sm = c*hi + (busy - c)*lo. The two levels are the upper and lower
+    envelopes of SM activity per unit of busy time over well-busy samples; unless they are
+    clearly apart (TWO_STATES), the two cannot be told apart and both stay unknown."""
+    ok = m & np.isfinite(sm) & np.isfinite(busy)
+    well = ok & (busy >= 0.8)
+    if well.sum() < 20:
+        return None, None
+    per = sm[well] / busy[well]
+    hi = float(np.quantile(per, 0.95))
+    lo = float(np.quantile(per, 0.05))
+    if hi < 0.05:
+        return None, None
+    if hi < TWO_STATES * max(lo, 0.01):
+        # One state: SM activity varies with the kernels, not between computing and
+        # waiting; how much is waiting cannot be read off it (peers may still tell).
+        return None, None
+    c = np.clip((sm[ok] - busy[ok] * lo) / (hi - lo), 0.0, busy[ok])
+    comp = estimate(c, floor_se=QUANT_SE)
+    return comp, estimate(busy[ok] - c, floor_se=QUANT_SE)
+
+
+def _period(sig: Signals, g: str, busy: np.ndarray, coarse: bool
+            ) -> tuple[P.Period | None, str]:
+    """The GPU's step period from every series that carries it."""
+    if coarse:
+        return None, f"samples every {sig.resolution:g} s cannot resolve steps"
+    cands: list[P.Period | None] = []
+    dts: dict[str, float] = {}
+    sample = sig.get("gpu.util_sample", g)
+    age = sig.get("gpu.util_sample_age", g)
+    if sample is not None and age is not None:
+        ok = np.isfinite(sample) & np.isfinite(age)
+        if ok.sum() >= 64:
+            t = sig.t[ok] - age[ok]
+            dt = float(np.median(np.diff(np.sort(t)))) if ok.sum() > 1 else sig.resolution
+            dts["driver samples"] = dt
+            cands.append(P.find_period(t, sample[ok], "driver samples"))
+    rx = sig.get("gpu.pcie_rx", g)
+    if rx is not None and np.isfinite(rx).mean() > 0.9:
+        bursts = P.period_from_bursts(rx, sig.resolution)
+        if bursts is not None and bursts.rel_width <= P.MAX_REL_WIDTH:
+            return bursts, ""
+        ok = np.isfinite(rx)
+        dts["pcie"] = sig.resolution
+        cands.append(P.find_period(sig.t[ok], rx[ok], "pcie"))
+    sm = sig.get("gpu.sm_active", g)
+    if sm is not None:
+        ok = np.isfinite(sm)
+        if ok.sum() >= 64:
+            t = sig.t[ok]
+            dts["sm activity"] = float(np.median(np.diff(t)))
+            cands.append(P.find_period(t, sm[ok], "sm activity"))
+    if not dts:
+        return None, "no series with its own timing (driver samples, PCIe, SM activity)"
+    period, why = P.resolve([c for c in cands if c is not None], dts)
+    return period, why
+
+
+def _loader(sig: Signals, pid: str, active: np.ndarray, hold: int) -> Loader | None:
+    cpu = sig.get("proc.cpu", pid)
+    if cpu is None:
+        return None
+    members = nanmean(_pick(sig.get("proc.members", pid), active))
+    workers = max(members - 1, 1.0) if members == members else 1.0
+    cores = estimate(_pick(cpu, active))
+    sat = Estimate(cores.mean / workers, cores.se / workers, cores.n) if cores.n else NONE
+    mm = sig.get("proc.max_member_cpu", pid)
+    blocked = sig.get("proc.blocked", pid)
+    mem_n = sig.get("proc.members", pid)
+    if blocked is not None and mem_n is not None:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            frac = np.asarray(blocked, dtype=float) / np.maximum(np.asarray(mem_n, dtype=float)
+                                                                 - 1, 1)
+        blocked_est = estimate(_pick(frac, active))
+    else:
+        blocked_est = NONE
+    read = held_forward(sig.get("proc.read", pid), hold * 2)
+    return Loader(pid, cores, workers, sat,
+                  estimate(_pick(mm, active)) if mm is not None else NONE, blocked_est,
+                  nanmean(_pick(read, active)) if read is not None else float("nan"),
+                  np.asarray(cpu, dtype=float))

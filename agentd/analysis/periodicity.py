@@ -1,0 +1,181 @@
+"""The training step period, or an honest "cannot be resolved at this resolution".
+
+A periodic counter sampled every dt shows any period shorter than 2 dt at a false, longer
+one (aliasing): a 0.2 s step read through NVML's 1/6 s samples looks like a 1.0 s step. So:
+- each series is searched with a Lomb-Scargle periodogram on its own sample times (the
+  driver's utilization samples carry their own timestamps; ticks are slightly irregular),
+  only at frequencies well inside its Nyquist band, with a false-alarm test, a check that
+  the peak is the fundamental and not a harmonic, and a width that bounds the estimate;
+- a period is reported only when two series sampled at different rates agree on it (their
+  aliases of a faster true period would differ), or, with one series, when it spans many
+  samples; and only when its interval is within 10% (MAX_REL_WIDTH).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+MAX_REL_WIDTH = 0.10  # report a period only when known to within 10%
+MIN_POWER = 0.15  # normalized Lomb-Scargle power (share of the variance) of the peak
+MAX_FAP = 1e-3  # false-alarm probability of the peak
+SINGLE_SERIES_MIN_SAMPLES = 10.0  # one series alone: the period spans this many samples
+AGREE = 0.10  # two series agree when their periods differ by less than this
+
+
+@dataclass(frozen=True)
+class Period:
+    seconds: float
+    rel_width: float  # half-width of the peak over its frequency: the interval, relative
+    power: float
+    series: str  # which series found it
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return (self.seconds / (1 + self.rel_width), self.seconds / max(1 - self.rel_width,
+                                                                          1e-3))
+
+
+MAX_SPAN = 300.0  # seconds of the most recent samples searched (periods are local)
+
+
+def periodogram(t: np.ndarray, y: np.ndarray, freqs: np.ndarray) -> np.ndarray:
+    """Normalized power (share of the variance a sinusoid at each frequency explains).
+    Lomb-Scargle on irregular sample times; on a regular grid the same quantity from a
+    zero-padded FFT, which costs N log N instead of N x frequencies."""
+    y = y - y.mean()
+    if not np.any(y):
+        return np.zeros(len(freqs))
+    dt = np.diff(t)
+    step = float(np.median(dt))
+    if step > 0 and np.all(np.abs(dt - step) <= 0.02 * step):
+        n = len(y)
+        size = 1 << int(np.ceil(np.log2(n * 8)))
+        spec = np.abs(np.fft.rfft(y, size)) ** 2
+        f = np.fft.rfftfreq(size, step)
+        power = 2.0 * spec / (n * float(np.dot(y, y)))
+        return np.clip(np.interp(freqs, f, power), 0.0, 1.0)
+    from scipy.signal import lombscargle
+
+    return np.asarray(lombscargle(t, y, 2 * np.pi * freqs, normalize=True), dtype=float)
+
+
+def _local_max_near(p: np.ndarray, i: int, span: int) -> int:
+    lo, hi = max(i - span, 0), min(i + span + 1, len(p))
+    return lo + int(np.argmax(p[lo:hi])) if hi > lo else i
+
+
+def find_period(t: np.ndarray, y: np.ndarray, name: str, min_s: float = 0.05,
+                max_s: float = 60.0) -> Period | None:
+    """The fundamental period of one series (sample times t, values y), or None."""
+    ok = np.isfinite(t) & np.isfinite(y)
+    t, y = np.asarray(t[ok], dtype=float), np.asarray(y[ok], dtype=float)
+    if len(t) < 64 or np.std(y) < 1e-9:
+        return None
+    order = np.argsort(t)
+    t, y = t[order], y[order]
+    recent = t >= t[-1] - MAX_SPAN
+    t, y = t[recent] - t[recent][0], y[recent]
+    if len(t) < 64:
+        return None
+    span = float(t[-1])
+    dt = float(np.median(np.diff(t)))
+    if span <= 0 or dt <= 0:
+        return None
+    # Inside the band: at most 0.45 of the sampling rate, at least 4 cycles in the window.
+    f_hi = min(0.45 / dt, 1.0 / min_s)
+    f_lo = max(4.0 / span, 1.0 / max_s)
+    if f_hi <= f_lo * 1.2:
+        return None
+    df = 1.0 / (span * 8)  # 8x oversampled against the natural resolution 1/span
+    n = int((f_hi - f_lo) / df) + 1
+    if n > 40_000:
+        df = (f_hi - f_lo) / 40_000
+        n = 40_001
+    freqs = f_lo + np.arange(n) * df
+    p = periodogram(t, y, freqs)
+    i = int(np.argmax(p))
+    peak = float(p[i])
+    if peak < MIN_POWER:
+        return None
+    # False alarms among ~ (f range x span) independent frequencies (Scargle; Baluev's bound
+    # is close for these sizes).
+    m = max((f_hi - f_lo) * span, 1.0)
+    single = (1 - peak) ** ((len(t) - 3) / 2)
+    if min(m * single, 1.0) > MAX_FAP:
+        return None
+    # The fundamental: a pulse train puts power at f0, 2 f0, 3 f0 ...; when a sub-harmonic
+    # of the peak carries comparable power, the true step is that much longer.
+    width_bins = max(int(round(1.0 / (span * df))), 1)
+    best = i
+    for k in (2, 3, 4):
+        j = int(round((freqs[i] / k - f_lo) / df))
+        if j < 0:
+            break
+        j = _local_max_near(p, j, width_bins)
+        if p[j] >= 0.5 * peak and abs(freqs[j] * k - freqs[i]) <= 2 * width_bins * df * k:
+            best = j
+    i, peak = best, float(p[best])
+    # The peak's half width at half maximum, in frequency.
+    left = i
+    while left > 0 and p[left] > peak / 2:
+        left -= 1
+    right = i
+    while right < n - 1 and p[right] > peak / 2:
+        right += 1
+    f = float(freqs[i])
+    half = max((freqs[right] - freqs[left]) / 2, df)
+    return Period(1.0 / f, half / f, peak, name)
+
+
+def resolve(periods: list[Period], sample_dt: dict[str, float]) -> tuple[Period | None, str]:
+    """One period from the series' candidates, or None with the reason."""
+    found = [p for p in periods if p is not None]
+    if not found:
+        return None, "no periodic activity found at this resolution"
+    found.sort(key=lambda p: -p.power)
+    for a in found:
+        for b in found:
+            if b is a or abs(math.log(sample_dt[a.series] / sample_dt[b.series])) < 0.05:
+                continue  # same sampling rate: the same aliases
+            k = b.seconds / a.seconds
+            if abs(k - 1) <= AGREE:
+                best = a if a.rel_width <= b.rel_width else b
+                if best.rel_width <= MAX_REL_WIDTH:
+                    return best, ""
+    if len(found) == 1 or all(sample_dt[p.series] == sample_dt[found[0].series]
+                              for p in found):
+        a = found[0]
+        if a.seconds >= SINGLE_SERIES_MIN_SAMPLES * sample_dt[a.series] and \
+                a.rel_width <= MAX_REL_WIDTH:
+            return a, ""
+        return None, (f"one series suggests {a.seconds:.3g} s, too few samples per step to "
+                      "rule out aliasing")
+    return None, "the series disagree (aliasing at this resolution)"
+
+
+def period_from_bursts(rx: np.ndarray, resolution: float) -> Period | None:
+    """Step period from host-to-device copies when each step's copy is one short, isolated
+    burst (steps longer than a tick, copies shorter): the window's length over the number
+    of copies. Exact where a periodogram aliases."""
+    x = np.nan_to_num(np.asarray(rx, dtype=float)) * resolution  # bytes per sample
+    if len(x) < 50 or x.max() <= 0:
+        return None
+    on = x > 0.02 * x.max()
+    if on.sum() < 10:
+        return None
+    idx = np.flatnonzero(on)
+    isolated = np.mean([(i == 0 or not on[i - 1]) and (i == len(x) - 1 or not on[i + 1])
+                        for i in idx])
+    if isolated < 0.9:
+        return None  # copies span samples: not countable this way
+    sizes = x[on]
+    per_copy = float(np.median(sizes))
+    copies = float(x.sum()) / per_copy
+    if copies < 10:
+        return None
+    # Copies of unequal size make the count uncertain by their spread.
+    rel = float(np.std(sizes) / per_copy / math.sqrt(len(sizes))) + 1.0 / copies
+    return Period(len(x) * resolution / copies, rel, 1.0, "pcie bursts")
