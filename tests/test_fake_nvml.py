@@ -194,3 +194,24 @@ def test_shipped_scenarios_load():
     assert files
     for f in files:
         assert load_scenario(f).devices
+
+
+def test_library_scenarios_by_name(tmp_path, monkeypatch):
+    """`--fake-nvml h100x8-steady` names a library file, as `--simulate NAME` does; a path
+    still wins, and an unknown name is a one-line configuration error listing the names."""
+    import argparse
+
+    from agentd.daemon import config as configmod
+    from agentd.gpu.fake.scenario import library, resolve
+
+    assert "h100x8-steady" in library()
+    assert len(load_scenario("h100x8-steady").devices) == 8
+    monkeypatch.chdir(tmp_path)  # nothing relative to the repository
+    cfg = configmod.build(argparse.Namespace(fake_nvml="h100x8-steady"), env={})
+    assert cfg.fake_nvml == "h100x8-steady"
+    own = tmp_path / "h100x8-steady"
+    own.write_text('[[gpus]]\ncount = 2\n')
+    assert resolve("h100x8-steady") == "h100x8-steady"  # the file in the cwd
+    assert len(load_scenario("h100x8-steady").devices) == 2
+    with pytest.raises(configmod.ConfigError, match="does not exist.*h100x8-steady"):
+        configmod.build(argparse.Namespace(fake_nvml="no-such-gpus"), env={})

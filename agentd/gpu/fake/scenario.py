@@ -3,12 +3,14 @@
 A scenario fixes what each fake GPU does: a constant utilization or a periodic step
 (busy for step_busy_s of every step_period_s), PCIe and NVLink traffic, memory, clocks,
 power, throttling episodes, XID events, the moment it falls off the bus, its processes, and
-which NVML calls it does not support. See agentd/scenarios/*.toml for examples.
+which NVML calls it does not support. See agentd/scenarios/*.toml for examples; such a
+library file can be named without its path or suffix (`--fake-nvml h100x8-steady`).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import uuid
 from dataclasses import dataclass, field
 
@@ -294,6 +296,28 @@ def library_from_dict(doc: dict, where: str = "scenario", **kwargs) -> FakeNvmlL
     )
 
 
-def load_scenario(path: str, **kwargs) -> FakeNvmlLibrary:
+SCENARIO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+                            "scenarios")
+
+
+def library() -> list[str]:
+    """The names of the fake-GPU scenarios shipped with agentd."""
+    return sorted(f[:-5] for f in os.listdir(SCENARIO_DIR) if f.endswith(".toml"))
+
+
+def resolve(path_or_name: str) -> str:
+    """A scenario file: the path itself when it is a file, else the library file of that
+    name (agentd/scenarios/NAME.toml)."""
+    if os.path.isfile(path_or_name):
+        return path_or_name
+    candidate = os.path.join(SCENARIO_DIR, path_or_name + ".toml")
+    if os.sep not in path_or_name and os.path.isfile(candidate):
+        return candidate
+    raise ScenarioError(f"fake NVML scenario {path_or_name!r} does not exist (give a file, "
+                        f"or one of: {', '.join(library())})")
+
+
+def load_scenario(path_or_name: str, **kwargs) -> FakeNvmlLibrary:
+    path = resolve(path_or_name)
     doc = read_toml(path, "fake-NVML scenario", ScenarioError)
     return library_from_dict(doc, where=path, **kwargs)
