@@ -90,6 +90,43 @@ def test_not_supported_and_function_not_found(fake_gpus):
     assert rx.nvmlReturn == N.NVML_SUCCESS
 
 
+def test_injected_errors_per_device_function_and_time(fake_gpus, clock):
+    """A scenario makes one function of one GPU answer an NVML error for a time span."""
+    fake_gpus({"missing_functions": ["nvmlDeviceGetComputeRunningProcesses_v3"], "gpus": [
+        {"count": 1},
+        {"count": 1, "errors": [{"function": "nvmlDeviceGetFieldValues", "error": "unknown",
+                                 "start_s": 2, "end_s": 4},
+                                {"function": "nvmlDeviceGetTemperature",
+                                 "error": "NVML_ERROR_TIMEOUT"}]}]}, clock=clock)
+    N.nvmlInit()
+    h0, h1 = N.nvmlDeviceGetHandleByIndex(0), N.nvmlDeviceGetHandleByIndex(1)
+    fields = [N.NVML_FI_DEV_PCIE_COUNT_TX_BYTES]
+    N.nvmlDeviceGetFieldValues(h1, fields)
+    clock.advance(2.5)
+    with pytest.raises(N.nvmlExceptionClass(N.NVML_ERROR_UNKNOWN)):
+        N.nvmlDeviceGetFieldValues(h1, fields)
+    N.nvmlDeviceGetFieldValues(h0, fields)  # the other GPU answers
+    with pytest.raises(N.nvmlExceptionClass(N.NVML_ERROR_TIMEOUT)):
+        N.nvmlDeviceGetTemperature(h1, N.NVML_TEMPERATURE_GPU)
+    clock.advance(2.0)
+    N.nvmlDeviceGetFieldValues(h1, fields)  # the span is over
+    # What pynvml 13 really raises for a missing _v3 symbol: not an NVMLError.
+    with pytest.raises(N.NVMLLibraryMismatchError):
+        N.nvmlDeviceGetComputeRunningProcesses(h0)
+    assert N.nvmlDeviceGetComputeRunningProcesses_v2(h0) == []
+
+
+@pytest.mark.parametrize("error, message", [
+    ({"function": "nvmlDeviceFrobnicate"}, "not an NVML function"),
+    ({"function": "nvmlDeviceGetSamples", "error": "melted"}, "not an NVML error"),
+    ({"function": "nvmlDeviceGetSamples", "error": "success"}, "not an NVML error"),
+    ({"function": "nvmlDeviceGetSamples", "when": 3}, "unknown key 'when'"),
+])
+def test_bad_injected_errors(error, message):
+    with pytest.raises(ScenarioError, match=message):
+        library_from_dict({"gpus": [{"errors": [error]}]})
+
+
 def test_gpu_lost_mid_run(fake_gpus, clock):
     fake_gpus({"gpus": [{"count": 2, "lost_at_s": 5}]}, clock=clock)
     N.nvmlInit()
