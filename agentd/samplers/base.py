@@ -170,8 +170,10 @@ class Sampler:
         """Find the source; raise Unavailable(reason) when it is absent."""
 
     def sample(self, now: float, slow: bool) -> Row | None:
-        """Read the source once. `now` is Unix time; `slow` is True on slow-loop ticks
-        (every tick for a slow sampler). Returns the window row, if any."""
+        """Read the source once. `now` is monotonic seconds (time.monotonic() in the
+        daemon: only differences mean anything, and they never go backwards when the wall
+        clock is stepped); `slow` is True on slow-loop ticks (every tick for a slow
+        sampler). Returns the window row, if any."""
         raise NotImplementedError
 
     def close(self) -> None:
