@@ -233,6 +233,59 @@ def test_sampler_fault_does_not_stop_others(spawn, scenario, tmp_path):
     assert proc.output().count("no aggregate 'cpu' line") == 1
 
 
+FAULTY_GPUS = """
+[[gpus]]
+count = 1
+utilization = 0.5
+pcie_rx_bytes_per_second = 1e9
+
+[[gpus]]
+count = 1
+utilization = 0.5
+pcie_rx_bytes_per_second = 1e9
+[[gpus.errors]]
+function = "nvmlDeviceGetFieldValues"
+error = "unknown"
+
+[[gpus]]
+count = 1
+lost_at_s = 0
+"""
+
+
+def test_gpu_faults_end_to_end(spawn, tmp_path):
+    """agentd run --fake-nvml with GPU 1 answering NVML_ERROR_UNKNOWN to field values and
+    GPU 2 lost before start: the GPU sampler never fails, GPU 0 and GPU 1's busy keep their
+    10 Hz rows, the error is counted and logged once, the lost GPU is exported as lost."""
+    import json
+
+    path = tmp_path / "faulty.toml"
+    path.write_text(FAULTY_GPUS)
+    proc, url, _ = start(spawn, "--fake-nvml", str(path))
+    wait_http(url + "/metrics")
+    time.sleep(3.0)
+    text = metrics(url)
+    assert value(text, 'agentd_sampler_errors_total{sampler="gpu"}') == 0
+    assert value(text, 'agentd_sampler_success{sampler="gpu"}') == 1
+    assert value(text, 'agentd_gpu_errors_total{gpu="1"') > 0
+    assert value(text, 'agentd_gpu_errors_total{gpu="0"') == 0
+    assert value(text, 'agentd_gpu_lost{gpu="2",uuid=""}') == 1
+    assert 'agentd_gpu_info{gpu="2",uuid="",name=""' in text
+    with urllib.request.urlopen(url + "/api/v1/window?seconds=2", timeout=5) as r:
+        doc = json.load(r)
+    gpu = doc["groups"]["gpu"]["columns"]
+    rows = len(doc["groups"]["gpu"]["t"])
+    assert rows >= 10  # at 10 Hz: ~20; the whole sampler backed off used to give none
+    assert None not in gpu["gpu.busy:0"] and None not in gpu["gpu.busy:1"]
+    assert None not in gpu["gpu.pcie_rx:0"]
+    assert set(gpu.get("gpu.pcie_rx:1", [None])) == {None}
+    assert doc["meta"]["gpus"]["2"]["lost"] is True
+    assert proc.stop() == 0
+    out = proc.output()
+    assert out.count("nvmlDeviceGetFieldValues failed") == 1, out
+    assert "Traceback" not in out
+
+
 # --- a wall clock stepped backwards (in process, clocks injected) ----------------------------
 
 
