@@ -433,3 +433,17 @@ def test_xid_storm_is_rate_limited_in_the_log(fake_gpus, clock, caplog):
     assert 2 <= len(summaries) <= 3, lines
     assert sum(int(m.split()[2]) for m in summaries) == 1000 + 10 - 2
     assert len(lines) <= 5
+
+
+def test_counter_probe_failing_at_start_is_retried(fake_gpus, clock):
+    """Field values failing when agentd starts: PCIe is 'unknown' until the call answers,
+    then read from the counters, not given up for the GPU's life."""
+    s = make_sampler(clock, fake_gpus, {"gpus": [{"count": 1, "pcie_rx_bytes_per_second": 2e9,
+                                                  "errors": [{
+        "function": "nvmlDeviceGetFieldValues", "error": "unknown", "end_s": 1.0}]}]})
+    source = lambda: [labels[5] for labels in by_name(s, "agentd_gpu_info")]  # noqa: E731
+    assert source() == ["unknown"]
+    rows = run(s, clock, 5.0)
+    assert source() == ["counter"]
+    assert rows[-1]["gpu.pcie_rx:0"] == pytest.approx(2e9, rel=0.01)
+    assert _errors(s)["0"] >= 1

@@ -45,7 +45,8 @@ class GpuIdentity:
     sm_clock_max_hz: float | None
     pcie_max_generation: int | None
     pcie_max_width: int | None
-    pcie_counter_source: str  # "counter", "throughput_sampled" or "none"
+    # "counter", "throughput_sampled", "none", or "unknown" while the probe call fails
+    pcie_counter_source: str
     # "samples" (the driver's sample buffer), "rates" (utilization rates integrated per
     # tick, coarser) or "none" (busy time absent)
     utilization_source: str = "samples"
@@ -59,6 +60,7 @@ class FastReading:
     # False while it fails or where the GPU has none: busy is then absent, not 0.
     busy_valid: bool = False
     utilization_source: str = "samples"
+    pcie_counter_source: str = "counter"
     busy_seconds: float = 0.0  # kernel time in the newly arrived driver samples
     covered_seconds: float = 0.0  # time those samples span
     last_utilization: float | None = None  # latest driver sample, 0..1

@@ -136,7 +136,9 @@ class _Device:
     util_period_s: float | None = None
     util_last_seen: float = 0.0  # monotonic time the newest sample arrived
     rates_prev_t: float | None = None  # monotonic time of the last utilization-rates read
-    counter_fields: list = field(default_factory=list)
+    # The fields read each tick; None until a probe answered (it failed at start).
+    counter_fields: list | None = field(default_factory=list)
+    pcie_source: str = "unknown"  # "counter", "throughput_sampled", "none" or "unknown"
     counter_prev: dict = field(default_factory=dict)  # field id -> (value, bits, timestamp us)
     gpm_samples: list = field(default_factory=list)
     gpm_request: object = None
@@ -205,8 +207,9 @@ class NvmlBackend:
             dev.identity = self._identify(dev)
             self.devices.append(dev)
         self._open_events()
-        if any(d.identity.pcie_counter_source == "throughput_sampled" for d in self.devices):
-            self._start_fallback()
+        for d in self.devices:
+            if d.pcie_source == "throughput_sampled":
+                self._add_fallback(d)
         return [d.identity for d in self.devices]
 
     def _backoff(self, dev: _Device, capability: str) -> bool:
@@ -289,7 +292,7 @@ class NvmlBackend:
         gen = self._call(dev, "pcie_max_generation", N.nvmlDeviceGetMaxPcieLinkGeneration, h)
         width = self._call(dev, "pcie_max_width", N.nvmlDeviceGetMaxPcieLinkWidth, h)
         minor = self._call(dev, "minor", N.nvmlDeviceGetMinorNumber, h)
-        source = self._probe_counters(dev)
+        source = dev.pcie_source = self._probe_counters(dev)
         # The first utilization read primes the sample buffer and finds the source.
         self._read_utilization(dev, FastReading())
         dev.rates_prev_t = None  # rates are integrated from the first tick on
@@ -318,6 +321,9 @@ class NvmlBackend:
                   (N.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX, UINT_MAX),
                   (N.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX, UINT_MAX)]
         values = self._call(dev, "field_values", N.nvmlDeviceGetFieldValues, dev.handle, wanted)
+        if values is None and "field_values" not in dev.absent:
+            dev.counter_fields = None  # the call failed: probe again on a later tick
+            return "unknown"
         if values is None:
             dev.counter_fields = []
         else:
@@ -370,6 +376,7 @@ class NvmlBackend:
             self._read_gpm(dev, r)
         finally:
             r.errors, dev.errors = dev.errors, []
+            r.pcie_counter_source = dev.pcie_source
         return r
 
     def _read_utilization(self, dev: _Device, r: FastReading) -> None:
@@ -474,6 +481,13 @@ class NvmlBackend:
 
     def _read_counters(self, dev: _Device, r: FastReading) -> None:
         N = self.N
+        if dev.counter_fields is None:
+            # The probe failed at start: probe again (with the call's back-off); its first
+            # answer primes the counters, or hands PCIe to the throughput helper.
+            dev.pcie_source = self._probe_counters(dev)
+            if dev.pcie_source == "throughput_sampled":
+                self._add_fallback(dev)
+            return
         if dev.counter_fields:
             values = self._call(dev, "field_values", N.nvmlDeviceGetFieldValues, dev.handle,
                                 dev.counter_fields)
@@ -634,13 +648,13 @@ class NvmlBackend:
 
     # --- the PCIe throughput fallback -----------------------------------------------------------
 
-    def _start_fallback(self) -> None:
-        for dev in self.devices:
-            if dev.identity and dev.identity.pcie_counter_source == "throughput_sampled":
-                self._fallback[dev.index] = [0.0, 0.0, time.monotonic()]
-        self._fallback_thread = threading.Thread(
-            target=self._fallback_loop, name="nvml-pcie-throughput", daemon=True)
-        self._fallback_thread.start()
+    def _add_fallback(self, dev: _Device) -> None:
+        with self._fallback_lock:
+            self._fallback[dev.index] = [0.0, 0.0, time.monotonic()]
+        if self._fallback_thread is None:
+            self._fallback_thread = threading.Thread(
+                target=self._fallback_loop, name="nvml-pcie-throughput", daemon=True)
+            self._fallback_thread.start()
 
     def _fallback_loop(self) -> None:
         N = self.N

@@ -151,8 +151,10 @@ class GpuSampler(Sampler):
                 self._unexpected(g, "fast reading", e)
                 continue
             self._count_errors(g, r.errors)
-            if r.utilization_source != g.utilization_source:
-                self.gpus[index] = g = replace(g, utilization_source=r.utilization_source)
+            if (r.utilization_source, r.pcie_counter_source) != (g.utilization_source,
+                                                                 g.pcie_counter_source):
+                self.gpus[index] = g = replace(g, utilization_source=r.utilization_source,
+                                               pcie_counter_source=r.pcie_counter_source)
                 self._export_info()
             self._account_fast(g, r, row)
             if tick and tick > 0 and r.busy_valid:
