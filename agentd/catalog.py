@@ -146,8 +146,12 @@ METRICS: list[MetricSpec] = [
     _M("process_open_fds", "gauge", "", "agentd's open file descriptors.", (), "self"),
     _M("process_max_fds", "gauge", "", "agentd's file descriptor limit.", (), "self"),
     # --- GPU ---------------------------------------------------------------------------------
-    _M("agentd_gpu_info", "gauge", "", "One series per GPU; the value is always 1.",
-       _GPU + ("name", "pci_bus_id", "driver_version", "pcie_counter_source"), "gpu"),
+    _M("agentd_gpu_info", "gauge", "", "One series per GPU, lost ones included (labels "
+       "it could not read are empty); the value is always 1. utilization_source: samples "
+       "(the driver's sample buffer), rates (nvmlDeviceGetUtilizationRates integrated per "
+       "tick, coarser) or none (busy time absent, never 0).",
+       _GPU + ("name", "pci_bus_id", "driver_version", "pcie_counter_source",
+               "utilization_source"), "gpu"),
     _M("agentd_gpu_busy_seconds_total", "counter", "seconds",
        "Time a kernel ran, integrated from the driver's utilization sample buffer "
        "(rate() is the mean utilization over any window).", _GPU, "gpu", "gpu.busy"),
@@ -210,6 +214,10 @@ METRICS: list[MetricSpec] = [
        "gpu"),
     _M("agentd_gpu_lost", "gauge", "",
        "1 once the driver reports the GPU lost (fallen off the bus); it is no longer sampled.",
+       _GPU, "gpu"),
+    _M("agentd_gpu_errors_total", "counter", "",
+       "NVML calls on this GPU that failed unexpectedly (neither unsupported nor GPU lost); "
+       "the value they read is absent while they fail, the log names the call and error.",
        _GPU, "gpu"),
     _M("agentd_gpu_process_memory_used_bytes", "gauge", "bytes",
        "Device memory used by a process.", _GPU + ("pid",), "gpu"),

@@ -213,6 +213,12 @@ def _add_live_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_dashboards(args: argparse.Namespace) -> int:
+    try:
+        import grafanalib  # noqa: F401  (the `dashboards` extra)
+    except ImportError:
+        return _fail("agentd dashboards needs grafanalib, which is not installed: "
+                     "pip install grafanalib (or install agentd from its checkout with "
+                     "the extra: pip install './agentd-checkout[dashboards]')")
     from agentd.dashboards import write_all
 
     for path in write_all(args.out):

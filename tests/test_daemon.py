@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 
+import numpy as np
 import pytest
 
 from conftest import agentd_cmd, free_port, wait_http
@@ -230,3 +231,150 @@ def test_sampler_fault_does_not_stop_others(spawn, scenario, tmp_path):
     assert value(text, 'agentd_sampler_success{sampler="memory"}') == 1
     # One log line for the failure, not one per tick.
     assert proc.output().count("no aggregate 'cpu' line") == 1
+
+
+FAULTY_GPUS = """
+[[gpus]]
+count = 1
+utilization = 0.5
+pcie_rx_bytes_per_second = 1e9
+
+[[gpus]]
+count = 1
+utilization = 0.5
+pcie_rx_bytes_per_second = 1e9
+[[gpus.errors]]
+function = "nvmlDeviceGetFieldValues"
+error = "unknown"
+
+[[gpus]]
+count = 1
+lost_at_s = 0
+"""
+
+
+def test_gpu_faults_end_to_end(spawn, tmp_path):
+    """agentd run --fake-nvml with GPU 1 answering NVML_ERROR_UNKNOWN to field values and
+    GPU 2 lost before start: the GPU sampler never fails, GPU 0 and GPU 1's busy keep their
+    10 Hz rows, the error is counted and logged once, the lost GPU is exported as lost."""
+    import json
+
+    path = tmp_path / "faulty.toml"
+    path.write_text(FAULTY_GPUS)
+    proc, url, _ = start(spawn, "--fake-nvml", str(path))
+    wait_http(url + "/metrics")
+    time.sleep(3.0)
+    text = metrics(url)
+    assert value(text, 'agentd_sampler_errors_total{sampler="gpu"}') == 0
+    assert value(text, 'agentd_sampler_success{sampler="gpu"}') == 1
+    assert value(text, 'agentd_gpu_errors_total{gpu="1"') > 0
+    assert value(text, 'agentd_gpu_errors_total{gpu="0"') == 0
+    assert value(text, 'agentd_gpu_lost{gpu="2",uuid=""}') == 1
+    assert 'agentd_gpu_info{gpu="2",uuid="",name=""' in text
+    with urllib.request.urlopen(url + "/api/v1/window?seconds=2", timeout=5) as r:
+        doc = json.load(r)
+    gpu = doc["groups"]["gpu"]["columns"]
+    rows = len(doc["groups"]["gpu"]["t"])
+    assert rows >= 10  # at 10 Hz: ~20; the whole sampler backed off used to give none
+    assert None not in gpu["gpu.busy:0"] and None not in gpu["gpu.busy:1"]
+    assert None not in gpu["gpu.pcie_rx:0"]
+    assert set(gpu.get("gpu.pcie_rx:1", [None])) == {None}
+    assert doc["meta"]["gpus"]["2"]["lost"] is True
+    assert proc.stop() == 0
+    out = proc.output()
+    assert out.count("nvmlDeviceGetFieldValues failed") == 1, out
+    assert "Traceback" not in out
+
+
+# --- a wall clock stepped backwards (in process, clocks injected) ----------------------------
+
+
+class _Clocks:
+    """A monotonic clock the test advances and a wall clock that follows it, until stepped."""
+
+    def __init__(self):
+        self.mono = 1000.0
+        self.offset = 1_800_000_000.0 - self.mono
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def wall(self) -> float:
+        return self.mono + self.offset
+
+
+def test_wall_clock_stepped_back_an_hour(dgx_procfs, dgx_sysfs, monkeypatch):
+    """NTP steps the wall clock back by an hour while the daemon runs: the GPU window
+    statistics stay within [0, 1] and true, the rolling analysis keeps running on the last
+    minute (not on an hour-wide mix), and findings never outlive the analysis."""
+    import re
+
+    from agentd.daemon import exporter as exporter_mod
+    from agentd.daemon import rolling as rolling_mod
+    from agentd.daemon.config import Config, _default_collectors
+    from agentd.daemon.core import Daemon
+    from agentd.daemon.runner import SamplerState
+    from agentd.gpu.fake import install, library_from_dict, uninstall
+    from agentd.paths import Paths
+    from agentd.samplers import registry
+    from agentd.samplers.base import Context
+
+    clocks = _Clocks()
+    for mod in (exporter_mod, rolling_mod):
+        monkeypatch.setattr(mod.time, "monotonic", clocks.monotonic)
+    install(library_from_dict({"gpus": [{"count": 2, "step_period_s": 2.0,
+                                         "step_busy_s": 1.4}]}, clock=clocks.monotonic))
+    try:
+        cfg = Config(collectors=_default_collectors(), procfs=dgx_procfs, sysfs=dgx_sysfs,
+                     fake_nvml="x")
+        d = Daemon(cfg)
+        d.clock = clocks.wall
+        ctx = Context(Paths(dgx_procfs, dgx_sysfs), 0.1, 1.0, d.shared)
+        for name in ("gpu", "cpu", "storage"):
+            cls = registry()[name]
+            s = cls(ctx, cfg.collector(name).options)
+            s.open()
+            if name == "gpu":
+                s.backend.clock = clocks.monotonic
+            st = SamplerState(s, 0.1, 1.0, d.window.ring(name, 0.1), wall_clock=d.clock,
+                              monotonic=clocks.monotonic)
+            st.available = True
+            d._states[name] = st
+
+        def run(seconds: float, tick0: int) -> None:
+            for tick in range(tick0, tick0 + int(seconds * 10)):
+                clocks.mono += 0.1
+                for st in d.runners():
+                    st.run(tick, 0.1)
+
+        def idle_ratios() -> list[float]:
+            clocks.mono += 1.5  # past the statistics cache
+            text = d.exporter.render().decode()
+            return [float(v) for v in re.findall(
+                r'^agentd_gpu_window_idle_ratio\{[^}]*\} (\S+)$', text, re.M)]
+
+        # Idle 0.6 s of every 2 s; a 1/6 s driver sample straddling an edge reads above the
+        # idle threshold, so about one sample period less of it counts as idle.
+        IDLE = (0.6 - 1 / 6) / 2
+        run(70, 0)
+        before = idle_ratios()
+        assert len(before) == 2 and all(r == pytest.approx(IDLE, abs=0.04) for r in before)
+        assert d.analysis.run_once() is not None
+        clocks.offset -= 3600.0  # the wall clock steps back
+        run(30, 700)
+        after = idle_ratios()
+        assert len(after) == 2 and all(r == pytest.approx(IDLE, abs=0.04) for r in after)
+        report = d.analysis.run_once()
+        assert report is not None and d.analysis.current() is report
+        sig_t = d.window.export(d.clock() - cfg.analysis_window)["gpu"]["t"]
+        assert np.all(np.diff(sig_t) > 0)
+        # The last minute on the stepped wall clock: its first row a minute ago, its newest
+        # one when the last tick ran (1.5 s before the statistics' scrape moved the clock).
+        assert sig_t[0] == pytest.approx(d.clock() - cfg.analysis_window, abs=0.15)
+        assert sig_t[-1] == pytest.approx(d.clock() - 1.5, abs=0.15)
+        # The analysis stops (its thread stuck or failing): its findings are withdrawn.
+        clocks.mono += (rolling_mod.STALE_RUNS + 1) * cfg.analysis_interval
+        assert d.analysis.current() is None
+        assert not [s for s in d.analysis.series() if s[0].startswith("agentd_finding")]
+    finally:
+        uninstall()

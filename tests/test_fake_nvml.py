@@ -90,6 +90,43 @@ def test_not_supported_and_function_not_found(fake_gpus):
     assert rx.nvmlReturn == N.NVML_SUCCESS
 
 
+def test_injected_errors_per_device_function_and_time(fake_gpus, clock):
+    """A scenario makes one function of one GPU answer an NVML error for a time span."""
+    fake_gpus({"missing_functions": ["nvmlDeviceGetComputeRunningProcesses_v3"], "gpus": [
+        {"count": 1},
+        {"count": 1, "errors": [{"function": "nvmlDeviceGetFieldValues", "error": "unknown",
+                                 "start_s": 2, "end_s": 4},
+                                {"function": "nvmlDeviceGetTemperature",
+                                 "error": "NVML_ERROR_TIMEOUT"}]}]}, clock=clock)
+    N.nvmlInit()
+    h0, h1 = N.nvmlDeviceGetHandleByIndex(0), N.nvmlDeviceGetHandleByIndex(1)
+    fields = [N.NVML_FI_DEV_PCIE_COUNT_TX_BYTES]
+    N.nvmlDeviceGetFieldValues(h1, fields)
+    clock.advance(2.5)
+    with pytest.raises(N.nvmlExceptionClass(N.NVML_ERROR_UNKNOWN)):
+        N.nvmlDeviceGetFieldValues(h1, fields)
+    N.nvmlDeviceGetFieldValues(h0, fields)  # the other GPU answers
+    with pytest.raises(N.nvmlExceptionClass(N.NVML_ERROR_TIMEOUT)):
+        N.nvmlDeviceGetTemperature(h1, N.NVML_TEMPERATURE_GPU)
+    clock.advance(2.0)
+    N.nvmlDeviceGetFieldValues(h1, fields)  # the span is over
+    # What pynvml 13 really raises for a missing _v3 symbol: not an NVMLError.
+    with pytest.raises(N.NVMLLibraryMismatchError):
+        N.nvmlDeviceGetComputeRunningProcesses(h0)
+    assert N.nvmlDeviceGetComputeRunningProcesses_v2(h0) == []
+
+
+@pytest.mark.parametrize("error, message", [
+    ({"function": "nvmlDeviceFrobnicate"}, "not an NVML function"),
+    ({"function": "nvmlDeviceGetSamples", "error": "melted"}, "not an NVML error"),
+    ({"function": "nvmlDeviceGetSamples", "error": "success"}, "not an NVML error"),
+    ({"function": "nvmlDeviceGetSamples", "when": 3}, "unknown key 'when'"),
+])
+def test_bad_injected_errors(error, message):
+    with pytest.raises(ScenarioError, match=message):
+        library_from_dict({"gpus": [{"errors": [error]}]})
+
+
 def test_gpu_lost_mid_run(fake_gpus, clock):
     fake_gpus({"gpus": [{"count": 2, "lost_at_s": 5}]}, clock=clock)
     N.nvmlInit()
@@ -194,3 +231,24 @@ def test_shipped_scenarios_load():
     assert files
     for f in files:
         assert load_scenario(f).devices
+
+
+def test_library_scenarios_by_name(tmp_path, monkeypatch):
+    """`--fake-nvml h100x8-steady` names a library file, as `--simulate NAME` does; a path
+    still wins, and an unknown name is a one-line configuration error listing the names."""
+    import argparse
+
+    from agentd.daemon import config as configmod
+    from agentd.gpu.fake.scenario import library, resolve
+
+    assert "h100x8-steady" in library()
+    assert len(load_scenario("h100x8-steady").devices) == 8
+    monkeypatch.chdir(tmp_path)  # nothing relative to the repository
+    cfg = configmod.build(argparse.Namespace(fake_nvml="h100x8-steady"), env={})
+    assert cfg.fake_nvml == "h100x8-steady"
+    own = tmp_path / "h100x8-steady"
+    own.write_text('[[gpus]]\ncount = 2\n')
+    assert resolve("h100x8-steady") == "h100x8-steady"  # the file in the cwd
+    assert len(load_scenario("h100x8-steady").devices) == 2
+    with pytest.raises(configmod.ConfigError, match="does not exist.*h100x8-steady"):
+        configmod.build(argparse.Namespace(fake_nvml="no-such-gpus"), env={})

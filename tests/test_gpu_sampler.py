@@ -43,7 +43,7 @@ def make_sampler(clock, fake_gpus, doc, **opts) -> GpuSampler:
 
 def test_counter_delta_wraps_32_bit_only():
     assert counter_delta(2**32 - 10, 5, 32) == 15
-    assert counter_delta(100, 50, 64) == 0  # a 64-bit counter that went back was reset
+    assert counter_delta(100, 50, 64) is None  # a 64-bit counter that went back was reset
     assert counter_delta(5, 9, 64) == 4
 
 
@@ -251,3 +251,199 @@ def test_no_library_on_this_machine_is_unavailable():
     uninstall()
     with pytest.raises(Unavailable, match="no NVIDIA driver"):
         GpuSampler(Context(Paths(), 0.1, 1.0), {}).open()
+
+
+# --- faults: one GPU's error, missing functions, no sample buffer, lost at start, XIDs ------
+
+
+def _errors(sampler) -> dict:
+    return {g: v for (g, _), v in by_name(sampler, "agentd_gpu_errors_total").items()}
+
+
+def test_one_gpus_nvml_error_costs_only_that_value(fake_gpus, clock, caplog):
+    """NVML_ERROR_UNKNOWN from field values on GPU 1: GPUs 0 and 2 keep every 10 Hz row,
+    GPU 1 keeps its busy rows and loses only the PCIe figures; the failing call is retried
+    with back-off, counted, logged once; the sampler itself never fails."""
+    s = make_sampler(clock, fake_gpus, {"gpus": [
+        {"count": 1, "utilization": 0.5, "pcie_rx_bytes_per_second": 1e9},
+        {"count": 1, "utilization": 0.5, "pcie_rx_bytes_per_second": 1e9, "errors": [
+            {"function": "nvmlDeviceGetFieldValues", "error": "unknown", "start_s": 1,
+             "end_s": 21}]},
+        {"count": 1, "utilization": 0.5, "pcie_rx_bytes_per_second": 1e9}]})
+    lib = s.backend.N.nvmlLib
+    with caplog.at_level("INFO", logger="agentd"):
+        rows = run(s, clock, 30.0)  # sample() raising would fail the test here
+    during = rows[15:200]  # 1.5 s .. 20 s
+    for gpu in ("0", "2"):
+        assert all(f"gpu.busy:{gpu}" in r and f"gpu.pcie_rx:{gpu}" in r for r in during)
+    assert all("gpu.busy:1" in r for r in during)
+    assert not any("gpu.pcie_rx:1" in r for r in during)
+    assert any("gpu.pcie_rx:1" in r for r in rows[-50:])  # back after the fault ends
+    # Every real failure counted; the back-off (0.1 s doubling, at most 30 s) spares calls:
+    # ~10 tries in 20 s, not 200.
+    errors = _errors(s)
+    assert errors["0"] == errors["2"] == 0 and 6 <= errors["1"] <= 12
+    assert lib.calls["nvmlDeviceGetFieldValues"] < 3 * 301 - 150
+    logged = [r for r in caplog.records if "nvmlDeviceGetFieldValues failed" in r.getMessage()]
+    assert len(logged) == 1 and "NVML_ERROR_UNKNOWN" in logged[0].getMessage()
+    assert logged[0].levelname == "WARNING"
+    # The bytes moved while the counter could not be read are counted on recovery.
+    rx = by_name(s, "agentd_gpu_pcie_rx_bytes_total")
+    assert rx[("1", s.gpus[1].uuid)] == pytest.approx(rx[("0", s.gpus[0].uuid)], rel=0.01)
+
+
+def test_one_gpus_error_in_every_call_leaves_the_others(fake_gpus, clock):
+    """A GPU whose utilization and state calls all fail: no false 0 for it, and the other
+    GPUs' rows and gauges are complete."""
+    fails = [{"function": f, "error": "unknown"} for f in (
+        "nvmlDeviceGetSamples", "nvmlDeviceGetMemoryInfo", "nvmlDeviceGetTemperature",
+        "nvmlDeviceGetPowerUsage", "nvmlDeviceGetComputeRunningProcesses_v3")]
+    s = make_sampler(clock, fake_gpus, {"gpus": [
+        {"count": 1, "utilization": 0.8, "errors": fails},
+        {"count": 1, "utilization": 0.8, "memory_used_bytes": 1e9}]})
+    rows = run(s, clock, 5.0)
+    assert not any("gpu.busy:0" in r or "gpu.busy_time:0" in r for r in rows)
+    assert all("gpu.busy:1" in r for r in rows[2:])
+    assert {g for g, _ in by_name(s, "agentd_gpu_temperature_celsius")} == {"1"}
+    assert by_name(s, "agentd_gpu_memory_used_bytes") == {("1", s.gpus[1].uuid): 1e9}
+    assert by_name(s, "agentd_gpu_busy_seconds_total")[("1", s.gpus[1].uuid)] > 0
+    assert ("0", s.gpus[0].uuid) not in by_name(s, "agentd_gpu_busy_seconds_total")
+    assert _errors(s)["0"] > 0 and _errors(s)["1"] == 0
+    # The clock rate still reads on the failing GPU: only the failing values are absent.
+    assert {g for g, _ in by_name(s, "agentd_gpu_sm_clock_hertz")} == {"0", "1"}
+
+
+def test_transient_sample_error_loses_no_busy_time(fake_gpus, clock):
+    """A failed nvmlDeviceGetSamples for 0.5 s: the driver's buffer still holds those
+    samples, so the busy counter stays exact."""
+    s = make_sampler(clock, fake_gpus, {"gpus": [{"count": 1, "utilization": 0.6, "errors": [
+        {"function": "nvmlDeviceGetSamples", "error": "timeout", "start_s": 3, "end_s": 3.5}]}]})
+    run(s, clock, 2.0)
+    before = by_name(s, "agentd_gpu_busy_seconds_total")[("0", s.gpus[0].uuid)]
+    run(s, clock, 10.0)
+    after = by_name(s, "agentd_gpu_busy_seconds_total")[("0", s.gpus[0].uuid)]
+    assert (after - before) / 10.0 == pytest.approx(0.6, abs=0.02)
+    assert _errors(s)["0"] >= 1
+
+
+def test_missing_v3_process_call_is_absent_once(fake_gpus, clock, caplog):
+    """A driver without nvmlDeviceGetComputeRunningProcesses_v3 (pynvml raises
+    NVMLLibraryMismatchError from the unversioned wrapper): processes come from _v2, and
+    memory, power, temperature and clocks of every GPU are read; one log line, no ERROR."""
+    doc = {"missing_functions": ["nvmlDeviceGetComputeRunningProcesses_v3"],
+           "gpus": [{"count": 2, "utilization": 0.5, "memory_used_bytes": 2e9,
+                     "processes": [{"pid": 4242, "memory_bytes": 1e9}]}]}
+    with caplog.at_level("INFO", logger="agentd"):
+        s = make_sampler(clock, fake_gpus, doc)
+        run(s, clock, 5.0)
+    for name in ("agentd_gpu_memory_used_bytes", "agentd_gpu_power_watts",
+                 "agentd_gpu_temperature_celsius", "agentd_gpu_sm_clock_hertz"):
+        assert len(by_name(s, name)) == 2, name
+    assert len(by_name(s, "agentd_gpu_process_memory_used_bytes")) == 2
+    assert s.ctx.shared.gpu_processes == {4242: (0, 1)}
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    missing = [r for r in caplog.records if "missing from this driver" in r.getMessage()]
+    assert len(missing) == 1
+    assert _errors(s) == {"0": 0, "1": 0}
+
+
+def test_missing_process_calls_leave_the_rest(fake_gpus, clock):
+    s = make_sampler(clock, fake_gpus, {
+        "missing_functions": ["nvmlDeviceGetComputeRunningProcesses_v3",
+                              "nvmlDeviceGetComputeRunningProcesses_v2"],
+        "gpus": [{"count": 2, "processes": [{"pid": 4242, "memory_bytes": 1e9}]}]})
+    run(s, clock, 3.0)
+    assert not by_name(s, "agentd_gpu_process_memory_used_bytes")
+    assert len(by_name(s, "agentd_gpu_temperature_celsius")) == 2
+    assert len(by_name(s, "agentd_gpu_power_watts")) == 2
+
+
+def test_no_sample_buffer_falls_back_to_utilization_rates(fake_gpus, clock):
+    """nvmlDeviceGetSamples NotSupported: a 90%-busy GPU reads 90% busy from the
+    utilization rates (not 0%), and agentd_gpu_info says which source it is."""
+    s = make_sampler(clock, fake_gpus, {"gpus": [
+        {"count": 1, "utilization": 0.9, "not_supported": ["nvmlDeviceGetSamples"]},
+        {"count": 1, "utilization": 0.9}]})
+    rows = run(s, clock, 20.0)
+    busy = by_name(s, "agentd_gpu_busy_seconds_total")
+    assert busy[("0", s.gpus[0].uuid)] / 20.0 == pytest.approx(0.9, abs=0.02)
+    assert busy[("1", s.gpus[1].uuid)] / 20.0 == pytest.approx(0.9, abs=0.02)
+    assert rows[-1]["gpu.busy:0"] == pytest.approx(0.9)
+    means = sum(r["gpu.busy_time:0"] for r in rows[1:]) / len(rows[1:])
+    assert means == pytest.approx(0.9, abs=0.02)
+    sources = {labels[0]: labels[-1] for labels in by_name(s, "agentd_gpu_info")}
+    assert sources == {"0": "rates", "1": "samples"}
+
+
+def test_no_utilization_at_all_is_absent_not_zero(fake_gpus, clock):
+    s = make_sampler(clock, fake_gpus, {"gpus": [{"count": 1, "utilization": 0.9, "not_supported": [
+        "nvmlDeviceGetSamples", "nvmlDeviceGetUtilizationRates"]}]})
+    rows = run(s, clock, 5.0)
+    assert not by_name(s, "agentd_gpu_busy_seconds_total")
+    assert not any("gpu.busy:0" in r or "gpu.busy_time:0" in r for r in rows)
+    assert [labels[-1] for labels in by_name(s, "agentd_gpu_info")] == ["none"]
+    assert len(by_name(s, "agentd_gpu_temperature_celsius")) == 1
+
+
+@pytest.mark.parametrize("fault", [
+    {"lost_at_s": 0},  # identity calls answer GPU_IS_LOST
+    {"errors": [{"function": "nvmlDeviceGetHandleByIndex_v2", "error": "gpu_is_lost"}]},
+    {"errors": [{"function": "nvmlDeviceGetPciInfo_v3", "error": "gpu_is_lost"}]},
+])
+def test_gpu_lost_at_start_stays_visible(fake_gpus, clock, fault):
+    """A GPU already lost when agentd starts (after any restart) is exported as lost, with
+    what could be read, and listed in the window meta; the others are sampled."""
+    s = make_sampler(clock, fake_gpus, {"gpus": [{"count": 1, "utilization": 0.5},
+                                                 {"count": 1, **fault},
+                                                 {"count": 1, "utilization": 0.5}]})
+    rows = run(s, clock, 2.0)
+    lost = {g: v for (g, _), v in by_name(s, "agentd_gpu_lost").items()}
+    assert lost == {"0": 0.0, "1": 1.0, "2": 0.0}
+    info = {labels[0]: labels for labels in by_name(s, "agentd_gpu_info")}
+    assert set(info) == {"0", "1", "2"}
+    meta = s.meta()["gpus"]
+    assert sorted(meta) == ["0", "1", "2"]
+    assert meta["1"]["lost"] is True and meta["0"]["lost"] is False
+    assert set(meta["1"]) == {"uuid", "name", "pci_bus_id", "lost"}
+    if "errors" in fault and "PciInfo" in fault["errors"][0]["function"]:
+        # UUID and name were read before the GPU answered GPU_IS_LOST.
+        assert meta["1"]["uuid"].startswith("GPU-") and meta["1"]["name"]
+        assert info["1"][1] == meta["1"]["uuid"]
+    else:
+        assert meta["1"]["uuid"] == "" and info["1"][1] == ""
+    assert all("gpu.busy:0" in r and "gpu.busy:2" in r for r in rows[2:])
+    assert not any(k.endswith(":1") for r in rows for k in r)
+
+
+def test_xid_storm_is_rate_limited_in_the_log(fake_gpus, clock, caplog):
+    """1,000 XID 79s and 10 XID 48s on GPU 0 in 2 minutes: every event counted; the log has
+    the first of each code, then one line per minute saying how many more came."""
+    storm = [{"at_s": 1 + i * 0.1, "code": 79} for i in range(1000)] + \
+        [{"at_s": 50 + i, "code": 48} for i in range(10)]
+    s = make_sampler(clock, fake_gpus, {"gpus": [{"count": 1, "xid": storm}]})
+    with caplog.at_level("INFO", logger="agentd"):
+        run(s, clock, 130.0, step=0.5, slow_every=2)
+        s.close()
+    xids = by_name(s, "agentd_gpu_xid_errors_total")
+    uuid = s.gpus[0].uuid
+    assert xids == {("0", uuid, "79"): 1000, ("0", uuid, "48"): 10}
+    lines = [r.getMessage() for r in caplog.records if "XID" in r.getMessage()]
+    assert lines[:1] == ["GPU 0: XID 79"] and "GPU 0: XID 48" in lines
+    summaries = [m for m in lines if "more XID events" in m]
+    assert 2 <= len(summaries) <= 3, lines
+    assert sum(int(m.split()[2]) for m in summaries) == 1000 + 10 - 2
+    assert len(lines) <= 5
+
+
+def test_counter_probe_failing_at_start_is_retried(fake_gpus, clock):
+    """Field values failing when agentd starts: PCIe is 'unknown' until the call answers,
+    then read from the counters, not given up for the GPU's life."""
+    s = make_sampler(clock, fake_gpus, {"gpus": [{"count": 1, "pcie_rx_bytes_per_second": 2e9,
+                                                  "errors": [{
+        "function": "nvmlDeviceGetFieldValues", "error": "unknown", "end_s": 1.0}]}]})
+    source = lambda: [labels[5] for labels in by_name(s, "agentd_gpu_info")]  # noqa: E731
+    assert source() == ["unknown"]
+    rows = run(s, clock, 5.0)
+    assert source() == ["counter"]
+    assert rows[-1]["gpu.pcie_rx:0"] == pytest.approx(2e9, rel=0.01)
+    assert _errors(s)["0"] >= 1

@@ -240,3 +240,161 @@ def test_network_against_psutil():
     theirs = psutil.net_io_counters(pernic=True)
     for nic, v in ours.items():
         assert abs(theirs[nic].bytes_recv - v) < 10 * 2**20
+
+
+# --- counters that go backwards, truncated and malformed files --------------------------------
+# Temporary copies of the real fixtures, corrupted the way a reset device, a short read or
+# a broken file presents them.
+
+import re  # noqa: E402
+import shutil  # noqa: E402
+
+from agentd.daemon.runner import SamplerState  # noqa: E402
+from agentd.samplers.base import Malformed  # noqa: E402
+
+
+def _proc_copy(tmp_path) -> str:
+    dest = tmp_path / "proc"
+    shutil.copytree(VM_PROC, dest)
+    return str(dest)
+
+
+def _bump_diskstats(path: str, dev: str, factor: float) -> None:
+    """Scale every counter of one device's line (fields 4..14, in_flight aside)."""
+    lines = []
+    with open(path) as f:
+        for line in f:
+            f_ = line.split()
+            if f_[2] == dev:
+                f_ = f_[:3] + [str(int(int(v) * factor)) if i != 8 else v
+                               for i, v in enumerate(f_[3:])]
+                line = " ".join(f_) + "\n"
+            lines.append(line)
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
+def test_diskstats_counters_going_back_are_a_reset(tmp_path):
+    proc = _proc_copy(tmp_path)
+    diskstats = os.path.join(proc, "diskstats")
+    s = StorageSampler(ctx(proc, str(tmp_path / "nosys")), {"nfs": False})
+    s.open()
+    s.sample(100.0, True)
+    _bump_diskstats(diskstats, "vda", 1.5)
+    grown = s.sample(101.0, True)
+    assert grown["disk.read:vda"] > 0
+    _bump_diskstats(diskstats, "vda", 0.01)  # the device was reset (or replaced)
+    reset = s.sample(102.0, True)
+    assert not any(k.endswith(":vda") for k in reset), reset  # no figure, not a negative one
+    assert all(v >= 0 for v in reset.values())
+    _bump_diskstats(diskstats, "vda", 2.0)
+    again = s.sample(103.0, True)
+    assert again["disk.read:vda"] > 0 and 0 <= again["disk.busy:vda"] <= 1.0
+
+
+def test_diskstats_short_line_is_an_error_not_a_missing_disk(tmp_path):
+    proc = _proc_copy(tmp_path)
+    diskstats = os.path.join(proc, "diskstats")
+    text = open(diskstats).read()
+    vda = next(line for line in text.splitlines() if " vda " in line)
+    with pytest.raises(Malformed, match="fields, expected at least 14"):
+        parse_diskstats(text.replace(vda, " ".join(vda.split()[:9])))
+    with pytest.raises(Malformed, match="truncated"):
+        parse_diskstats(text[: text.index(vda) + len(vda) // 2])
+    with pytest.raises(Malformed, match="not a number"):
+        parse_diskstats(text.replace(vda, vda.replace(vda.split()[5], "12x4", 1)))
+
+
+def test_truncated_meminfo_counts_an_error_and_exports_no_wrong_number(tmp_path):
+    """A /proc/meminfo cut after 'MemTotal:       2468' used to export
+    agentd_memory_total_bytes 2468."""
+    proc = _proc_copy(tmp_path)
+    meminfo = os.path.join(proc, "meminfo")
+    full = open(meminfo).read()
+    s = MemorySampler(ctx(proc, str(tmp_path)))
+    s.open()
+    state = SamplerState(s, 1.0, 1.0, None)
+    state.available = True
+    state.run(0, 1.0)
+    total = {n: v for n, _, v in s.series()}["agentd_memory_total_bytes"]
+    assert total == 24683656 * 1024
+    for cut in (full[: full.index("kB")].rstrip()[:-4],  # inside the MemTotal number
+                "Cached:          1234 kB\n",  # no MemTotal at all
+                full.replace("MemFree:", "MemFree")):  # a line out of format
+        with open(meminfo, "w") as f:
+            f.write(cut)
+        state.next_try = 0.0
+        state.run(1, 1.0)
+        assert {n: v for n, _, v in s.series()}["agentd_memory_total_bytes"] == total
+    assert state.errors == 3 and not state.success
+    assert "meminfo" in state.last_error
+
+
+def test_vmstat_and_pressure_malformed(tmp_path):
+    with pytest.raises(Malformed):
+        parse_vmstat("pgmajfault 10\nworkingset_refault_file\n")
+    with pytest.raises(Malformed, match="truncated"):
+        parse_vmstat("pgmajfault 10\nworkingset_refault_fi")
+    with pytest.raises(Malformed, match="truncated"):
+        parse_pressure("some avg10=0.00 avg60=0.00 avg300=0.00 total=12")
+    with pytest.raises(Malformed):
+        parse_pressure("some avg10=0.00 avg60=0.00 avg300=0.00\n")
+
+
+def test_pressure_total_going_back_is_no_rate(tmp_path):
+    pdir = tmp_path / "pressure"
+    pdir.mkdir()
+    line = "some avg10=0 avg60=0 avg300=0 total={}\nfull avg10=0 avg60=0 avg300=0 total={}\n"
+    for res in ("cpu", "io", "memory"):
+        (pdir / res).write_text(line.format(9_000_000, 1_000_000))
+    s = PressureSampler(ctx(str(tmp_path), str(tmp_path)))
+    s.open()
+    s.sample(10.0, True)
+    (pdir / "io").write_text(line.format(1000, 0))
+    row = s.sample(11.0, True)
+    assert "psi.io:" not in row and "psi.io_full:" not in row
+    assert row["psi.cpu:"] == 0
+    (pdir / "io").write_text(line.format(501000, 250000))
+    row = s.sample(12.0, True)
+    assert row["psi.io:"] == pytest.approx(0.5)
+    (pdir / "memory").write_text("some avg10=0 avg60=0 av")  # a short read of one file
+    with pytest.raises(Malformed, match="memory"):
+        s.sample(13.0, True)
+
+
+def test_stat_truncated_and_going_back(tmp_path):
+    text = read_text(os.path.join(VM_PROC, "stat"))
+    cpu1 = next(line for line in text.splitlines() if line.startswith("cpu1 "))
+    with pytest.raises(Malformed, match="CPU columns"):
+        parse_stat(text.replace(cpu1, cpu1.rsplit(" ", 4)[0]))
+    with pytest.raises(Malformed, match="truncated"):
+        parse_stat(text[: text.index(cpu1) + 10])
+    a = parse_stat("cpu  100 0 50 1000 40 0 0 0\ncpu0 100 0 50 1000 40 0 0 0\n")
+    # iowait may decrease a little (documented kernel behaviour): clamped, the tick stands.
+    b = parse_stat("cpu  150 0 60 1090 38 0 0 0\ncpu0 150 0 60 1090 38 0 0 0\n")
+    row = usage_row(a, b)
+    assert row["cpu.busy:"] == pytest.approx(60 / 150) and row["cpu.iowait:"] == 0
+    # user time going back is a reset (CPU hot-plug, a restored snapshot): no figures.
+    c = parse_stat("cpu  10 0 60 1190 38 0 0 0\ncpu0 10 0 60 1190 38 0 0 0\n")
+    assert usage_row(b, c) == {}
+
+
+def test_net_dev_truncated_and_going_back(tmp_path):
+    text = read_text(os.path.join(VM_PROC, "net", "dev"))
+    with pytest.raises(Malformed, match="truncated"):
+        parse_net_dev(text[:-20])
+    last = text.splitlines()[-1]
+    with pytest.raises(Malformed, match="counters, expected 16"):
+        parse_net_dev(text.replace(last, last.rsplit(None, 6)[0]))
+    proc = _proc_copy(tmp_path)
+    s = NetworkSampler(ctx(proc, str(tmp_path / "nosys")), {"device_exclude": "^$"})
+    s.open()
+    s.sample(1.0, True)
+    dev_file = os.path.join(proc, "net", "dev")
+    lines = text.splitlines(keepends=True)
+    name = lines[2].split(":")[0].strip()
+    lines[2] = re.sub(r":\s*\d+", ": 5", lines[2], count=1)  # rx bytes back to 5
+    with open(dev_file, "w") as f:
+        f.writelines(lines)
+    row = s.sample(2.0, True)
+    assert f"net.rx:{name}" not in row and all(v >= 0 for v in row.values())

@@ -179,3 +179,43 @@ def test_topology_of_this_vm(vm_sysfs):
     s.sample(0.0, True)
     kinds = {labels[1] for n, labels, _ in s.series() if n == "agentd_pcie_device_info"}
     assert kinds == {"nic"}  # virtio: no GPU, no NVMe
+
+
+def test_malformed_proc_stat_skips_that_process_only(tmp_path, caplog):
+    """A copy of real /proc/PID/{stat,cgroup} files for a trainer and two workers, one
+    worker's stat cut short: that worker is skipped (logged once), the tree is still read."""
+    me = os.getpid()
+    stat = open(f"/proc/{me}/stat").read()
+    cgroup = open(f"/proc/{me}/cgroup").read()
+    proc = tmp_path / "proc"
+    pids = {100: 1, 101: 100, 102: 100}  # pid -> ppid
+
+    def write(pid: int, ppid: int, ticks: int, text: str | None = None) -> None:
+        d = proc / str(pid)
+        (d / "task" / str(pid)).mkdir(parents=True, exist_ok=True)
+        f = stat[stat.rindex(")") + 2:].split()
+        f[1], f[11], f[12] = str(ppid), str(ticks), "0"
+        (d / "stat").write_text(text if text is not None else
+                                f"{pid} (worker) " + " ".join(f) + "\n")
+        (d / "cgroup").write_text(cgroup)
+        kids = [str(k) for k, p in pids.items() if p == pid]
+        (d / "task" / str(pid) / "children").write_text(" ".join(kids) + (" " if kids else ""))
+
+    for pid, ppid in pids.items():
+        write(pid, ppid, 1000)
+    ctx = Context(Paths(str(proc), str(tmp_path)), 0.1, 1.0)
+    ctx.shared.gpu_processes = {100: (0,)}
+    s = ProcessSampler(ctx)
+    s.open()
+    s.sample(10.0, True)
+    write(101, 100, 1000 + 50)
+    write(102, 100, 0, text="102 (worker) S 100 102 102 0 -1 42")  # truncated
+    with caplog.at_level("WARNING", logger="agentd"):
+        row = s.sample(11.0, False)
+        s.sample(12.0, False)
+    hz = os.sysconf("SC_CLK_TCK")
+    assert row["proc.cpu:100"] == pytest.approx(50 / hz)  # 101's work; 102 skipped
+    assert row["proc.members:100"] == 3.0  # 102 still exists
+    assert len([r for r in caplog.records if "skipping process 102" in r.getMessage()]) == 1
+    write(102, 100, 1000 + 20)  # readable again: only its new work counts, no burst
+    assert s.sample(13.0, False)["proc.cpu:100"] == pytest.approx(20 / hz)

@@ -12,7 +12,9 @@ import pytest
 
 from conftest import need
 
-UNIT = os.path.join(os.path.dirname(__file__), "..", "systemd", "agentd.service")
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+UNIT = os.path.join(ROOT, "systemd", "agentd.service")
+INSTALLED = "/opt/agentd/venv/bin/agentd"  # where docs/daemon.md installs agentd
 
 
 @pytest.fixture
@@ -23,7 +25,7 @@ def unit(tmp_path) -> str:
     if not os.path.exists(exe):
         pytest.skip("agentd is not installed as a command")
     with open(UNIT) as f:
-        text = f.read().replace("/usr/local/bin/agentd", exe)
+        text = f.read().replace(INSTALLED, exe)
     path = tmp_path / "agentd.service"
     path.write_text(text)
     return str(path)
@@ -51,3 +53,35 @@ def test_watchdog_and_notify():
     assert "Type=notify" in text and re.search(r"^WatchdogSec=\d+", text, re.M)
     assert "AmbientCapabilities=CAP_SYS_PTRACE" in text
     assert "DynamicUser=yes" in text
+
+
+def test_exec_start_runs_the_documented_install():
+    """ExecStart is the agentd of the virtual environment docs/daemon.md installs into."""
+    with open(UNIT) as f:
+        exec_start = re.search(r"^ExecStart=(\S+)", f.read(), re.M).group(1)
+    assert exec_start == INSTALLED
+    with open(os.path.join(ROOT, "docs", "daemon.md")) as f:
+        doc = f.read()
+    venv = os.path.dirname(os.path.dirname(INSTALLED))
+    assert f"python3 -m venv {venv}\n" in doc
+    assert f"{venv}/bin/pip install /path/to/agentd-checkout" in doc
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    assert ".venv/bin/agentd" in readme  # make run/test do not put agentd on PATH
+
+
+def test_no_advice_to_install_the_unrelated_pypi_agentd():
+    """PyPI's `agentd` is another project: nothing may tell users to install it from there."""
+    bad = re.compile(r"pip install\s+['\"]?agentd(\[|['\"\s]|$)", re.M)
+    hits = []
+    for top in ("README.md", "docs", "agentd", "systemd", "Makefile"):
+        path = os.path.join(ROOT, top)
+        files = [path] if os.path.isfile(path) else [
+            os.path.join(d, n) for d, _, ns in os.walk(path) for n in ns
+            if n.endswith((".md", ".py", ".service", ".toml"))]
+        for name in files:
+            with open(name, errors="replace") as f:
+                for i, line in enumerate(f, 1):
+                    if bad.search(line):
+                        hits.append(f"{os.path.relpath(name, ROOT)}:{i}: {line.strip()}")
+    assert not hits, "\n".join(hits)

@@ -71,3 +71,31 @@ def test_gpu_window_stats():
     assert s["longest_idle_seconds"] == pytest.approx(3.0, abs=0.11)
     assert s["p10"] == 0.0 and s["p90"] == pytest.approx(0.9)
     assert gpu_window_stats(t[:1], busy[:1], 0.05) is None
+
+
+def test_ring_times_survive_a_wall_clock_step():
+    """Rows keep arrival order and true spacing when the wall clock steps back an hour;
+    they read in the wall clock's current frame."""
+    r = Ring(rows=100)
+    mono, offset = 500.0, 1.8e9
+    for i in range(20):
+        if i == 10:
+            offset -= 3600.0  # NTP steps the wall clock back by an hour
+        mono += 0.1
+        r.append(mono + offset, {"a": float(i)}, mono)
+    t, v = r.column("a")
+    assert np.all(np.diff(t) > 0)
+    assert np.allclose(np.diff(t), 0.1)
+    assert t[-1] == pytest.approx(mono + offset)  # the newest row: the wall clock's reading
+    t, _, _ = r.snapshot(since=mono + offset - 0.55)
+    assert len(t) == 6  # "the last 0.55 s" is what it says, not the hour before the step
+
+
+def test_window_stats_never_negative_on_times_that_go_back():
+    """A series whose timestamps step back (a recording across a clock step) gives no
+    negative duration: idle ratio within [0, 1], longest gap not negative."""
+    t = np.concatenate([np.arange(0, 10, 0.1), np.arange(0, 10, 0.1) - 3600 + 10])
+    busy = np.where(np.arange(len(t)) % 4 == 0, 0.0, 1.0)
+    stats = gpu_window_stats(t, busy, 0.05)
+    assert 0 <= stats["idle_ratio"] <= 1 and stats["longest_idle_seconds"] >= 0
+    assert stats["idle_ratio"] == pytest.approx(0.25, abs=0.02)

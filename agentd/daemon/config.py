@@ -228,7 +228,8 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--analysis.window", dest="analysis_window", metavar="DURATION",
                    help="what each analysis run looks back over (default 60s)")
     p.add_argument("--fake-nvml", dest="fake_nvml", metavar="SCENARIO",
-                   help=f"use fake GPUs described by SCENARIO (or set {FAKE_NVML_ENV})")
+                   help="use fake GPUs described by SCENARIO: a file, or a name from "
+                   f"agentd/scenarios (e.g. h100x8-steady; or set {FAKE_NVML_ENV})")
     p.add_argument("--simulate", dest="simulate", metavar="SCENARIO",
                    help="serve a simulated node: a scenario name (agentd/scenarios/sim) or file")
     p.add_argument("--simulate.seed", dest="simulate_seed", metavar="N", type=int,
@@ -296,8 +297,13 @@ def build(args: argparse.Namespace, env: dict[str, str] | None = None) -> Config
             load(cfg.simulate, cfg.simulate_seed)
         except ScenarioError as e:
             raise ConfigError(str(e)) from None
-    if cfg.fake_nvml and not os.path.isfile(cfg.fake_nvml):
-        raise ConfigError(f"fake NVML scenario {cfg.fake_nvml!r} does not exist")
+    if cfg.fake_nvml:
+        from agentd.gpu.fake.scenario import ScenarioError as FakeScenarioError, resolve
+
+        try:
+            resolve(cfg.fake_nvml)
+        except FakeScenarioError as e:
+            raise ConfigError(str(e)) from None
     for name in ("procfs", "sysfs"):
         if not os.path.isdir(getattr(cfg, name)):
             raise ConfigError(f"--path.{name}: {getattr(cfg, name)!r} is not a directory")

@@ -69,7 +69,9 @@ class Daemon:
         self.exporter = Exporter(self)
         self.analysis = RollingAnalysis(self)
         self.extra_routes: dict = {}
-        self.clock = time.time  # wall clock of the window statistics; tests pin it
+        # The wall clock that stamps window rows and places "the last N seconds" in them;
+        # every interval is measured on the monotonic clock. Tests pin or step it.
+        self.clock = time.time
 
     # --- parts --------------------------------------------------------------------------------
 
@@ -119,7 +121,8 @@ class Daemon:
             sampler = cls(self._context(cfg), cfg.collector(name).options)
             ring = None if cls.window_columns == 0 else self.window.ring(
                 name, interval, max_columns=cls.window_columns)
-            states.append(SamplerState(sampler, interval, cfg.slow_interval, ring))
+            states.append(SamplerState(sampler, interval, cfg.slow_interval, ring,
+                                       wall_clock=lambda: self.clock()))
         loop = Loop("-".join(map(str, key)), interval, states)
         with self._lock:
             for st in states:
@@ -230,7 +233,7 @@ class Daemon:
             seconds = float(query.get("seconds", [self.config.window_seconds])[0])
         except ValueError:
             return 400, "text/plain", b"seconds must be a number\n"
-        since = time.time() - seconds
+        since = self.clock() - seconds
         fmt = query.get("format", ["json"])[0]
         meta = self.window_meta()
         if fmt == "npz":
@@ -240,7 +243,7 @@ class Daemon:
         return json_response(self.window.to_json(since, meta))
 
     def _findings_route(self, query: dict) -> tuple[int, str, bytes]:
-        report = self.analysis.report
+        report = self.analysis.current()
         if report is None:
             return json_response({"status": "warming up", "findings": [],
                                   "window_seconds": self.config.analysis_window})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import platform
 import threading
+import time
 from typing import TYPE_CHECKING
 
 from prometheus_client import ProcessCollector
@@ -31,7 +32,7 @@ class Exporter:
 
     def __init__(self, daemon: "Daemon"):
         self.daemon = daemon
-        self._stats_cache: tuple[float, list] = (0.0, [])
+        self._stats_cache: tuple[float, list] = (-1e18, [])  # (monotonic time, series)
         self._stats_lock = threading.Lock()
         self._unknown_logged: set[str] = set()
         self._writer = TextWriter()
@@ -116,11 +117,13 @@ class Exporter:
         return out
 
     def _window_series(self) -> list:
-        now = self.daemon.clock()
+        # The cache's age on the monotonic clock: a wall clock stepped back must not pin it.
+        mono = time.monotonic()
         with self._stats_lock:
             cached_at, cached = self._stats_cache
-            if now - cached_at < 1.0:
+            if 0 <= mono - cached_at < 1.0:
                 return cached
+        now = self.daemon.clock()
         out = []
         gpu = self.daemon.runner("gpu")
         if gpu is not None and gpu.available and gpu.ring is not None:
@@ -142,5 +145,5 @@ class Exporter:
                     out.append(("agentd_gpu_window_utilization_ratio", lab + (pct,),
                                 stats["p" + pct]))
         with self._stats_lock:
-            self._stats_cache = (now, out)
+            self._stats_cache = (mono, out)
         return out

@@ -1,5 +1,11 @@
 """The daemon's rolling analysis: every `interval`, the last `window` of the high-rate window
-goes through analyze(); the report is kept for /api/v1/findings and for /metrics."""
+goes through analyze(); the report is kept for /api/v1/findings and for /metrics.
+
+Its schedule and ages run on the monotonic clock. A report is served only while it is
+current: a run that finds too little data clears it, and one older than STALE_RUNS
+intervals (the analysis failing, or its thread stuck) is withdrawn, so findings never stay
+exported after the analysis stopped seeing them.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +22,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("agentd.analysis")
 
+STALE_RUNS = 3  # a report older than this many intervals is no longer served
+
 
 class RollingAnalysis:
     def __init__(self, daemon: "Daemon"):
@@ -24,6 +32,7 @@ class RollingAnalysis:
         self.runs = 0
         self.duration = 0.0
         self.last_run = 0.0
+        self._report_mono: float | None = None  # monotonic time the report was made
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="analysis", daemon=True)
         self._reported: set[tuple] = set()
@@ -46,12 +55,14 @@ class RollingAnalysis:
         sig = from_groups(groups, step=cfg.fast_interval, source="window",
                           node=meta.get("node", ""), meta=meta)
         if len(sig.t) < 10:
+            self.report = None  # nothing current to say; never the findings of old data
             return None
         report = analyze_rolling(sig, node=meta.get("node", ""))
         self.report = report
+        self._report_mono = time.monotonic()
         self.runs += 1
         self.duration = time.perf_counter() - t0
-        self.last_run = time.time()
+        self.last_run = now
         current = {(f.kind, tuple(f.subject.get("gpus", []))) for f in report.findings}
         for f in report.findings:
             key = (f.kind, tuple(f.subject.get("gpus", [])))
@@ -73,13 +84,23 @@ class RollingAnalysis:
             if self._stop.wait(self.daemon.config.analysis_interval or interval):
                 return
 
+    def current(self) -> Report | None:
+        """The report, while it is current (see the module's docstring)."""
+        report, made = self.report, self._report_mono
+        if report is None or made is None:
+            return None
+        age = time.monotonic() - made
+        if age > STALE_RUNS * max(self.daemon.config.analysis_interval, 1.0):
+            return None
+        return report
+
     def series(self) -> list:
         out = [("agentd_analysis_runs_total", (), float(self.runs)),
                ("agentd_analysis_window_seconds", (), self.daemon.config.analysis_window)]
         if self.last_run:
             out += [("agentd_analysis_duration_seconds", (), self.duration),
                     ("agentd_analysis_last_run_timestamp_seconds", (), self.last_run)]
-        r = self.report
+        r = self.current()
         if r is None:
             return out
         gpu = self.daemon.runner("gpu")

@@ -10,7 +10,8 @@ same interval sample together and their window rows line up. A run that overruns
 skips the ticks it missed and counts them; it never lets the schedule drift silently. A
 failing sampler is counted and retried with exponential back-off; an absent source
 (Unavailable) is logged once and looked for again every `retry_seconds`. One sampler's
-failure never stops the others in its loop.
+failure never stops the others in its loop. Samplers get monotonic time as `now`, so their
+rates never see a wall-clock step; rows are stamped with the wall clock for people.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import math
 import threading
 import time
+from typing import Callable
 
 from agentd.samplers.base import Sampler, Unavailable
 from agentd.daemon.window import Ring
@@ -30,8 +32,14 @@ class SamplerState:
     """One sampler with its bookkeeping (what agentd_sampler_* report)."""
 
     def __init__(self, sampler: Sampler, interval: float, slow_interval: float,
-                 ring: Ring | None, retry_seconds: float = 60.0):
+                 ring: Ring | None, retry_seconds: float = 60.0,
+                 wall_clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic):
         self.sampler = sampler
+        # Intervals (rates, back-off) come from the monotonic clock; the wall clock only
+        # stamps rows and success times for people.
+        self.wall_clock = wall_clock
+        self.monotonic = monotonic
         self.interval = interval
         self.slow_every = max(int(round(slow_interval / interval)), 1)
         self.ring = ring
@@ -77,7 +85,7 @@ class SamplerState:
         return True
 
     def run(self, tick: int, interval: float) -> None:
-        now = time.monotonic()
+        now = self.monotonic()
         if not self.available:
             self.try_open(now)
             if not self.available:
@@ -85,10 +93,10 @@ class SamplerState:
         if now < self.next_try:
             return  # backing off after failures
         slow = tick % self.slow_every == 0
-        wall = time.time()
+        wall = self.wall_clock()
         t0 = time.perf_counter()
         try:
-            row = self.sampler.sample(wall, slow)
+            row = self.sampler.sample(now, slow)
         except Exception as e:
             self.errors += 1
             self.success = False
@@ -110,7 +118,7 @@ class SamplerState:
         self.runs += 1
         self.last_duration = time.perf_counter() - t0
         if row and self.ring is not None:
-            self.ring.append(wall, row)
+            self.ring.append(wall, row, now)
 
     def close(self) -> None:
         if self.available:

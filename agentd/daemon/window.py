@@ -4,6 +4,12 @@ Each sampler has its own ring (its own timestamps and interval), so a slow or st
 never blurs another's timing; readers align rings by time. Memory is bounded by
 rows x max_columns x 4 bytes per ring (float32 values) plus 8 bytes per row for timestamps;
 columns are allocated as channels appear, so a node with few devices uses less.
+
+Time: a ring keeps each row's monotonic time and, from its newest row, the offset between
+the wall clock and the monotonic one. Readers get wall-clock times (Unix seconds) computed as
+monotonic time + that offset: rows stay in arrival order with their true spacing whatever
+the wall clock does (an NTP step of an hour back or forth moves the whole window with it,
+never a negative interval or a gap), and the newest row carries the wall clock's own reading.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ class Ring:
     def __init__(self, rows: int, max_columns: int = 256, initial_columns: int = 16):
         self.rows = max(int(rows), 2)
         self.max_columns = max_columns
-        self._t = np.full(self.rows, np.nan)
+        self._t = np.full(self.rows, np.nan)  # monotonic seconds of each row
+        self._offset = 0.0  # wall clock minus monotonic clock at the newest row
         self._v = np.full((self.rows, min(initial_columns, max_columns)), np.nan, VALUE_DTYPE)
         self._columns: dict[str, int] = {}
         self._last_write: list[int] = []
@@ -65,10 +72,14 @@ class Ring:
             self._last_write.append(self.appended)
         return col
 
-    def append(self, t: float, row: dict[str, float]) -> None:
+    def append(self, t: float, row: dict[str, float], monotonic: float | None = None) -> None:
+        """A row at wall-clock time t (Unix seconds), taken at `monotonic` (time.monotonic();
+        without it, t stands for both, as for recordings and tests)."""
         with self._lock:
             i = self.appended % self.rows
-            self._t[i] = t
+            m = t if monotonic is None else monotonic
+            self._t[i] = m
+            self._offset = t - m
             line = self._v[i]
             line[:] = np.nan
             for key, value in row.items():
@@ -85,7 +96,7 @@ class Ring:
             n = min(self.appended, self.rows)
             start = self.appended % self.rows if self.appended > self.rows else 0
             order = (np.arange(n) + start) % self.rows
-            t = self._t[order]
+            t = self._t[order] + self._offset
             names = sorted(self._columns, key=self._columns.get)
             v = self._v[order][:, [self._columns[k] for k in names]]
         if since is not None:
@@ -99,7 +110,7 @@ class Ring:
             n = min(self.appended, self.rows)
             start = self.appended % self.rows if self.appended > self.rows else 0
             order = (np.arange(n) + start) % self.rows
-            t = self._t[order]
+            t = self._t[order] + self._offset
             v = self._v[order, col] if col is not None else np.full(n, np.nan, VALUE_DTYPE)
         if since is not None:
             keep = t >= since
@@ -214,7 +225,13 @@ def gpu_window_stats(t: np.ndarray, busy: np.ndarray, idle_threshold: float
     t, busy = t[ok], busy[ok].astype(np.float64)
     if len(busy) < 2:
         return None
-    dt = np.diff(t, append=t[-1] + np.median(np.diff(t)))
+    # Rows in arrival order; a time that went backwards (a recording across a clock step)
+    # counts as no time, never as negative time.
+    steps = np.diff(t)
+    forward = steps[steps > 0]
+    dt = np.clip(np.append(steps, np.median(forward) if len(forward) else 0.0), 0.0, None)
+    if dt.sum() <= 0:
+        return None
     idle = busy < idle_threshold
     longest = 0.0
     if idle.any():

@@ -45,13 +45,22 @@ class GpuIdentity:
     sm_clock_max_hz: float | None
     pcie_max_generation: int | None
     pcie_max_width: int | None
-    pcie_counter_source: str  # "counter", "throughput_sampled" or "none"
+    # "counter", "throughput_sampled", "none", or "unknown" while the probe call fails
+    pcie_counter_source: str
+    # "samples" (the driver's sample buffer), "rates" (utilization rates integrated per
+    # tick, coarser) or "none" (busy time absent)
+    utilization_source: str = "samples"
 
 
 @dataclass
 class FastReading:
     """Changes since the previous fast reading of one GPU."""
 
+    # The utilization source answered (or had nothing new yet): busy_seconds is a figure.
+    # False while it fails or where the GPU has none: busy is then absent, not 0.
+    busy_valid: bool = False
+    utilization_source: str = "samples"
+    pcie_counter_source: str = "counter"
     busy_seconds: float = 0.0  # kernel time in the newly arrived driver samples
     covered_seconds: float = 0.0  # time those samples span
     last_utilization: float | None = None  # latest driver sample, 0..1
@@ -70,6 +79,7 @@ class FastReading:
     # tensor_active, dram_active.
     activity: dict[str, float] | None = None
     activity_seconds: float = 0.0
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (NVML function, error)
 
 
 @dataclass
@@ -92,6 +102,7 @@ class SlowReading:
     ecc_errors: dict[str, int] | None = None  # "corrected"/"uncorrected" -> lifetime count
     remapped_rows: tuple[int, int, bool, bool] | None = None  # corr, unc, pending, failed
     processes: list[GpuProcessUse] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (NVML function, error)
 
 
 @dataclass(frozen=True)

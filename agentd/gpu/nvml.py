@@ -10,8 +10,16 @@ Conventions (see also ../shared/REFERENCE.md):
   the same nvmlDeviceGetFieldValues call as NVLink. Where the driver lacks them, a helper
   thread polls nvmlDeviceGetPcieThroughput (which blocks ~20 ms per direction per GPU) at the
   slow interval, off the fast path, and integrates its KB/s readings.
-- NVML_ERROR_NOT_SUPPORTED and FunctionNotFound make a value absent for that GPU (logged
-  once); NVML_ERROR_GPU_IS_LOST raises GpuLost; a missing library or driver is Unavailable.
+- Utilization falls back to nvmlDeviceGetUtilizationRates (its percent integrated over each
+  tick) on GPUs whose driver does not support the sample buffer, and is absent, never a false
+  0, where neither answers. GpuIdentity.utilization_source says which.
+- NVML_ERROR_NOT_SUPPORTED, a function the driver lacks (NVML_ERROR_FUNCTION_NOT_FOUND, or
+  pynvml's NVMLLibraryMismatchError from its unversioned wrappers) make that value absent for
+  that GPU, logged once; NVML_ERROR_GPU_IS_LOST raises GpuLost; a missing library or driver is
+  Unavailable. Any other error is one call's failure on one GPU: that value is absent for this
+  reading, the error is logged once per GPU, call and code, handed to the sampler to count
+  (FastReading.errors / SlowReading.errors), and the call is retried with its own back-off
+  (0.1 s doubling to 30 s) while everything else is read as usual.
 """
 
 from __future__ import annotations
@@ -45,6 +53,9 @@ GPM_METRICS = (  # our name, pynvml constant
 )
 # GPM metrics need samples at least 100 ms apart (NVIDIA: a hard limit on Hopper).
 GPM_MIN_INTERVAL = 0.1
+# A call that failed is retried after BACKOFF_FIRST seconds, doubling up to BACKOFF_MAX.
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 30.0
 
 def load_pynvml():
     import pynvml
@@ -81,14 +92,30 @@ def _raw_value(fv, vtype: int) -> int | float:
     return getattr(_get(fv, "value"), _VALUE_MEMBER.get(vtype, "ullVal"))
 
 
-def counter_delta(prev: int, cur: int, bits: int) -> int:
+def counter_delta(prev: int, cur: int, bits: int) -> int | None:
     """Advance of a hardware counter, through one wrap of a 32-bit counter.
-    A 64-bit counter that goes backwards was reset (driver reload): count nothing."""
+    A 64-bit counter that goes backwards was reset (driver reload): None, no rate this time."""
     if cur >= prev:
         return cur - prev
     if bits == 32:
         return cur + 2**32 - prev
-    return 0
+    return None
+
+
+def error_name(N, e: BaseException) -> str:
+    """A stable token for an error: NVML's constant name (NVML_ERROR_UNKNOWN), else the
+    exception's class name."""
+    code = getattr(e, "value", None)
+    if isinstance(e, N.NVMLError) and isinstance(code, int):
+        names = _ERROR_NAMES.get(id(N))
+        if names is None:
+            names = _ERROR_NAMES[id(N)] = {getattr(N, n): n for n in dir(N)
+                                           if n.startswith("NVML_ERROR_")}
+        return names.get(code, f"NVML_ERROR_{code}")
+    return type(e).__name__
+
+
+_ERROR_NAMES: dict[int, dict[int, str]] = {}
 
 
 @dataclass
@@ -99,12 +126,20 @@ class _Device:
     address: int = 0  # the handle's pointer value, to match event data
     lost: bool = False
     absent: set = field(default_factory=set)  # capabilities the device lacks
+    # capability -> [consecutive failures, monotonic time of the next try]
+    failing: dict = field(default_factory=dict)
+    errors: list = field(default_factory=list)  # (NVML function, error) since the last reading
+    util_source: str = "samples"  # "samples", "rates" or "none"
     util_primed: bool = False
+    util_resync: bool = False  # a failed read: do not credit the gap before the next sample
     util_last_ts: int = 0
     util_period_s: float | None = None
     util_last_seen: float = 0.0  # monotonic time the newest sample arrived
     util_clock_offset: float | None = None  # our clock minus the driver's, at its lowest
-    counter_fields: list = field(default_factory=list)
+    rates_prev_t: float | None = None  # monotonic time of the last utilization-rates read
+    # The fields read each tick; None until a probe answered (it failed at start).
+    counter_fields: list | None = field(default_factory=list)
+    pcie_source: str = "unknown"  # "counter", "throughput_sampled", "none" or "unknown"
     counter_prev: dict = field(default_factory=dict)  # field id -> (value, bits, timestamp us)
     gpm_samples: list = field(default_factory=list)
     gpm_request: object = None
@@ -123,7 +158,10 @@ class NvmlBackend:
         self.gpm_interval = max(gpm_interval, GPM_MIN_INTERVAL) - 0.005
         # Error classes by code: their generated names differ between pynvml releases.
         err = N.nvmlExceptionClass
-        self.NotSupported = (err(N.NVML_ERROR_NOT_SUPPORTED), err(N.NVML_ERROR_FUNCTION_NOT_FOUND))
+        # pynvml's unversioned wrappers turn FunctionNotFound into NVMLLibraryMismatchError.
+        self.Missing = (err(N.NVML_ERROR_FUNCTION_NOT_FOUND),) + tuple(
+            c for c in (getattr(N, "NVMLLibraryMismatchError", None),) if c is not None)
+        self.NotSupported = (err(N.NVML_ERROR_NOT_SUPPORTED),) + self.Missing
         self.Lost = err(N.NVML_ERROR_GPU_IS_LOST)
         self.NotFound = err(N.NVML_ERROR_NOT_FOUND)
         self.Timeout = err(N.NVML_ERROR_TIMEOUT)
@@ -161,51 +199,104 @@ class NvmlBackend:
                 handle = N.nvmlDeviceGetHandleByIndex(i)
             except N.NVMLError as e:
                 # A GPU that fell off the bus before we started: report it, keep the others.
-                log.error("GPU %d cannot be opened: %s", i, e)
-                self.devices.append(_Device(i, None, lost=True))
+                log.error("GPU %d cannot be opened (%s); reported as lost", i, e)
+                dev = _Device(i, None, lost=True)
+                dev.identity = _lost_identity(i, {})
+                self.devices.append(dev)
                 continue
             dev = _Device(i, handle, address=ctypes.cast(handle, ctypes.c_void_p).value or 0)
-            try:
-                dev.identity = self._identify(dev)
-            except GpuLost as e:
-                log.error("%s", e)
-                dev.lost = True
+            dev.identity = self._identify(dev)
             self.devices.append(dev)
         self._open_events()
-        if any(d.identity and d.identity.pcie_counter_source == "throughput_sampled"
-               for d in self.devices):
-            self._start_fallback()
-        return [d.identity for d in self.devices if d.identity]
+        for d in self.devices:
+            if d.pcie_source == "throughput_sampled":
+                self._add_fallback(d)
+        return [d.identity for d in self.devices]
 
-    def _call(self, dev: _Device, capability: str, fn, *args):
-        """One NVML call for one device: None where unsupported; GpuLost when lost."""
-        if capability in dev.absent:
-            return None
-        try:
-            return fn(*args)
-        except self.NotSupported as e:
-            dev.absent.add(capability)
+    def _backoff(self, dev: _Device, capability: str) -> bool:
+        """True while a call that failed waits for its next try."""
+        state = dev.failing.get(capability)
+        return state is not None and self.clock() < state[1]
+
+    def _failed(self, dev: _Device, capability: str, fn_name: str, e: BaseException) -> None:
+        state = dev.failing.setdefault(capability, [0, 0.0])
+        state[0] += 1
+        state[1] = self.clock() + min(BACKOFF_FIRST * 2 ** (state[0] - 1), BACKOFF_MAX)
+        error = error_name(self.N, e)
+        dev.errors.append((fn_name, error))
+        self._log_once(logging.WARNING, (dev.index, fn_name, error),
+                       "GPU %d: %s failed: %s (%s); that value is absent while it fails, "
+                       "retried with back-off; the other values and GPUs are read as usual",
+                       dev.index, fn_name, e, error)
+
+    def _succeeded(self, dev: _Device, capability: str, fn_name: str) -> None:
+        if dev.failing.pop(capability, None) is not None:
+            self._log_once(logging.INFO, (dev.index, fn_name, "recovered"),
+                           "GPU %d: %s answers again", dev.index, fn_name)
+
+    def _absent(self, dev: _Device, capability: str, fn_name: str, e: BaseException) -> None:
+        dev.absent.add(capability)
+        if isinstance(e, self.Missing):
+            # The driver's library lacks the function: one line for all GPUs.
+            self._log_once(logging.WARNING, ("missing", fn_name),
+                           "%s is missing from this driver's NVML (%s); %s is absent on "
+                           "every GPU, the rest is read", fn_name, type(e).__name__,
+                           capability.replace("_", " "))
+        else:
             self._log_once(logging.INFO, (dev.index, capability),
                            "GPU %d: %s not available (%s)", dev.index, capability, e)
+
+    def _call(self, dev: _Device, capability: str, fn, *args):
+        """One NVML call for one device: None where unsupported, failing (counted, backing
+        off) or missing from the driver; GpuLost when the GPU is lost."""
+        if capability in dev.absent or (dev.failing and self._backoff(dev, capability)):
+            return None
+        fn_name = getattr(fn, "__name__", capability)
+        try:
+            value = fn(*args)
+        except self.NotSupported as e:
+            self._absent(dev, capability, fn_name, e)
             return None
         except self.Lost:
             dev.lost = True
             raise GpuLost(dev.index, "NVML_ERROR_GPU_IS_LOST") from None
+        except Exception as e:  # one call's failure costs that value only
+            self._failed(dev, capability, fn_name, e)
+            return None
+        if dev.failing:
+            self._succeeded(dev, capability, fn_name)
+        return value
 
     def _identify(self, dev: _Device) -> GpuIdentity:
+        """What the GPU is; when it is lost already, what could be read before (and the
+        device is marked lost, so it stays visible as such)."""
+        known: dict = {}
+        try:
+            return self._identify_fields(dev, known)
+        except GpuLost as e:
+            log.error("%s at start; reported as lost", e)
+            dev.lost = True
+            return _lost_identity(dev.index, known)
+
+    def _identify_fields(self, dev: _Device, known: dict) -> GpuIdentity:
         N, h = self.N, dev.handle
-        uuid = self._call(dev, "uuid", N.nvmlDeviceGetUUID, h) or f"GPU-unknown-{dev.index}"
-        name = self._call(dev, "name", N.nvmlDeviceGetName, h) or "unknown"
+        uuid = known["uuid"] = self._call(dev, "uuid", N.nvmlDeviceGetUUID, h) or \
+            f"GPU-unknown-{dev.index}"
+        name = known["name"] = self._call(dev, "name", N.nvmlDeviceGetName, h) or "unknown"
         pci = self._call(dev, "pci", N.nvmlDeviceGetPciInfo, h)
         bus_id = pci.busId.decode() if pci is not None and isinstance(pci.busId, bytes) else (
             str(pci.busId) if pci is not None else "")
+        known["pci_bus_id"] = bus_id
         mem = self._call(dev, "memory", N.nvmlDeviceGetMemoryInfo, h)
         clock_max = self._call(dev, "sm_clock_max", N.nvmlDeviceGetMaxClockInfo, h,
                                N.NVML_CLOCK_SM)
         gen = self._call(dev, "pcie_max_generation", N.nvmlDeviceGetMaxPcieLinkGeneration, h)
         width = self._call(dev, "pcie_max_width", N.nvmlDeviceGetMaxPcieLinkWidth, h)
         minor = self._call(dev, "minor", N.nvmlDeviceGetMinorNumber, h)
-        source = self._probe_counters(dev)
+        source = dev.pcie_source = self._probe_counters(dev)
+        # The first utilization read primes the sample buffer and finds the source.
+        self._read_utilization(dev, FastReading())
+        dev.rates_prev_t = None  # rates are integrated from the first tick on
         gpm = self._call(dev, "gpm", N.nvmlGpmQueryDeviceSupport, h)
         if gpm is not None and gpm.isSupportedDevice:
             try:
@@ -220,6 +311,7 @@ class NvmlBackend:
             memory_total=mem.total if mem is not None else None,
             sm_clock_max_hz=clock_max * 1e6 if clock_max else None,
             pcie_max_generation=gen, pcie_max_width=width, pcie_counter_source=source,
+            utilization_source=dev.util_source,
         )
 
     def _probe_counters(self, dev: _Device) -> str:
@@ -230,6 +322,9 @@ class NvmlBackend:
                   (N.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX, UINT_MAX),
                   (N.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX, UINT_MAX)]
         values = self._call(dev, "field_values", N.nvmlDeviceGetFieldValues, dev.handle, wanted)
+        if values is None and "field_values" not in dev.absent:
+            dev.counter_fields = None  # the call failed: probe again on a later tick
+            return "unknown"
         if values is None:
             dev.counter_fields = []
         else:
@@ -276,33 +371,47 @@ class NvmlBackend:
         if dev.lost:
             raise GpuLost(index)
         r = FastReading()
-        self._read_utilization(dev, r)
-        self._read_counters(dev, r)
-        self._read_gpm(dev, r)
+        try:
+            self._read_utilization(dev, r)
+            self._read_counters(dev, r)
+            self._read_gpm(dev, r)
+        finally:
+            r.errors, dev.errors = dev.errors, []
+            r.pcie_counter_source = dev.pcie_source
         return r
 
     def _read_utilization(self, dev: _Device, r: FastReading) -> None:
+        if dev.util_source == "samples":
+            self._read_samples(dev, r)
+        if dev.util_source == "rates":
+            self._read_rates(dev, r)
+        r.utilization_source = dev.util_source
+
+    def _read_samples(self, dev: _Device, r: FastReading) -> None:
         N = self.N
-        if "utilization" in dev.absent:
-            return
         now = self.clock()
-        if dev.util_period_s and now - dev.util_last_seen < 0.9 * dev.util_period_s:
+        if dev.util_primed and dev.util_period_s and \
+                0 <= now - dev.util_last_seen < 0.9 * dev.util_period_s:
             # No new driver sample can be there yet: spare the call (and its NOT_FOUND).
             r.seconds_since_sample = now - dev.util_last_seen
+            r.busy_valid = True
             return
-        try:
-            _, samples = N.nvmlDeviceGetSamples(dev.handle, N.NVML_GPU_UTILIZATION_SAMPLES,
-                                                dev.util_last_ts)
-        except self.NotFound:
-            samples = []  # no sample newer than the last one
-        except self.NotSupported as e:
-            dev.absent.add("utilization")
-            self._log_once(logging.WARNING, (dev.index, "utilization"),
-                           "GPU %d: utilization samples unavailable (%s)", dev.index, e)
+
+        def get_samples():
+            try:
+                return N.nvmlDeviceGetSamples(dev.handle, N.NVML_GPU_UTILIZATION_SAMPLES,
+                                              dev.util_last_ts)[1]
+            except self.NotFound:
+                return []  # no sample newer than the last one
+
+        get_samples.__name__ = "nvmlDeviceGetSamples"
+        samples = self._call(dev, "utilization", get_samples)
+        if samples is None:
+            # No sample buffer on this GPU: the driver's utilization rates instead.
+            if not self._source_gone(dev, "utilization", "rates", "no utilization samples; "
+                                     "integrating nvmlDeviceGetUtilizationRates (coarser)"):
+                dev.util_resync = True
             return
-        except self.Lost:
-            dev.lost = True
-            raise GpuLost(dev.index, "NVML_ERROR_GPU_IS_LOST") from None
         pts = sorted((s.timeStamp, s.sampleValue.uiVal) for s in samples)
         if len(pts) >= 2 and dev.util_period_s is None:
             gaps = [b[0] - a[0] for a, b in zip(pts, pts[1:]) if b[0] > a[0]]
@@ -316,6 +425,7 @@ class NvmlBackend:
                 dev.util_last_seen = now
                 r.last_utilization = min(pts[-1][1], 100) / 100
             return
+        r.busy_valid = True
         if pts:
             # The driver's timestamps are on its own clock: the smallest (our clock - its
             # newest timestamp) seen so far maps them onto ours (a sample read just after it
@@ -334,11 +444,16 @@ class NvmlBackend:
                 dt = (ts - prev) / 1e6
                 if dev.util_period_s is None or dt < dev.util_period_s:
                     dev.util_period_s = dt
+                if dev.util_resync and dt > dev.util_period_s * 1.5:
+                    # Samples were missed while the call failed, not skipped by an idle
+                    # driver: that gap is unknown, neither busy nor idle.
+                    dt = 0.0
                 # A sample speaks for one sample period; a longer gap means the driver
                 # skipped samples because the GPU idled.
                 credited = min(dt, dev.util_period_s * 1.5)
                 r.busy_seconds += min(value, 100) / 100 * credited
                 r.covered_seconds += dt
+                dev.util_resync = False
             r.last_utilization = min(value, 100) / 100
             prev = ts
         if prev != dev.util_last_ts:
@@ -350,8 +465,44 @@ class NvmlBackend:
             r.new_samples_age = now - (sum(fresh_t) / len(fresh_t) + dev.util_clock_offset) + half
         r.seconds_since_sample = now - dev.util_last_seen
 
+    def _source_gone(self, dev: _Device, capability: str, successor: str, why: str) -> bool:
+        """Move to the next utilization source when this one is absent on the GPU."""
+        if capability not in dev.absent:
+            return False
+        dev.util_source = successor
+        self._log_once(logging.WARNING, (dev.index, "utilization", successor), "GPU %d: %s",
+                       dev.index, why)
+        return True
+
+    def _read_rates(self, dev: _Device, r: FastReading) -> None:
+        """nvmlDeviceGetUtilizationRates: the percent of the driver's last sample period in
+        which a kernel ran, credited to the time since the previous read."""
+        now = self.clock()
+        u = self._call(dev, "utilization_rates", self.N.nvmlDeviceGetUtilizationRates,
+                       dev.handle)
+        if u is None:
+            self._source_gone(dev, "utilization_rates", "none",
+                              "no utilization from this driver; its busy time is absent (not 0)")
+            dev.rates_prev_t = None  # the time until the next answer is unknown
+            return
+        prev, dev.rates_prev_t = dev.rates_prev_t, now
+        r.last_utilization = min(u.gpu, 100) / 100
+        if prev is None or now <= prev:
+            return
+        r.busy_valid = True
+        r.busy_seconds = r.last_utilization * (now - prev)
+        r.covered_seconds = now - prev
+        r.seconds_since_sample = 0.0
+
     def _read_counters(self, dev: _Device, r: FastReading) -> None:
         N = self.N
+        if dev.counter_fields is None:
+            # The probe failed at start: probe again (with the call's back-off); its first
+            # answer primes the counters, or hands PCIe to the throughput helper.
+            dev.pcie_source = self._probe_counters(dev)
+            if dev.pcie_source == "throughput_sampled":
+                self._add_fallback(dev)
+            return
         if dev.counter_fields:
             values = self._call(dev, "field_values", N.nvmlDeviceGetFieldValues, dev.handle,
                                 dev.counter_fields)
@@ -368,7 +519,10 @@ class NvmlBackend:
                 dev.counter_prev[fid] = cur
                 if prev is None:
                     continue
-                deltas[fid] = counter_delta(prev[0], cur[0], cur[1])
+                delta = counter_delta(prev[0], cur[0], cur[1])
+                if delta is None:
+                    continue  # reset: no figure this time, counting resumes from here
+                deltas[fid] = delta
                 if ts > prev[2]:
                     seconds = (ts - prev[2]) / 1e6
             r.counter_seconds = seconds
@@ -425,8 +579,15 @@ class NvmlBackend:
         dev = self.devices[index]
         if dev.lost:
             raise GpuLost(index)
-        N, h, c = self.N, dev.handle, self._call
         r = SlowReading()
+        try:
+            self._read_slow(dev, r)
+        finally:
+            r.errors, dev.errors = dev.errors, []
+        return r
+
+    def _read_slow(self, dev: _Device, r: SlowReading) -> None:
+        N, h, c = self.N, dev.handle, self._call
         mem = c(dev, "memory", N.nvmlDeviceGetMemoryInfo, h)
         r.memory_used = mem.used if mem is not None else None
         clock = c(dev, "sm_clock", N.nvmlDeviceGetClockInfo, h, N.NVML_CLOCK_SM)
@@ -453,27 +614,29 @@ class NvmlBackend:
         if rows is not None:
             r.remapped_rows = (rows[0], rows[1], bool(rows[2]), bool(rows[3]))
         r.processes = self._processes(dev)
-        return r
 
     def _processes(self, dev: _Device) -> list[GpuProcessUse]:
         N = self.N
         procs = self._call(dev, "processes", N.nvmlDeviceGetComputeRunningProcesses, dev.handle)
+        if procs is None and "processes" in dev.absent and hasattr(
+                N, "nvmlDeviceGetComputeRunningProcesses_v2"):
+            # Drivers before the _v3 call (R470 and older) still have _v2.
+            procs = self._call(dev, "processes_v2", N.nvmlDeviceGetComputeRunningProcesses_v2,
+                               dev.handle)
         if not procs:
             return []
-        sm: dict[int, float] = {}
-        if "process_utilization" not in dev.absent:
+
+        def process_utilization():
             try:
-                samples = N.nvmlDeviceGetProcessUtilization(dev.handle, dev.proc_util_last_ts)
-                for s in samples:
-                    sm[s.pid] = min(s.smUtil, 100) / 100
-                    dev.proc_util_last_ts = max(dev.proc_util_last_ts, s.timeStamp)
+                return N.nvmlDeviceGetProcessUtilization(dev.handle, dev.proc_util_last_ts)
             except self.NotFound:
-                pass
-            except self.NotSupported:
-                dev.absent.add("process_utilization")
-            except self.Lost:
-                dev.lost = True
-                raise GpuLost(dev.index, "NVML_ERROR_GPU_IS_LOST") from None
+                return []
+
+        process_utilization.__name__ = "nvmlDeviceGetProcessUtilization"
+        sm: dict[int, float] = {}
+        for s in self._call(dev, "process_utilization", process_utilization) or ():
+            sm[s.pid] = min(s.smUtil, 100) / 100
+            dev.proc_util_last_ts = max(dev.proc_util_last_ts, s.timeStamp)
         return [GpuProcessUse(p.pid, p.usedGpuMemory, sm.get(p.pid)) for p in procs]
 
     def events(self) -> list[GpuEvent]:
@@ -482,7 +645,7 @@ class NvmlBackend:
         if self._event_set is None:
             return []
         out = []
-        by_address = {d.address: d.index for d in self.devices}
+        by_address = {d.address: d.index for d in self.devices if d.handle is not None}
         for _ in range(256):  # bounded drain
             try:
                 data = N.nvmlEventSetWait(self._event_set, 0)
@@ -500,13 +663,13 @@ class NvmlBackend:
 
     # --- the PCIe throughput fallback -----------------------------------------------------------
 
-    def _start_fallback(self) -> None:
-        for dev in self.devices:
-            if dev.identity and dev.identity.pcie_counter_source == "throughput_sampled":
-                self._fallback[dev.index] = [0.0, 0.0, time.monotonic()]
-        self._fallback_thread = threading.Thread(
-            target=self._fallback_loop, name="nvml-pcie-throughput", daemon=True)
-        self._fallback_thread.start()
+    def _add_fallback(self, dev: _Device) -> None:
+        with self._fallback_lock:
+            self._fallback[dev.index] = [0.0, 0.0, time.monotonic()]
+        if self._fallback_thread is None:
+            self._fallback_thread = threading.Thread(
+                target=self._fallback_loop, name="nvml-pcie-throughput", daemon=True)
+            self._fallback_thread.start()
 
     def _fallback_loop(self) -> None:
         N = self.N
@@ -560,3 +723,13 @@ class NvmlBackend:
             N.nvmlShutdown()
         except N.NVMLError:
             pass
+
+
+def _lost_identity(index: int, known: dict) -> GpuIdentity:
+    """A GPU lost before it could be identified: what was read, empty strings for the rest."""
+    return GpuIdentity(
+        index=index, uuid=known.get("uuid", ""), name=known.get("name", ""),
+        pci_bus_id=known.get("pci_bus_id", ""), minor=None, memory_total=None,
+        sm_clock_max_hz=None, pcie_max_generation=None, pcie_max_width=None,
+        pcie_counter_source="none", utilization_source="none",
+    )

@@ -22,6 +22,28 @@ Series = tuple  # (metric name, label values, value)
 Row = dict  # window row: "signal:subject" -> float
 
 
+class Malformed(ValueError):
+    """A source file that is truncated or not in its format (a short read, a line with too
+    few fields, a required field missing). The read counts as the sampler's error
+    (agentd_sampler_errors_total) and nothing of it is exported: never a wrong number."""
+
+
+def complete(text: str, path: str) -> str:
+    """The text of a pseudo-file, checked to end where the kernel ends every one: at a
+    newline. A read cut short (an empty or partial last line) raises Malformed."""
+    if not text.endswith("\n"):
+        raise Malformed(f"{path}: truncated (no newline at the end of {len(text)} bytes)")
+    return text
+
+
+def ints(fields: list[str], path: str, line: int) -> list[int]:
+    """Integer fields of one line, or Malformed naming the file and line."""
+    try:
+        return [int(f) for f in fields]
+    except ValueError:
+        raise Malformed(f"{path} line {line}: not a number in {' '.join(fields)!r}") from None
+
+
 class Unavailable(Exception):
     """The sampler's source is absent here (no GPU driver, no /proc/pressure, ...).
 
@@ -148,8 +170,10 @@ class Sampler:
         """Find the source; raise Unavailable(reason) when it is absent."""
 
     def sample(self, now: float, slow: bool) -> Row | None:
-        """Read the source once. `now` is Unix time; `slow` is True on slow-loop ticks
-        (every tick for a slow sampler). Returns the window row, if any."""
+        """Read the source once. `now` is monotonic seconds (time.monotonic() in the
+        daemon: only differences mean anything, and they never go backwards when the wall
+        clock is stepped); `slow` is True on slow-loop ticks (every tick for a slow
+        sampler). Returns the window row, if any."""
         raise NotImplementedError
 
     def close(self) -> None:

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 
 from agentd.paths import read_text
-from agentd.samplers.base import Row, Sampler, Series, Unavailable
+from agentd.samplers.base import Malformed, Row, Sampler, Series, Unavailable, complete, ints
 
 MODES = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
 _USER, _NICE, _SYSTEM, _IDLE, _IOWAIT, _IRQ, _SOFTIRQ, _STEAL = range(8)
@@ -22,38 +22,65 @@ class CpuStat:
     procs_blocked: int
 
 
-def parse_stat(text: str) -> CpuStat:
+def parse_stat(text: str, path: str = "/proc/stat") -> CpuStat:
+    """/proc/stat, or Malformed when it is cut short or its cpu lines disagree on their
+    number of columns (a truncated line would otherwise read as an old kernel's)."""
     total: tuple[int, ...] = ()
     per_cpu: dict[str, tuple[int, ...]] = {}
     ctxt = running = blocked = 0
-    for line in text.splitlines():
+    columns = None
+    for n, line in enumerate(complete(text, path).splitlines(), 1):
         if line.startswith("cpu"):
             parts = line.split()
+            columns = columns or len(parts)
+            if len(parts) != columns or len(parts) < 5:
+                raise Malformed(f"{path} line {n}: {len(parts) - 1} CPU columns (the first "
+                                f"line has {columns - 1}, every kernel at least 4)")
             # Old kernels print fewer columns; pad so every mode is present.
-            values = tuple(int(v) for v in parts[1:9]) + (0,) * (9 - len(parts))
+            values = tuple(ints(parts[1:9], path, n)) + (0,) * (9 - len(parts))
             if parts[0] == "cpu":
                 total = values
             else:
                 per_cpu[parts[0][3:]] = values
-        elif line.startswith("ctxt "):
-            ctxt = int(line.split()[1])
-        elif line.startswith("procs_running "):
-            running = int(line.split()[1])
-        elif line.startswith("procs_blocked "):
-            blocked = int(line.split()[1])
+        elif line.startswith(("ctxt ", "procs_running ", "procs_blocked ")):
+            parts = line.split()
+            if len(parts) != 2:
+                raise Malformed(f"{path} line {n}: {line!r}")
+            value = ints(parts[1:], path, n)[0]
+            if parts[0] == "ctxt":
+                ctxt = value
+            elif parts[0] == "procs_running":
+                running = value
+            else:
+                blocked = value
     if not total:
-        raise ValueError("no aggregate 'cpu' line in /proc/stat")
+        raise Malformed(f"{path}: no aggregate 'cpu' line")
     return CpuStat(total, per_cpu, ctxt, running, blocked)
 
 
-def _busy(v: tuple[int, ...]) -> int:
+def _deltas(prev: tuple[int, ...], cur: tuple[int, ...]) -> list[int] | None:
+    """Per-mode advance, or None when a counter went backwards (CPU hot-plug, a reset).
+    idle and iowait are exempt, clamped at 0: the kernel documents that they can decrease
+    slightly (NO_HZ accounting of idle CPUs; Documentation/filesystems/proc.rst)."""
+    d = [c - p for c, p in zip(cur, prev)]
+    for i, v in enumerate(d):
+        if v < 0:
+            if i not in (_IDLE, _IOWAIT):
+                return None
+            d[i] = 0
+    return d
+
+
+def _busy(v) -> int:
     return v[_USER] + v[_NICE] + v[_SYSTEM] + v[_IRQ] + v[_SOFTIRQ]
 
 
 def usage_row(prev: CpuStat, cur: CpuStat) -> Row:
     """CPU use between two readings, in cores, normalised by elapsed jiffies (not wall time)
     so a late tick does not inflate the figures."""
-    d = [c - p for c, p in zip(cur.total, prev.total)]
+    d = _deltas(prev.total, cur.total)
+    if d is None:
+        return {}  # counters went backwards: a reset, no figures for this tick
     elapsed = sum(d)
     ncpu = max(len(cur.per_cpu), 1)
     if elapsed <= 0:
@@ -62,11 +89,9 @@ def usage_row(prev: CpuStat, cur: CpuStat) -> Row:
     max_core = 0.0
     for cpu, values in cur.per_cpu.items():
         before = prev.per_cpu.get(cpu)
-        if before is None:
-            continue
-        dc = sum(values) - sum(before)
-        if dc > 0:
-            max_core = max(max_core, (_busy(values) - _busy(before)) / dc)
+        dc = _deltas(before, values) if before is not None else None
+        if dc is not None and sum(dc) > 0:
+            max_core = max(max_core, _busy(dc) / sum(dc))
     return {
         "cpu.busy:": _busy(d) * scale,
         "cpu.user:": (d[_USER] + d[_NICE]) * scale,
@@ -87,12 +112,12 @@ class CpuSampler(Sampler):
     def open(self) -> None:
         self._path = self.ctx.paths.proc("stat")
         try:
-            self._last = parse_stat(read_text(self._path))
+            self._last = parse_stat(read_text(self._path), self._path)
         except OSError as e:
             raise Unavailable(f"cannot read {self._path}: {e.strerror}") from None
 
     def sample(self, now: float, slow: bool) -> Row:
-        cur = parse_stat(read_text(self._path))
+        cur = parse_stat(read_text(self._path), self._path)
         row = usage_row(self._last, cur)
         self._last = cur
         return row

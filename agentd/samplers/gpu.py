@@ -3,12 +3,17 @@ throttle reasons, power, temperature, XID events, ECC and remapped rows, per-pro
 
 Vendor-neutral: the backend (agentd.gpu.nvml for NVIDIA) reads the hardware; this file turns
 its readings into integrated counters (so rate() gives exact means at any scrape interval),
-gauges and window rows. One GPU failing or falling off the bus never stops the others.
+gauges and window rows. One GPU failing or falling off the bus never stops the others: an
+NVML call that fails on one GPU costs that GPU that value for that reading only (counted in
+agentd_gpu_errors_total, logged once per call and error); a GPU lost at start or later stays
+exported (agentd_gpu_lost 1, agentd_gpu_info with what could be read) and in meta().
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from dataclasses import replace
 
 from agentd.gpu.backend import CLOCK_EVENT_REASONS, FastReading, GpuIdentity, GpuLost, SlowReading
 from agentd.gpu.nvml import NvmlBackend
@@ -21,6 +26,37 @@ _ACTIVITY_COUNTERS = {
     "tensor_active": "agentd_gpu_tensor_active_seconds_total",
     "dram_active": "agentd_gpu_dram_active_seconds_total",
 }
+
+
+class XidLog:
+    """XID events in the log without flooding it: the first of each code on each GPU at
+    once, the rest summed into at most one line per GPU per `every` seconds. (The counter
+    counts every event; this only shapes the log.)"""
+
+    def __init__(self, log: logging.Logger, every: float = 60.0):
+        self.log = log
+        self.every = every
+        self._seen: set[tuple[int, int]] = set()
+        self._pending: dict[int, Counter] = {}
+        self._last_line: dict[int, float] = {}
+
+    def event(self, index: int, xid: int, now: float) -> None:
+        if (index, xid) not in self._seen:
+            self._seen.add((index, xid))
+            self.log.warning("GPU %d: XID %d", index, xid)
+            self._last_line.setdefault(index, now)
+        else:
+            self._pending.setdefault(index, Counter())[xid] += 1
+
+    def flush(self, now: float, force: bool = False) -> None:
+        for index, counts in list(self._pending.items()):
+            last = self._last_line.get(index, now)
+            if force or now - last >= self.every:
+                self.log.warning("GPU %d: %d more XID events in the last %.0f s (%s)", index,
+                                 sum(counts.values()), now - last,
+                                 ", ".join(f"XID {x}: {n}" for x, n in sorted(counts.items())))
+                del self._pending[index]
+                self._last_line[index] = now
 
 
 class GpuSampler(Sampler):
@@ -45,13 +81,22 @@ class GpuSampler(Sampler):
         self._last_busy: dict[int, float] = {}
         self._last_slow_t: float | None = None
         self._last_fast: float | None = None
+        self._xids = XidLog(self.log)
         self.log.info("%d GPU(s), driver %s: %s", len(self.backend.devices),
                       self.backend.driver_version,
-                      ", ".join(f"{g.index}:{g.name}" for g in gpus) or "none")
+                      ", ".join(f"{g.index}:{g.name or '?'}" + (" (lost)" if g.index in self.lost
+                                                                else "") for g in gpus) or "none")
+        # Born at 0, so that increase() sees the first error.
+        self.out.add_many(("agentd_gpu_errors_total", self._labels(g), 0.0) for g in gpus)
+        self._export_info()
+        self._export_lost()
+
+    def _export_info(self) -> None:
         info = []
-        for g in gpus:
+        for g in self.gpus.values():
             info.append(("agentd_gpu_info", self._labels(g) + (
-                g.name, g.pci_bus_id, self.backend.driver_version, g.pcie_counter_source), 1.0))
+                g.name, g.pci_bus_id, self.backend.driver_version, g.pcie_counter_source,
+                g.utilization_source), 1.0))
             static = [
                 ("agentd_gpu_memory_total_bytes", g.memory_total),
                 ("agentd_gpu_sm_clock_max_hertz", g.sm_clock_max_hz),
@@ -62,7 +107,6 @@ class GpuSampler(Sampler):
             ]
             info += [(n, self._labels(g), float(v)) for n, v in static if v is not None]
         self.out.replace_gauges("info", info)
-        self._export_lost()
 
     @staticmethod
     def _labels(g: GpuIdentity) -> tuple[str, str]:
@@ -80,9 +124,19 @@ class GpuSampler(Sampler):
             self.log.error("%s; no longer sampled", e)
             self._export_lost()
 
+    def _count_errors(self, g: GpuIdentity, errors: list) -> None:
+        if errors:
+            self.out.add("agentd_gpu_errors_total", self._labels(g), float(len(errors)))
+
+    def _unexpected(self, g: GpuIdentity, what: str, e: Exception) -> None:
+        """A fault outside any one NVML call (a bug, a malformed answer): this GPU's reading
+        is lost for this tick, counted and logged once; the other GPUs go on."""
+        self.out.add("agentd_gpu_errors_total", self._labels(g), 1.0)
+        self.log_once(logging.ERROR, (g.index, what, type(e).__name__),
+                      "GPU %d: %s failed: %s: %s", g.index, what, type(e).__name__, e)
+
     def sample(self, now: float, slow: bool) -> Row:
         row: Row = {}
-        failures = []
         tick = now - self._last_fast if self._last_fast is not None else None
         self._last_fast = now
         for index, g in self.gpus.items():
@@ -94,32 +148,40 @@ class GpuSampler(Sampler):
                 self._mark_lost(e)
                 continue
             except Exception as e:  # one GPU's fault must not cost the others their sample
-                failures.append(f"GPU {index}: {e}")
+                self._unexpected(g, "fast reading", e)
                 continue
+            self._count_errors(g, r.errors)
+            if (r.utilization_source, r.pcie_counter_source) != (g.utilization_source,
+                                                                 g.pcie_counter_source):
+                self.gpus[index] = g = replace(g, utilization_source=r.utilization_source,
+                                               pcie_counter_source=r.pcie_counter_source)
+                self._export_info()
             self._account_fast(g, r, row)
-            if tick:
+            if tick and tick > 0 and r.busy_valid:
                 # The driver's samples credited in this tick, per second of tick: unlike the
                 # held utilization, its mean over a window is exact (aliasing-free).
                 row[f"gpu.busy_time:{index}"] = r.busy_seconds / tick
         if slow:
-            failures += self._sample_slow(now, row)
-        if failures:
-            raise RuntimeError("; ".join(failures))
+            self._sample_slow(now, row)
         return row
 
     def _account_fast(self, g: GpuIdentity, r: FastReading, row: Row) -> None:
         lab = self._labels(g)
         i = g.index
-        deltas = [("agentd_gpu_busy_seconds_total", lab, r.busy_seconds)]
-        if r.covered_seconds > 0:
-            busy = r.busy_seconds / r.covered_seconds
-        elif r.seconds_since_sample is not None and r.seconds_since_sample > 2.0:
-            busy = 0.0  # the driver stopped adding samples: it does so while the GPU idles
+        deltas = []
+        if r.busy_valid:
+            deltas.append(("agentd_gpu_busy_seconds_total", lab, r.busy_seconds))
+            if r.covered_seconds > 0:
+                busy = r.busy_seconds / r.covered_seconds
+            elif r.seconds_since_sample is not None and r.seconds_since_sample > 2.0:
+                busy = 0.0  # the driver stopped adding samples: it does so while the GPU idles
+            else:
+                busy = self._last_busy.get(i)
+            if busy is not None:
+                self._last_busy[i] = busy
+                row[f"gpu.busy:{i}"] = busy
         else:
-            busy = self._last_busy.get(i)
-        if busy is not None:
-            self._last_busy[i] = busy
-            row[f"gpu.busy:{i}"] = busy
+            self._last_busy.pop(i, None)  # nothing to hold across a failure
         if r.new_samples_mean is not None:
             row[f"gpu.util_sample:{i}"] = r.new_samples_mean
             row[f"gpu.util_sample_age:{i}"] = r.new_samples_age
@@ -138,9 +200,9 @@ class GpuSampler(Sampler):
                 row[f"gpu.{key}:{i}"] = value
         self.out.add_many(deltas)
 
-    def _sample_slow(self, now: float, row: Row) -> list[str]:
-        failures = []
+    def _sample_slow(self, now: float, row: Row) -> None:
         elapsed = now - self._last_slow_t if self._last_slow_t is not None else 0.0
+        elapsed = max(elapsed, 0.0)
         self._last_slow_t = now
         gauges: list[Series] = []
         procs: dict[int, list[int]] = {}
@@ -153,8 +215,9 @@ class GpuSampler(Sampler):
                 self._mark_lost(e)
                 continue
             except Exception as e:
-                failures.append(f"GPU {index}: {e}")
+                self._unexpected(g, "slow reading", e)
                 continue
+            self._count_errors(g, s.errors)
             gauges += self._account_slow(g, s, elapsed, row)
             for p in s.processes:
                 procs.setdefault(p.pid, []).append(index)
@@ -164,13 +227,14 @@ class GpuSampler(Sampler):
             events = self.backend.events()
         except Exception as e:
             events = []
-            failures.append(f"XID events: {e}")
+            self.log_once(logging.ERROR, ("events", type(e).__name__),
+                          "reading XID events failed: %s", e)
         for ev in events:
             g = self.gpus.get(ev.index)
             if g is not None:
                 self.out.add("agentd_gpu_xid_errors_total", self._labels(g) + (str(ev.xid),), 1)
-                self.log.warning("GPU %d: XID %d", ev.index, ev.xid)
-        return failures
+                self._xids.event(ev.index, ev.xid, now)
+        self._xids.flush(now)
 
     def _account_slow(self, g: GpuIdentity, s: SlowReading, elapsed: float, row: Row) -> list:
         lab = self._labels(g)
@@ -230,6 +294,9 @@ class GpuSampler(Sampler):
                          for g in self.gpus.values()}}
 
     def close(self) -> None:
+        xids = getattr(self, "_xids", None)
+        if xids is not None and self._last_slow_t is not None:
+            xids.flush(self._last_slow_t, force=True)
         backend = getattr(self, "backend", None)
         if backend is not None:
             try:

@@ -7,30 +7,36 @@ training set that no longer fits in the cache from one that simply was never cac
 from __future__ import annotations
 
 from agentd.paths import read_optional, read_text
-from agentd.samplers.base import Row, Sampler, Unavailable
+from agentd.samplers.base import Malformed, Row, Sampler, Unavailable, complete, ints
 
 
-def parse_meminfo(text: str) -> dict[str, int]:
-    """Field -> bytes (the kernel prints kB, meaning KiB)."""
+
+
+def parse_meminfo(text: str, path: str = "/proc/meminfo") -> dict[str, int]:
+    """Field -> bytes (the kernel prints kB, meaning KiB). Malformed when the read was cut
+    short, a line is not `Key: number [kB]`, or a field every kernel prints is missing."""
     out = {}
-    for line in text.splitlines():
-        key, _, rest = line.partition(":")
+    for n, line in enumerate(complete(text, path).splitlines(), 1):
+        key, colon, rest = line.partition(":")
         parts = rest.split()
-        if not parts:
+        if not line.strip():
             continue
-        value = int(parts[0])
-        if len(parts) > 1 and parts[1] == "kB":
-            value *= 1024
-        out[key] = value
+        if not colon or not 1 <= len(parts) <= 2 or parts[1:] not in ([], ["kB"]):
+            raise Malformed(f"{path} line {n}: {line!r}")
+        value = ints(parts[:1], path, n)[0]
+        out[key] = value * 1024 if parts[1:] == ["kB"] else value
+    if "MemTotal" not in out or not ("MemAvailable" in out or "MemFree" in out):
+        raise Malformed(f"{path}: no MemTotal or no MemAvailable/MemFree (truncated?)")
     return out
 
 
-def parse_vmstat(text: str) -> dict[str, int]:
+def parse_vmstat(text: str, path: str = "/proc/vmstat") -> dict[str, int]:
     out = {}
-    for line in text.splitlines():
+    for n, line in enumerate(complete(text, path).splitlines(), 1):
         parts = line.split()
-        if len(parts) == 2:
-            out[parts[0]] = int(parts[1])
+        if len(parts) != 2:
+            raise Malformed(f"{path} line {n}: {line!r}")
+        out[parts[0]] = ints(parts[1:], path, n)[0]
     return out
 
 
@@ -56,7 +62,9 @@ class MemorySampler(Sampler):
         self._last_refaults: tuple[float, int] | None = None
 
     def sample(self, now: float, slow: bool) -> Row:
-        mem = parse_meminfo(read_text(self._meminfo))
+        mem = parse_meminfo(read_text(self._meminfo), self._meminfo)
+        vmtext = read_optional(self._vmstat)
+        vm = parse_vmstat(vmtext, self._vmstat) if vmtext is not None else None
         row: Row = {}
         gauges = [
             ("agentd_memory_total_bytes", (), mem.get("MemTotal", 0)),
@@ -71,9 +79,7 @@ class MemorySampler(Sampler):
         row["mem.available:"] = float(gauges[1][2])
         row["mem.cached:"] = float(gauges[2][2])
 
-        vmtext = read_optional(self._vmstat)
-        if vmtext is not None:
-            vm = parse_vmstat(vmtext)
+        if vm is not None:
             # workingset_refault split into _anon/_file in 5.9; older kernels count file only.
             refaults = vm.get("workingset_refault_file", vm.get("workingset_refault", 0))
             self.out.set_counter("agentd_memory_major_faults_total", (), vm.get("pgmajfault", 0))
@@ -84,7 +90,7 @@ class MemorySampler(Sampler):
             self.out.set_counter("agentd_memory_file_refaults_total", (), refaults)
             if self._last_refaults is not None:
                 t0, r0 = self._last_refaults
-                if now > t0:
-                    row["mem.refault:"] = max(refaults - r0, 0) / (now - t0)
+                if now > t0 and refaults >= r0:  # a decrease is a reset: no rate this tick
+                    row["mem.refault:"] = (refaults - r0) / (now - t0)
             self._last_refaults = (now, refaults)
         return row

@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass
 
 from agentd.paths import read_optional, read_text
-from agentd.samplers.base import Option, regex, Row, Sampler, Series, Unavailable
+from agentd.samplers.base import (Malformed, Option, Row, Sampler, Series, Unavailable, complete,
+                                  ints, regex)
 
 
 @dataclass(frozen=True)
@@ -26,15 +27,19 @@ class NetDev:
     tx_errors: int
 
 
-def parse_net_dev(text: str) -> dict[str, NetDev]:
+def parse_net_dev(text: str, path: str = "/proc/net/dev") -> dict[str, NetDev]:
+    """Interfaces after the two header lines; Malformed when the read was cut short or an
+    interface line lacks its 16 counters."""
     out = {}
-    for line in text.splitlines()[2:]:
-        name, _, rest = line.partition(":")
+    for n, line in enumerate(complete(text, path).splitlines()[2:], 3):
+        name, colon, rest = line.partition(":")
         f = rest.split()
-        if len(f) < 16:
+        if not line.strip():
             continue
-        out[name.strip()] = NetDev(int(f[0]), int(f[1]), int(f[2]), int(f[3]), int(f[8]),
-                                   int(f[9]), int(f[10]))
+        if not colon or len(f) < 16:
+            raise Malformed(f"{path} line {n}: {len(f)} counters, expected 16")
+        v = ints(f[:11], path, n)
+        out[name.strip()] = NetDev(v[0], v[1], v[2], v[3], v[8], v[9], v[10])
     return out
 
 
@@ -54,19 +59,25 @@ def parse_rdma_rate(text: str) -> float | None:
     return float(m.group(1)) * 1e9 / 8 if m else None
 
 
-def read_rdma_port(port_dir: str) -> RdmaPort:
-    def counter(name: str) -> int:
+def read_rdma_port(port_dir: str) -> RdmaPort | None:
+    """The port's counters; None when a byte counter cannot be read (a port going away),
+    rather than a 0 that would read as a reset and then as a burst."""
+    def counter(name: str) -> int | None:
         v = read_optional(os.path.join(port_dir, "counters", name))
-        return int(v) if v and v.strip().isdigit() else 0
+        return int(v) if v and v.strip().isdigit() else None
+
+    rx, tx = counter("port_rcv_data"), counter("port_xmit_data")
+    if rx is None or tx is None:
+        return None
 
     rate = read_optional(os.path.join(port_dir, "rate"))
     # port_xmit_data / port_rcv_data count octets divided by 4 (IBA spec, PortCounters).
     return RdmaPort(
-        rx_bytes=counter("port_rcv_data") * 4,
-        tx_bytes=counter("port_xmit_data") * 4,
-        rx_packets=counter("port_rcv_packets"),
-        tx_packets=counter("port_xmit_packets"),
-        xmit_wait=counter("port_xmit_wait"),
+        rx_bytes=rx * 4,
+        tx_bytes=tx * 4,
+        rx_packets=counter("port_rcv_packets") or 0,
+        tx_packets=counter("port_xmit_packets") or 0,
+        xmit_wait=counter("port_xmit_wait") or 0,
         rate_bytes=parse_rdma_rate(rate) if rate else None,
     )
 
@@ -105,12 +116,14 @@ class NetworkSampler(Sampler):
             except OSError:
                 continue
             for port in sorted(names):
-                ports[(dev, port)] = read_rdma_port(os.path.join(pdir, port))
+                p = read_rdma_port(os.path.join(pdir, port))
+                if p is not None:
+                    ports[(dev, port)] = p
         return ports
 
     def sample(self, now: float, slow: bool) -> Row:
         devs = {
-            n: d for n, d in parse_net_dev(read_text(self._net_dev)).items()
+            n: d for n, d in parse_net_dev(read_text(self._net_dev), self._net_dev).items()
             if not self._exclude.match(n)
         }
         speeds = {}
@@ -126,9 +139,11 @@ class NetworkSampler(Sampler):
         ]:
             prefix = "rdma" if "/" in key else "net"
             last = self._last.get(key)
-            if last is not None and now > last[0]:
-                row[f"{prefix}.rx:{key}"] = max(rx - last[1], 0) / (now - last[0])
-                row[f"{prefix}.tx:{key}"] = max(tx - last[2], 0) / (now - last[0])
+            # A counter that went backwards (driver reload, a new device of that name) is a
+            # reset: no rate this tick, counting resumes from the new value.
+            if last is not None and now > last[0] and rx >= last[1] and tx >= last[2]:
+                row[f"{prefix}.rx:{key}"] = (rx - last[1]) / (now - last[0])
+                row[f"{prefix}.tx:{key}"] = (tx - last[2]) / (now - last[0])
             self._last[key] = (now, rx, tx)
         self._devs, self._ports, self._speeds = devs, ports, speeds
         return row

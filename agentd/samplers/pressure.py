@@ -9,21 +9,25 @@ from __future__ import annotations
 import os
 
 from agentd.paths import read_text
-from agentd.samplers.base import Row, Sampler, Unavailable
+from agentd.samplers.base import Malformed, Row, Sampler, Unavailable, complete, ints
 
 RESOURCES = ("cpu", "io", "memory")
 
 
-def parse_pressure(text: str) -> dict[str, float]:
-    """'some'/'full' -> total stall time in seconds."""
+def parse_pressure(text: str, path: str = "pressure") -> dict[str, float]:
+    """'some'/'full' -> total stall time in seconds; Malformed when cut short or a line has
+    no total= (every PSI kernel prints `some ... total=N`)."""
     out = {}
-    for line in text.splitlines():
+    for n, line in enumerate(complete(text, path).splitlines(), 1):
         parts = line.split()
         if not parts:
             continue
-        for field in parts[1:]:
-            if field.startswith("total="):
-                out[parts[0]] = int(field[6:]) / 1e6
+        totals = [f[6:] for f in parts[1:] if f.startswith("total=")]
+        if parts[0] not in ("some", "full") or len(totals) != 1:
+            raise Malformed(f"{path} line {n}: {line!r}")
+        out[parts[0]] = ints(totals, path, n)[0] / 1e6
+    if "some" not in out:
+        raise Malformed(f"{path}: no 'some' line")
     return out
 
 
@@ -47,12 +51,16 @@ class PressureSampler(Sampler):
 
     def sample(self, now: float, slow: bool) -> Row:
         row: Row = {}
+        malformed = []
         for res, path in self._files.items():
             try:
-                totals = parse_pressure(read_text(path))
+                totals = parse_pressure(read_text(path), path)
             except OSError as e:
                 # /proc/pressure/cpu exists but refuses reads when PSI is disabled at boot.
                 self.log_once(30, ("unreadable", res), "cannot read %s: %s", path, e.strerror)
+                continue
+            except Malformed as e:
+                malformed.append(str(e))  # the other resources are still read
                 continue
             for kind, seconds in totals.items():
                 self.out.set_counter("agentd_pressure_waiting_seconds_total", (res, kind), seconds)
@@ -64,7 +72,10 @@ class PressureSampler(Sampler):
                 key = f"{res}.{kind}"
                 if key in self._last:
                     t0, s0 = self._last[key]
-                    if now > t0:
-                        row[signal] = min(max((totals[kind] - s0) / (now - t0), 0.0), 1.0)
+                    if now > t0 and totals[kind] >= s0:  # a decrease is a reset: no figure
+                        row[signal] = min((totals[kind] - s0) / (now - t0), 1.0)
                 self._last[key] = (now, totals[kind])
+        if malformed:
+            # Counted as this run's error; what the other files gave is kept for next time.
+            raise Malformed("; ".join(malformed))
         return row

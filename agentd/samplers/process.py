@@ -9,12 +9,13 @@ without it the I/O figures of those processes are absent and the reason is logge
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass, field
 
 from agentd.paths import read_optional
-from agentd.samplers.base import Option, regex, Row, Sampler, Series
+from agentd.samplers.base import Malformed, Option, regex, Row, Sampler, Series
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -32,19 +33,26 @@ class ProcStat:
 
 
 def parse_proc_stat(text: str) -> ProcStat:
+    """One /proc/PID/stat; Malformed when it is cut short or not in that format."""
     # comm is in parentheses and may itself contain spaces and parentheses.
-    left = text.index("(")
-    right = text.rindex(")")
+    left = text.find("(")
+    right = text.rfind(")")
     f = text[right + 2:].split()
-    return ProcStat(
-        comm=text[left + 1:right],
-        state=f[0],
-        ppid=int(f[1]),
-        cpu_ticks=int(f[11]) + int(f[12]),
-        threads=int(f[17]),
-        start_ticks=int(f[19]),
-        rss_bytes=int(f[21]) * PAGE_SIZE,
-    )
+    if left < 0 or right < left or len(f) < 22:
+        raise Malformed(f"/proc/PID/stat: {len(f)} fields after the name, expected at least 22")
+    try:
+        return ProcStat(
+            comm=text[left + 1:right],
+            state=f[0],
+            ppid=int(f[1]),
+            cpu_ticks=int(f[11]) + int(f[12]),
+            threads=int(f[17]),
+            start_ticks=int(f[19]),
+            rss_bytes=int(f[21]) * PAGE_SIZE,
+        )
+    except ValueError:
+        raise Malformed(f"/proc/PID/stat: not a number where one belongs: {text[:80]!r}") \
+            from None
 
 
 def parse_proc_io(text: str) -> dict[str, int]:
@@ -143,6 +151,19 @@ class ProcessSampler(Sampler):
         self._matched: set[int] = set()
         self._last_t: float | None = None
 
+    def _stat(self, pid: int) -> ProcStat | None:
+        """/proc/PID/stat parsed; None when the process has exited or its file is malformed
+        (that process is skipped, logged once; the others are read)."""
+        text = read_optional(self.ctx.paths.proc(str(pid), "stat"))
+        if text is None:
+            return None
+        try:
+            return parse_proc_stat(text)
+        except Malformed as e:
+            self.log_once(logging.WARNING, "malformed_stat",
+                          "skipping process %d: %s (further ones at debug level)", pid, e)
+            return None
+
     # --- discovery (slow ticks) -------------------------------------------------------------------
 
     def _children(self, pid: int) -> list[int] | None:
@@ -164,9 +185,9 @@ class ProcessSampler(Sampler):
         out: dict[int, list[int]] = {}
         for entry in os.listdir(self.ctx.paths.procfs):
             if entry.isdigit():
-                text = read_optional(self.ctx.paths.proc(entry, "stat"))
-                if text:
-                    out.setdefault(parse_proc_stat(text).ppid, []).append(int(entry))
+                st = self._stat(int(entry))
+                if st is not None:
+                    out.setdefault(st.ppid, []).append(int(entry))
         return out
 
     def _scan_comm(self) -> set[int]:
@@ -185,12 +206,11 @@ class ProcessSampler(Sampler):
                 del self._trees[root]
         for root in roots:
             if root not in self._trees:
-                text = read_optional(self.ctx.paths.proc(str(root), "stat"))
-                if text is None:
+                st = self._stat(root)
+                if st is None:
                     continue
                 cg = read_optional(self.ctx.paths.proc(str(root), "cgroup")) or ""
-                self._trees[root] = _Tree(root, parse_proc_stat(text).comm, roots[root],
-                                          parse_cgroup(cg))
+                self._trees[root] = _Tree(root, st.comm, roots[root], parse_cgroup(cg))
             tree = self._trees[root]
             tree.gpus = roots[root]
             pids, stack = [], [root]
@@ -215,8 +235,8 @@ class ProcessSampler(Sampler):
                 self._matched = self._scan_comm()
                 # A matched process whose parent also matched is a worker, not a root.
                 for pid in self._matched:
-                    stat = read_optional(self.ctx.paths.proc(str(pid), "stat"))
-                    if stat and parse_proc_stat(stat).ppid not in self._matched:
+                    st = self._stat(pid)
+                    if st is not None and st.ppid not in self._matched:
                         roots.setdefault(pid, ())
             if len(roots) > self.opts["max_trees"]:
                 self.log_once(30, "max_trees", "watching %d of %d process trees (max_trees)",
@@ -240,11 +260,15 @@ class ProcessSampler(Sampler):
         blocked = 0
         rss = 0
         for pid in tree.pids:
-            text = read_optional(self.ctx.paths.proc(str(pid), "stat"))
-            if text is None:
-                continue  # exited since discovery
-            st = parse_proc_stat(text)
+            st = self._stat(pid)
             prev = tree.members.get(pid)
+            if st is None:
+                if prev is not None and os.path.exists(self.ctx.paths.proc(str(pid))):
+                    # Alive but unreadable this time: keep its last reading, so that it is
+                    # not taken for a newborn (all its CPU at once) when it reads again.
+                    live[pid] = prev
+                continue  # else exited since discovery
+
             if with_io or prev is None:
                 io_text = read_optional(self.ctx.paths.proc(str(pid), "io"))
                 if io_text is None and os.path.exists(self.ctx.paths.proc(str(pid))):

@@ -7,13 +7,14 @@ would count it twice. A name is a whole device when /sys/block has an entry for 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
-import time
 from dataclasses import dataclass
 
 from agentd.paths import read_optional, read_text
-from agentd.samplers.base import Option, regex, Row, Sampler, Series, Unavailable
+from agentd.samplers.base import (Malformed, Option, Row, Sampler, Series, Unavailable, complete,
+                                  ints, regex)
 
 SECTOR = 512  # /proc/diskstats counts 512-byte sectors whatever the device's block size
 # Used only when no sysfs is available to tell disks from partitions.
@@ -33,24 +34,39 @@ class DiskStat:
     weighted_ms: int
 
 
-def parse_diskstats(text: str) -> dict[str, DiskStat]:
+def parse_diskstats(text: str, path: str = "/proc/diskstats") -> dict[str, DiskStat]:
+    """Every line, or Malformed: a line with fewer than the 14 fields every kernel since
+    2.6.25 prints, or with a field that is not a number, is a truncated or corrupt read."""
     out = {}
-    for line in text.splitlines():
+    for n, line in enumerate(complete(text, path).splitlines(), 1):
         f = line.split()
-        if len(f) < 14:
+        if not f:
             continue
+        if len(f) < 14:
+            raise Malformed(f"{path} line {n}: {len(f)} fields, expected at least 14")
+        v = ints(f[3:14], path, n)
         out[f[2]] = DiskStat(
-            reads=int(f[3]),
-            read_bytes=int(f[5]) * SECTOR,
-            read_ms=int(f[6]),
-            writes=int(f[7]),
-            write_bytes=int(f[9]) * SECTOR,
-            write_ms=int(f[10]),
-            in_flight=int(f[11]),
-            io_ms=int(f[12]),
-            weighted_ms=int(f[13]),
+            reads=v[0],
+            read_bytes=v[2] * SECTOR,
+            read_ms=v[3],
+            writes=v[4],
+            write_bytes=v[6] * SECTOR,
+            write_ms=v[7],
+            in_flight=v[8],
+            io_ms=v[9],
+            weighted_ms=v[10],
         )
     return out
+
+
+_COUNTERS = ("reads", "read_bytes", "read_ms", "writes", "write_bytes", "write_ms", "io_ms",
+             "weighted_ms")
+
+
+def went_back(prev: DiskStat, cur: DiskStat) -> bool:
+    """A counter that decreased: the device was reset or replaced (or the counters wrapped,
+    on 32-bit kernels). Its rates are unknown for that tick."""
+    return any(getattr(cur, k) < getattr(prev, k) for k in _COUNTERS)
 
 
 @dataclass(frozen=True)
@@ -121,7 +137,7 @@ class StorageSampler(Sampler):
         self._diskstats = self.ctx.paths.proc("diskstats")
         self._mountstats = self.ctx.paths.proc("self", "mountstats")
         try:
-            stats = parse_diskstats(read_text(self._diskstats))
+            stats = parse_diskstats(read_text(self._diskstats), self._diskstats)
         except OSError as e:
             raise Unavailable(f"cannot read {self._diskstats}: {e.strerror}") from None
         try:
@@ -129,7 +145,7 @@ class StorageSampler(Sampler):
         except re.error as e:
             raise ValueError(f"collectors.storage.device_exclude: {e}") from None
         self._last: dict[str, DiskStat] = stats
-        self._last_t = time.time()
+        self._last_t: float | None = None  # the first tick sets the time base
         self._last_nfs: dict[str, tuple[float, int]] = {}
         self._nfs: list[NfsMount] = []
         self._devices = self._whole_devices(stats)
@@ -166,17 +182,21 @@ class StorageSampler(Sampler):
         self.out.replace_gauges("info", info)
 
     def sample(self, now: float, slow: bool) -> Row:
-        stats = parse_diskstats(read_text(self._diskstats))
+        stats = parse_diskstats(read_text(self._diskstats), self._diskstats)
         if slow and set(stats) != set(self._last):
             # Hot-plugged or removed device: rediscover, and forget the vanished ones.
             self._devices = self._whole_devices(stats)
             self._export_info()
         row: Row = {}
-        dt = now - self._last_t
+        dt = now - self._last_t if self._last_t is not None else 0.0
         for dev in self._devices:
             s = stats.get(dev)
             p = self._last.get(dev)
             if s is None or p is None or dt <= 0:
+                continue
+            if went_back(p, s):
+                self.log_once(logging.INFO, ("reset", dev), "%s: counters went backwards "
+                              "(device reset or replaced); counting again from here", dev)
                 continue
             ops = (s.reads - p.reads) + (s.writes - p.writes)
             row[f"disk.read:{dev}"] = (s.read_bytes - p.read_bytes) / dt
@@ -199,7 +219,7 @@ class StorageSampler(Sampler):
         row: Row = {}
         for m in mounts:
             last = self._last_nfs.get(m.mountpoint)
-            if last is not None and now > last[0]:
+            if last is not None and now > last[0] and m.read_bytes >= last[1]:  # else remounted
                 row[f"nfs.read:{m.mountpoint}"] = (m.read_bytes - last[1]) / (now - last[0])
             self._last_nfs[m.mountpoint] = (now, m.read_bytes)
         self._nfs = mounts

@@ -59,7 +59,7 @@ def render(daemon: Daemon, now: float, span: float = 2.0) -> str:
     lines.append(f"CPU: {cores or 0:.1f} of {count or 0:.0f} cores busy, "
                  f"iowait {iowait or 0:.2f} cores")
     lines.append("")
-    report = daemon.analysis.report
+    report = daemon.analysis.current()
     if report is None:
         lines.append("Diagnosis: the first analysis runs after 30 s of data.")
     elif not report.findings:

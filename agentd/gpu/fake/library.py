@@ -52,6 +52,9 @@ class DeviceInfo:
     util_buffer_dry_when_idle: bool = False
     pcie_counter_bits: int = 64
     not_supported: frozenset[str] = frozenset()  # C function names answering NOT_SUPPORTED
+    # (C function name, NVML error code, from t, until t): the function answers that error
+    # while from <= t < until (t: seconds since the library was installed)
+    errors: tuple[tuple[str, int, float, float], ...] = ()
     unsupported_fields: frozenset[int] = frozenset()
     ecc_corrected: int = 0
     ecc_uncorrected: int = 0
@@ -198,11 +201,22 @@ class FakeNvmlLibrary:
         except (ValueError, KeyError, AttributeError):
             return None, N.NVML_ERROR_INVALID_ARGUMENT
         model = self.devices[idx]
-        if model.lost_at is not None and self.now() >= model.lost_at:
+        now = self.now()
+        if model.lost_at is not None and now >= model.lost_at:
             return None, N.NVML_ERROR_GPU_IS_LOST
         if fn in model.info.not_supported:
             return None, N.NVML_ERROR_NOT_SUPPORTED
+        code = self._injected_error(model, fn, now)
+        if code:
+            return None, code
         return model, N.NVML_SUCCESS
+
+    @staticmethod
+    def _injected_error(model: DeviceModel, fn: str, now: float) -> int:
+        for name, code, start, end in model.info.errors:
+            if name == fn and start <= now < end:
+                return code
+        return N.NVML_SUCCESS
 
     # --- init and system --------------------------------------------------------------------
 
@@ -241,6 +255,9 @@ class FakeNvmlLibrary:
         i = _val(index)
         if not 0 <= i < len(self.devices):
             return N.NVML_ERROR_INVALID_ARGUMENT
+        code = self._injected_error(self.devices[i], "nvmlDeviceGetHandleByIndex_v2", self.now())
+        if code:
+            return code
         _out(ref).contents = self._device_structs[i]
         return N.NVML_SUCCESS
 
@@ -371,7 +388,16 @@ class FakeNvmlLibrary:
         return N.NVML_SUCCESS
 
     def c_nvmlDeviceGetComputeRunningProcesses_v3(self, handle, count_ref, buf):
-        m, rc = self._device(handle, "nvmlDeviceGetComputeRunningProcesses_v3")
+        return self._compute_processes(handle, count_ref, buf,
+                                       "nvmlDeviceGetComputeRunningProcesses_v3")
+
+    def c_nvmlDeviceGetComputeRunningProcesses_v2(self, handle, count_ref, buf):
+        # Drivers before R510; its structure has the fields filled below too.
+        return self._compute_processes(handle, count_ref, buf,
+                                       "nvmlDeviceGetComputeRunningProcesses_v2")
+
+    def _compute_processes(self, handle, count_ref, buf, fn: str):
+        m, rc = self._device(handle, fn)
         if not m:
             return rc
         procs = m.processes(self.now())

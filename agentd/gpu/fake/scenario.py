@@ -3,12 +3,22 @@
 A scenario fixes what each fake GPU does: a constant utilization or a periodic step
 (busy for step_busy_s of every step_period_s), PCIe and NVLink traffic, memory, clocks,
 power, throttling episodes, XID events, the moment it falls off the bus, its processes, and
-which NVML calls it does not support. See agentd/scenarios/*.toml for examples.
+which NVML calls it does not support or answer with an error, and when:
+
+    [[gpus.errors]]                    # GPU(s) of this group answer NVML_ERROR_UNKNOWN
+    function = "nvmlDeviceGetFieldValues"   # (the C function) from 5 s to 20 s
+    error = "unknown"
+    start_s = 5
+    end_s = 20                         # default: for ever
+
+See agentd/scenarios/*.toml for examples; such a
+library file can be named without its path or suffix (`--fake-nvml h100x8-steady`).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import uuid
 from dataclasses import dataclass, field
 
@@ -24,6 +34,10 @@ class ScenarioError(ValueError):
 
 
 CLOCK_EVENT_REASONS = clock_event_reason_bits(N)
+
+# NVML error codes by name: "unknown" or "NVML_ERROR_UNKNOWN", "timeout", "gpu_is_lost", ...
+NVML_ERRORS = {name[len("NVML_ERROR_"):].lower(): getattr(N, name)
+               for name in dir(N) if name.startswith("NVML_ERROR_")}
 
 INIT_ERRORS = {
     "none": N.NVML_SUCCESS,
@@ -156,7 +170,7 @@ _GPU_KEYS = {
     "pcie_generation", "pcie_width", "pcie_max_generation", "pcie_max_width", "gpm",
     "util_sample_period_s", "util_buffer_dry_when_idle", "pcie_counter_bits", "not_supported",
     "unsupported_fields", "throttle", "xid", "lost_at_s", "processes", "ecc_corrected",
-    "ecc_uncorrected", "remapped_rows",
+    "ecc_uncorrected", "remapped_rows", "errors",
 }
 _TOP_KEYS = {"driver_version", "cuda_driver_version", "init_error", "missing_functions",
              "latency", "gpus", "description"}
@@ -209,6 +223,20 @@ def _devices(group: dict, first_index: int, where: str) -> list[ScenarioDevice]:
         _check_keys(p, {"pid", "memory_bytes", "sm_util"}, w)
         procs.append(GpuProcess(int(_num(p, "pid", 0, w, 1)), int(_num(p, "memory_bytes", 0, w, 0)),
                                 _num(p, "sm_util", 0.0, w, 0, 1)))
+    errors = []
+    for i, e in enumerate(group.get("errors", [])):
+        w = f"{where}.errors[{i}]"
+        _check_keys(e, {"function", "error", "start_s", "end_s"}, w)
+        fn = e.get("function")
+        if not isinstance(fn, str) or not hasattr(FakeNvmlLibrary, "c_" + fn):
+            raise ScenarioError(f"{w}.function: {fn!r} is not an NVML function the fake "
+                                "library has (C names, e.g. nvmlDeviceGetFieldValues)")
+        name = str(e.get("error", "unknown")).lower().removeprefix("nvml_error_")
+        if name not in NVML_ERRORS or NVML_ERRORS[name] == N.NVML_SUCCESS:
+            raise ScenarioError(f"{w}.error: {e.get('error')!r} is not an NVML error "
+                                "(e.g. unknown, timeout, gpu_is_lost, NVML_ERROR_UNKNOWN)")
+        errors.append((fn, NVML_ERRORS[name], _num(e, "start_s", 0, w, 0),
+                       _num(e, "end_s", math.inf, w, 0)))
     lost = group.get("lost_at_s")
     bits = int(_num(group, "pcie_counter_bits", 64, where))
     if bits not in (32, 64):
@@ -239,6 +267,7 @@ def _devices(group: dict, first_index: int, where: str) -> list[ScenarioDevice]:
             ecc_corrected=int(_num(group, "ecc_corrected", 0, where, 0)),
             ecc_uncorrected=int(_num(group, "ecc_uncorrected", 0, where, 0)),
             remapped=tuple(int(v) for v in group.get("remapped_rows", (0, 0, 0, 0))),
+            errors=tuple(errors),
         )
         out.append(ScenarioDevice(
             info=info,
@@ -294,6 +323,28 @@ def library_from_dict(doc: dict, where: str = "scenario", **kwargs) -> FakeNvmlL
     )
 
 
-def load_scenario(path: str, **kwargs) -> FakeNvmlLibrary:
+SCENARIO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+                            "scenarios")
+
+
+def library() -> list[str]:
+    """The names of the fake-GPU scenarios shipped with agentd."""
+    return sorted(f[:-5] for f in os.listdir(SCENARIO_DIR) if f.endswith(".toml"))
+
+
+def resolve(path_or_name: str) -> str:
+    """A scenario file: the path itself when it is a file, else the library file of that
+    name (agentd/scenarios/NAME.toml)."""
+    if os.path.isfile(path_or_name):
+        return path_or_name
+    candidate = os.path.join(SCENARIO_DIR, path_or_name + ".toml")
+    if os.sep not in path_or_name and os.path.isfile(candidate):
+        return candidate
+    raise ScenarioError(f"fake NVML scenario {path_or_name!r} does not exist (give a file, "
+                        f"or one of: {', '.join(library())})")
+
+
+def load_scenario(path_or_name: str, **kwargs) -> FakeNvmlLibrary:
+    path = resolve(path_or_name)
     doc = read_toml(path, "fake-NVML scenario", ScenarioError)
     return library_from_dict(doc, where=path, **kwargs)
