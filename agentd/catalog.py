@@ -189,8 +189,16 @@ METRICS: list[MetricSpec] = [
        _GPU, "gpu", "gpu.nvlink_rx"),
     _M("agentd_gpu_nvlink_tx_bytes_total", "counter", "bytes", "NVLink data bytes sent.",
        _GPU, "gpu", "gpu.nvlink_tx"),
-    _M("agentd_gpu_xid_errors_total", "counter", "", "XID events reported by the driver.",
-       _GPU + ("xid",), "gpu"),
+    _M("agentd_gpu_xid_errors_total", "counter", "",
+       "XID events reported by the driver, by class (application, degraded, fatal, unknown: "
+       "agentd/gpu/xid.py); every class is exported at 0 from the start, so increase() sees "
+       "the first event. Alert on this one.", _GPU + ("class",), "gpu"),
+    _M("agentd_gpu_xid_code_errors_total", "counter", "",
+       "XID events by code; a code's series is born at its first event, so increase() misses "
+       "that one (alert on agentd_gpu_xid_errors_total).", _GPU + ("xid",), "gpu"),
+    _M("agentd_gpu_xid_last_code", "gauge", "",
+       "Code of the GPU's last XID event since agentd started (0: none), as dcgm-exporter's "
+       "DCGM_FI_DEV_XID_ERRORS.", _GPU, "gpu"),
     _M("agentd_gpu_ecc_errors_total", "counter", "",
        "ECC errors over the GPU's lifetime (aggregate counters).", _GPU + ("type",), "gpu"),
     _M("agentd_gpu_remapped_rows", "gauge", "", "Memory rows remapped, by cause.",

@@ -108,7 +108,12 @@ def test_content(output):
     assert 'agentd_gpu_lost{gpu="7"' in output
     assert re.search(r'agentd_gpu_clock_event_active\{gpu="6",uuid="[^"]+",'
                      r'reason="hw_thermal_slowdown"\} 1.0', output)
-    assert re.search(r'agentd_gpu_xid_errors_total\{gpu="7",uuid="[^"]+",xid="79"\} 1.0', output)
+    assert re.search(r'agentd_gpu_xid_errors_total\{gpu="7",uuid="[^"]+",class="fatal"\} 1.0',
+                     output)
+    assert re.search(r'agentd_gpu_xid_errors_total\{gpu="0",uuid="[^"]+",class="fatal"\} 0.0',
+                     output)
+    assert re.search(r'agentd_gpu_xid_code_errors_total\{gpu="7",uuid="[^"]+",xid="79"\} 1.0',
+                     output)
     assert re.search(r'agentd_pcie_shared_uplink\{gpu_address="0000:18:00.0",'
                      r'nvme_address="0000:19:00.0",switch="0000:16:00.0"', output)
     assert 'agentd_disk_read_bytes_total{device="nvme0n1"}' in output

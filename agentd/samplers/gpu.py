@@ -12,6 +12,7 @@ import logging
 
 from agentd.gpu.backend import CLOCK_EVENT_REASONS, FastReading, GpuIdentity, GpuLost, SlowReading
 from agentd.gpu.nvml import NvmlBackend
+from agentd.gpu.xid import CLASSES as XID_CLASSES, classify as xid_class
 from agentd.pcie import capacity as pcie_capacity
 from agentd.samplers.base import Option, Row, Sampler, Series
 
@@ -63,6 +64,12 @@ class GpuSampler(Sampler):
             info += [(n, self._labels(g), float(v)) for n, v in static if v is not None]
         self.out.replace_gauges("info", info)
         self._export_lost()
+        # Every XID class of every GPU starts at 0, so increase() sees the first event; a
+        # series born at 1 would hide it.
+        self.out.add_many([("agentd_gpu_xid_errors_total", self._labels(g) + (c,), 0.0)
+                           for g in gpus for c in XID_CLASSES])
+        self._last_xid: dict[int, int] = {g.index: 0 for g in gpus}
+        self._export_last_xid()
 
     @staticmethod
     def _labels(g: GpuIdentity) -> tuple[str, str]:
@@ -73,6 +80,11 @@ class GpuSampler(Sampler):
             ("agentd_gpu_lost", self._labels(g), float(g.index in self.lost))
             for g in self.gpus.values()
         ])
+
+    def _export_last_xid(self) -> None:
+        self.out.replace_gauges("xid", [
+            ("agentd_gpu_xid_last_code", self._labels(self.gpus[i]), float(code))
+            for i, code in self._last_xid.items()])
 
     def _mark_lost(self, e: GpuLost) -> None:
         if e.index not in self.lost:
@@ -165,8 +177,14 @@ class GpuSampler(Sampler):
         for ev in events:
             g = self.gpus.get(ev.index)
             if g is not None:
-                self.out.add("agentd_gpu_xid_errors_total", self._labels(g) + (str(ev.xid),), 1)
+                lab = self._labels(g)
+                self.out.add_many([
+                    ("agentd_gpu_xid_errors_total", lab + (xid_class(ev.xid),), 1),
+                    ("agentd_gpu_xid_code_errors_total", lab + (str(ev.xid),), 1)])
+                self._last_xid[ev.index] = ev.xid
                 self.log.warning("GPU %d: XID %d", ev.index, ev.xid)
+        if events:
+            self._export_last_xid()
         return failures
 
     def _account_slow(self, g: GpuIdentity, s: SlowReading, elapsed: float, row: Row) -> list:
