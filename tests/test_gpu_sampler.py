@@ -8,6 +8,7 @@ import pytest
 
 from agentd.gpu.backend import GpuLost
 from agentd.gpu.nvml import NvmlBackend, counter_delta
+from agentd.jobs import JobResolver
 from agentd.pcie import capacity as pcie_capacity
 from agentd.paths import Paths
 from agentd.samplers.base import Context, Unavailable
@@ -189,8 +190,9 @@ def test_ecc_remapped_and_processes(fake_gpus, clock):
     assert got[("agentd_gpu_ecc_errors_total", lab + ("uncorrected",))] == 1
     assert got[("agentd_gpu_remapped_rows", lab + ("correctable",))] == 3
     assert got[("agentd_gpu_remapped_rows_pending", lab)] == 1
-    assert got[("agentd_gpu_process_memory_used_bytes", lab + ("777",))] == 2e9
-    assert got[("agentd_gpu_process_sm_utilization_ratio", lab + ("777",))] == 0.6
+    job = JobResolver(Paths()).labels(777)  # per job, not per pid (tests/test_jobs.py)
+    assert got[("agentd_gpu_process_memory_used_bytes", lab + job)] == 2e9
+    assert got[("agentd_gpu_process_sm_utilization_ratio", lab + job)] == 0.6
     assert s.ctx.shared.gpu_processes == {777: (0,)}
 
 

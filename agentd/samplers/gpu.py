@@ -13,6 +13,7 @@ import logging
 from agentd.gpu.backend import CLOCK_EVENT_REASONS, FastReading, GpuIdentity, GpuLost, SlowReading
 from agentd.gpu.nvml import NvmlBackend
 from agentd.gpu.xid import CLASSES as XID_CLASSES, classify as xid_class
+from agentd.jobs import JobResolver
 from agentd.pcie import capacity as pcie_capacity
 from agentd.samplers.base import Option, Row, Sampler, Series
 
@@ -46,13 +47,18 @@ class GpuSampler(Sampler):
         self._last_busy: dict[int, float] = {}
         self._last_slow_t: float | None = None
         self._last_fast: float | None = None
+        self._jobs = JobResolver(self.ctx.paths)
         self.log.info("%d GPU(s), driver %s: %s", len(self.backend.devices),
                       self.backend.driver_version,
                       ", ".join(f"{g.index}:{g.name}" for g in gpus) or "none")
         info = []
+        host = self.ctx.hostname
         for g in gpus:
             info.append(("agentd_gpu_info", self._labels(g) + (
-                g.name, g.pci_bus_id, self.backend.driver_version, g.pcie_counter_source), 1.0))
+                g.name, g.pci_bus_id, self.backend.driver_version, g.pcie_counter_source,
+                # dcgm-exporter's labels for the same GPU, so its series join agentd's.
+                g.uuid, f"nvidia{g.minor}" if g.minor is not None else "", host),
+                1.0))
             static = [
                 ("agentd_gpu_memory_total_bytes", g.memory_total),
                 ("agentd_gpu_sm_clock_max_hertz", g.sm_clock_max_hz),
@@ -169,6 +175,7 @@ class GpuSampler(Sampler):
                 procs.setdefault(p.pid, []).append(index)
         self.out.replace_gauges("state", gauges)
         self.ctx.shared.gpu_processes = {pid: tuple(ix) for pid, ix in procs.items()}
+        self._jobs.retain(procs)
         try:
             events = self.backend.events()
         except Exception as e:
@@ -229,14 +236,17 @@ class GpuSampler(Sampler):
                 ("agentd_gpu_remapped_rows_failed", lab, float(failed)),
             ]
         if self.opts["processes"]:
+            # Per job, not per pid: pids churn with every job (agentd/jobs.py).
+            memory: dict[tuple, float] = {}
+            sm: dict[tuple, float] = {}
             for p in s.processes:
-                plab = lab + (str(p.pid),)
+                jlab = lab + self._jobs.labels(p.pid)
                 if p.memory_used is not None:
-                    gauges.append(("agentd_gpu_process_memory_used_bytes", plab,
-                                   float(p.memory_used)))
+                    memory[jlab] = memory.get(jlab, 0.0) + p.memory_used
                 if p.sm_utilization is not None:
-                    gauges.append(("agentd_gpu_process_sm_utilization_ratio", plab,
-                                   p.sm_utilization))
+                    sm[jlab] = sm.get(jlab, 0.0) + p.sm_utilization
+            gauges += [("agentd_gpu_process_memory_used_bytes", k, v) for k, v in memory.items()]
+            gauges += [("agentd_gpu_process_sm_utilization_ratio", k, v) for k, v in sm.items()]
         return gauges
 
     def meta(self) -> dict:
