@@ -220,6 +220,34 @@ def cmd_dashboards(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rules(args: argparse.Namespace) -> int:
+    from agentd.rules import RulesConfig, RulesConfigError, load_config, render
+    from agentd.tomlfile import read_toml
+
+    try:
+        cfg = load_config(read_toml(args.config, "rules config", RulesConfigError)) \
+            if args.config else RulesConfig()
+        flags = {k: v for k, v in (("selector", args.selector),
+                                   ("runbook_url", args.runbook_url)) if v is not None}
+        text = render(load_config(flags, cfg))
+    except RulesConfigError as e:
+        return _fail(f"rules: {e}")
+    if args.out == "-":
+        sys.stdout.write(text)
+        return 0
+    try:
+        parent = os.path.dirname(args.out)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text)
+    except OSError as e:
+        print(f"agentd rules: cannot write {args.out}: {e.strerror}", file=sys.stderr)
+        return 4
+    print(args.out)
+    return 0
+
+
 def cmd_catalog(args: argparse.Namespace) -> int:
     from agentd.catalog import METRICS, render_markdown
 
@@ -302,6 +330,22 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Generate the Grafana dashboards as JSON.")
     dash.add_argument("--out", default="grafana/dashboards", help="directory to write into")
     dash.set_defaults(func=cmd_dashboards)
+
+    rules = sub.add_parser(
+        "rules", help="write the Prometheus recording and alerting rules (a mixin)",
+        description="Generate the Prometheus rules from a small config: the selector of "
+        "agentd's series, the runbook's URL, thresholds (agentd/rules.py RulesConfig). "
+        "Exit status: 0 written, 2 bad config, 4 cannot write.")
+    rules.add_argument("--config", metavar="FILE",
+                       help="TOML file with RulesConfig keys (thresholds, durations, "
+                       "xid_severity)")
+    rules.add_argument("--selector", metavar="MATCHERS",
+                       help='label matchers of agentd\'s series (default job="agentd")')
+    rules.add_argument("--runbook-url", metavar="URL",
+                       help="where docs/runbook.md is hosted; alerts link to its sections")
+    rules.add_argument("--out", default="rules/agentd.rules.yml",
+                       help="file to write, - for stdout (default rules/agentd.rules.yml)")
+    rules.set_defaults(func=cmd_rules)
 
     cat = sub.add_parser("catalog", help="print the metric table",
                          description="Print the metric and signal table.")
