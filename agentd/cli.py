@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 
 from agentd import __version__
@@ -215,7 +216,9 @@ def _add_live_flags(p: argparse.ArgumentParser) -> None:
 def cmd_dashboards(args: argparse.Namespace) -> int:
     from agentd.dashboards import write_all
 
-    for path in write_all(args.out):
+    if not re.fullmatch(r"[A-Z]{3}", args.currency):
+        return _fail(f"--currency: {args.currency!r} is not a currency code (e.g. USD, EUR)")
+    for path in write_all(args.out, args.currency):
         print(path)
     return 0
 
@@ -329,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     dash = sub.add_parser("dashboards", help="write the Grafana dashboards (grafanalib)",
                           description="Generate the Grafana dashboards as JSON.")
     dash.add_argument("--out", default="grafana/dashboards", help="directory to write into")
+    dash.add_argument("--currency", default="USD",
+                      help="currency of your agentd_gpu_price_per_hour, for the cost panels' "
+                      "unit (default USD)")
     dash.set_defaults(func=cmd_dashboards)
 
     rules = sub.add_parser(

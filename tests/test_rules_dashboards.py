@@ -18,6 +18,7 @@ from agentd import rules as rules_mod
 from agentd.catalog import METRICS_BY_NAME
 from agentd.dashboards import DASHBOARDS, render
 from agentd.gpu.xid import XIDS
+from agentd.jobs import JOB_LABELS
 from conftest import agentd_cmd, free_port, need, wait_http
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -172,62 +173,127 @@ def _panels(d: dict) -> list[dict]:
     return out
 
 
+DS = {"type": "prometheus", "uid": "${datasource}"}
+# What current Grafana (10, 11) reads in each panel type's options; no schema validator
+# installs here, so the tests check these fields themselves.
+PANEL_OPTIONS = {
+    "stat": {"reduceOptions", "orientation", "textMode", "colorMode", "graphMode",
+             "justifyMode"},
+    "bargauge": {"reduceOptions", "orientation", "displayMode", "valueMode", "showUnfilled"},
+    "timeseries": {"legend", "tooltip"},
+    "state-timeline": {"showValue", "rowHeight", "mergeValues", "alignValue", "legend",
+                       "tooltip"},
+    "table": {"showHeader", "cellHeight", "footer"},
+}
+# Keys of panels before Grafana 7 (the legacy heatmap, singlestat, old bar gauges).
+LEGACY = {"cards", "dataFormat", "heatmap", "xBucketSize", "yBucketSize", "xAxis", "yAxis",
+          "legend", "thresholds", "format", "valueName", "colorBackground"}
+
+
+def check_thresholds(where: str, th: dict) -> None:
+    assert th["mode"] in ("absolute", "percentage"), where
+    steps = th["steps"]
+    assert isinstance(steps, list) and steps, f"{where}: thresholds.steps must be a list"
+    assert steps[0]["value"] is None, f"{where}: the first step's value must be null"
+    values = [st["value"] for st in steps[1:]]
+    assert all(isinstance(v, (int, float)) for v in values), where
+    assert values == sorted(set(values)), f"{where}: steps must rise"
+    assert all(isinstance(st["color"], str) and st["color"] for st in steps), where
+
+
 @pytest.mark.parametrize("name", list(DASHBOARDS))
-def test_dashboard_structure_grafana_import_needs(name):
+def test_dashboard_fields_current_grafana_reads(name):
     d = json.loads(render(DASHBOARDS[name]))
-    for key in ("title", "uid", "schemaVersion", "panels", "templating", "time"):
+    for key in ("title", "uid", "schemaVersion", "panels", "templating", "time",
+                "annotations"):
         assert key in d, key
+    assert d["schemaVersion"] >= 36
     assert re.fullmatch(r"[a-zA-Z0-9_-]{1,40}", d["uid"])
+    uids = {json.loads(render(b))["uid"] for b in DASHBOARDS.values()}
     variables = {v["name"]: v for v in d["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
-    assert {"node", "gpu"} <= set(variables)
+    assert "node" in variables
     ids = [p["id"] for p in _panels(d)]
     assert len(ids) == len(set(ids)) and all(isinstance(i, int) and i > 0 for i in ids)
     cells = set()
     for p in _panels(d):
+        where = f"{name}: {p['title']}"
         gp = p["gridPos"]
         assert 0 <= gp["x"] < 24 and gp["w"] > 0 and gp["x"] + gp["w"] <= 24 and gp["h"] > 0
         for x in range(gp["x"], gp["x"] + gp["w"]):
             for y in range(gp["y"], gp["y"] + gp["h"]):
-                assert (x, y) not in cells, f"panel {p['title']!r} overlaps another"
+                assert (x, y) not in cells, f"{where} overlaps another panel"
                 cells.add((x, y))
-        assert p["type"] in ("timeseries", "stat", "table", "heatmap", "bargauge")
-        assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        assert p["type"] in PANEL_OPTIONS, f"{where}: {p['type']}"
+        assert not LEGACY & set(p), f"{where}: legacy keys {LEGACY & set(p)}"
+        missing = PANEL_OPTIONS[p["type"]] - set(p["options"])
+        assert not missing, f"{where}: options lack {missing}"
+        assert "fieldOptions" not in p["options"], f"{where}: pre-Grafana-7 fieldOptions"
+        if "reduceOptions" in p["options"]:
+            r = p["options"]["reduceOptions"]
+            assert isinstance(r["calcs"], list) and r["calcs"] and isinstance(r["values"], bool)
+        assert p["datasource"] == DS
+        defaults = p["fieldConfig"]["defaults"]
+        check_thresholds(where, defaults["thresholds"])
+        for o in p["fieldConfig"]["overrides"]:
+            for prop in o["properties"]:
+                if prop["id"] == "thresholds":
+                    check_thresholds(f"{where} override", prop["value"])
+        if p["type"] != "table":
+            assert isinstance(defaults["unit"], str) and defaults["unit"], f"{where}: no unit"
+            assert defaults["color"]["mode"] in ("thresholds", "palette-classic"), where
+        if "cost" in p["title"].lower():
+            assert defaults["unit"].startswith("currency"), f"{where}: a cost needs a currency"
+        if defaults.get("unit") == "percentunit" and "max" in defaults:
+            assert defaults["max"] <= 1, where
+        if "min" in defaults and "max" in defaults:
+            assert defaults["min"] < defaults["max"], where
+        links = list(defaults["links"]) + [
+            v for o in p["fieldConfig"]["overrides"] for prop in o["properties"]
+            if prop["id"] == "links" for v in prop["value"]]
+        for link in links:
+            assert link["title"] and link["url"], where
+            m = re.match(r"^/d/([^/?]+)", link["url"])
+            assert m and m.group(1) in uids, f"{where}: link to an unknown dashboard"
+        if p["type"] == "timeseries":
+            assert p["options"]["legend"]["displayMode"] in ("list", "table", "hidden")
+            assert {"drawStyle", "lineWidth", "fillOpacity"} <= set(defaults["custom"])
         refs = [t["refId"] for t in p["targets"]]
         assert len(refs) == len(set(refs)) and all(re.fullmatch(r"[A-Z]", r) for r in refs)
         for t in p["targets"]:
-            assert t["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
-            assert t["expr"]
+            assert t["datasource"] == DS and t["expr"], where
+            assert isinstance(t["legendFormat"], str), where
+            assert t["range"] is not t["instant"], where
     for a in d["annotations"]["list"]:
-        assert a["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        assert a["datasource"] == DS
 
 
-def _queries() -> list[tuple[str, str, bool]]:
-    """(where, PromQL, must return data) from the dashboards and the rules."""
-    out = []
-    for name, build in DASHBOARDS.items():
-        d = json.loads(render(build))
-        for p in _panels(d):
-            for t in p["targets"]:
-                out.append((f"{name}: {p['title']}", t["expr"], True))
-        for a in d["annotations"]["list"]:
-            out.append((f"{name}: annotation", a["expr"], True))
-        for v in d["templating"]["list"]:
-            m = re.fullmatch(r"label_values\((.+), \w+\)", v.get("query", ""))
-            if m:
-                out.append((f"{name}: variable {v['name']}", m.group(1), True))
-    with open(RULES) as f:
-        for g in yaml.safe_load(f)["groups"]:
-            for rule in g["rules"]:
-                # Recording rules must produce data; alert conditions need only run.
-                out.append((rule.get("record") or rule["alert"], rule["expr"],
-                            "record" in rule))
-    return out
+def test_dashboards_drill_down_and_keep_nodes_apart():
+    cluster = json.loads(render(DASHBOARDS["agentd-cluster.json"]))
+    urls = [link["url"] for p in _panels(cluster)
+            for link in p["fieldConfig"]["defaults"]["links"]]
+    assert any(u.startswith("/d/agentd-node/") and "var-node=" in u for u in urls)
+    assert any(p["type"] == "state-timeline" and "one row per node" in p["title"]
+               for p in _panels(cluster))
+    node = json.loads(render(DASHBOARDS["agentd-node.json"]))
+    var = {v["name"]: v for v in node["templating"]["list"]}["node"]
+    # One node at a time: per-GPU legends ("GPU 3") cannot mix two nodes.
+    assert var["multi"] is False and var["includeAll"] is False
+    job = json.loads(render(DASHBOARDS["agentd-job.json"]))
+    var = {v["name"]: v for v in job["templating"]["list"]}["job"]
+    # Every job identity, not only systemd units (agentd/jobs.py).
+    assert all(label in var["query"] for label in JOB_LABELS)
+
+
+def _variable_query(v: dict) -> str | None:
+    m = re.fullmatch(r"(?:label_values|query_result)\((.+?)(?:, \w+)?\)", v.get("query") or "")
+    return m.group(1) if m and v["type"] == "query" else None
 
 
 # Series that exist only after an event the simulated nodes do not produce in a minute.
-EVENT_DRIVEN = {"AgentdGpuXid", "AgentdGpuLost", "AgentdGpuDriverLost", "AgentdGpusMissing"}
+EVENT_DRIVEN = {"AgentdGpuXid", "AgentdGpuLost", "AgentdGpuDriverLost", "AgentdGpusMissing",
+                "agentd-node.json: XID events"}
 
 # The operator's GPU prices (outside agentd's rules): one default, one for a model.
 PRICES = """groups:
@@ -300,11 +366,6 @@ def test_first_xid_of_a_gpu_alerts_end_to_end(tmp_path, spawn):
     assert prom_query(base, "increase(agentd_gpu_xid_code_errors_total[10m]) > 0") == []
 
 
-def _substitute(expr: str) -> str:
-    return (expr.replace("$__rate_interval", "30s").replace("$node", ".*")
-            .replace("$gpu", ".*").replace("$job", ".*"))
-
-
 @pytest.mark.prometheus
 @pytest.mark.slow
 def test_every_expression_runs_against_prometheus_scraping_simulated_nodes(tmp_path, spawn):
@@ -321,17 +382,69 @@ def test_every_expression_runs_against_prometheus_scraping_simulated_nodes(tmp_p
     time.sleep(50)  # scrapes, the first analyses (findings), a few rule evaluations
 
     problems = []
-    for where, expr, needs_data in _queries():
-        q = _substitute(expr)
+
+    def run(where: str, q: str, needs_data: bool = True) -> list | None:
         url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": q})
         try:
             with urllib.request.urlopen(url, timeout=10) as r:
                 doc = json.load(r)
         except urllib.error.HTTPError as e:
             problems.append(f"{where}: {e.code} {json.load(e).get('error')}")
-            continue
+            return None
         if doc["status"] != "success":
             problems.append(f"{where}: {doc.get('error')}")
-        elif needs_data and where not in EVENT_DRIVEN and not doc["data"]["result"]:
+            return None
+        if needs_data and not doc["data"]["result"] and where not in EVENT_DRIVEN:
             problems.append(f"{where}: no data for {q}")
+        return doc["data"]["result"]
+
+    with open(RULES) as f:
+        for g in yaml.safe_load(f)["groups"]:
+            for rule in g["rules"]:
+                # Recording rules must produce data; alert conditions need only run.
+                run(rule.get("record") or rule["alert"], rule["expr"], "record" in rule)
+    for name, build in DASHBOARDS.items():
+        d = json.loads(render(build))
+        # The variables as a user would set them: All where offered, else the first value.
+        values = {"__rate_interval": "30s"}
+        for v in d["templating"]["list"]:
+            query = _variable_query(v)
+            if query is None:
+                continue
+            for k, val in values.items():
+                query = query.replace("$" + k, val)
+            rows = run(f"{name}: variable {v['name']}", query) or []
+            if v.get("includeAll"):
+                values[v["name"]] = v.get("allValue") or ".*"
+            elif rows:
+                m = rows[0]["metric"]
+                text = ",".join(f'{k}="{val}"' for k, val in sorted(m.items()))
+                label = re.search(r"label_values\(.*, (\w+)\)", v["query"])
+                values[v["name"]] = m[label.group(1)] if label else text
+        for p in _panels(d):
+            for t in p["targets"]:
+                q = t["expr"]
+                for k, val in sorted(values.items(), key=lambda kv: -len(kv[0])):
+                    q = q.replace("$" + k, val)
+                where = f"{name}: {p['title']}"
+                result = run(where, q) or []
+                if p["type"] == "table":
+                    continue
+                # Each series tells itself apart in the legend (two nodes, one legend: no).
+                legend = t["legendFormat"]
+                names = [re.sub(r"\{\{\s*(\w+)\s*\}\}",
+                                lambda m: r["metric"].get(m.group(1), ""), legend)
+                         for r in result]
+                if legend != "__auto" and len(names) != len(set(names)):
+                    problems.append(f"{where}: series share a legend: {sorted(names)}")
+                # A share is a share: a percent panel showing cores or bytes is wrong.
+                unit = p["fieldConfig"]["defaults"]["unit"]
+                for r in result:
+                    v = float(r["value"][1])
+                    if unit == "percentunit" and not -1e-9 <= v <= 1.0001:
+                        problems.append(f"{where}: {v} is no share ({r['metric']})")
+                    if v < 0 and v == v:
+                        problems.append(f"{where}: negative {v} ({r['metric']})")
+        for a in d["annotations"]["list"]:
+            run(f"{name}: annotation", a["expr"].replace("$node", values.get("node", ".*")))
     assert not problems, "\n".join(problems)
