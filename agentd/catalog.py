@@ -386,7 +386,7 @@ METRICS: list[MetricSpec] = [
     # --- topology ----------------------------------------------------------------------------
     _M("agentd_pcie_device_info", "gauge", "",
        "A GPU, NVMe drive or network adapter on PCIe, where it hangs (root port, switch) and "
-       "its block or network device name; value 1.",
+       "its block, network or RDMA device name (one series per name); value 1.",
        ("address", "kind", "name", "root_port", "switch", "numa_node"), "topology"),
     _M("agentd_pcie_link_capacity_bytes_per_second", "gauge", "",
        "Usable bandwidth per direction of the device's link at its current speed and width.",

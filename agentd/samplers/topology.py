@@ -118,9 +118,12 @@ class TopologySampler(Sampler):
         devices = read_topology(sysfs)
         gauges = []
         for dev in devices:
-            gauges.append(("agentd_pcie_device_info", (dev.address, dev.kind, dev.name,
-                                                       dev.root_port, dev.switch, dev.numa_node),
-                           1.0))
+            # One series per name (an adapter's netdev and RDMA device, a drive's
+            # namespaces): no lists in labels.
+            for name in dev.name.split(",") if dev.name else [""]:
+                gauges.append(("agentd_pcie_device_info", (dev.address, dev.kind, name,
+                                                           dev.root_port, dev.switch,
+                                                           dev.numa_node), 1.0))
             if dev.capacity:
                 gauges.append(("agentd_pcie_link_capacity_bytes_per_second", (dev.address,),
                                dev.capacity))
