@@ -10,7 +10,7 @@ TEST_TOOLS := prometheus prometheus-node-exporter fio openssl systemd-analyze
 TEST_PACKAGES := prometheus prometheus-node-exporter fio openssl systemd
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test test-packages bench docs dashboards golden clean
+.PHONY: run test test-packages bench docs dashboards rules golden clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV) || { $(SUDO) apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -40,6 +40,9 @@ docs: $(BIN)/.installed
 
 dashboards: $(BIN)/.installed
 	$(BIN)/agentd dashboards --out grafana/dashboards
+
+rules: $(BIN)/.installed
+	$(BIN)/agentd rules --out rules/agentd.rules.yml
 
 golden: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests/test_exporter.py --update-golden

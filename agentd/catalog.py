@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from agentd.jobs import JOB_LABELS
+
 
 @dataclass(frozen=True)
 class Signal:
@@ -22,7 +24,7 @@ class Signal:
 @dataclass(frozen=True)
 class MetricSpec:
     name: str
-    type: str  # "counter" or "gauge"
+    type: str  # "counter", "gauge", or "summary" (quantiles only)
     unit: str
     help: str
     labels: tuple[str, ...]
@@ -100,6 +102,7 @@ SIGNALS: dict[str, Signal] = {
 }
 
 _GPU = ("gpu", "uuid")
+_JOB = JOB_LABELS
 _M = MetricSpec
 
 METRICS: list[MetricSpec] = [
@@ -146,18 +149,19 @@ METRICS: list[MetricSpec] = [
     _M("process_open_fds", "gauge", "", "agentd's open file descriptors.", (), "self"),
     _M("process_max_fds", "gauge", "", "agentd's file descriptor limit.", (), "self"),
     # --- GPU ---------------------------------------------------------------------------------
-    _M("agentd_gpu_info", "gauge", "", "One series per GPU, lost ones included (labels "
-       "it could not read are empty); the value is always 1. utilization_source: samples "
-       "(the driver's sample buffer), rates (nvmlDeviceGetUtilizationRates integrated per "
-       "tick, coarser) or none (busy time absent, never 0).",
+    _M("agentd_gpu_info", "gauge", "",
+       "One series per GPU, lost ones included (labels it could not read are empty); the "
+       "value is always 1. utilization_source: samples (the driver's sample buffer), rates "
+       "(nvmlDeviceGetUtilizationRates integrated per tick, coarser) or none (busy time "
+       "absent, never 0). UUID, device (nvidiaN), pci_bus_id and hostname are "
+       "dcgm-exporter's label names and values, to join its series (e.g. on (UUID)); its "
+       "modelName is name here, its Hostname (older releases) hostname (promtool wants "
+       "snake_case label names).",
        _GPU + ("name", "pci_bus_id", "driver_version", "pcie_counter_source",
-               "utilization_source"), "gpu"),
+               "utilization_source", "UUID", "device", "hostname"), "gpu"),
     _M("agentd_gpu_busy_seconds_total", "counter", "seconds",
        "Time a kernel ran, integrated from the driver's utilization sample buffer "
        "(rate() is the mean utilization over any window).", _GPU, "gpu", "gpu.busy"),
-    _M("agentd_gpu_utilization_ratio", "gauge", "ratio",
-       "Latest utilization sample of the driver (fraction of its sample period a kernel ran).",
-       _GPU, "gpu", "gpu.busy"),
     _M("agentd_gpu_sm_active_seconds_total", "counter", "seconds",
        "SM activity integrated over time (GPM; rate() is the mean fraction of SMs busy).",
        _GPU, "gpu", "gpu.sm_active"),
@@ -202,8 +206,16 @@ METRICS: list[MetricSpec] = [
        _GPU, "gpu", "gpu.nvlink_rx"),
     _M("agentd_gpu_nvlink_tx_bytes_total", "counter", "bytes", "NVLink data bytes sent.",
        _GPU, "gpu", "gpu.nvlink_tx"),
-    _M("agentd_gpu_xid_errors_total", "counter", "", "XID events reported by the driver.",
-       _GPU + ("xid",), "gpu"),
+    _M("agentd_gpu_xid_errors_total", "counter", "",
+       "XID events reported by the driver, by class (application, degraded, fatal, unknown: "
+       "agentd/gpu/xid.py); every class is exported at 0 from the start, so increase() sees "
+       "the first event. Alert on this one.", _GPU + ("class",), "gpu"),
+    _M("agentd_gpu_xid_code_errors_total", "counter", "",
+       "XID events by code; a code's series is born at its first event, so increase() misses "
+       "that one (alert on agentd_gpu_xid_errors_total).", _GPU + ("xid",), "gpu"),
+    _M("agentd_gpu_xid_last_code", "gauge", "",
+       "Code of the GPU's last XID event since agentd started (0: none), as dcgm-exporter's "
+       "DCGM_FI_DEV_XID_ERRORS.", _GPU, "gpu"),
     _M("agentd_gpu_ecc_errors_total", "counter", "",
        "ECC errors over the GPU's lifetime (aggregate counters).", _GPU + ("type",), "gpu"),
     _M("agentd_gpu_remapped_rows", "gauge", "", "Memory rows remapped, by cause.",
@@ -220,29 +232,34 @@ METRICS: list[MetricSpec] = [
        "the value they read is absent while they fail, the log names the call and error.",
        _GPU, "gpu"),
     _M("agentd_gpu_process_memory_used_bytes", "gauge", "bytes",
-       "Device memory used by a process.", _GPU + ("pid",), "gpu"),
+       "Device memory used by a job's processes on the GPU (job labels: agentd/jobs.py); "
+       "which jobs use which GPU.", _GPU + _JOB, "gpu"),
     _M("agentd_gpu_process_sm_utilization_ratio", "gauge", "ratio",
-       "SM utilization attributed to a process by the driver.", _GPU + ("pid",), "gpu"),
+       "SM utilization the driver attributes to a job's processes on the GPU.", _GPU + _JOB,
+       "gpu"),
     _M("agentd_gpu_window_idle_ratio", "gauge", "ratio",
        "Fraction of the trailing window the GPU was idle (busy below the idle threshold).",
        _GPU, "window"),
     _M("agentd_gpu_window_longest_idle_seconds", "gauge", "seconds",
        "Longest continuous idle gap in the trailing window.", _GPU, "window"),
-    _M("agentd_gpu_window_utilization_ratio", "gauge", "ratio",
-       "Percentiles (10th, 50th, 90th) of GPU utilization at the fast interval over the "
-       "trailing window.", _GPU + ("percentile",), "window"),
+    _M("agentd_gpu_window_utilization_ratio", "summary", "ratio",
+       "Quantiles (0.1, 0.5, 0.9) of GPU utilization at the fast interval over the trailing "
+       "window (a sliding-window summary: quantiles only; rate() of "
+       "agentd_gpu_busy_seconds_total is the exact mean).", _GPU + ("quantile",), "window"),
     # --- the rolling analysis ----------------------------------------------------------------
     _M("agentd_finding_active", "gauge", "",
-       "1 for each finding of the latest analysis (kind, severity, the GPUs it concerns).",
-       ("kind", "severity", "gpus"), "analysis"),
+       "1 for each finding of the latest analysis and each GPU it concerns (gpu=\"\": the "
+       "node as a whole).", ("kind", "severity") + _GPU, "analysis"),
     _M("agentd_finding_expected_speedup_ratio", "gauge", "ratio",
        "How much faster the affected GPUs' steps would run were the finding's cause removed "
-       "(1.5: 50% more steps per second).", ("kind", "gpus"), "analysis"),
+       "(1.5: 50% more steps per second); the finding's figure, on each GPU it concerns.",
+       ("kind",) + _GPU, "analysis"),
     _M("agentd_finding_stall_ratio", "gauge", "ratio",
-       "Share of the affected GPUs' time lost to the finding's cause.", ("kind", "gpus"),
-       "analysis"),
+       "Share of the affected GPUs' time lost to the finding's cause; the finding's figure, "
+       "on each GPU it concerns.", ("kind",) + _GPU, "analysis"),
     _M("agentd_finding_confidence_ratio", "gauge", "ratio",
-       "Confidence of the finding, 0 to 1.", ("kind", "gpus"), "analysis"),
+       "Confidence of the finding, 0 to 1, on each GPU it concerns.", ("kind",) + _GPU,
+       "analysis"),
     _M("agentd_gpu_stall_ratio", "gauge", "ratio",
        "Share of the analysis window the GPU ran no kernel (NVML utilization), checkpoint "
        "writes excluded.", _GPU, "analysis"),
@@ -261,8 +278,11 @@ METRICS: list[MetricSpec] = [
     _M("agentd_analysis_last_run_timestamp_seconds", "gauge", "seconds",
        "Unix time of the last analysis run.", (), "analysis"),
     # --- CPU ---------------------------------------------------------------------------------
-    _M("agentd_cpu_seconds_total", "counter", "seconds", "CPU time per core and mode.",
-       ("cpu", "mode"), "cpu"),
+    _M("agentd_cpu_seconds_total", "counter", "seconds", "CPU time of all CPUs, per mode.",
+       ("mode",), "cpu"),
+    _M("agentd_cpu_core_seconds_total", "counter", "seconds",
+       "CPU time per core and mode (only with --collector.cpu.per-core; node_exporter's "
+       "node_cpu_seconds_total has it too).", ("cpu", "mode"), "cpu"),
     _M("agentd_cpu_online", "gauge", "", "Online CPUs.", (), "cpu", "cpu.count"),
     _M("agentd_cpu_procs_blocked", "gauge", "", "Tasks blocked waiting for I/O (D state).", (),
        "cpu", "cpu.procs_blocked"),
@@ -356,33 +376,33 @@ METRICS: list[MetricSpec] = [
     _M("agentd_rdma_port_speed_bytes", "gauge", "bytes", "RDMA port rate in bytes per second.",
        ("device", "port"), "network"),
     # --- processes ---------------------------------------------------------------------------
-    _M("agentd_process_info", "gauge", "",
-       "One series per watched process tree (a GPU process and its descendants); value 1. "
-       "Command lines are never exported.",
-       ("pid", "comm", "gpus", "systemd_unit", "container_id", "pod_uid", "slurm_job_id"),
-       "process"),
+    _M("agentd_process_trees", "gauge", "",
+       "GPU process trees (a GPU process and its descendants, e.g. a trainer and its "
+       "data-loader workers) watched per job; the agentd_process_* series sum them. Job "
+       "labels: agentd/jobs.py (only the ones that identify the job are set). Command lines "
+       "are never exported.", _JOB, "process"),
     _M("agentd_process_cpu_seconds_total", "counter", "seconds",
-       "User and system CPU of the process tree (data-loader workers included).", ("pid",),
-       "process", "proc.cpu"),
+       "User and system CPU of the job's GPU process trees (data-loader workers included).",
+       _JOB, "process", "proc.cpu"),
     _M("agentd_process_read_bytes_total", "counter", "bytes",
-       "Bytes the tree caused to be fetched from storage (/proc/PID/io read_bytes).", ("pid",),
-       "process", "proc.read"),
+       "Bytes the job's trees caused to be fetched from storage (/proc/PID/io read_bytes).",
+       _JOB, "process", "proc.read"),
     _M("agentd_process_read_chars_total", "counter", "bytes",
-       "Bytes the tree read through read() and friends, page-cache hits included (rchar).",
-       ("pid",), "process", "proc.rchar"),
+       "Bytes the job's trees read through read() and friends, page-cache hits included "
+       "(rchar).", _JOB, "process", "proc.rchar"),
     _M("agentd_process_written_bytes_total", "counter", "bytes",
-       "Bytes the tree caused to be sent to storage (write_bytes).", ("pid",), "process"),
-    _M("agentd_process_members", "gauge", "", "Processes in the tree.", ("pid",), "process",
-       "proc.members"),
+       "Bytes the job's trees caused to be sent to storage (write_bytes).", _JOB, "process"),
+    _M("agentd_process_members", "gauge", "", "Processes in the job's trees.", _JOB,
+       "process", "proc.members"),
     _M("agentd_process_blocked", "gauge", "",
-       "Processes of the tree in uninterruptible sleep (D state, usually waiting for I/O).",
-       ("pid",), "process", "proc.blocked"),
-    _M("agentd_process_resident_memory_bytes", "gauge", "bytes", "Resident memory of the tree.",
-       ("pid",), "process"),
+       "Processes of the job's trees in uninterruptible sleep (D state, usually waiting for "
+       "I/O).", _JOB, "process", "proc.blocked"),
+    _M("agentd_process_resident_memory_bytes", "gauge", "bytes",
+       "Resident memory of the job's trees.", _JOB, "process"),
     # --- topology ----------------------------------------------------------------------------
     _M("agentd_pcie_device_info", "gauge", "",
        "A GPU, NVMe drive or network adapter on PCIe, where it hangs (root port, switch) and "
-       "its block or network device name; value 1.",
+       "its block, network or RDMA device name (one series per name); value 1.",
        ("address", "kind", "name", "root_port", "switch", "numa_node"), "topology"),
     _M("agentd_pcie_link_capacity_bytes_per_second", "gauge", "",
        "Usable bandwidth per direction of the device's link at its current speed and width.",
@@ -391,9 +411,12 @@ METRICS: list[MetricSpec] = [
        "Usable bandwidth per direction of the device's link at its maximum speed and width.",
        ("address",), "topology"),
     _M("agentd_pcie_shared_uplink", "gauge", "",
-       "1 for each GPU and NVMe drive behind the same PCIe switch, with the switch's uplink "
-       "capacity per direction as the 'uplink_bytes_per_second' label.",
-       ("gpu_address", "nvme_address", "switch", "uplink_bytes_per_second"), "topology"),
+       "1 for each GPU and NVMe drive behind the same PCIe switch (whose uplink capacity is "
+       "agentd_pcie_uplink_capacity_bytes_per_second{switch}).",
+       ("gpu_address", "nvme_address", "switch"), "topology"),
+    _M("agentd_pcie_uplink_capacity_bytes_per_second", "gauge", "",
+       "Usable bandwidth per direction of the upstream link of a PCIe switch that carries both "
+       "GPUs and NVMe drives, at its current speed and width.", ("switch",), "topology"),
 ]
 
 METRICS_BY_NAME: dict[str, MetricSpec] = {m.name: m for m in METRICS}

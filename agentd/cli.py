@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 
 from agentd import __version__
@@ -221,8 +222,38 @@ def cmd_dashboards(args: argparse.Namespace) -> int:
                      "the extra: pip install './agentd-checkout[dashboards]')")
     from agentd.dashboards import write_all
 
-    for path in write_all(args.out):
+    if not re.fullmatch(r"[A-Z]{3}", args.currency):
+        return _fail(f"--currency: {args.currency!r} is not a currency code (e.g. USD, EUR)")
+    for path in write_all(args.out, args.currency):
         print(path)
+    return 0
+
+
+def cmd_rules(args: argparse.Namespace) -> int:
+    from agentd.rules import RulesConfig, RulesConfigError, load_config, render
+    from agentd.tomlfile import read_toml
+
+    try:
+        cfg = load_config(read_toml(args.config, "rules config", RulesConfigError)) \
+            if args.config else RulesConfig()
+        flags = {k: v for k, v in (("selector", args.selector),
+                                   ("runbook_url", args.runbook_url)) if v is not None}
+        text = render(load_config(flags, cfg))
+    except RulesConfigError as e:
+        return _fail(f"rules: {e}")
+    if args.out == "-":
+        sys.stdout.write(text)
+        return 0
+    try:
+        parent = os.path.dirname(args.out)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text)
+    except OSError as e:
+        print(f"agentd rules: cannot write {args.out}: {e.strerror}", file=sys.stderr)
+        return 4
+    print(args.out)
     return 0
 
 
@@ -307,7 +338,26 @@ def build_parser() -> argparse.ArgumentParser:
     dash = sub.add_parser("dashboards", help="write the Grafana dashboards (grafanalib)",
                           description="Generate the Grafana dashboards as JSON.")
     dash.add_argument("--out", default="grafana/dashboards", help="directory to write into")
+    dash.add_argument("--currency", default="USD",
+                      help="currency of your agentd_gpu_price_per_hour, for the cost panels' "
+                      "unit (default USD)")
     dash.set_defaults(func=cmd_dashboards)
+
+    rules = sub.add_parser(
+        "rules", help="write the Prometheus recording and alerting rules (a mixin)",
+        description="Generate the Prometheus rules from a small config: the selector of "
+        "agentd's series, the runbook's URL, thresholds (agentd/rules.py RulesConfig). "
+        "Exit status: 0 written, 2 bad config, 4 cannot write.")
+    rules.add_argument("--config", metavar="FILE",
+                       help="TOML file with RulesConfig keys (thresholds, durations, "
+                       "xid_severity)")
+    rules.add_argument("--selector", metavar="MATCHERS",
+                       help='label matchers of agentd\'s series (default job="agentd")')
+    rules.add_argument("--runbook-url", metavar="URL",
+                       help="where docs/runbook.md is hosted; alerts link to its sections")
+    rules.add_argument("--out", default="rules/agentd.rules.yml",
+                       help="file to write, - for stdout (default rules/agentd.rules.yml)")
+    rules.set_defaults(func=cmd_rules)
 
     cat = sub.add_parser("catalog", help="print the metric table",
                          description="Print the metric and signal table.")

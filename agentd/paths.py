@@ -1,4 +1,4 @@
-"""Where the host's /proc and /sys live: every file read goes through here.
+"""Where the host's /proc, /sys and /var/log live: every file read goes through here.
 
 Like node_exporter's --path.procfs/--path.sysfs, this lets tests read fixture trees copied
 from real machines and lets a containerised agentd read the host's /proc mounted elsewhere.
@@ -14,12 +14,16 @@ from dataclasses import dataclass
 class Paths:
     procfs: str = "/proc"
     sysfs: str = "/sys"
+    varlog: str = "/var/log"  # the kubelet's containers/ and pods/ links name Kubernetes pods
 
     def proc(self, *parts: str) -> str:
         return os.path.join(self.procfs, *parts)
 
     def sys(self, *parts: str) -> str:
         return os.path.join(self.sysfs, *parts)
+
+    def varlog_dir(self, *parts: str) -> str:
+        return os.path.join(self.varlog, *parts)
 
 
 def read_text(path: str) -> str:

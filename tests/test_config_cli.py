@@ -42,6 +42,13 @@ def test_file_then_env_then_flags(tmp_path):
     assert cfg.fake_nvml == str(scenario)
 
 
+def test_boolean_collector_option_alone_switches_it_on():
+    assert not C.build(parse(), env={}).collector("cpu").options["per_core"]
+    assert C.build(parse("--collector.cpu.per-core"), env={}).collector("cpu").options["per_core"]
+    cfg = C.build(parse("--collector.gpu.processes=false"), env={})
+    assert cfg.collector("gpu").options["processes"] is False
+
+
 @pytest.mark.parametrize("text, message", [
     ("[sampling]\nfast_interval = \"fast\"\n", "sampling.fast_interval: 'fast' is not a duration"),
     ("[sampling]\nspeed = 1\n", "unknown key sampling.speed"),

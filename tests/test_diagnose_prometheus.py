@@ -51,6 +51,8 @@ def test_diagnose_from_prometheus_scraping_agentd(tmp_path, spawn):
     assert doc["source"] == "prometheus (agentd)"
     assert doc["findings"][0]["kind"] == "input_cpu"
     assert len(doc["gpus"]) == 8
+    # /metrics has per-job series (no pids): the finding names the job that owns the GPUs.
+    assert {"systemd_unit": "train.service"} in doc["findings"][0]["subject"]["processes"]
 
 
 @pytest.mark.parametrize("scenario", ["input-storage", "idle-allocated"])

@@ -48,7 +48,7 @@ def fixture_node(procfs: str, sysfs: str, clock) -> Daemon:
     cfg = Config(collectors=_default_collectors(), procfs=procfs, sysfs=sysfs, fake_nvml="x")
     d = Daemon(cfg)
     d.clock = clock
-    ctx = Context(Paths(procfs, sysfs), 0.1, 1.0, d.shared)
+    ctx = Context(Paths(procfs, sysfs), 0.1, 1.0, d.shared, hostname="dgx-fixture")
     for name, cls in registry().items():
         s = cls(ctx, cfg.collector(name).options)
         s.open()
@@ -108,7 +108,12 @@ def test_content(output):
     assert 'agentd_gpu_lost{gpu="7"' in output
     assert re.search(r'agentd_gpu_clock_event_active\{gpu="6",uuid="[^"]+",'
                      r'reason="hw_thermal_slowdown"\} 1.0', output)
-    assert re.search(r'agentd_gpu_xid_errors_total\{gpu="7",uuid="[^"]+",xid="79"\} 1.0', output)
+    assert re.search(r'agentd_gpu_xid_errors_total\{gpu="7",uuid="[^"]+",class="fatal"\} 1.0',
+                     output)
+    assert re.search(r'agentd_gpu_xid_errors_total\{gpu="0",uuid="[^"]+",class="fatal"\} 0.0',
+                     output)
+    assert re.search(r'agentd_gpu_xid_code_errors_total\{gpu="7",uuid="[^"]+",xid="79"\} 1.0',
+                     output)
     assert re.search(r'agentd_pcie_shared_uplink\{gpu_address="0000:18:00.0",'
                      r'nvme_address="0000:19:00.0",switch="0000:16:00.0"', output)
     assert 'agentd_disk_read_bytes_total{device="nvme0n1"}' in output
@@ -128,3 +133,32 @@ def test_promtool_check_metrics(dgx_procfs, dgx_sysfs, clock):
         uninstall()
     r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True)
     assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()
+
+
+def test_findings_export_one_series_per_kind_and_gpu():
+    """No list in a label: a finding about GPUs 0 and 1 is one series per GPU, so a finding
+    that spreads to GPU 2 keeps the series of 0 and 1 (an alert's `for:` runs on)."""
+    from agentd.analysis.findings import Finding
+    from agentd.daemon.rolling import finding_series
+
+    def finding(kind, gpus, severity="warning", speedup=1.5):
+        return Finding(kind=kind, subject={"node": "n", "gpus": gpus}, t0=0, t1=60,
+                       confidence=0.8, severity=severity, summary="", gain={"speedup": speedup},
+                       stall_fraction=0.3)
+
+    uuids = {"0": "GPU-a", "1": "GPU-b", "2": "GPU-c"}
+    before = finding_series([finding("input_storage", [0, 1])], uuids)
+    after = finding_series([finding("input_storage", [0, 1, 2], "critical", 1.8),
+                            finding("input_storage", [1], speedup=1.2),
+                            finding("memory_pressure", [])], uuids)
+    active = {labels for n, labels, _ in before if n == "agentd_finding_active"}
+    assert active == {("input_storage", "warning", "0", "GPU-a"),
+                      ("input_storage", "warning", "1", "GPU-b")}
+    speedup = {labels: v for n, labels, v in after
+               if n == "agentd_finding_expected_speedup_ratio"}
+    # The ranked first finding of a kind wins a GPU; a node-wide finding has gpu="".
+    assert speedup == {("input_storage", "0", "GPU-a"): 1.8, ("input_storage", "1", "GPU-b"): 1.8,
+                       ("input_storage", "2", "GPU-c"): 1.8, ("memory_pressure", "", ""): 1.5}
+    for name, labels, _ in before + after:
+        assert len(labels) == len(METRICS_BY_NAME[name].labels)
+        assert not any("," in v for v in labels)

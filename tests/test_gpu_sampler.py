@@ -8,6 +8,7 @@ import pytest
 
 from agentd.gpu.backend import GpuLost
 from agentd.gpu.nvml import NvmlBackend, counter_delta
+from agentd.jobs import JobResolver
 from agentd.pcie import capacity as pcie_capacity
 from agentd.paths import Paths
 from agentd.samplers.base import Context, Unavailable
@@ -189,16 +190,38 @@ def test_ecc_remapped_and_processes(fake_gpus, clock):
     assert got[("agentd_gpu_ecc_errors_total", lab + ("uncorrected",))] == 1
     assert got[("agentd_gpu_remapped_rows", lab + ("correctable",))] == 3
     assert got[("agentd_gpu_remapped_rows_pending", lab)] == 1
-    assert got[("agentd_gpu_process_memory_used_bytes", lab + ("777",))] == 2e9
-    assert got[("agentd_gpu_process_sm_utilization_ratio", lab + ("777",))] == 0.6
+    job = JobResolver(Paths()).labels(777)  # per job, not per pid (tests/test_jobs.py)
+    assert got[("agentd_gpu_process_memory_used_bytes", lab + job)] == 2e9
+    assert got[("agentd_gpu_process_sm_utilization_ratio", lab + job)] == 0.6
     assert s.ctx.shared.gpu_processes == {777: (0,)}
 
 
-def test_xid_counted(fake_gpus, clock):
-    s = make_sampler(clock, fake_gpus, {"gpus": [{"count": 2, "xid": [{"at_s": 1.5, "code": 48}]}]})
-    run(s, clock, 3.0)
-    xids = by_name(s, "agentd_gpu_xid_errors_total")
-    assert xids == {("0", s.gpus[0].uuid, "48"): 1, ("1", s.gpus[1].uuid, "48"): 1}
+def test_xid_counted_by_class_and_code(fake_gpus, clock):
+    s = make_sampler(clock, fake_gpus, {"gpus": [
+        {"count": 2, "xid": [{"at_s": 1.5, "code": 48}, {"at_s": 2.5, "code": 13},
+                             {"at_s": 2.6, "code": 13}, {"at_s": 2.7, "code": 999}]}]})
+    run(s, clock, 4.0)
+    u0 = s.gpus[0].uuid
+    classes = by_name(s, "agentd_gpu_xid_errors_total")
+    assert {k: v for k, v in classes.items() if k[0] == "0"} == {
+        ("0", u0, "fatal"): 1, ("0", u0, "application"): 2, ("0", u0, "unknown"): 1,
+        ("0", u0, "degraded"): 0}
+    codes = by_name(s, "agentd_gpu_xid_code_errors_total")
+    assert {k: v for k, v in codes.items() if k[0] == "0"} == {
+        ("0", u0, "48"): 1, ("0", u0, "13"): 2, ("0", u0, "999"): 1}
+    assert by_name(s, "agentd_gpu_xid_last_code")[("0", u0)] == 999
+
+
+def test_xid_classes_exported_at_zero_before_any_event(fake_gpus, clock):
+    """increase() over a counter born at 1 is 0: the first XID of a class would never alert.
+    Every class of every GPU exists at 0 from the first sample."""
+    s = make_sampler(clock, fake_gpus, {"gpus": [{"count": 2}]})
+    run(s, clock, 0.5)
+    classes = by_name(s, "agentd_gpu_xid_errors_total")
+    assert len(classes) == 8 and set(classes.values()) == {0.0}
+    assert {k[2] for k in classes} == {"application", "degraded", "fatal", "unknown"}
+    assert set(by_name(s, "agentd_gpu_xid_last_code").values()) == {0.0}
+    assert not by_name(s, "agentd_gpu_xid_code_errors_total")
 
 
 def test_gpu_lost_mid_run_others_continue(fake_gpus, clock):

@@ -57,10 +57,22 @@ def test_usage_row_in_cores():
 
 
 def test_cpu_against_psutil():
-    """Our per-mode seconds agree with psutil's reading of the live /proc/stat."""
+    """Our per-mode seconds agree with psutil's reading of the live /proc/stat, per core only
+    on request (node_exporter exports per-core time; a 96-core node makes it 768 series)."""
     s = CpuSampler(ctx("/proc", "/sys"))
     s.open()
+    assert not [n for n, _, _ in s.series() if n == "agentd_cpu_core_seconds_total"]
     ours = {labels: v for name, labels, v in s.series() if name == "agentd_cpu_seconds_total"}
+    total = psutil.cpu_times()
+    assert set(ours) == {(m,) for m in ("user", "nice", "system", "idle", "iowait", "irq",
+                                        "softirq", "steal")}
+    assert ours[("user",)] == pytest.approx(total.user, abs=0.5 * psutil.cpu_count())
+    assert ours[("idle",)] == pytest.approx(total.idle, abs=1.0 * psutil.cpu_count())
+
+    s = CpuSampler(ctx("/proc", "/sys"), {"per_core": True})
+    s.open()
+    ours = {labels: v for name, labels, v in s.series()
+            if name == "agentd_cpu_core_seconds_total"}
     theirs = psutil.cpu_times(percpu=True)
     for i, t in enumerate(theirs):
         assert ours[(str(i), "user")] == pytest.approx(t.user, abs=0.5)

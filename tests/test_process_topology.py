@@ -9,11 +9,14 @@ import sys
 import textwrap
 import time
 
+import psutil
 import pytest
 
+from agentd.jobs import JOB_LABELS, JobResolver, parse_cgroup
 from agentd.paths import Paths
 from agentd.samplers.base import Context
-from agentd.samplers.process import ProcessSampler, parse_cgroup, parse_proc_io, parse_proc_stat
+from agentd.samplers.process import (JOB_RETENTION, ProcessSampler, parse_proc_io,
+                                     parse_proc_stat)
 from agentd.pcie import sysfs_capacity as link_capacity
 from agentd.samplers.topology import TopologySampler
 
@@ -98,6 +101,12 @@ def test_trainer_tree_cpu_and_cached_reads(trainer):
     s = ProcessSampler(ctx)
     s.open()
     s.sample(time.time(), True)
+    tree = psutil.Process(trainer.pid)
+
+    def tree_cpu() -> float:  # the kernel's own figure for the tree, as psutil reads it
+        return sum(sum(p.cpu_times()[:2]) for p in [tree] + tree.children(recursive=True))
+
+    before = tree_cpu()
     rows = []
     t_end = time.time() + 2.0
     i = 0
@@ -105,19 +114,25 @@ def test_trainer_tree_cpu_and_cached_reads(trainer):
         time.sleep(0.1)
         i += 1
         rows.append(s.sample(time.time(), i % 10 == 0))
+    after = tree_cpu()
     got = {(n, labels): v for n, labels, v in s.series()}
-    pid = (str(trainer.pid),)
-    assert got[("agentd_process_members", pid)] == 3  # the trainer and its two workers
-    cpu = got[("agentd_process_cpu_seconds_total", pid)]
-    # Two busy workers on a machine with at least one spare core: > 0.8 core over 2 s.
-    assert cpu > 1.6 * min(os.cpu_count() or 1, 2) / 2
-    rchar = got[("agentd_process_read_chars_total", pid)]
-    read = got[("agentd_process_read_bytes_total", pid)]
+    # Series are per job (here: this test's cgroup, or the name when the cgroup says nothing).
+    job = JobResolver(Paths()).labels(trainer.pid)
+    assert {labels for n, labels in got} == {job}
+    assert got[("agentd_process_trees", job)] == 1
+    assert got[("agentd_process_members", job)] == 3  # the trainer and its two workers
+    cpu = got[("agentd_process_cpu_seconds_total", job)]
+    # What the kernel says the trainer and its two busy workers used (however loaded the
+    # machine is), to a tick per process and read.
+    assert after - before > 0.2
+    assert cpu == pytest.approx(after - before, abs=0.1 + 0.05 * (after - before))
+    rchar = got[("agentd_process_read_chars_total", job)]
+    read = got[("agentd_process_read_bytes_total", job)]
     assert rchar > 50 * 2**20  # the workers re-read their 1 MiB shard many times...
     assert read < rchar / 10  # ...from the page cache, not from storage
-    info = [labels for (n, labels) in got if n == "agentd_process_info"][0]
-    assert info[1] == "mytrainer"
-    assert info[2] == "0,1"
+    # The window and the findings keep the tree, by pid.
+    tree = s.meta()["processes"][str(trainer.pid)]
+    assert tree["comm"] == "mytrainer" and tree["gpus"] == [0, 1]
     last = rows[-1]
     assert last[f"proc.members:{trainer.pid}"] == 3
     assert 0 < last[f"proc.max_member_cpu:{trainer.pid}"] <= 1.3
@@ -128,11 +143,10 @@ def test_comm_match_without_gpu(trainer):
     s = ProcessSampler(ctx, {"comm_match": "^mytrainer$"})
     s.open()
     s.sample(time.time(), True)
-    roots = {int(labels[0]) for n, labels, _ in s.series() if n == "agentd_process_info"}
     # The trainer is the one root; its workers (same name) are members of its tree.
-    assert roots == {trainer.pid}
+    assert set(s.meta()["processes"]) == {str(trainer.pid)}
     members = {labels: v for n, labels, v in s.series() if n == "agentd_process_members"}
-    assert members[(str(trainer.pid),)] == 3
+    assert list(members.values()) == [3]
 
 
 def test_exited_tree_disappears(trainer):
@@ -143,6 +157,11 @@ def test_exited_tree_disappears(trainer):
     s.sample(time.time(), True)
     ctx.shared.gpu_processes = {}
     s.sample(time.time(), True)
+    # The job's gauges go at once; its counters stay (a restarted trainer continues them).
+    assert {n for n, _, _ in s.series()} == {
+        "agentd_process_cpu_seconds_total", "agentd_process_read_bytes_total",
+        "agentd_process_read_chars_total", "agentd_process_written_bytes_total"}
+    s.sample(time.time() + JOB_RETENTION + 1, True)
     assert not s.series()
 
 
@@ -164,10 +183,18 @@ def test_topology_shared_switch(dgx_sysfs):
     shared = [labels for (n, labels) in got if n == "agentd_pcie_shared_uplink"]
     # Each of the 4 switches carries 2 GPUs and 1 NVMe drive: 8 GPU/NVMe pairs.
     assert len(shared) == 8
-    assert ("0000:18:00.0", "0000:19:00.0", "0000:16:00.0", "63015384615") in shared
+    assert ("0000:18:00.0", "0000:19:00.0", "0000:16:00.0") in shared
+    # The uplink's capacity is a value of its own series, not a label (no numbers in labels).
+    uplinks = {labels: v for (n, labels), v in got.items()
+               if n == "agentd_pcie_uplink_capacity_bytes_per_second"}
+    assert len(uplinks) == 4
+    assert uplinks[("0000:16:00.0",)] == pytest.approx(63.0e9, rel=0.001)
     info = {labels[0]: labels for (n, labels) in got if n == "agentd_pcie_device_info"}
     assert info["0000:19:00.0"][1:3] == ("nvme", "nvme0n1")
-    assert info["0000:1a:00.0"][1:3] == ("nic", "ibp26s0,mlx5_0")
+    # An adapter with a netdev and an RDMA device: one series each, no list in a label.
+    nic = {labels[2] for (n, labels) in got
+           if n == "agentd_pcie_device_info" and labels[0] == "0000:1a:00.0"}
+    assert nic == {"ibp26s0", "mlx5_0"}
     assert info["0000:58:00.0"][5] == "1"  # NUMA node of the second socket
     assert got[("agentd_pcie_link_capacity_bytes_per_second", ("0000:19:00.0",))] == \
         pytest.approx(15.75e9, rel=0.001)  # Gen5 x4 NVMe

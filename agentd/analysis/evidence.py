@@ -149,7 +149,8 @@ class Evidence:
     def subject(self, gpus: list[str]) -> dict:
         sub: dict = {"node": self.node, "gpus": [int(g) if g.isdigit() else g for g in gpus]}
         procs = self.sig.meta.get("processes", {}) or {}
-        owners = [dict(pid=int(pid) if str(pid).isdigit() else pid,
+        # Keyed by root pid (the window), or by job (Prometheus: per-job series, no pids).
+        owners = [dict(({"pid": int(pid)} if str(pid).isdigit() else {}),
                        **{k: v for k, v in info.items() if k != "gpus" and v})
                   for pid, info in procs.items()
                   if set(map(str, info.get("gpus", []))) & set(gpus)]

@@ -67,6 +67,7 @@ class Config:
     web_config_file: str = ""
     procfs: str = "/proc"
     sysfs: str = "/sys"
+    varlog: str = "/var/log"
     fast_interval: float = 0.1
     slow_interval: float = 1.0
     window_seconds: float = 600.0
@@ -116,7 +117,7 @@ def _typed(value: Any, typ: type, where: str):
 
 _SECTIONS = {
     "web": {"listen_address": "listen_address", "config_file": "web_config_file"},
-    "paths": {"procfs": "procfs", "sysfs": "sysfs"},
+    "paths": {"procfs": "procfs", "sysfs": "sysfs", "varlog": "varlog"},
     "sampling": {"fast_interval": "fast_interval", "slow_interval": "slow_interval",
                  "window": "window_seconds", "stats_window": "stats_seconds",
                  "idle_threshold": "idle_threshold"},
@@ -213,6 +214,9 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
                    help="web configuration (TLS, basic auth) in node_exporter's format")
     p.add_argument("--path.procfs", dest="procfs", metavar="DIR", help="procfs mount point")
     p.add_argument("--path.sysfs", dest="sysfs", metavar="DIR", help="sysfs mount point")
+    p.add_argument("--path.varlog", dest="varlog", metavar="DIR",
+                   help="/var/log, whose containers/ and pods/ (the kubelet's) name the "
+                   "Kubernetes pods of GPU processes (default /var/log)")
     p.add_argument("--sampling.fast-interval", dest="fast_interval", metavar="DURATION",
                    help="fast loop interval (default 100ms)")
     p.add_argument("--sampling.slow-interval", dest="slow_interval", metavar="DURATION",
@@ -245,22 +249,24 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
         g.add_argument(f"--collector.{name}.interval", dest=f"collector:{name}:interval",
                        metavar="DURATION", help="own interval instead of the loop's")
         for key, opt in cls.options.items():
+            # A boolean option alone switches it on: --collector.cpu.per-core
+            flag = {"nargs": "?", "const": True} if opt.type is bool else {}
             g.add_argument(f"--collector.{name}.{key.replace('_', '-')}",
                            dest=f"collector:{name}:{key}", metavar=opt.type.__name__.upper(),
-                           help=f"{opt.help} (default {opt.default!r})")
+                           help=f"{opt.help} (default {opt.default!r})", **flag)
 
 
 _FLAG_NAMES = {
     "listen_address": "--web.listen-address", "web_config_file": "--web.config.file",
-    "procfs": "--path.procfs", "sysfs": "--path.sysfs",
+    "procfs": "--path.procfs", "sysfs": "--path.sysfs", "varlog": "--path.varlog",
     "fast_interval": "--sampling.fast-interval", "slow_interval": "--sampling.slow-interval",
     "window_seconds": "--sampling.window", "stats_seconds": "--sampling.stats-window",
     "idle_threshold": "--sampling.idle-threshold", "fake_nvml": "--fake-nvml",
     "log_level": "--log.level", "simulate": "--simulate",
     "analysis_interval": "--analysis.interval", "analysis_window": "--analysis.window",
 }
-_RUN_FIELDS = ("listen_address", "web_config_file", "procfs", "sysfs", "fast_interval",
-               "slow_interval", "window_seconds", "stats_seconds", "idle_threshold",
+_RUN_FIELDS = ("listen_address", "web_config_file", "procfs", "sysfs", "varlog",
+               "fast_interval", "slow_interval", "window_seconds", "stats_seconds", "idle_threshold",
                "fake_nvml", "log_level", "simulate", "analysis_interval", "analysis_window")
 
 

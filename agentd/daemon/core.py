@@ -86,7 +86,8 @@ class Daemon:
             return self._states.get(name)
 
     def _context(self, cfg: Config) -> Context:
-        return Context(paths=Paths(cfg.procfs, cfg.sysfs), fast_interval=cfg.fast_interval,
+        return Context(paths=Paths(cfg.procfs, cfg.sysfs, cfg.varlog),
+                       fast_interval=cfg.fast_interval,
                        slow_interval=cfg.slow_interval, shared=self.shared)
 
     def _interval(self, cfg: Config, name: str) -> float:
@@ -111,7 +112,7 @@ class Daemon:
         """What a sampler's configuration is; a change restarts its loop."""
         c = cfg.collector(name)
         return (c.enabled, c.interval, tuple(sorted(c.options.items())), cfg.procfs, cfg.sysfs,
-                cfg.fast_interval, cfg.slow_interval, cfg.fake_nvml)
+                cfg.varlog, cfg.fast_interval, cfg.slow_interval, cfg.fake_nvml)
 
     def _start_loop(self, cfg: Config, key: tuple, names: list[str]) -> Loop:
         interval = key[1]

@@ -141,9 +141,8 @@ class Exporter:
                     ("agentd_gpu_window_longest_idle_seconds", lab,
                      stats["longest_idle_seconds"]),
                 ]
-                for pct in ("10", "50", "90"):
-                    out.append(("agentd_gpu_window_utilization_ratio", lab + (pct,),
-                                stats["p" + pct]))
+                for q, key in (("0.1", "p10"), ("0.5", "p50"), ("0.9", "p90")):
+                    out.append(("agentd_gpu_window_utilization_ratio", lab + (q,), stats[key]))
         with self._stats_lock:
             self._stats_cache = (mono, out)
         return out

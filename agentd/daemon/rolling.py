@@ -106,14 +106,7 @@ class RollingAnalysis:
         gpu = self.daemon.runner("gpu")
         uuids = {i: g["uuid"] for i, g in gpu.sampler.meta()["gpus"].items()} \
             if gpu is not None and gpu.available else {}
-        for f in r.findings:
-            gpus = ",".join(map(str, f.subject.get("gpus", [])))
-            out += [
-                ("agentd_finding_active", (f.kind, f.severity, gpus), 1.0),
-                ("agentd_finding_expected_speedup_ratio", (f.kind, gpus), f.speedup),
-                ("agentd_finding_stall_ratio", (f.kind, gpus), f.stall_fraction),
-                ("agentd_finding_confidence_ratio", (f.kind, gpus), f.confidence),
-            ]
+        out += finding_series(r.findings, uuids)
         for g in r.gpus:
             lab = (g.gpu, uuids.get(g.gpu, ""))
             if g.stall == g.stall:
@@ -123,3 +116,26 @@ class RollingAnalysis:
             if g.step_period_seconds:
                 out.append(("agentd_gpu_step_period_seconds", lab, g.step_period_seconds))
         return out
+
+
+def finding_series(findings: list, uuids: dict[str, str]) -> list:
+    """One series per (kind, GPU): a finding about GPUs 0 and 1 is two series, so a label
+    never holds a list and a finding that spreads to another GPU keeps its series (an
+    alert's `for:` does not restart). Findings come ranked; where two of one kind concern
+    the same GPU (the whole window's and a recent onset's), the first (larger gain) wins.
+    A finding about the node as a whole has gpu="" and uuid=""."""
+    out: list = []
+    seen: set = set()
+    for f in findings:
+        for g in [str(g) for g in f.subject.get("gpus", [])] or [""]:
+            if (f.kind, g) in seen:
+                continue
+            seen.add((f.kind, g))
+            lab = (f.kind, g, uuids.get(g, ""))
+            out += [
+                ("agentd_finding_active", (f.kind, f.severity) + lab[1:], 1.0),
+                ("agentd_finding_expected_speedup_ratio", lab, f.speedup),
+                ("agentd_finding_stall_ratio", lab, f.stall_fraction),
+                ("agentd_finding_confidence_ratio", lab, f.confidence),
+            ]
+    return out

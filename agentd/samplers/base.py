@@ -9,6 +9,7 @@ one row for the high-rate window (canonical signal values keyed "signal:subject"
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable
@@ -86,6 +87,7 @@ class Context:
     fast_interval: float
     slow_interval: float
     shared: SharedState = field(default_factory=SharedState)
+    hostname: str = field(default_factory=socket.gethostname)  # as dcgm-exporter's Hostname
 
 
 class SeriesStore:

@@ -17,6 +17,8 @@ from dataclasses import replace
 
 from agentd.gpu.backend import CLOCK_EVENT_REASONS, FastReading, GpuIdentity, GpuLost, SlowReading
 from agentd.gpu.nvml import NvmlBackend
+from agentd.gpu.xid import CLASSES as XID_CLASSES, classify as xid_class
+from agentd.jobs import JobResolver
 from agentd.pcie import capacity as pcie_capacity
 from agentd.samplers.base import Option, Row, Sampler, Series
 
@@ -82,21 +84,32 @@ class GpuSampler(Sampler):
         self._last_slow_t: float | None = None
         self._last_fast: float | None = None
         self._xids = XidLog(self.log)
+        self._jobs = JobResolver(self.ctx.paths)
         self.log.info("%d GPU(s), driver %s: %s", len(self.backend.devices),
                       self.backend.driver_version,
                       ", ".join(f"{g.index}:{g.name or '?'}" + (" (lost)" if g.index in self.lost
                                                                 else "") for g in gpus) or "none")
         # Born at 0, so that increase() sees the first error.
         self.out.add_many(("agentd_gpu_errors_total", self._labels(g), 0.0) for g in gpus)
+        # Every XID class of every GPU starts at 0, so increase() sees the first event; a
+        # series born at 1 would hide it.
+        self.out.add_many([("agentd_gpu_xid_errors_total", self._labels(g) + (c,), 0.0)
+                           for g in gpus for c in XID_CLASSES])
+        self._last_xid: dict[int, int] = {g.index: 0 for g in gpus}
         self._export_info()
         self._export_lost()
+        self._export_last_xid()
 
     def _export_info(self) -> None:
         info = []
+        host = self.ctx.hostname
         for g in self.gpus.values():
             info.append(("agentd_gpu_info", self._labels(g) + (
                 g.name, g.pci_bus_id, self.backend.driver_version, g.pcie_counter_source,
-                g.utilization_source), 1.0))
+                g.utilization_source,
+                # dcgm-exporter's labels for the same GPU, so its series join agentd's.
+                g.uuid, f"nvidia{g.minor}" if g.minor is not None else "", host),
+                1.0))
             static = [
                 ("agentd_gpu_memory_total_bytes", g.memory_total),
                 ("agentd_gpu_sm_clock_max_hertz", g.sm_clock_max_hz),
@@ -117,6 +130,11 @@ class GpuSampler(Sampler):
             ("agentd_gpu_lost", self._labels(g), float(g.index in self.lost))
             for g in self.gpus.values()
         ])
+
+    def _export_last_xid(self) -> None:
+        self.out.replace_gauges("xid", [
+            ("agentd_gpu_xid_last_code", self._labels(self.gpus[i]), float(code))
+            for i, code in self._last_xid.items()])
 
     def _mark_lost(self, e: GpuLost) -> None:
         if e.index not in self.lost:
@@ -223,6 +241,7 @@ class GpuSampler(Sampler):
                 procs.setdefault(p.pid, []).append(index)
         self.out.replace_gauges("state", gauges)
         self.ctx.shared.gpu_processes = {pid: tuple(ix) for pid, ix in procs.items()}
+        self._jobs.retain(procs)
         try:
             events = self.backend.events()
         except Exception as e:
@@ -232,9 +251,15 @@ class GpuSampler(Sampler):
         for ev in events:
             g = self.gpus.get(ev.index)
             if g is not None:
-                self.out.add("agentd_gpu_xid_errors_total", self._labels(g) + (str(ev.xid),), 1)
+                lab = self._labels(g)
+                self.out.add_many([
+                    ("agentd_gpu_xid_errors_total", lab + (xid_class(ev.xid),), 1),
+                    ("agentd_gpu_xid_code_errors_total", lab + (str(ev.xid),), 1)])
+                self._last_xid[ev.index] = ev.xid
                 self._xids.event(ev.index, ev.xid, now)
         self._xids.flush(now)
+        if events:
+            self._export_last_xid()
 
     def _account_slow(self, g: GpuIdentity, s: SlowReading, elapsed: float, row: Row) -> list:
         lab = self._labels(g)
@@ -278,14 +303,17 @@ class GpuSampler(Sampler):
                 ("agentd_gpu_remapped_rows_failed", lab, float(failed)),
             ]
         if self.opts["processes"]:
+            # Per job, not per pid: pids churn with every job (agentd/jobs.py).
+            memory: dict[tuple, float] = {}
+            sm: dict[tuple, float] = {}
             for p in s.processes:
-                plab = lab + (str(p.pid),)
+                jlab = lab + self._jobs.labels(p.pid)
                 if p.memory_used is not None:
-                    gauges.append(("agentd_gpu_process_memory_used_bytes", plab,
-                                   float(p.memory_used)))
+                    memory[jlab] = memory.get(jlab, 0.0) + p.memory_used
                 if p.sm_utilization is not None:
-                    gauges.append(("agentd_gpu_process_sm_utilization_ratio", plab,
-                                   p.sm_utilization))
+                    sm[jlab] = sm.get(jlab, 0.0) + p.sm_utilization
+            gauges += [("agentd_gpu_process_memory_used_bytes", k, v) for k, v in memory.items()]
+            gauges += [("agentd_gpu_process_sm_utilization_ratio", k, v) for k, v in sm.items()]
         return gauges
 
     def meta(self) -> dict:

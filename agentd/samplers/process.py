@@ -3,6 +3,11 @@ the trainer): CPU, storage reads against all reads (read_bytes vs rchar: what th
 did not serve), processes in D state, and who they belong to (systemd unit, container,
 Kubernetes pod, Slurm job) from their cgroup. Command lines are never read or exported.
 
+The window keeps each tree (by root pid); /metrics sums the trees of each job
+(agentd/jobs.py: Slurm job, Kubernetes container, container, systemd unit, else the root's
+name), so series follow jobs, not pids. A job's counters never go back when one of its trees
+ends: what the ended tree counted is kept until the job has had no tree for JOB_RETENTION.
+
 Reading other users' /proc/PID/io needs CAP_SYS_PTRACE (the kernel checks ptrace read access);
 without it the I/O figures of those processes are absent and the reason is logged once.
 """
@@ -14,11 +19,14 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from agentd.jobs import JOB_LABELS, Attribution, JobResolver
 from agentd.paths import read_optional
 from agentd.samplers.base import Malformed, Option, regex, Row, Sampler, Series
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+JOB_RETENTION = 300.0  # seconds a job's counters outlive its last tree (a restart keeps them)
+_COUNTERS = ("cpu_seconds", "read_bytes", "rchar", "write_bytes")
 
 
 @dataclass(frozen=True)
@@ -64,48 +72,6 @@ def parse_proc_io(text: str) -> dict[str, int]:
     return out
 
 
-@dataclass(frozen=True)
-class Attribution:
-    systemd_unit: str = ""
-    container_id: str = ""
-    pod_uid: str = ""
-    slurm_job_id: str = ""
-
-
-_CONTAINER = re.compile(r"(?:docker|cri-containerd|crio|libpod|containerd)[-/]([0-9a-f]{64})")
-_BARE_ID = re.compile(r"/([0-9a-f]{64})(?:/|$)")
-_POD = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})")
-_SLURM = re.compile(r"/job_(\d+)(?:/|$)")
-_UNIT = re.compile(r"([^/]+\.(?:service|scope))(?:/|$)")
-
-
-def parse_cgroup(text: str) -> Attribution:
-    """Who a process belongs to, from /proc/PID/cgroup (v1 or v2 lines)."""
-    paths = []
-    for line in text.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) == 3:
-            paths.append(parts[2])
-    # Prefer the unified (v2) hierarchy's path, then the systemd and cpu v1 ones.
-    paths.sort(key=lambda p: 0 if p != "/" else 1)
-    joined = "\n".join(paths)
-    container = _CONTAINER.search(joined) or _BARE_ID.search(joined)
-    pod = _POD.search(joined)
-    slurm = _SLURM.search(joined)
-    unit = ""
-    for p in paths:
-        units = [u for u in _UNIT.findall(p) if not _CONTAINER.search(u)]
-        if units:
-            unit = units[-1]
-            break
-    return Attribution(
-        systemd_unit=unit,
-        container_id=container.group(1) if container else "",
-        pod_uid=pod.group(1).replace("_", "-") if pod else "",
-        slurm_job_id=slurm.group(1) if slurm else "",
-    )
-
-
 @dataclass
 class _Member:
     start_ticks: int
@@ -119,6 +85,8 @@ class _Tree:
     comm: str
     gpus: tuple[int, ...]
     attribution: Attribution
+    job: tuple[str, ...]  # agentd.jobs.JOB_LABELS values
+    k8s: dict[str, str] = field(default_factory=dict)  # namespace, pod, container if known
     pids: list[int] = field(default_factory=list)
     members: dict[int, _Member] = field(default_factory=dict)
     cpu_seconds: float = 0.0
@@ -150,6 +118,10 @@ class ProcessSampler(Sampler):
         self._trees: dict[int, _Tree] = {}
         self._matched: set[int] = set()
         self._last_t: float | None = None
+        self._jobs = JobResolver(self.ctx.paths)
+        # job -> (counters of its ended trees, when its last tree ended); replaced, never
+        # mutated, so the scrape thread reads it without a lock.
+        self._retired: dict[tuple, tuple[dict[str, float], float | None]] = {}
 
     def _stat(self, pid: int) -> ProcStat | None:
         """/proc/PID/stat parsed; None when the process has exited or its file is malformed
@@ -199,18 +171,35 @@ class ProcessSampler(Sampler):
                     found.add(int(entry))
         return found
 
-    def _discover(self, roots: dict[int, tuple[int, ...]]) -> None:
+    def _discover(self, roots: dict[int, tuple[int, ...]], now: float) -> None:
         parents: dict[int, list[int]] | None = None
+        retired = {job: (dict(c), t) for job, (c, t) in self._retired.items()}
         for root in list(self._trees):
             if root not in roots:
-                del self._trees[root]
+                tree = self._trees.pop(root)
+                counters, _ = retired.get(tree.job, (dict.fromkeys(_COUNTERS, 0.0), None))
+                for k in _COUNTERS:
+                    counters[k] += getattr(tree, k)
+                retired[tree.job] = (counters, now)
         for root in roots:
             if root not in self._trees:
                 st = self._stat(root)
                 if st is None:
                     continue
-                cg = read_optional(self.ctx.paths.proc(str(root), "cgroup")) or ""
-                self._trees[root] = _Tree(root, st.comm, roots[root], parse_cgroup(cg))
+                comm = st.comm
+                job = self._jobs.labels(root, comm)
+                k8s = {k: v for k, v in zip(JOB_LABELS, job)
+                       if k in ("namespace", "pod", "container") and v}
+                self._trees[root] = _Tree(root, comm, roots[root],
+                                          self._jobs.attribution(root), job, k8s)
+        self._jobs.retain(self._trees)
+        live = {t.job for t in self._trees.values()}
+        self._retired = {
+            job: (c, None if job in live else t) for job, (c, t) in retired.items()
+            if job in live or t is None or now - t < JOB_RETENTION}
+        for root in roots:
+            if root not in self._trees:
+                continue
             tree = self._trees[root]
             tree.gpus = roots[root]
             pids, stack = [], [root]
@@ -242,7 +231,7 @@ class ProcessSampler(Sampler):
                 self.log_once(30, "max_trees", "watching %d of %d process trees (max_trees)",
                               self.opts["max_trees"], len(roots))
                 roots = dict(sorted(roots.items())[: self.opts["max_trees"]])
-            self._discover(roots)
+            self._discover(roots, now)
         dt = now - self._last_t if self._last_t is not None else 0.0
         self._last_t = now
         row: Row = {}
@@ -333,23 +322,38 @@ class ProcessSampler(Sampler):
             a = t.attribution
             procs[str(t.root)] = {"gpus": list(t.gpus), "comm": t.comm,
                                   "systemd_unit": a.systemd_unit, "container_id": a.container_id,
-                                  "pod_uid": a.pod_uid, "slurm_job_id": a.slurm_job_id}
+                                  "pod_uid": a.pod_uid, "slurm_job_id": a.slurm_job_id, **t.k8s}
         return {"processes": procs}
 
     def series(self) -> list[Series]:
-        out: list[Series] = []
+        """Per job: the sums over its trees, counters including its ended trees."""
+        retired = self._retired
+        jobs: dict[tuple, dict[str, float]] = {}
         for t in list(self._trees.values()):
-            p = (str(t.root),)
-            a = t.attribution
+            j = jobs.setdefault(t.job, dict.fromkeys(
+                _COUNTERS + ("trees", "members", "blocked", "rss_bytes"), 0.0))
+            for k in _COUNTERS + ("blocked", "rss_bytes"):
+                j[k] += getattr(t, k)
+            j["trees"] += 1
+            j["members"] += len(t.members)
+        out: list[Series] = []
+        for job in sorted(set(jobs) | set(retired)):
+            j = jobs.get(job)
+            counters = dict(retired[job][0]) if job in retired else dict.fromkeys(_COUNTERS, 0.0)
+            if j is not None:
+                for k in _COUNTERS:
+                    counters[k] += j[k]
             out += [
-                ("agentd_process_info", p + (t.comm, ",".join(map(str, t.gpus)), a.systemd_unit,
-                                             a.container_id, a.pod_uid, a.slurm_job_id), 1.0),
-                ("agentd_process_cpu_seconds_total", p, t.cpu_seconds),
-                ("agentd_process_read_bytes_total", p, float(t.read_bytes)),
-                ("agentd_process_read_chars_total", p, float(t.rchar)),
-                ("agentd_process_written_bytes_total", p, float(t.write_bytes)),
-                ("agentd_process_members", p, float(len(t.members))),
-                ("agentd_process_blocked", p, float(t.blocked)),
-                ("agentd_process_resident_memory_bytes", p, float(t.rss_bytes)),
+                ("agentd_process_cpu_seconds_total", job, counters["cpu_seconds"]),
+                ("agentd_process_read_bytes_total", job, float(counters["read_bytes"])),
+                ("agentd_process_read_chars_total", job, float(counters["rchar"])),
+                ("agentd_process_written_bytes_total", job, float(counters["write_bytes"])),
             ]
+            if j is not None:
+                out += [
+                    ("agentd_process_trees", job, j["trees"]),
+                    ("agentd_process_members", job, j["members"]),
+                    ("agentd_process_blocked", job, j["blocked"]),
+                    ("agentd_process_resident_memory_bytes", job, j["rss_bytes"]),
+                ]
         return out

@@ -118,21 +118,28 @@ class TopologySampler(Sampler):
         devices = read_topology(sysfs)
         gauges = []
         for dev in devices:
-            gauges.append(("agentd_pcie_device_info", (dev.address, dev.kind, dev.name,
-                                                       dev.root_port, dev.switch, dev.numa_node),
-                           1.0))
+            # One series per name (an adapter's netdev and RDMA device, a drive's
+            # namespaces): no lists in labels.
+            for name in dev.name.split(",") if dev.name else [""]:
+                gauges.append(("agentd_pcie_device_info", (dev.address, dev.kind, name,
+                                                           dev.root_port, dev.switch,
+                                                           dev.numa_node), 1.0))
             if dev.capacity:
                 gauges.append(("agentd_pcie_link_capacity_bytes_per_second", (dev.address,),
                                dev.capacity))
             if dev.max_capacity:
                 gauges.append(("agentd_pcie_link_max_capacity_bytes_per_second", (dev.address,),
                                dev.max_capacity))
+        shared_switches = set()
         for gpu in (d for d in devices if d.kind == "gpu" and d.switch):
             for nvme in (d for d in devices if d.kind == "nvme" and d.switch == gpu.switch):
-                cap = upsysfs_capacity(sysfs, gpu.switch)
                 gauges.append(("agentd_pcie_shared_uplink",
-                               (gpu.address, nvme.address, gpu.switch,
-                                f"{cap:.0f}" if cap else ""), 1.0))
+                               (gpu.address, nvme.address, gpu.switch), 1.0))
+                shared_switches.add(gpu.switch)
+        for switch in sorted(shared_switches):
+            cap = upsysfs_capacity(sysfs, switch)
+            if cap:
+                gauges.append(("agentd_pcie_uplink_capacity_bytes_per_second", (switch,), cap))
         self.out.replace_gauges("topology", gauges)
         self.devices = devices
         return {}

@@ -1,8 +1,13 @@
 """agentd's own metrics in a Prometheus server, mapped back into its signals.
 
 Counters become rates (irate over the last scrape interval at the default step, so the mean
-over the range is exact); gauges are averaged over each step. Identities (GPU models, process
-trees, shared PCIe uplinks) come from the info series at the range end.
+over the range is exact); gauges are averaged over each step. Identities (GPU models, jobs,
+shared PCIe uplinks) come from the info series at the range end.
+
+/metrics carries process trees summed per job (agentd/jobs.py), not per pid: each job becomes
+one "tree" of the analysis (subject "label=value,..."), its CPU, reads and members divided by
+its number of trees (the mean tree: a data-parallel job runs one alike tree per GPU), on the
+GPUs where the job holds memory.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from agentd.analysis.signals import Signals
+from agentd.jobs import JOB_LABELS
 from agentd.diagnose.sources import SourceError
 from agentd.diagnose.sources.promclient import (Grid, NodeSelector, PromClient, PrometheusSource,
                                                 scrape_interval, with_matchers)
@@ -36,10 +42,6 @@ SERIES = (
     ("disk.read_ops", "agentd_disk_reads_completed_total", "device", True),
     ("disk.busy", "agentd_disk_io_time_seconds_total", "device", True),
     ("disk.queue", "agentd_disk_io_time_weighted_seconds_total", "device", True),
-    ("proc.cpu", "agentd_process_cpu_seconds_total", "pid", True),
-    ("proc.read", "agentd_process_read_bytes_total", "pid", True),
-    ("proc.members", "agentd_process_members", "pid", False),
-    ("proc.blocked", "agentd_process_blocked", "pid", False),
     ("net.rx", "agentd_network_receive_bytes_total", "device", True),
     ("net.tx", "agentd_network_transmit_bytes_total", "device", True),
     ("rdma.rx", "agentd_rdma_receive_bytes_total", "device", True),
@@ -89,17 +91,14 @@ class AgentdPrometheusSource(PrometheusSource):
         for k in [k for k in ch if k.startswith("gpu.busy_time:")]:
             ch["gpu.busy:" + k.split(":", 1)[1]] = ch[k].copy()
         sel = nodes.for_metric("agentd_cpu_seconds_total")
-        if sel is not None:
+        if sel is not None:  # all CPUs, per mode (per core only with --collector.cpu.per-core)
             busy = with_matchers(sel, 'mode!~"idle|iowait|steal"')
             iowait = with_matchers(sel, 'mode="iowait"')
-            idle = with_matchers(sel, 'mode="idle"')
             fetch("cpu.busy:{}", f"sum({fn}(agentd_cpu_seconds_total{busy}[{win}]))", None)
             fetch("cpu.iowait:{}", f"sum({fn}(agentd_cpu_seconds_total{iowait}[{win}]))", None)
-            fetch("cpu.count:{}", f"count(agentd_cpu_seconds_total{idle})", None)
-        else:
-            online = nodes.for_metric("agentd_cpu_online")
-            if online is not None:
-                fetch("cpu.count:{}", f"max(agentd_cpu_online{online})", None)
+        online = nodes.for_metric("agentd_cpu_online")
+        if online is not None:
+            fetch("cpu.count:{}", f"max(agentd_cpu_online{online})", None)
         psel = nodes.for_metric("agentd_pressure_waiting_seconds_total")
         if psel is not None:
             for res in ("io", "cpu", "memory"):
@@ -107,7 +106,7 @@ class AgentdPrometheusSource(PrometheusSource):
                 fetch(f"psi.{res}:{{}}",
                       f"max({fn}(agentd_pressure_waiting_seconds_total{some}[{win}]))", None)
         self._throttle(ch, nodes, grid, step, fn, win)
-        meta["processes"] = self._processes(nodes)
+        meta["processes"] = self._jobs(ch, nodes, grid, step, fn, win)
         meta["gpus"] = self._gpus(nodes)
         meta["shared_uplinks"] = self._shared_uplinks(nodes)
         lost = nodes.for_metric("agentd_gpu_lost")
@@ -141,20 +140,49 @@ class AgentdPrometheusSource(PrometheusSource):
         for g, b in by_gpu.items():
             ch[f"gpu.throttle:{g}"] = b
 
-    def _processes(self, nodes: NodeSelector) -> dict:
-        sel = nodes.for_metric("agentd_process_info")
+    def _jobs(self, ch, nodes, grid, step, fn, win) -> dict:
+        """Per job: the mean tree's signals (proc.*:JOB) and the job's GPUs (meta)."""
+        sel = nodes.for_metric("agentd_process_trees")
         if sel is None:
             return {}
-        procs = {}
-        for s in self.client.query(f"last_over_time(agentd_process_info{sel}[5m])", at=self.end):
+        c = self.client
+        by = f"by ({', '.join(JOB_LABELS)})"
+
+        def key(m: dict) -> str:
+            return ",".join(f"{k}={m[k]}" for k in JOB_LABELS if m.get(k))
+
+        def per_job(query: str) -> dict[str, np.ndarray]:
+            return {key(s["metric"]): grid.place(s.get("values", []))
+                    for s in c.query_range(query, self.start, self.end, step)}
+
+        gauge = f"[{max(int(round(step)), 1)}s]"
+        trees = per_job(f"max {by} (avg_over_time(agentd_process_trees{sel}{gauge}))")
+        for signal, metric, counter in (
+                ("proc.cpu", "agentd_process_cpu_seconds_total", True),
+                ("proc.read", "agentd_process_read_bytes_total", True),
+                ("proc.members", "agentd_process_members", False),
+                ("proc.blocked", "agentd_process_blocked", False)):
+            inner = f"{fn}({metric}{sel}[{win}])" if counter else \
+                f"avg_over_time({metric}{sel}{gauge})"
+            for job, values in per_job(f"max {by} ({inner})").items():
+                if job in trees:
+                    with np.errstate(invalid="ignore", divide="ignore"):
+                        ch[f"{signal}:{job}"] = values / trees[job]
+        jobs: dict[str, dict] = {}
+        for s in c.query(f"last_over_time(agentd_process_trees{sel}[5m])", at=self.end):
             m = s["metric"]
-            if "pid" not in m:
-                continue
-            procs[m["pid"]] = {
-                "gpus": [int(x) for x in m.get("gpus", "").split(",") if x.strip().isdigit()],
-                **{k: m.get(k, "") for k in ("comm", "systemd_unit", "container_id", "pod_uid",
-                                             "slurm_job_id")}}
-        return procs
+            jobs[key(m)] = {"gpus": [], **{k: m[k] for k in JOB_LABELS if m.get(k)}}
+        msel = nodes.for_metric("agentd_gpu_process_memory_used_bytes")
+        if msel is not None:
+            for s in c.query(f"last_over_time(agentd_gpu_process_memory_used_bytes{msel}[5m])"
+                             " > 0", at=self.end):
+                m = s["metric"]
+                g = m.get("gpu", "")
+                if key(m) in jobs and g.isdigit() and int(g) not in jobs[key(m)]["gpus"]:
+                    jobs[key(m)]["gpus"].append(int(g))
+        for info in jobs.values():
+            info["gpus"].sort()
+        return jobs
 
     def _gpus(self, nodes: NodeSelector) -> dict:
         sel = nodes.for_metric("agentd_gpu_info")
@@ -187,16 +215,21 @@ class AgentdPrometheusSource(PrometheusSource):
                 m = s["metric"]
                 if m.get("pci_address"):
                     disks[m["pci_address"]] = m.get("device", "")
+        capacity: dict[str, float] = {}
+        csel = nodes.for_metric("agentd_pcie_uplink_capacity_bytes_per_second")
+        if csel is not None:
+            for s in c.query("last_over_time(agentd_pcie_uplink_capacity_bytes_per_second"
+                             f"{csel}[1h])", at=self.end):
+                try:
+                    capacity[s["metric"].get("switch", "")] = float(s["value"][1])
+                except (KeyError, IndexError, TypeError, ValueError):
+                    continue
         links: dict[str, dict] = {}
         for s in c.query(f"last_over_time(agentd_pcie_shared_uplink{usel}[1h])", at=self.end):
             m = s["metric"]
-            try:
-                cap = float(m.get("uplink_bytes_per_second") or s["value"][1] or 0)
-            except (ValueError, KeyError, IndexError, TypeError):
-                cap = 0.0
             link = links.setdefault(m.get("switch", ""), {
                 "switch": m.get("switch", ""), "gpus": [], "disks": [],
-                "uplink_bytes_per_second": cap})
+                "uplink_bytes_per_second": capacity.get(m.get("switch", ""), 0.0)})
             g = gpus.get(m.get("gpu_address", ""))
             if g is not None and g not in link["gpus"]:
                 link["gpus"].append(g)
