@@ -316,8 +316,9 @@ def node_dashboard(currency: str = CURRENCY) -> G.Dashboard:
             "{{device}}")], 0, 27, "Bps",
             description="Bytes read per whole block device."),
         timeseries("Storage devices busy", [_target(
-            f"rate(agentd_disk_io_time_seconds_total{{{node}}}[$__rate_interval])",
-            "{{device}}")], 12, 27, "percentunit", vmax=1,
+            # rate() of a time counter read a little late can exceed 1: a share is at most 1.
+            f"clamp_max(rate(agentd_disk_io_time_seconds_total{{{node}}}[$__rate_interval]), "
+            "1)", "{{device}}")], 12, 27, "percentunit", vmax=1,
             description="Share of time the device had I/O in flight. Busy is no ceiling (an "
                         "NVMe drive reads ~100% busy at half its throughput): compare reads "
                         "with the drive's measured ceiling."),
@@ -328,8 +329,8 @@ def node_dashboard(currency: str = CURRENCY) -> G.Dashboard:
                     f'[$__rate_interval]))', "iowait cores", "B"),
             _target(f"agentd_cpu_online{{{node}}}", "online cores", "C")], 0, 35, "none"),
         timeseries("Pressure stall (share of time)", [_target(
-            f'rate(agentd_pressure_waiting_seconds_total{{{node},kind="some"}}'
-            f'[$__rate_interval])', "{{resource}}")], 12, 35, "percentunit", vmax=1),
+            f'clamp_max(rate(agentd_pressure_waiting_seconds_total{{{node},kind="some"}}'
+            f'[$__rate_interval]), 1)', "{{resource}}")], 12, 35, "percentunit", vmax=1),
         timeseries("Data-loader CPU per job (cores, trees summed)", [_target(
             f"rate(agentd_process_cpu_seconds_total{{{node}}}[$__rate_interval])",
             JOB_LEGEND)], 0, 43, "none",

@@ -8,6 +8,7 @@ import pytest
 
 from agentd.gpu.backend import GpuLost
 from agentd.gpu.nvml import NvmlBackend, counter_delta
+from agentd.catalog import METRICS_BY_NAME
 from agentd.jobs import JobResolver
 from agentd.pcie import capacity as pcie_capacity
 from agentd.paths import Paths
@@ -394,8 +395,12 @@ def test_no_sample_buffer_falls_back_to_utilization_rates(fake_gpus, clock):
     assert rows[-1]["gpu.busy:0"] == pytest.approx(0.9)
     means = sum(r["gpu.busy_time:0"] for r in rows[1:]) / len(rows[1:])
     assert means == pytest.approx(0.9, abs=0.02)
-    sources = {labels[0]: labels[-1] for labels in by_name(s, "agentd_gpu_info")}
+    sources = {labels[0]: labels[INFO_UTILIZATION_SOURCE]
+               for labels in by_name(s, "agentd_gpu_info")}
     assert sources == {"0": "rates", "1": "samples"}
+
+
+INFO_UTILIZATION_SOURCE = METRICS_BY_NAME["agentd_gpu_info"].labels.index("utilization_source")
 
 
 def test_no_utilization_at_all_is_absent_not_zero(fake_gpus, clock):
@@ -404,7 +409,8 @@ def test_no_utilization_at_all_is_absent_not_zero(fake_gpus, clock):
     rows = run(s, clock, 5.0)
     assert not by_name(s, "agentd_gpu_busy_seconds_total")
     assert not any("gpu.busy:0" in r or "gpu.busy_time:0" in r for r in rows)
-    assert [labels[-1] for labels in by_name(s, "agentd_gpu_info")] == ["none"]
+    assert [labels[INFO_UTILIZATION_SOURCE] for labels in by_name(s, "agentd_gpu_info")] == \
+        ["none"]
     assert len(by_name(s, "agentd_gpu_temperature_celsius")) == 1
 
 
@@ -447,9 +453,11 @@ def test_xid_storm_is_rate_limited_in_the_log(fake_gpus, clock, caplog):
     with caplog.at_level("INFO", logger="agentd"):
         run(s, clock, 130.0, step=0.5, slow_every=2)
         s.close()
-    xids = by_name(s, "agentd_gpu_xid_errors_total")
+    codes = by_name(s, "agentd_gpu_xid_code_errors_total")
     uuid = s.gpus[0].uuid
-    assert xids == {("0", uuid, "79"): 1000, ("0", uuid, "48"): 10}
+    assert codes == {("0", uuid, "79"): 1000, ("0", uuid, "48"): 10}
+    classes = by_name(s, "agentd_gpu_xid_errors_total")
+    assert classes[("0", uuid, "fatal")] == 1010
     lines = [r.getMessage() for r in caplog.records if "XID" in r.getMessage()]
     assert lines[:1] == ["GPU 0: XID 79"] and "GPU 0: XID 48" in lines
     summaries = [m for m in lines if "more XID events" in m]

@@ -118,7 +118,7 @@ def test_wheel_runs_the_daemon_on_library_scenarios(installed, tmp_path, spawn, 
 
 # Import name -> distribution name, where they differ.
 _DISTRIBUTION = {"pynvml": "nvidia-ml-py", "yaml": "PyYAML", "prometheus_client":
-                 "prometheus-client", "tomli": "tomli"}
+                 "prometheus-client", "tomli": "tomli", "attr": "attrs"}
 # Commands whose dependency is an extra: module -> the extra that must hold its imports.
 _OPTIONAL_MODULES = {"agentd/dashboards.py": "dashboards", "agentd/diagnose/plot.py": "plot"}
 
@@ -199,9 +199,7 @@ def test_every_runtime_import_is_declared_and_every_dependency_used():
                 used.add(dist)
     assert not missing, "\n".join(missing)
     # tomli is a backport for Python 3.10 only; agentd.tomlfile imports it there.
-    # scipy: the diagnose-side analysis is taking it back (issue 10, item 3); until that
-    # lands it is declared ahead of its import.
-    unused = {d for d in runtime if d not in used and d not in ("tomli", "scipy")}
+    unused = {d for d in runtime if d not in used and d != "tomli"}
     assert not unused, f"declared but never imported outside the extras: {sorted(unused)}"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+from dataclasses import replace
 import sys
 
 import numpy as np
@@ -23,8 +24,11 @@ START = 1.75e9
 def starved():
     sig, _ = simulate(S.load("input-storage", seed=0), seconds=40, start=START)
     sig.node = "gpu-node-17"
+    # What the probe measured on this (slow) volume: the simulated device's own ceiling.
+    read = sig.meta["ceilings"]["storage"]["nvme0n1"]["seq_read_bytes_per_second"]
+    assert 0.3e9 < read < 0.71e9
     sig.meta["ceilings"] = {
-        "storage": {"nvme0n1": {"source": "measured", "seq_read_bytes_per_second": 6.8e9}},
+        "storage": {"nvme0n1": {"source": "measured", "seq_read_bytes_per_second": read}},
         "h2d": {str(g): {"source": "measured", "pinned_bytes_per_second": 2.4e10}
                 for g in range(8)},
         "cpu": {"source": "measured", "cores": 32}}
@@ -49,7 +53,8 @@ def test_one_readable_picture(starved):
     # Link capacity and the measured ceilings are drawn.
     assert any(lb.startswith("link capacity 31.5 GB/s") for lb in labels(pcie))
     assert "measured pinned copies 24.0 GB/s" in labels(pcie)
-    assert "nvme0n1 ceiling 6.8 GB/s" in labels(disk)
+    read = sig.meta["ceilings"]["storage"]["nvme0n1"]["seq_read_bytes_per_second"]
+    assert f"nvme0n1 ceiling {read / 1e6:.0f} MB/s" in labels(disk)
     assert "32 cores" in labels(cpu)
     # The time axis is the wall clock, not seconds from 0.
     left, right = cpu.get_xlim()
@@ -66,7 +71,9 @@ def test_one_readable_picture(starved):
 
 
 def test_without_ceilings_or_findings_it_says_so():
-    sig, _ = simulate(S.load("healthy-8gpu-250ms", seed=0), seconds=20, start=START)
+    sc = S.load("healthy-8gpu-250ms", seed=0)
+    sc = replace(sc, job=replace(sc.job, probed=False))  # agentd probe never ran here
+    sig, _ = simulate(sc, seconds=20, start=START)
     r = analyze(sig, node="n")
     fig = P.figure(sig, r)
     assert "No finding" in fig._suptitle.get_text()
