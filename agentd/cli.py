@@ -146,7 +146,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     from agentd.daemon import config as configmod
     from agentd.diagnose.plot import PlotUnavailable
 
-    logs.setup(args.log_level or "warning")
+    logs.setup(args.log_level or "error")  # what matters ends in the report or its error
     if args.seconds is not None and not args.seconds > 0:
         return _fail("--seconds must be positive")
     try:
@@ -168,7 +168,7 @@ def cmd_record(args: argparse.Namespace) -> int:
     from agentd.daemon import config as configmod
     from agentd.diagnose.record import RecordError, record
 
-    logs.setup(args.log_level or "warning")
+    logs.setup(args.log_level or "error")  # what matters ends in the report or its error
     try:
         seconds = configmod.parse_duration(args.duration, "--duration")
         cfg = None if args.daemon else _live_config(args)

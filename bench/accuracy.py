@@ -1,5 +1,10 @@
 """Diagnosis accuracy on randomized simulated runs whose bottleneck is known.
 
+This replays agentd's own simulator, whose model the detectors know: it checks that they
+separate the classes the model produces, not that the model matches real nodes. The
+independent check is bench/robustness (a generator written apart from the detectors, and
+dcgm-exporter/node_exporter data through a real Prometheus); see docs/robustness.md.
+
     python bench/accuracy.py [--seeds 14] [--seconds 120] [--json out.json]
 
 Prints the confusion matrix (truth x top-1 finding), per-class precision and recall, false
@@ -8,9 +13,11 @@ detection of mild (5-8%) stalls, time to detect after onset with the daemon's ro
 analysis (every 10 s over the last 60 s), and the time to analyse one hour of 10 Hz data
 from 8 GPUs (and to load it from a recording).
 
-Goals (issue #4): >= 95% top-1 accuracy, no false alarm on healthy runs, stall fraction
-within +-3 points, stalls down to 5% of step time detected, detection within 30 s of onset,
-one hour of 8-GPU 10 Hz data diagnosed in at most 1 s.
+Goals: >= 95% top-1 accuracy (the top warning-or-worse finding), no warning on healthy runs,
+stall fraction within +-3 points, stalls of 5% of step time and more detected (TensorFlow's
+"moderately input-bound" line; below it a node is healthy by definition), a step period
+never wrong (abstaining is allowed), detection within 30 s of onset, one hour of 8-GPU 10 Hz
+data diagnosed in at most 1 s.
 """
 
 from __future__ import annotations
@@ -46,11 +53,23 @@ def run_one(sc: S.Scenario, seconds: float) -> dict:
     sig, tr = simulate(sc, seconds=seconds)
     window = sig.slice(sig.t[0] + WARMUP, sig.t[-1])
     r = analyze(window)
-    top = r.findings[0] if r.findings else None
+    # The prediction: the first finding that names a class (unexplained idle time names none),
+    # whatever its severity; false alarms are counted by severity below.
+    named = [f for f in r.findings if f.kind != "unexplained_idle"]
+    top = named[0] if named else None
+    k0 = int(WARMUP / tr.dt)
+    steps = tr.steps[-1] - tr.steps[k0]
+    periods = []
+    for g in r.gpus:
+        i = int(g.gpu)
+        truth = (tr.t[-1] - tr.t[k0]) / steps[i] if steps[i] > 0 else None
+        periods.append((g.step_period_seconds, truth))
     return {"scenario": sc.name, "truth": sc.klass, "predicted": top.kind if top else "healthy",
             "stall_estimate": top.stall_fraction if top else 0.0,
             "stall_truth": truth_stall(tr, WARMUP),
-            "all": [f.kind for f in r.findings]}
+            "all": [f"{f.kind}:{f.severity}" for f in r.findings], "periods": periods,
+            "warnings": [f.kind for f in r.findings if f.severity != "info"],
+            "seed": sc.job.seed}
 
 
 def detection_delay(sc: S.Scenario, seconds: float, every: float = 10.0,
@@ -156,6 +175,9 @@ def main() -> int:
           f"{args.seconds:.0f} s each, first {WARMUP:.0f} s skipped) in {time.time() - t0:.0f} s")
     print(f"top-1 accuracy: {correct}/{n} = {correct / n:.1%}   (goal >= 95%)\n")
     conf = Counter((r["truth"], r["predicted"]) for r in results)
+    for r in results:
+        if r["truth"] != r["predicted"]:
+            print(f"   missed: {r['scenario']} seed {r['seed']}: {r['all']}")
     predicted = sorted({r["predicted"] for r in results} | set(classes),
                        key=lambda c: classes.index(c) if c in classes else 99)
     short = {c: c[:9] for c in predicted}
@@ -176,10 +198,26 @@ def main() -> int:
         per_class[c] = {"precision": prec, "recall": rec}
         print(f"{c:>18}  {prec:9.2f}  {rec:6.2f}")
     healthy = [r for r in results if r["truth"] == "healthy"]
-    alarms = [r for r in healthy if r["all"]]
-    print(f"\nfalse alarms on healthy runs: {len(alarms)}/{len(healthy)}   (goal 0)")
+    alarms = [r for r in healthy if r["warnings"]]
+    infos = [r for r in healthy if r["all"] and not r["warnings"]]
+    print(f"\nhealthy runs with a warning or worse: {len(alarms)}/{len(healthy)}   (goal 0)")
     for r in alarms[:5]:
         print(f"   {r['scenario']}: {r['all']}")
+    print(f"healthy runs with an info finding only: {len(infos)}/{len(healthy)}")
+    right = wrong = abstained = 0
+    for r in results:
+        for got, truth in r["periods"]:
+            if truth is None or truth > 60:
+                continue
+            if got is None:
+                abstained += 1
+            elif abs(got / truth - 1) <= 0.1:
+                right += 1
+            else:
+                wrong += 1
+    total = right + wrong + abstained
+    print(f"step period (per GPU): within 10% {right}/{total}, wrong {wrong}, "
+          f"abstained {abstained}   (goal: never wrong)")
     input_classes = ("input_storage", "input_cpu", "h2d_pcie", "io_h2d_serialized",
                      "shared_link", "memory_pressure")
     errs = [abs(r["stall_estimate"] - r["stall_truth"]) for r in results
@@ -204,7 +242,9 @@ def main() -> int:
         print(f"   {sc.name:24s} {'%.0f s' % d if d is not None else 'NOT DETECTED'}")
 
     figures = {"runs": n, "accuracy": correct / n, "per_class": per_class,
-               "false_alarms": len(alarms), "healthy_runs": len(healthy),
+               "false_alarms": len(alarms), "healthy_info_only": len(infos),
+               "healthy_runs": len(healthy),
+               "period": {"right": right, "wrong": wrong, "abstained": abstained},
                "stall_error_mean": float(np.mean(errs)), "stall_error_max": float(np.max(errs)),
                "mild": mild, "detection_delay_seconds": delays}
     if not args.skip_speed:

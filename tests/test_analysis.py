@@ -616,3 +616,21 @@ def test_no_prefetch_with_steps_too_short_to_see_the_alternation_is_info():
     assert kinds(report, "warning") == []
     assert kinds(report) == ["unexplained_idle"]
     assert "prefetch" in report.findings[0].advice[0]
+
+
+def test_no_gpu_on_this_node_says_so_not_no_finding():
+    r = run("diagnose", "--seconds", "3")
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "no GPU found" in r.stderr and "samplers that ran: cpu" in r.stderr
+    assert "No finding" not in r.stdout
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_healthy_simulated_node_sampled_live_is_silent():
+    """Issue #8: `agentd diagnose --simulate healthy-8gpu-250ms --simulate.seed 0` gave a
+    WARNING and exit 1 (the queues' warm-up read as a stall)."""
+    r = run("diagnose", "--simulate", "healthy-8gpu-250ms", "--simulate.seed", "0",
+            "--seconds", "40", "--json", timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    doc = json.loads(r.stdout)
+    assert [f for f in doc["findings"] if f["severity"] != "info"] == []

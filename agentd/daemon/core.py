@@ -204,7 +204,10 @@ class Daemon:
     def window_meta(self) -> dict:
         """The node's description for the analysis: GPU identities, which processes use which
         GPU, and which switches GPUs share with NVMe drives (by GPU index)."""
-        meta: dict = {"node": socket.gethostname(), "fast_interval": self.config.fast_interval}
+        meta: dict = {"node": socket.gethostname(), "fast_interval": self.config.fast_interval,
+                      "samplers": {st.name: {"available": st.available,
+                                             "reason": st.unavailable_reason}
+                                   for st in self.runners()}}
         for st in self.runners():
             if st.available:
                 try:

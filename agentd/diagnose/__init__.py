@@ -37,6 +37,13 @@ def report_and_exit(sig: Signals, args) -> int:
 
     if len(sig.t) < 10:
         raise SourceError(f"{sig.source} holds {len(sig.t)} samples: too few to analyse")
+    if not sig.gpus() and not sig.subjects("gpu.busy_time") and not any(
+            (i or {}).get("lost") for i in (sig.meta.get("gpus") or {}).values()):
+        samplers = sig.meta.get("samplers") or {}
+        ran = sorted(n for n, s in samplers.items() if s.get("available"))
+        why = (samplers.get("gpu") or {}).get("reason") or "the source holds no GPU series"
+        raise SourceError(f"no GPU found in {sig.source} ({why})" +
+                          (f"; samplers that ran: {', '.join(ran)}" if ran else ""))
     opts = Options(samples_per_step=args.samples_per_step, tokens_per_step=args.tokens_per_step,
                    price_per_gpu_hour=args.price_per_gpu_hour)
     r = analyze(sig, opts, node=args.node or sig.node)

@@ -96,6 +96,21 @@ class JobParams:
         return self.batch_size * self.cpu_per_sample_s
 
 
+def uplink_link(p: JobParams) -> tuple[int, int]:
+    """(generation, width) of a shared switch uplink: the real PCIe link whose capacity is
+    nearest to shared_uplink_bandwidth (what the topology reports is what the copies get)."""
+    from agentd.pcie import capacity
+
+    options = [(gen, w) for gen in (1, 2, 3, 4, 5) for w in (1, 2, 4, 8, 16)]
+    return min(options, key=lambda gw: abs(capacity(*gw) - p.shared_uplink_bandwidth))
+
+
+def uplink_capacity(p: JobParams) -> float:
+    from agentd.pcie import capacity
+
+    return capacity(*uplink_link(p)) if p.shared_uplink_bandwidth > 0 else 0.0
+
+
 def storage_throughput(p: JobParams) -> float:
     """Bytes/s the node's storage delivers with its request concurrency (Little's law)."""
     by_concurrency = p.storage_queue_depth * p.request_bytes / max(p.storage_latency_s, 1e-9)
@@ -118,7 +133,7 @@ def stage_rates(p: JobParams) -> dict[str, float]:
         # Down each switch's uplink: its GPUs' copies; up it: its drive's share of the reads.
         down = p.gpus_per_switch * p.h2d_bytes_per_step
         up = g * sb / max(p.storage_devices, 1)
-        rates["uplink"] = p.shared_uplink_bandwidth / max(down, up)
+        rates["uplink"] = uplink_capacity(p) / max(down, up)
     slow = p.straggler_factor if 0 <= p.straggler_gpu < g else 1.0
     comm = p.collective_bytes / p.collective_bandwidth if p.collective_bytes else 0.0
     if comm or p.peer_wait_s:
@@ -231,10 +246,11 @@ class Simulator:
         if self.comm_s or p.peer_wait_s:
             self.comm_s += p.peer_wait_s  # remote peers arrive later: the collective waits
         self.storage_avail = storage_throughput(p)
-        if p.shared_uplink_bandwidth > 0:
+        self.uplink_bw = uplink_capacity(p)
+        if self.uplink_bw > 0:
             # Each drive's reads go up its switch's uplink.
             self.storage_avail = min(self.storage_avail,
-                                     p.shared_uplink_bandwidth * max(p.storage_devices, 1))
+                                     self.uplink_bw * max(p.storage_devices, 1))
         self._arrivals: dict[int, float] = {}  # barrier arrivals within the current step
         self.evaluating = False
         self.storage_factor = 1.0
@@ -353,8 +369,8 @@ class Simulator:
                 copying = sum(1 for i in members if dcl[i] > 0 or phase[i] == COPY or (
                     not dev_prefetch and phase[i] == WAIT and ready_q[i] >= 1 - 1e-9))
                 demand = copy_bw * copying
-                if demand > p.shared_uplink_bandwidth:
-                    f = p.shared_uplink_bandwidth / demand
+                if demand > self.uplink_bw:
+                    f = self.uplink_bw / demand
                     for i in members:
                         copy_rate[i] *= f
                         uplink_limited[i] = True
@@ -564,6 +580,10 @@ class Simulator:
             gc["pcie_tx"][i] += d2h[i]
             gc["io_blocked"][i] += blocked[i]
         c = self.cum
+        # A neighbour taking part of the storage: its reads are the device's too.
+        neighbour = self.storage_avail * (1 - self.storage_factor) * dt \
+            if self.storage_factor < 1 else 0.0
+        total_read += neighbour
         c["storage_read"] += total_read
         c["storage_ops"] += total_read / max(p.request_bytes, 1.0)
         busy_frac = min(in_flight, 1.0) if (total_read or write_bytes) else 0.0

@@ -20,8 +20,8 @@ import pynvml as N
 
 from agentd.gpu.fake.library import DeviceInfo, DeviceState, FakeNvmlLibrary, GpuProcess
 from agentd.pcie import GENERATION_GTS as GTS
-from agentd.pcie import capacity, lane_bytes
-from agentd.sim.model import Simulator, Trace, storage_throughput
+from agentd.pcie import capacity
+from agentd.sim.model import Simulator, Trace, storage_throughput, uplink_link
 from agentd.sim.scenario import Scenario
 
 CLK_TCK = 100
@@ -35,12 +35,10 @@ def trainer_pid(gpu: int) -> int:
     return PID_BASE + gpu * 100
 
 
-UPLINK_SPEED = "8.0 GT/s PCIe"  # a shared switch uplink is simulated as gen 3
-
-
-def uplink_width(p) -> int:
-    """Lanes of a gen-3 switch uplink carrying about `shared_uplink_bandwidth`."""
-    return max(int(p.shared_uplink_bandwidth / lane_bytes(8.0)), 1)
+def uplink_sysfs(p) -> tuple[str, str]:
+    """A shared switch uplink's sysfs link speed and width."""
+    gen, width = uplink_link(p)
+    return f"{GTS[gen]:.1f} GT/s PCIe", str(width)
 
 
 def disk_names(p) -> list[str]:
@@ -286,14 +284,13 @@ class SimulatedNode:
         # sysfs: the GPUs and NVMe drives under PCIe switches (two GPUs and one drive each),
         # so the topology sampler sees which of them share an uplink.
         switches = max((p.gpus + p.gpus_per_switch - 1) // p.gpus_per_switch, 1)
-        uplink = "32.0 GT/s PCIe" if p.shared_uplink_bandwidth == 0 else UPLINK_SPEED
+        speed, lanes = uplink_sysfs(p) if p.shared_uplink_bandwidth else ("32.0 GT/s PCIe", "16")
         for sw in range(switches):
             b0 = 0x15 + 0x20 * sw
             root = f"sys/devices/pci0000:{b0:02x}/0000:{b0:02x}:01.0"
             usp = f"{root}/0000:{b0 + 1:02x}:00.0"
             self._pci(root, "0x060400", "0x8086", "32.0 GT/s PCIe", 16)
-            self._pci(usp, "0x060400", "0x1000", uplink, 16 if not p.shared_uplink_bandwidth
-                      else uplink_width(p))
+            self._pci(usp, "0x060400", "0x1000", speed, int(lanes))
             for k in range(p.gpus_per_switch):
                 gpu = sw * p.gpus_per_switch + k
                 if gpu >= p.gpus:

@@ -38,7 +38,7 @@ from agentd.tomlfile import read_toml
 
 SCENARIO_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "scenarios", "sim")
 
-CLASSES = ("healthy", "idle_allocated", "input_storage", "input_cpu", "h2d_pcie",
+CLASSES = ("healthy", "gpu_lost", "idle_allocated", "input_storage", "input_cpu", "h2d_pcie",
            "io_h2d_serialized", "shared_link", "comm_wait", "throttled", "straggler",
            "memory_pressure")
 

@@ -15,8 +15,8 @@ from agentd.analysis.signals import Signals
 from agentd.sim.model import Simulator, Trace
 from agentd.pcie import capacity as pcie_capacity
 from agentd.pcie import sysfs_capacity
-from agentd.sim.node import (MEM_TOTAL, UPLINK_SPEED, SimulatedGpu, disk_names, nvme_link,
-                             probed_ceilings, trainer_pid, uplink_width)
+from agentd.sim.node import (MEM_TOTAL, SimulatedGpu, disk_names, nvme_link, probed_ceilings,
+                             trainer_pid, uplink_sysfs)
 from agentd.sim.scenario import Scenario
 
 TICK = 0.1
@@ -201,7 +201,7 @@ def _node_info(scenario: Scenario) -> dict:
         disk_info[d] = info
     uplinks = []
     if p.shared_uplink_bandwidth > 0:
-        cap = sysfs_capacity(UPLINK_SPEED, str(uplink_width(p)))
+        cap = sysfs_capacity(*uplink_sysfs(p))
         switches = (p.gpus + p.gpus_per_switch - 1) // p.gpus_per_switch
         for sw in range(switches):
             members = [i for i in range(sw * p.gpus_per_switch,
