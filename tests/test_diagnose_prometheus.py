@@ -7,6 +7,7 @@ import json
 import subprocess
 import time
 
+import numpy as np
 import pytest
 
 from agentd.sim import scenario as S
@@ -80,3 +81,72 @@ def test_diagnose_from_dcgm_and_node_exporter_only(tmp_path, spawn, scenario):
     assert doc["findings"][0]["kind"] == sc.klass
     notes = " ".join(doc["notes"])
     assert "cannot be resolved" in notes  # what a 30 s resolution cannot show
+
+
+def _gpu_only_openmetrics(host: str, t0: float, phases: list, scrape: float = 5.0,
+                          seed: int = 3) -> str:
+    """dcgm-exporter series as a Kubernetes-deployed exporter writes them (instance is the
+    exporter pod's address, the node is in Hostname), from nvidia-smi-like data: GPU
+    utilisation, power, memory only. phases: (seconds, per-GPU (util, watts, MiB) for 8 GPUs)."""
+    rng = np.random.default_rng(seed)
+    lines = {name: [] for name in ("DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_POWER_USAGE",
+                                   "DCGM_FI_DEV_FB_USED")}
+    t = t0
+    for seconds, gpus in phases:
+        for _ in range(int(seconds / scrape)):
+            t += scrape
+            for g, (util, watts, mib) in enumerate(gpus):
+                u = util if util in (0, 100) else float(np.clip(rng.normal(util, 6), 0, 100))
+                labels = (f'gpu="{g}",UUID="GPU-{g:04d}",modelName="NVIDIA H100 80GB HBM3",'
+                          f'Hostname="{host}",instance="10.244.3.17:9400",job="dcgm"')
+                lines["DCGM_FI_DEV_GPU_UTIL"].append((labels, round(u), t))
+                lines["DCGM_FI_DEV_POWER_USAGE"].append((labels, watts + rng.normal(0, 5), t))
+                lines["DCGM_FI_DEV_FB_USED"].append((labels, mib, t))
+    out = []
+    for name, rows in lines.items():
+        out += [f"# HELP {name} {name}.", f"# TYPE {name} gauge"]
+        rows.sort(key=lambda r: (r[0], r[2]))
+        out += [f"{name}{{{lab}}} {v:.6g} {ts:.3f}" for lab, v, ts in rows]
+    return "\n".join(out + ["# EOF"]) + "\n"
+
+
+def test_gpu_only_telemetry_at_5s_through_a_real_prometheus(tmp_path, spawn):
+    """The real-telemetry failures of issue #8: a healthy session (~90% utilisation, ~550 W)
+    warned; a node idle between two jobs was called critical starvation; GPU 0 idle holding
+    41 GB while its seven peers read 100% at ~155 W (spinning) was called 'no prefetch'.
+    Also: the node is named by a host name with '-' and '.', found in Hostname (instance is
+    the exporter pod's address), and the step is the scrape interval found in the data."""
+    promtool = need("promtool")
+    host = "gpu-a.rack-3"
+    t0 = 1.76e9
+    healthy = [(90, 550, 41000)] * 8
+    idle = [(0, 70, 0)] * 8
+    blocked = [(0, 72, 41000)] + [(100, 155, 41000)] * 7
+    om = tmp_path / "dcgm.om"
+    om.write_text(_gpu_only_openmetrics(host, t0, [(600, healthy), (300, idle),
+                                                    (600, blocked)]))
+    tsdb = tmp_path / "tsdb"
+    r = subprocess.run([promtool, "tsdb", "create-blocks-from", "openmetrics", str(om),
+                        str(tsdb)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    prom = start_prometheus(spawn, tmp_path, str(tsdb))
+
+    def diagnose(node: str, start: float, end: float) -> tuple[int, dict]:
+        r = subprocess.run(agentd_cmd("diagnose", "--prometheus", prom, "--node", node,
+                                      "--start", f"{start:.0f}", "--end", f"{end:.0f}",
+                                      "--json"), capture_output=True, text=True, timeout=120)
+        assert r.returncode in (0, 1), r.stderr
+        return r.returncode, json.loads(r.stdout)
+
+    code, doc = diagnose(host, t0 + 60, t0 + 590)
+    assert doc["resolution_seconds"] == 5.0
+    assert code == 0 and not [f for f in doc["findings"] if f["severity"] != "info"], doc
+    missing = " ".join(doc["signals_missing"])
+    assert "storage" in missing and "process trees" in missing
+    code, doc = diagnose('Hostname="gpu-a.rack-3"', t0 + 610, t0 + 890)
+    assert code == 0 and doc["findings"] == [] and len(doc["spare_gpus"]) == 8
+    code, doc = diagnose(host, t0 + 910, t0 + 1490)
+    top = doc["findings"][0]
+    assert code == 1 and (top["kind"], top["subject"]["gpus"], top["severity"]) == \
+        ("straggler", [0], "critical")
+    assert top["stall_fraction"] > 0.8
