@@ -141,6 +141,28 @@ def _unexplained(ev: Evidence, gpus: list[str]) -> Finding:
         stall_fraction=stall)
 
 
+def _without_input_symptoms(ev: Evidence, device: list[Finding],
+                            inputs: list[Finding]) -> list[Finding]:
+    """In a data-parallel job starved of input, ranks wait for each other at the collective
+    as their batches arrive at different times: one works harder per busy second than its
+    spinning peers. That straggling is the input's symptom, unless the GPU has a cause of its
+    own (its clocks throttled)."""
+    starved = {g for f in inputs for g in f.gpus}
+    if not starved:
+        return device
+    throttled = {g for f in device if f.kind == "throttled" for g in f.gpus}
+    groups = [set(grp) for grp in ev.jobs]
+    out = []
+    for f in device:
+        if f.kind == "straggler" and not f.mechanism.startswith("one rank idles") and \
+                not set(f.gpus) & throttled:
+            job = next((grp for grp in groups if set(f.gpus) & grp), set(f.gpus))
+            if job & starved:
+                continue
+        out.append(f)
+    return out
+
+
 def _order(findings: list[Finding]) -> list[Finding]:
     """Severest first; at equal severity the most GPU time lost; a throttled GPU before the
     straggling it causes."""
@@ -172,7 +194,7 @@ def analyze(sig: Signals, options: Options | None = None, node: str = "") -> Rep
                f.mechanism.startswith("one rank idles") for g in f.gpus}
     starved = C.starved(ev, exclude=idle | blocked)
     inputs = _input_findings(ev, starved)
-    findings += inputs
+    findings = _without_input_symptoms(ev, findings, inputs) + inputs
     explained = {g for f in inputs for g in f.gpus}
     if not inputs and not any(f.kind == "straggler" for f in findings):
         for det in D.COLLECTIVE:

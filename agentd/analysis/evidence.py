@@ -10,6 +10,7 @@ detectors will not be able to judge.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -140,6 +141,13 @@ class Evidence:
     missing: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     lost_gpus: list[str] = field(default_factory=list)
+    jobs: list[list[str]] = field(default_factory=list)  # GPUs by job (peer groups)
+
+    def peer_groups(self) -> list[list[str]]:
+        """The job GPUs grouped by job: peers compared with each other run the same step."""
+        live = set(self.job_gpus())
+        return [[g for g in group if g in live] for group in self.jobs
+                if len([g for g in group if g in live]) >= 2]
 
     def job_gpus(self) -> list[str]:
         """GPUs a job holds for a meaningful part of the window."""
@@ -324,7 +332,50 @@ def measure(sig: Signals, node: str = "") -> Evidence:
         missing=missing, notes=notes, lost_gpus=lost)
     if not any(s.compute is not None for s in gpus.values()) and gpus:
         ev.missing.append("SM activity resolving compute from collective waits")
+    ev.jobs = job_groups(meta, gpus)
     return ev
+
+
+_POD_SUFFIX = re.compile(r"(-[0-9a-f]{8,10})?-[a-z0-9]{5}$|-\d+$")
+
+
+def job_groups(meta: dict, gpus: dict[str, GpuState]) -> list[list[str]]:
+    """GPUs by the job that holds them: the process' Slurm job, pod, container or unit (or a
+    dcgm-exporter pod's owner); GPUs whose step periods clearly differ run different jobs."""
+    key: dict[str, str] = {}
+    for pid, info in (meta.get("processes") or {}).items():
+        k = next((str(info[f]) for f in ("slurm_job_id", "pod_uid", "container_id",
+                                          "systemd_unit") if info.get(f)), "")
+        for g in map(str, info.get("gpus", []) or []):
+            key.setdefault(g, k)
+    for g, info in (meta.get("gpus") or {}).items():
+        if str(g) not in key and isinstance(info, dict) and info.get("pod"):
+            owner = _POD_SUFFIX.sub("", str(info["pod"]))
+            key[str(g)] = f"{info.get('namespace', '')}/{owner}"
+    groups: dict[str, list[str]] = {}
+    for g in gpus:
+        groups.setdefault(key.get(g, ""), []).append(g)
+    out = []
+    for members in groups.values():
+        out += _split_by_period(members, gpus)
+    return out
+
+
+def _split_by_period(members: list[str], gpus: dict[str, GpuState]) -> list[list[str]]:
+    timed = sorted((gpus[g].period.seconds, g) for g in members if gpus[g].period is not None)
+    untimed = [g for g in members if gpus[g].period is None]
+    if len(timed) < 2:
+        return [members]
+    parts, cur = [], [timed[0][1]]
+    for (p0, _), (p1, g) in zip(timed, timed[1:]):
+        if p1 > p0 * 1.15:
+            parts.append(cur)
+            cur = []
+        cur.append(g)
+    parts.append(cur)
+    parts.sort(key=len, reverse=True)
+    parts[0] += untimed
+    return parts
 
 
 def _sum(sig: Signals, signal: str) -> np.ndarray | None:
@@ -386,6 +437,10 @@ def _gpu_state(sig: Signals, g: str, ckpt: np.ndarray, hold: int, coarse: bool,
             else np.zeros(n)
         benign |= present & (busy < 0.5) & (np.nan_to_num(tx) > CHECKPOINT_D2H) & \
             (np.nan_to_num(tx) > 2 * rx)
+    # Start-up (the job holds memory before its first kernel: loading the model, building
+    # the loader) and teardown are not stalls: judge the job from its first step to its last.
+    started, ended = _edges(present, level, sig.resolution)
+    benign |= started | ended
     m = present & ~benign
     idle = estimate(1.0 - credit[m], floor_se=QUANT_SE) if m.any() else NONE
     if idle.n:
@@ -424,6 +479,28 @@ def _gpu_state(sig: Signals, g: str, ckpt: np.ndarray, hold: int, coarse: bool,
         clock_max=cmax if cmax == cmax and cmax > 0 else None,
         period=period, period_note=note, lost=lost,
         seconds=float(present.sum() * sig.resolution))
+
+
+EDGE_SECONDS = 30.0  # an idle run this long at a job's start or end is start-up / teardown
+
+
+def _edges(present: np.ndarray, level: np.ndarray, res: float
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """(start-up, teardown) masks: a job's idle time before its first kernel and after its
+    last, when the job starts or ends in the window or the run is long."""
+    n = len(present)
+    none = np.zeros(n, dtype=bool)
+    active = np.flatnonzero(present & (np.nan_to_num(level) >= 0.05))
+    if not len(active) or not present.any():
+        return none, none
+    idx = np.arange(n)
+    held = np.flatnonzero(present)
+    lead = present & (idx < active[0])
+    tail = present & (idx > active[-1])
+    long = EDGE_SECONDS / max(res, 1e-9)
+    started = lead if (held[0] > 0 or lead.sum() >= long) else none
+    ended = tail if (held[-1] < n - 1 or tail.sum() >= long) else none
+    return started, ended
 
 
 def _aligned_idle(sig: Signals, g: str, level: np.ndarray) -> np.ndarray:

@@ -39,6 +39,7 @@ class Period:
 
 
 MAX_SPAN = 300.0  # seconds of the most recent samples searched (periods are local)
+LOMB_SCARGLE_WORK = 2_000_000  # samples x frequencies beyond which irregular series go FFT
 
 
 def periodogram(t: np.ndarray, y: np.ndarray, freqs: np.ndarray) -> np.ndarray:
@@ -50,7 +51,16 @@ def periodogram(t: np.ndarray, y: np.ndarray, freqs: np.ndarray) -> np.ndarray:
         return np.zeros(len(freqs))
     dt = np.diff(t)
     step = float(np.median(dt))
-    if step > 0 and np.all(np.abs(dt - step) <= 0.02 * step):
+    regular = step > 0 and np.all(np.abs(dt - step) <= 0.02 * step)
+    if not regular and step > 0 and len(t) * len(freqs) > LOMB_SCARGLE_WORK:
+        # Many irregular samples (a few missing or merged): on the regular grid of their
+        # usual spacing, by linear interpolation; the peaks searched are far below its
+        # Nyquist frequency, where that interpolation changes next to nothing.
+        grid = np.arange(t[0], t[-1] + step / 2, step)
+        y = np.interp(grid, t, y)
+        t = grid
+        regular = True
+    if regular:
         n = len(y)
         size = 1 << int(np.ceil(np.log2(n * 8)))
         spec = np.abs(np.fft.rfft(y, size)) ** 2

@@ -1,5 +1,5 @@
 """GPUs allocated but idle: a job holds device memory (or a process is attributed to the
-GPU) and no kernel runs, for long enough to matter. A GPU that holds no memory runs no job:
+GPU) and no kernel runs, for long enough to matter, up to now. A GPU that holds no memory runs no job:
 its idle time is spare capacity, reported in the report's summary, never a finding."""
 
 from __future__ import annotations
@@ -14,14 +14,17 @@ IDLE_MIN_SECONDS = 30.0
 WARN_SECONDS, CRITICAL_SECONDS = 120.0, 600.0
 
 
-def _longest_run(mask: np.ndarray) -> tuple[int, int]:
-    """(start, length) of the longest run of True."""
-    if not mask.any():
+def _current_run(mask: np.ndarray, known: np.ndarray) -> tuple[int, int]:
+    """(start, length) of the run of True that lasts to the last known sample: the GPU is
+    idle now. (An idle stretch followed by kernels was a pause or a start-up: the allocation
+    is in use again.)"""
+    last = np.flatnonzero(known)
+    if not len(last) or not mask[last[-1]]:
         return 0, 0
-    edges = np.diff(np.concatenate(([0], mask.astype(np.int8), [0])))
-    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-    k = int(np.argmax(ends - starts))
-    return int(starts[k]), int(ends[k] - starts[k])
+    end = last[-1] + 1
+    before = np.flatnonzero(~mask[:end] & known[:end])
+    start = int(before[-1]) + 1 if len(before) else int(last[0])
+    return start, end - start
 
 
 def detect(ev: Evidence) -> list[Finding]:
@@ -41,7 +44,7 @@ def detect(ev: Evidence) -> list[Finding]:
         else:
             continue  # no evidence a job holds it: spare, not allocated
         idle = held & np.isfinite(s.busy) & (s.busy < IDLE_BUSY)
-        start, length = _longest_run(idle)
+        start, length = _current_run(idle, np.isfinite(s.busy))
         seconds = length * sig.resolution
         if seconds >= IDLE_MIN_SECONDS and length >= 3:
             run = s.busy[start:start + length]

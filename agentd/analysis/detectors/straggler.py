@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from agentd.analysis.evidence import IDLE_MEMORY, Evidence
+from agentd.analysis.evidence import IDLE_MEMORY, Evidence, held_forward
+from agentd.analysis.signals import nanmean
 from agentd.analysis.findings import Finding, gain_from_stall, severity_for
 from agentd.analysis.stats import robust
 
@@ -17,53 +18,82 @@ MARGIN = 0.08  # works this much (relative) harder per busy second than its peer
 Z = 4.0  # ... and this many robust standard deviations above them
 SPREAD = 0.04  # the natural spread of peers' SM activity, relative (MAD floor)
 MIN_SPIN = 0.05  # the peers wait at least this share of their time
-BLOCKED_IDLE = 0.1  # the blocked rank's busy share
+BLOCKED_IDLE = 0.1  # the blocked rank's utilization while it holds the others back
+BLOCKED_SHARE = 0.05  # ... for this share of the job's time
+BLOCKED_SECONDS = 20.0  # ... and at least this long
 PEERS_BUSY = 0.8
 SPIN_POWER = 0.45  # peers draw at most this share of the power limit: not computing
 SPIN_SM = 0.3
 
 
+def _spinning(ev: Evidence, g: str) -> np.ndarray:
+    """Per sample: busy for NVML, yet few SMs active or little power drawn."""
+    sig, s = ev.sig, ev.gpus[g]
+    hold = max(int(round(3.0 / sig.resolution)), 1)
+    busy = np.nan_to_num(s.busy) >= PEERS_BUSY
+    low = np.zeros(len(busy), dtype=bool)
+    sm = held_forward(sig.get("gpu.sm_active", g), hold)
+    if sm is not None:
+        low |= np.nan_to_num(sm, nan=1.0) < SPIN_SM * np.maximum(np.nan_to_num(s.busy), 1e-3)
+    power = held_forward(sig.get("gpu.power", g), hold)
+    if power is not None and s.power_limit:
+        low |= np.nan_to_num(power, nan=np.inf) <= SPIN_POWER * s.power_limit
+    return busy & low
+
+
 def _blocked_rank(ev: Evidence, gpus: list[str]) -> Finding | None:
-    idle = [g for g in gpus if ev.gpus[g].busy_mean == ev.gpus[g].busy_mean
-            and ev.gpus[g].busy_mean < BLOCKED_IDLE and ev.gpus[g].held_known
-            and ev.gpus[g].memory == ev.gpus[g].memory and ev.gpus[g].memory >= IDLE_MEMORY]
-    busy = [g for g in gpus if ev.gpus[g].busy_mean == ev.gpus[g].busy_mean
-            and ev.gpus[g].busy_mean >= PEERS_BUSY]
-    if len(idle) != 1 or len(busy) < 2 or len(idle) + len(busy) < len(gpus) - 1:
+    """Episodes where one rank idles with its memory held while its peers spin."""
+    sig = ev.sig
+    hold = max(int(round(12.0 / sig.resolution)), 1)
+    spin = {g: _spinning(ev, g) for g in gpus}
+    best = None
+    for g0 in gpus:
+        s0 = ev.gpus[g0]
+        mem = held_forward(sig.get("gpu.mem_used", g0), hold)
+        if mem is None:
+            continue
+        idle = s0.present & (np.nan_to_num(s0.busy, nan=1.0) < BLOCKED_IDLE) & \
+            (np.nan_to_num(mem) >= IDLE_MEMORY)
+        peers = [g for g in gpus if g != g0]
+        waiting = np.sum([spin[g] for g in peers], axis=0)
+        blocked = idle & (waiting >= max(2, int(np.ceil(0.75 * len(peers)))))
+        job = np.zeros(len(idle), dtype=bool)
+        for g in gpus:
+            job |= ev.gpus[g].present
+        share = float(blocked.sum() / max(job.sum(), 1))
+        seconds = float(blocked.sum() * sig.resolution)
+        if share >= BLOCKED_SHARE and seconds >= BLOCKED_SECONDS and \
+                (best is None or share > best[1]):
+            best = (g0, share, seconds, blocked, peers)
+    if best is None:
         return None
-    g0 = idle[0]
-    spinning, how = [], ""
-    for g in busy:
-        s = ev.gpus[g]
-        if s.sm_mean is not None and s.sm_mean < SPIN_SM * s.busy_mean:
-            spinning.append(g)
-            how = "few SMs active"
-        elif s.power is not None and s.power_limit and s.power <= SPIN_POWER * s.power_limit:
-            spinning.append(g)
-            how = how or "low power"
-    if len(spinning) < max(2, int(0.75 * len(busy))):
-        return None
+    g0, share, seconds, blocked, peers = best
     s0 = ev.gpus[g0]
-    powers = [ev.gpus[g].power for g in spinning if ev.gpus[g].power is not None]
+    spinning = [g for g in peers if spin[g][blocked].mean() >= 0.5]
+    power = [nanmean(held_forward(sig.get("gpu.power", g), 30)[blocked]) for g in spinning
+             if sig.get("gpu.power", g) is not None]
+    power = [p for p in power if p == p]
     limits = [ev.gpus[g].power_limit for g in spinning if ev.gpus[g].power_limit]
-    # No GPU of the job computes: the idle rank idles, its peers wait for it.
-    lost = (s0.idle.mean + len(spinning) * float(np.mean([ev.gpus[g].busy_mean
-                                                          for g in spinning]))) / len(gpus)
+    # While it idles, no GPU of the job computes: the rank idles, its peers wait for it.
+    lost = share * (1 + len(spinning)) / len(gpus)
+    edges = np.diff(np.concatenate(([0], blocked.astype(np.int8), [0])))
+    episodes = int((edges == 1).sum())
+    how = (f"{np.mean(power):.0f} W of {np.mean(limits):.0f} W" if power and limits else
+           "few SMs active")
     return Finding(
         kind="straggler", subject=ev.subject([g0]), t0=ev.t0, t1=ev.t1, confidence=0.8,
         severity=severity_for(lost, 0.8),
-        summary=(f"GPU {g0} idles with {s0.memory / 2**30:.0f} GiB held while its "
-                 f"{len(spinning)} peers read {np.mean([ev.gpus[g].busy_mean for g in busy]) * 100:.0f}% "
-                 f"busy but spin in a collective ({how}"
-                 + (f": {np.mean(powers):.0f} W of {np.mean(limits):.0f} W" if powers and
-                    limits else "") + f"): the job is held back by GPU {g0}"),
+        summary=(f"GPU {g0} idled with {s0.memory / 2**30:.0f} GiB held for {seconds:.0f} s "
+                 f"({episodes} episode(s), {share * 100:.0f}% of the job's time) while its "
+                 f"{len(spinning)} peers read busy but spun in a collective ({how}): the job "
+                 f"was held back by GPU {g0}"),
         mechanism="one rank idles with memory held while its peers spin",
-        evidence={"blocked_gpu_busy": s0.busy_mean, "peers_spinning": len(spinning),
-                  "peers_busy": float(np.mean([ev.gpus[g].busy_mean for g in busy])),
-                  "peers_power_watts": float(np.mean(powers)) if powers else None,
+        evidence={"blocked_seconds": seconds, "blocked_share": share, "episodes": episodes,
+                  "peers_spinning": len(spinning),
+                  "peers_power_watts": float(np.mean(power)) if power else None,
                   "power_limit_watts": float(np.mean(limits)) if limits else None,
                   "job_gpu_time_lost": lost},
-        gain={"busy_now": s0.busy_mean, "busy_after": None, "speedup": None,
+        gain={"busy_now": s0.busy_mean, "busy_after": None, "speedup": 1 / max(1 - share, 0.05),
               "job_gpu_time_lost": lost},
         advice=[f"Find what GPU {g0}'s rank does while the others wait: a synchronous "
                 "checkpoint or evaluation, logging or metric reduction on rank 0, host-side "
@@ -74,12 +104,17 @@ def _blocked_rank(ev: Evidence, gpus: list[str]) -> Finding | None:
 
 
 def detect(ev: Evidence) -> list[Finding]:
-    gpus = ev.job_gpus()
-    if len(gpus) < 2:
-        return []
-    blocked = _blocked_rank(ev, gpus)
-    if blocked is not None:
-        return [blocked]
+    out = []
+    for gpus in ev.peer_groups():
+        blocked = _blocked_rank(ev, gpus)
+        if blocked is not None:
+            out.append(blocked)
+        else:
+            out += _slowest(ev, gpus)
+    return out
+
+
+def _slowest(ev: Evidence, gpus: list[str]) -> list[Finding]:
     # How hard each GPU works while NVML calls it busy: SM activity per busy second. Ranks
     # of one data-parallel job run the same kernels, so they match unless some wait in a
     # collective (a few SMs) for one that computes longer.
