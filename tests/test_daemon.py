@@ -43,9 +43,10 @@ def scenario(tmp_path) -> str:
     return str(p)
 
 
-def start(spawn, *args, env=None):
+def start(spawn, *args, env=None, log=None):
     port = free_port()
-    proc = spawn(agentd_cmd("run", "--web.listen-address", f"127.0.0.1:{port}", *args), env=env)
+    proc = spawn(agentd_cmd("run", "--web.listen-address", f"127.0.0.1:{port}", *args), env=env,
+                 log=log)
     url = f"http://127.0.0.1:{port}"
     return proc, url, port
 
@@ -113,9 +114,13 @@ def test_sd_notify_ready_watchdog_stopping(spawn, scenario, tmp_path):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(sock_path)
     sock.settimeout(10)
+    # Stand-in for journald's stream: JOURNAL_STREAM names the very file stderr is.
+    log = open(tmp_path / "journal.log", "w+")
+    st = os.fstat(log.fileno())
     try:
-        proc, url, _ = start(spawn, "--fake-nvml", scenario, env={
-            "NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "400000", "JOURNAL_STREAM": "8:1"})
+        proc, url, _ = start(spawn, "--fake-nvml", scenario, log=log, env={
+            "NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "400000",
+            "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
         messages = []
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not any("WATCHDOG=1" in m for m in messages):
