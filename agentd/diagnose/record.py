@@ -17,14 +17,14 @@ import time
 
 import numpy as np
 
+from agentd.diagnose import OutputError
 from agentd.diagnose.sources import SourceError
 from agentd.diagnose.sources.http import HttpOptions
 from agentd.diagnose.sources.recording import MAGIC, chunk
+from agentd.exitcodes import OK as EXIT_OK
 
-EXIT_OK, EXIT_WRITE = 0, 4
 
-
-class RecordError(Exception):
+class RecordError(OutputError):
     """The recording cannot be written (exit status 4); what was written is kept."""
 
 
