@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import traceback
+import warnings
 
 from agentd import __version__
 from agentd.exitcodes import INTERRUPTED, OUTPUT, SOFTWARE, SOURCE, USAGE, epilog
@@ -352,11 +353,15 @@ def cmd_rules(args: argparse.Namespace) -> int:
 def cmd_catalog(args: argparse.Namespace) -> int:
     from agentd.catalog import METRICS, render_markdown
 
-    if args.markdown:
-        sys.stdout.write(render_markdown())
-    else:
-        for m in METRICS:
-            print(f"{m.name}\t{m.type}\t{','.join(m.labels)}\t{m.help}")
+    text = render_markdown() if args.markdown else "".join(
+        f"{m.name}\t{m.type}\t{','.join(m.labels)}\t{m.help}\n" for m in METRICS)
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        return _fail(f"cannot write to standard output: {e.strerror}", OUTPUT)
     return 0
 
 
@@ -470,6 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "log_level", None) != "debug":
+        # numpy's notes on all-NaN slices (a signal a source lacks) are no message for an
+        # operator's stderr; --log.level debug shows them.
+        warnings.simplefilter("ignore", RuntimeWarning)
     try:
         return args.func(args)
     except KeyboardInterrupt:

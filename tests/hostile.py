@@ -435,13 +435,14 @@ def prepare(case: Case, tmp: str, servers: Servers) -> list[str]:
     return [a.format(tmp=tmp, http=servers.http, busy=servers.busy) for a in case.args]
 
 
-def run(case: Case, tmp: str, servers: Servers, timeout: float = 60.0
+def run(case: Case, tmp: str, servers: Servers, timeout: float = 60.0, root: str = ROOT
         ) -> subprocess.CompletedProcess:
+    """`agentd` (the checkout at `root`) run on the row, in `tmp`."""
     args = prepare(case, tmp, servers)
     env = {k: v for k, v in os.environ.items()
            if k not in ("AGENTD_FAKE_NVML", "AGENTD_AUTH_FILE", "AGENTD_CA_FILE",
                         "JOURNAL_STREAM")}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.run([sys.executable, "-m", "agentd", *args], capture_output=True,
                           text=True, timeout=timeout, cwd=tmp, env=env)
 

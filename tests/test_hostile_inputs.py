@@ -69,3 +69,22 @@ def test_missing_matplotlib_is_a_usage_error_before_sampling(tmp_path, no_matplo
         assert r.returncode == 2, r.stderr
         assert r.stderr.strip() == "agentd: error: --plot needs matplotlib: install it into " \
             "agentd's environment (pip install matplotlib)"
+
+
+def test_output_that_cannot_be_written_is_exit_4(tmp_path):
+    """stdout on a full disk (/dev/full): the report and the catalog say so and exit 4."""
+    rec = tmp_path / "r.rec"
+    rec.write_bytes(hostile.recording())
+    for args in (["catalog"], ["diagnose", "--recording", str(rec)]):
+        with open("/dev/full", "w") as full:
+            r = subprocess.run([sys.executable, "-m", "agentd", *args], stdout=full,
+                               stderr=subprocess.PIPE, text=True, timeout=60)
+        assert r.returncode == 4, r.stderr
+        assert r.stderr.strip().endswith("No space left on device"), r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_closed_pipe_is_not_an_error():
+    r = subprocess.run(f"{sys.executable} -m agentd catalog | head -1", shell=True,
+                       capture_output=True, text=True, timeout=60)
+    assert r.stdout.startswith("agentd_") and r.stderr == ""
