@@ -19,17 +19,15 @@ import warnings
 from agentd import __version__
 from agentd.exitcodes import INTERRUPTED, OUTPUT, SOFTWARE, SOURCE, USAGE, epilog
 
-EXIT_USAGE = USAGE
-
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error in one line and exits 2."""
 
     def error(self, message: str):  # type: ignore[override]
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        self.exit(USAGE, f"{self.prog}: error: {message}\n")
 
 
-def _fail(message: str, code: int = EXIT_USAGE, prefix: str = "agentd: error") -> int:
+def _fail(message: str, code: int = USAGE, prefix: str = "agentd: error") -> int:
     print(f"{prefix}: {message}", file=sys.stderr)
     return code
 
@@ -85,25 +83,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _seed(value, flag: str) -> int | None:
-    from agentd.daemon.config import MAX_SEED, _typed, check_range
-
-    if value is None:
-        return None
-    seed = _typed(value, int, flag)
-    check_range(seed, flag, 0, MAX_SEED, str)
-    return seed
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from agentd import logs
-    from agentd.daemon.config import ConfigError, parse_listen
+    from agentd.daemon.config import ConfigError, parse_listen, parse_seed
     from agentd.sim.demo import run_demo
     from agentd.sim.scenario import ScenarioError, load
 
     try:
         parse_listen(args.listen_address, "--web.listen-address")
-        seed = _seed(args.seed, "--seed")
+        seed = None if args.seed is None else parse_seed(args.seed, "--seed")
         seconds = _duration(args.seconds, "--seconds") if args.seconds else None
         load(args.scenario, seed)
     except (ConfigError, ScenarioError) as e:
@@ -383,8 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     demo = command("demo", help="a simulated starved 8-GPU node, live",
-                          description="Run a simulated 8-GPU node whose input pipeline is "
-                          "starved, serve its metrics, and show what agentd sees.")
+                   description="Run a simulated 8-GPU node whose input pipeline is starved, "
+                   "serve its metrics, and show what agentd sees.")
     demo.add_argument("--scenario", default="input-storage",
                       help="scenario name (agentd/scenarios/sim) or file (default input-storage)")
     demo.add_argument("--seed", default=None, metavar="N",
@@ -428,9 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     diag.set_defaults(func=cmd_diagnose)
 
     rec = command("record", help="record the high-rate window to a file",
-                         description="Record this node (or a daemon's window) for later "
-                         "`agentd diagnose --recording FILE`. SIGINT/SIGTERM stop early "
-                         "and keep what was recorded.")
+                  description="Record this node (or a daemon's window) for later "
+                  "`agentd diagnose --recording FILE`. SIGINT/SIGTERM stop early and keep "
+                  "what was recorded.")
     rec.add_argument("--out", required=True, metavar="FILE", help="recording to write (.npz)")
     rec.add_argument("--duration", default="10m", metavar="DURATION",
                      help="how long to record (default 10m)")

@@ -85,6 +85,13 @@ def check_range(value: float, where: str, low: float | None, high: float | None,
         raise ConfigError(f"{where}: must be {span}, got {show(value)}")
 
 
+def parse_seed(value: Any, where: str) -> int:
+    """A simulation seed: an integer numpy's generators take (0 .. 2**63 - 1)."""
+    seed = _typed(value, int, where)
+    check_range(seed, where, 0, MAX_SEED, str)
+    return seed
+
+
 def parse_listen(value: str, where: str) -> tuple[str, int]:
     host, sep, port = str(value).rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -411,9 +418,7 @@ def build(args: argparse.Namespace, env: dict[str, str] | None = None) -> Config
         raise ConfigError("the window must be at least as long as the analysis window")
     check_window_memory(cfg, "the window (sampling.window, --sampling.window)")
     if getattr(args, "simulate_seed", None) is not None:
-        seed = _typed(args.simulate_seed, int, "--simulate.seed")
-        check_range(seed, "--simulate.seed", 0, MAX_SEED, str)
-        cfg = replace(cfg, simulate_seed=seed)
+        cfg = replace(cfg, simulate_seed=parse_seed(args.simulate_seed, "--simulate.seed"))
     if cfg.simulate:
         from agentd.sim.scenario import ScenarioError, load
 
