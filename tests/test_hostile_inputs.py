@@ -88,3 +88,23 @@ def test_closed_pipe_is_not_an_error():
     r = subprocess.run(f"{sys.executable} -m agentd catalog | head -1", shell=True,
                        capture_output=True, text=True, timeout=60)
     assert r.stdout.startswith("agentd_") and r.stderr == ""
+
+
+def test_exit_statuses_are_in_help_and_docs():
+    """Each command's --help lists its exit statuses; docs/reliability.md has them all, the
+    same as agentd/exitcodes.py."""
+    import re
+
+    from agentd.cli import build_parser
+    from agentd.exitcodes import BY_COMMAND, epilog
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for name, parser in sub.choices.items():
+        assert epilog(name) in parser.format_help(), name
+    with open(os.path.join(hostile.ROOT, "docs", "reliability.md")) as f:
+        section = f.read().split("\n## Exit statuses\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(\w+)` \| (\d+) \| (.+) \|$", section, re.M)
+    documented: dict[str, dict[int, str]] = {}
+    for command, code, text in rows:
+        documented.setdefault(command, {})[int(code)] = text
+    assert documented == BY_COMMAND
