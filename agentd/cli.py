@@ -324,8 +324,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
     except RulesConfigError as e:
         return _fail(f"rules: {e}")
     if args.out == "-":
-        sys.stdout.write(text)
-        return 0
+        return _print(text)
     try:
         parent = os.path.dirname(args.out)
         if parent:
@@ -341,8 +340,13 @@ def cmd_rules(args: argparse.Namespace) -> int:
 def cmd_catalog(args: argparse.Namespace) -> int:
     from agentd.catalog import METRICS, render_markdown
 
-    text = render_markdown() if args.markdown else "".join(
-        f"{m.name}\t{m.type}\t{','.join(m.labels)}\t{m.help}\n" for m in METRICS)
+    return _print(render_markdown() if args.markdown else "".join(
+        f"{m.name}\t{m.type}\t{','.join(m.labels)}\t{m.help}\n" for m in METRICS))
+
+
+def _print(text: str) -> int:
+    """Write `text` to standard output: 0, or 4 and one line when it cannot be written (a
+    closed pipe is left to main(): not an error)."""
     try:
         sys.stdout.write(text)
         sys.stdout.flush()

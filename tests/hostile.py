@@ -426,6 +426,20 @@ CASES = [
          "cannot listen on"),
     Case("dashboards-out-a-file", ["dashboards", "--out", "/etc/hostname"], 4, "cannot write"),
     Case("dashboards-out-proc", ["dashboards", "--out", "/proc/x"], 4, "cannot write"),
+    Case("dashboards-currency", ["dashboards", "--currency", "usd"], 2,
+         "is not a currency code"),
+    # --- rules
+    Case("rules-config-missing", ["rules", "--config", "/nonexistent"], 2,
+         "cannot read rules config"),
+    Case("rules-config-binary", ["rules", "--config", "{tmp}/r.toml"], 2, "not UTF-8 text",
+         {"r.toml": _random(1000)}),
+    Case("rules-config-deep", ["rules", "--config", "{tmp}/r.toml"], 2, "nested too deeply",
+         {"r.toml": b"x = " + b"[" * 100_000}),
+    Case("rules-bad-selector", ["rules", "--selector", "bad{{", "--out", "-"], 2,
+         "is not a list of label matchers"),
+    Case("rules-bad-runbook-url", ["rules", "--runbook-url", "notaurl", "--out", "-"], 2,
+         "is not an absolute http(s) URL"),
+    Case("rules-out-proc", ["rules", "--out", "/proc/x/r.yml"], 4, "cannot write"),
 ]
 
 

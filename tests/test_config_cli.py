@@ -100,7 +100,7 @@ def test_parse_duration_bounds_say_them():
 
 
 @pytest.mark.parametrize("text, message", [
-    ('[sampling]\nwindow = "1000000h"\n', "would take up to 162 TiB of memory"),
+    ('[sampling]\nwindow = "1000000h"\n', "TiB of memory at a 100ms fast interval"),
     ('[sampling]\nfast_interval = "0.0001ms"\n', "must be between 10ms and 10s"),
     ('[sampling]\nfast_interval = "20s"\nslow_interval = "1m"\n', "between 10ms and 10s"),
     ('[sampling]\nslow_interval = "1h"\n', "between 100ms and 10m"),
@@ -134,11 +134,15 @@ def test_window_memory_is_computed_from_rows_and_columns(tmp_path):
         if cls.window_columns and cfg.collector(name).enabled:
             w.ring(name, cfg.sampler_interval(name), cls.window_columns)
     assert C.window_bytes(cfg) == w.reserved_bytes
-    assert 25e6 < C.window_bytes(cfg) < 40e6  # docs/daemon.md: about 30 MB at the defaults
-    with pytest.raises(C.ConfigError, match="at most 2 GiB is allowed, about 12.1h"):
-        C.build(parse("--sampling.window", "13h"), env={})
-    cfg = C.build(parse("--sampling.window", "13h", "--sampling.fast-interval", "200ms"),
-                  env={})
+    assert 25e6 < C.window_bytes(cfg) < 40e6  # docs/daemon.md: about 33 MB at the defaults
+    longest = C.longest_window(cfg)
+    assert 8 * 3600 < longest < 14 * 3600
+    C.build(parse("--sampling.window", f"{longest * 0.99:.0f}s"), env={})
+    with pytest.raises(C.ConfigError, match="at most 2 GiB is allowed, about "
+                       + re.escape(C.format_duration(longest, 3))):
+        C.build(parse("--sampling.window", f"{longest * 1.01:.0f}s"), env={})
+    cfg = C.build(parse("--sampling.window", f"{longest * 1.01:.0f}s",
+                        "--sampling.fast-interval", "200ms"), env={})
     assert C.window_bytes(cfg) <= C.WINDOW_MEMORY_CAP
 
 

@@ -75,7 +75,7 @@ def test_output_that_cannot_be_written_is_exit_4(tmp_path):
     """stdout on a full disk (/dev/full): the report and the catalog say so and exit 4."""
     rec = tmp_path / "r.rec"
     rec.write_bytes(hostile.recording())
-    for args in (["catalog"], ["diagnose", "--recording", str(rec)]):
+    for args in (["catalog"], ["rules", "--out", "-"], ["diagnose", "--recording", str(rec)]):
         with open("/dev/full", "w") as full:
             r = subprocess.run([sys.executable, "-m", "agentd", *args], stdout=full,
                                stderr=subprocess.PIPE, text=True, timeout=60)
