@@ -17,7 +17,8 @@ import traceback
 import warnings
 
 from agentd import __version__
-from agentd.exitcodes import INTERRUPTED, OUTPUT, SOFTWARE, SOURCE, USAGE, epilog
+from agentd.exitcodes import INTERRUPTED, OUTPUT, SOFTWARE, SOURCE, USAGE, OutputError, \
+    epilog, write_stdout
 
 
 class _Parser(argparse.ArgumentParser):
@@ -345,15 +346,11 @@ def cmd_catalog(args: argparse.Namespace) -> int:
 
 
 def _print(text: str) -> int:
-    """Write `text` to standard output: 0, or 4 and one line when it cannot be written (a
-    closed pipe is left to main(): not an error)."""
+    """Write `text` to standard output: 0, or 4 and one line when it cannot be written."""
     try:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        raise
-    except OSError as e:
-        return _fail(f"cannot write to standard output: {e.strerror}", OUTPUT)
+        write_stdout(text)
+    except OutputError as e:
+        return _fail(str(e), OUTPUT)
     return 0
 
 

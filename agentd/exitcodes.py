@@ -67,6 +67,24 @@ BY_COMMAND: dict[str, dict[int, str]] = {
 }
 
 
+class OutputError(Exception):
+    """The report, a plot, a recording or other output cannot be written (status 4)."""
+
+
+def write_stdout(text: str, what: str = "to standard output") -> None:
+    """Write and flush `text`; OutputError when it cannot be (a full disk, a closed file).
+    A closed pipe (`| head`) raises BrokenPipeError, which main() treats as no error."""
+    import sys
+
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise OutputError(f"cannot write {what}: {e.strerror}") from None
+
+
 def epilog(command: str) -> str:
     """The exit-status paragraph of `agentd COMMAND --help`."""
     rows = BY_COMMAND[command]

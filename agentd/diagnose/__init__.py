@@ -13,21 +13,16 @@ be written; 70 a bug.
 from __future__ import annotations
 
 import json
-import sys
 
 from agentd.analysis.core import Options, Report, analyze
 from agentd.analysis.findings import SEVERITIES
 from agentd.analysis.signals import Signals
 from agentd.diagnose.sources import SourceError
 from agentd.exitcodes import FINDINGS as EXIT_FINDINGS, OK as EXIT_OK, OUTPUT as EXIT_OUTPUT, \
-    SOURCE as EXIT_SOURCE, USAGE as EXIT_USAGE
+    SOURCE as EXIT_SOURCE, USAGE as EXIT_USAGE, OutputError, write_stdout
 
 __all__ = ["EXIT_FINDINGS", "EXIT_OK", "EXIT_OUTPUT", "EXIT_SOURCE", "EXIT_USAGE",
            "OutputError", "SourceError", "exit_status", "report_and_exit"]
-
-
-class OutputError(Exception):
-    """The report, the plot or the recording cannot be written (exit status 4)."""
 
 
 def exit_status(r: Report, fail_on: str) -> int:
@@ -58,11 +53,5 @@ def report_and_exit(sig: Signals, args) -> int:
         plot(sig, r, args.plot)  # before any output: a missing matplotlib is a usage error
     text = json.dumps(r.to_json(), indent=1, allow_nan=False) + "\n" if args.json else \
         render_text(r)
-    try:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        raise
-    except OSError as e:
-        raise OutputError(f"cannot write the report: {e.strerror}") from None
+    write_stdout(text, "the report")
     return exit_status(r, args.fail_on)
