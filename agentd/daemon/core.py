@@ -1,7 +1,8 @@
 """`agentd run`: the samplers, the window, the exporter and the HTTP endpoint, with signals.
 
-SIGTERM/SIGINT stop within 2 s; SIGHUP re-reads the config file (a bad file is logged and
-the running configuration kept); under systemd, READY=1 is sent once serving, and WATCHDOG=1
+SIGTERM/SIGINT stop within 2 s; SIGHUP re-reads the config file (a file, scenario or web
+config that does not load, or a new address that cannot be bound, is logged and the running
+configuration kept, still serving where it was); under systemd, READY=1 is sent once serving, and WATCHDOG=1
 while the main loop and the HTTP server are alive. A sampler stuck in a read (a hung NFS
 mount, a wedged driver) does not stop the watchdog: restarting cannot unstick it, and it
 shows in agentd_sampler_last_success_timestamp_seconds for an alert to catch.
@@ -399,7 +400,7 @@ class Daemon:
         self.stop()
 
     def stop(self) -> None:
-        started = bool(self._loops)
+        started = bool(self._loops) or self.server is not None
         self.notifier.stopping()
         if self.server is not None:
             self.analysis.stop()
