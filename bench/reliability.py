@@ -336,9 +336,10 @@ def main() -> int:
     results = bad_inputs(root, args.input_timeout)
     bad = [r for r in results if r[3]]
     by_command: dict[str, Counter] = {}
-    commands = ("run", "diagnose", "record", "demo", "dashboards", "catalog")
+    from agentd.exitcodes import BY_COMMAND
+
     for c, rc, _, _ in results:
-        cmd = c.args[0] if c.args and c.args[0] in commands else "(no command)"
+        cmd = c.args[0] if c.args and c.args[0] in BY_COMMAND else "(no command)"
         by_command.setdefault(cmd, Counter())[rc] += 1
     print(f"Bad inputs: {len(results)} tried, {len(results) - len(bad)} answered as documented "
           "(one line on stderr, no traceback, the documented exit status)")
