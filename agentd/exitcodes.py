@@ -28,8 +28,8 @@ BY_COMMAND: dict[str, dict[int, str]] = {
         OK: "no finding at or above --fail-on",
         FINDINGS: "findings at or above --fail-on",
         USAGE: _COMMON[USAGE],
-        SOURCE: "the source (daemon, recording, Prometheus) cannot be reached or read, or "
-                "holds too little to analyse",
+        SOURCE: "the source (daemon, recording, Prometheus) cannot be reached or read, "
+                "holds too little to analyse, or holds no GPU",
         OUTPUT: "the report or --plot cannot be written",
         SOFTWARE: _COMMON[SOFTWARE],
         INTERRUPTED: "interrupted (Ctrl-C) before a report",
