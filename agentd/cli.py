@@ -1,31 +1,66 @@
 """The `agentd` command line.
 
-Exit codes: 0 success; 2 usage or configuration error (one line on stderr, no traceback).
+Every failure is one line on stderr and an exit status from agentd/exitcodes.py (each
+command's --help lists its own): 2 for a problem with what was given, found before anything
+starts; 3 a source that cannot be read; 4 an output that cannot be written; 70 a bug.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import re
 import sys
+import traceback
+import warnings
 
 from agentd import __version__
-
-EXIT_USAGE = 2
+from agentd.exitcodes import INTERRUPTED, OUTPUT, SOFTWARE, SOURCE, USAGE, OutputError, \
+    epilog, write_stdout
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error in one line and exits 2."""
 
     def error(self, message: str):  # type: ignore[override]
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        self.exit(USAGE, f"{self.prog}: error: {message}\n")
 
 
-def _fail(message: str) -> int:
-    print(f"agentd: error: {message}", file=sys.stderr)
-    return EXIT_USAGE
+def _fail(message: str, code: int = USAGE, prefix: str = "agentd: error") -> int:
+    print(f"{prefix}: {message}", file=sys.stderr)
+    return code
+
+
+def _duration(value, flag: str) -> float:
+    from agentd.daemon.config import parse_duration
+
+    return parse_duration(value, flag)
+
+
+def _number(value, flag: str, positive: bool = True) -> float:
+    """A finite number from a flag: > 0, or >= 0 when not `positive`."""
+    from agentd.daemon.config import ConfigError
+
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{flag}: expected a number, got {value!r}") from None
+    if not math.isfinite(v) or v < 0 or (positive and v == 0):
+        raise ConfigError(f"{flag}: must be a {'positive' if positive else 'non-negative'} "
+                          f"finite number, got {value!r}")
+    return v
+
+
+def _url(value: str, flag: str) -> str:
+    from agentd.daemon.config import ConfigError
+    from agentd.diagnose.sources.http import url_problem
+
+    problem = url_problem(value)
+    if problem:
+        raise ConfigError(f"{flag}: {problem}")
+    return value
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -51,18 +86,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from agentd import logs
-    from agentd.daemon.config import ConfigError, parse_listen
+    from agentd.daemon.config import ConfigError, parse_listen, parse_seed
     from agentd.sim.demo import run_demo
     from agentd.sim.scenario import ScenarioError, load
 
     try:
         parse_listen(args.listen_address, "--web.listen-address")
-        load(args.scenario, args.seed)
+        seed = None if args.seed is None else parse_seed(args.seed, "--seed")
+        seconds = _duration(args.seconds, "--seconds") if args.seconds else None
+        load(args.scenario, seed)
     except (ConfigError, ScenarioError) as e:
         return _fail(str(e))
     logs.setup("warning")
     try:
-        return run_demo(args.scenario, args.seed, args.listen_address, args.seconds)
+        return run_demo(args.scenario, seed, args.listen_address, seconds)
     except ConfigError as e:
         return _fail(str(e))
 
@@ -76,34 +113,68 @@ def _live_config(args: argparse.Namespace):
     return configmod.build(ns)
 
 
-def _parse_time(value: str, now: float) -> float:
+def _parse_time(value: str, now: float, flag: str) -> float:
     import datetime
+
+    from agentd.daemon.config import ConfigError
 
     v = value.strip()
     if v == "now":
         return now
     try:
-        return float(v)
+        t = float(v)
     except ValueError:
-        pass
-    try:
-        return datetime.datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        raise ValueError(f"{value!r} is neither Unix seconds nor an RFC 3339 time") from None
+        try:
+            t = datetime.datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
+        except (ValueError, OverflowError, OSError):
+            raise ConfigError(f"{flag}: {value!r} is neither Unix seconds nor an RFC 3339 "
+                              "time") from None
+    if not (math.isfinite(t) and 0 <= t < 1e11):
+        raise ConfigError(f"{flag}: {value!r} is not a time after 1970 and before 5000")
+    return t
 
 
 def _http_options(args: argparse.Namespace):
-    from agentd.daemon import config as configmod
+    """Deadline, credentials and CA for the daemon and Prometheus sources; the files are
+    checked here, so that a missing one is a usage error, not an unreachable source."""
+    from agentd.daemon.config import ConfigError
     from agentd.diagnose.sources.http import env_options
 
-    deadline = configmod.parse_duration(args.timeout, "--timeout") if getattr(
-        args, "timeout", None) else None
-    return env_options(deadline, getattr(args, "auth_file", None),
+    deadline = _duration(args.timeout, "--timeout") if getattr(args, "timeout", None) \
+        else None
+    opts = env_options(deadline, getattr(args, "auth_file", None),
                        getattr(args, "ca_file", None), getattr(args, "insecure", False))
+    for path, flag in ((opts.auth_file, "--auth-file"), (opts.ca_file, "--ca-file")):
+        if path:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as e:
+                raise ConfigError(f"{flag} {path}: {e.strerror}") from None
+    return opts
+
+
+def _check_diagnose_flags(args: argparse.Namespace) -> None:
+    """Turn the numeric flags into numbers, or raise ConfigError (before any sampling)."""
+    from agentd.daemon.config import ConfigError
+
+    if args.seconds is not None:
+        args.seconds = _duration(args.seconds, "--seconds")
+    for flag in ("samples_per_step", "tokens_per_step"):
+        if getattr(args, flag) is not None:
+            setattr(args, flag, _number(getattr(args, flag), "--" + flag.replace("_", "-")))
+    if args.price_per_gpu_hour is not None:
+        args.price_per_gpu_hour = _number(args.price_per_gpu_hour, "--price-per-gpu-hour",
+                                          positive=False)
+    for flag in ("daemon", "prometheus"):
+        if getattr(args, flag) is not None:
+            _url(getattr(args, flag), "--" + flag)
+    if args.node is not None and not args.node.strip():
+        raise ConfigError("--node is empty")
 
 
 def _source(args: argparse.Namespace):
-    """The source the flags name (a usage problem raises ConfigError or ValueError)."""
+    """The source the flags name (a usage problem raises ConfigError)."""
     import time
 
     from agentd.daemon import config as configmod
@@ -124,65 +195,73 @@ def _source(args: argparse.Namespace):
         if not args.node:
             raise configmod.ConfigError("--prometheus needs --node HOST (or a label matcher)")
         now = time.time()
-        end = _parse_time(args.end, now)
-        start = _parse_time(args.start, now) if args.start else \
-            end - configmod.parse_duration(args.last, "--last")
-        step = None if args.step in (None, "auto") else \
-            configmod.parse_duration(args.step, "--step")
+        end = _parse_time(args.end, now, "--end")
+        start = _parse_time(args.start, now, "--start") if args.start else \
+            end - _duration(args.last, "--last")
+        step = None if args.step in (None, "auto") else _duration(args.step, "--step")
         if end <= start:
             raise configmod.ConfigError("--end must be after --start")
         client = PromClient(args.prometheus, _http_options(args))
         flavour = args.flavour if args.flavour != "auto" else detect(client, args.node, end)
         cls = AgentdPrometheusSource if flavour == "agentd" else ExportersPrometheusSource
         return cls(args.prometheus, args.node, start, end, step, client=client)
-    from agentd.diagnose.sources.live import LiveSource
+    from agentd.diagnose.sources.live import LiveSource, sampling_config
 
-    return LiveSource(args.seconds or 60, _live_config(args))
+    seconds = args.seconds or 60.0
+    cfg = _live_config(args)
+    sampling_config(cfg, seconds)  # a window too large for memory is a usage error, now
+    return LiveSource(seconds, cfg)
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
     from agentd import diagnose as D
     from agentd import logs
     from agentd.daemon import config as configmod
-    from agentd.diagnose.plot import PlotUnavailable
+    from agentd.diagnose.plot import PlotUnavailable, check_target
 
     logs.setup(args.log_level or "error")  # what matters ends in the report or its error
-    if args.seconds is not None and not args.seconds > 0:
-        return _fail("--seconds must be positive")
     try:
         try:
+            _check_diagnose_flags(args)
+            if args.plot:
+                check_target(args.plot)  # before sampling: matplotlib, file type, directory
             source = _source(args)
-        except (configmod.ConfigError, ValueError) as e:
+        except configmod.ConfigError as e:
             return _fail(str(e))
         return D.report_and_exit(source.read(), args)
     except PlotUnavailable as e:
         return _fail(str(e))
     except D.SourceError as e:
-        print(f"agentd diagnose: {e}", file=sys.stderr)
-        return D.EXIT_SOURCE
+        return _fail(str(e), D.EXIT_SOURCE, "agentd diagnose")
+    except D.OutputError as e:
+        return _fail(str(e), OUTPUT, "agentd diagnose")
 
 
 def cmd_record(args: argparse.Namespace) -> int:
     from agentd import diagnose as D
     from agentd import logs
     from agentd.daemon import config as configmod
-    from agentd.diagnose.record import RecordError, record
+    from agentd.diagnose.record import record
+    from agentd.diagnose.sources.live import sampling_config
 
     logs.setup(args.log_level or "error")  # what matters ends in the report or its error
     try:
-        seconds = configmod.parse_duration(args.duration, "--duration")
+        seconds = _duration(args.duration, "--duration")
+        flush = _duration(args.flush_interval, "--flush-interval")
+        if args.daemon:
+            _url(args.daemon, "--daemon")
         cfg = None if args.daemon else _live_config(args)
+        if cfg is not None:
+            sampling_config(cfg, seconds, flush)
         http = _http_options(args)
     except configmod.ConfigError as e:
         return _fail(str(e))
     try:
-        return record(args.out, seconds, args.daemon, cfg, http=http)
-    except RecordError as e:
-        print(f"agentd record: {e}", file=sys.stderr)
-        return D.EXIT_OUTPUT
+        return record(args.out, seconds, args.daemon, cfg, flush=flush, http=http)
+    except D.OutputError as e:
+        return _fail(str(e), OUTPUT, "agentd record")
     except D.SourceError as e:
-        print(f"agentd record: {e}", file=sys.stderr)
-        return D.EXIT_SOURCE
+        return _fail(str(e), SOURCE, "agentd record")
 
 
 def _add_http_flags(p: argparse.ArgumentParser) -> None:
@@ -194,7 +273,7 @@ def _add_http_flags(p: argparse.ArgumentParser) -> None:
                    help="CA certificates to verify the server (default $AGENTD_CA_FILE)")
     g.add_argument("--insecure-skip-verify", dest="insecure", action="store_true",
                    help="do not verify the server's TLS certificate")
-    g.add_argument("--timeout", default="60s",
+    g.add_argument("--timeout", default="60s", metavar="DURATION",
                    help="deadline for each request, body included (default 60s)")
 
 
@@ -224,7 +303,11 @@ def cmd_dashboards(args: argparse.Namespace) -> int:
 
     if not re.fullmatch(r"[A-Z]{3}", args.currency):
         return _fail(f"--currency: {args.currency!r} is not a currency code (e.g. USD, EUR)")
-    for path in write_all(args.out, args.currency):
+    try:
+        written = write_all(args.out, args.currency)
+    except OSError as e:
+        return _fail(f"cannot write {e.filename or args.out}: {e.strerror}", OUTPUT)
+    for path in written:
         print(path)
     return 0
 
@@ -242,8 +325,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
     except RulesConfigError as e:
         return _fail(f"rules: {e}")
     if args.out == "-":
-        sys.stdout.write(text)
-        return 0
+        return _print(text)
     try:
         parent = os.path.dirname(args.out)
         if parent:
@@ -251,8 +333,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
         with open(args.out, "w") as f:
             f.write(text)
     except OSError as e:
-        print(f"agentd rules: cannot write {args.out}: {e.strerror}", file=sys.stderr)
-        return 4
+        return _fail(f"cannot write {args.out}: {e.strerror}", OUTPUT, "agentd rules")
     print(args.out)
     return 0
 
@@ -260,11 +341,16 @@ def cmd_rules(args: argparse.Namespace) -> int:
 def cmd_catalog(args: argparse.Namespace) -> int:
     from agentd.catalog import METRICS, render_markdown
 
-    if args.markdown:
-        sys.stdout.write(render_markdown())
-    else:
-        for m in METRICS:
-            print(f"{m.name}\t{m.type}\t{','.join(m.labels)}\t{m.help}")
+    return _print(render_markdown() if args.markdown else "".join(
+        f"{m.name}\t{m.type}\t{','.join(m.labels)}\t{m.help}\n" for m in METRICS))
+
+
+def _print(text: str) -> int:
+    """Write `text` to standard output: 0, or 4 and one line when it cannot be written."""
+    try:
+        write_stdout(text)
+    except OutputError as e:
+        return _fail(str(e), OUTPUT)
     return 0
 
 
@@ -276,40 +362,46 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    run = sub.add_parser("run", help="run the node daemon (samplers, window, /metrics)",
-                         description="Run the node daemon.")
+    def command(name: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, epilog=epilog(name),
+                              formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+
+    run = command("run", help="run the node daemon (samplers, window, /metrics)",
+                  description="Run the node daemon.")
     add_run_flags(run)
     run.set_defaults(func=cmd_run)
 
-    demo = sub.add_parser("demo", help="a simulated starved 8-GPU node, live",
-                          description="Run a simulated 8-GPU node whose input pipeline is "
-                          "starved, serve its metrics, and show what agentd sees.")
+    demo = command("demo", help="a simulated starved 8-GPU node, live",
+                   description="Run a simulated 8-GPU node whose input pipeline is starved, "
+                   "serve its metrics, and show what agentd sees.")
     demo.add_argument("--scenario", default="input-storage",
                       help="scenario name (agentd/scenarios/sim) or file (default input-storage)")
-    demo.add_argument("--seed", type=int, default=None, help="randomize the scenario")
+    demo.add_argument("--seed", default=None, metavar="N",
+                      help="randomize the scenario with this seed (an integer >= 0)")
     demo.add_argument("--web.listen-address", dest="listen_address", default="127.0.0.1:9445",
                       help="where to serve /metrics (default 127.0.0.1:9445)")
-    demo.add_argument("--seconds", type=float, default=0,
+    demo.add_argument("--seconds", default=None, metavar="DURATION",
                       help="stop after this long (default: until Ctrl-C)")
     demo.set_defaults(func=cmd_demo)
 
-    diag = sub.add_parser(
+    diag = command(
         "diagnose", help="why are the GPUs idle? (live, a daemon, a recording, Prometheus)",
-        description="Diagnose GPU starvation. Exit status: 0 no finding at or above "
-        "--fail-on, 1 findings at or above it, 2 usage error, 3 source unreachable.")
+        description="Diagnose GPU starvation.")
     src = diag.add_mutually_exclusive_group()
     src.add_argument("--daemon", metavar="URL", help="a running agentd (http://host:9445)")
     src.add_argument("--recording", metavar="FILE", help="a file written by agentd record")
     src.add_argument("--prometheus", metavar="URL", help="a Prometheus server")
-    diag.add_argument("--seconds", type=float, default=None,
-                      help="seconds to sample live (default 60) or to analyse at the end of "
-                      "a window or recording")
+    diag.add_argument("--seconds", default=None, metavar="DURATION",
+                      help="how long to sample live (default 60s), or how much to analyse at "
+                      "the end of a window or recording (e.g. 90s, 5m, 1h30m)")
     diag.add_argument("--node", help="the node to diagnose in Prometheus (host name)")
     diag.add_argument("--start", help="Prometheus range start (Unix seconds or RFC 3339)")
     diag.add_argument("--end", default="now", help="Prometheus range end (default now)")
-    diag.add_argument("--last", default="1h", help="range length when --start is not given")
-    diag.add_argument("--step", default="auto",
-                      help="Prometheus resolution (default: the scrape interval in the data)")
+    diag.add_argument("--last", default="1h", metavar="DURATION",
+                      help="range length when --start is not given (default 1h)")
+    diag.add_argument("--step", default="auto", metavar="DURATION",
+                      help="Prometheus resolution (default auto: the scrape interval in the "
+                      "data)")
     diag.add_argument("--flavour", choices=("auto", "agentd", "exporters"), default="auto",
                       help="agentd's metrics, or dcgm-exporter + node_exporter (default: auto)")
     diag.add_argument("--json", action="store_true", help="the report as JSON")
@@ -317,37 +409,40 @@ def build_parser() -> argparse.ArgumentParser:
                       help="timeline of GPU busy, PCIe, storage and CPU with stalls shaded")
     diag.add_argument("--fail-on", choices=("info", "warning", "critical"), default="warning",
                       help="exit 1 on findings of this severity or worse (default warning)")
-    diag.add_argument("--samples-per-step", type=float, help="report samples per second")
-    diag.add_argument("--tokens-per-step", type=float, help="report tokens per second")
-    diag.add_argument("--price-per-gpu-hour", type=float, help="cost the GPU time lost")
+    diag.add_argument("--samples-per-step", metavar="N", help="report samples per second")
+    diag.add_argument("--tokens-per-step", metavar="N", help="report tokens per second")
+    diag.add_argument("--price-per-gpu-hour", metavar="PRICE", help="cost the GPU time lost")
     _add_live_flags(diag)
     _add_http_flags(diag)
     diag.set_defaults(func=cmd_diagnose)
 
-    rec = sub.add_parser("record", help="record the high-rate window to a file",
-                         description="Record this node (or a daemon's window) for later "
-                         "`agentd diagnose --recording FILE`. SIGINT/SIGTERM stop early "
-                         "and keep what was recorded.")
+    rec = command("record", help="record the high-rate window to a file",
+                  description="Record this node (or a daemon's window) for later "
+                  "`agentd diagnose --recording FILE`. SIGINT/SIGTERM stop early and keep "
+                  "what was recorded.")
     rec.add_argument("--out", required=True, metavar="FILE", help="recording to write (.npz)")
-    rec.add_argument("--duration", default="10m", help="how long to record (default 10m)")
+    rec.add_argument("--duration", default="10m", metavar="DURATION",
+                     help="how long to record (default 10m)")
+    rec.add_argument("--flush-interval", default="10s", metavar="DURATION",
+                     help="how often the rows gathered are appended to --out: what a crash or "
+                     "a full disk can lose at most (default 10s)")
     rec.add_argument("--daemon", metavar="URL", help="record from a running agentd")
     _add_live_flags(rec)
     _add_http_flags(rec)
     rec.set_defaults(func=cmd_record)
 
-    dash = sub.add_parser("dashboards", help="write the Grafana dashboards (grafanalib)",
-                          description="Generate the Grafana dashboards as JSON.")
+    dash = command("dashboards", help="write the Grafana dashboards (grafanalib)",
+                   description="Generate the Grafana dashboards as JSON.")
     dash.add_argument("--out", default="grafana/dashboards", help="directory to write into")
     dash.add_argument("--currency", default="USD",
                       help="currency of your agentd_gpu_price_per_hour, for the cost panels' "
                       "unit (default USD)")
     dash.set_defaults(func=cmd_dashboards)
 
-    rules = sub.add_parser(
+    rules = command(
         "rules", help="write the Prometheus recording and alerting rules (a mixin)",
         description="Generate the Prometheus rules from a small config: the selector of "
-        "agentd's series, the runbook's URL, thresholds (agentd/rules.py RulesConfig). "
-        "Exit status: 0 written, 2 bad config, 4 cannot write.")
+        "agentd's series, the runbook's URL, thresholds (agentd/rules.py RulesConfig).")
     rules.add_argument("--config", metavar="FILE",
                        help="TOML file with RulesConfig keys (thresholds, durations, "
                        "xid_severity)")
@@ -359,8 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="file to write, - for stdout (default rules/agentd.rules.yml)")
     rules.set_defaults(func=cmd_rules)
 
-    cat = sub.add_parser("catalog", help="print the metric table",
-                         description="Print the metric and signal table.")
+    cat = command("catalog", help="print the metric table",
+                  description="Print the metric and signal table.")
     cat.add_argument("--markdown", action="store_true", help="as docs/metrics.md")
     cat.set_defaults(func=cmd_catalog)
     return p
@@ -369,16 +464,30 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "log_level", None) != "debug":
+        # numpy's notes on all-NaN slices (a signal a source lacks) are no message for an
+        # operator's stderr; --log.level debug shows them.
+        warnings.simplefilter("ignore", RuntimeWarning)
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        return 130
+        return INTERRUPTED
     except BrokenPipeError:
+        # The reader went away (`agentd catalog | head`): not an error; keep Python from
+        # complaining again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except Exception as e:  # the last line of defence: one line, not a traceback
-        logging.getLogger("agentd").debug("unhandled error", exc_info=True)
-        print(f"agentd: error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+    except Exception as e:  # a bug: one line, the traceback only when asked for
+        debug = getattr(args, "log_level", None) == "debug" or \
+            logging.getLogger("agentd").isEnabledFor(logging.DEBUG)
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        print(f"agentd: internal error: {type(e).__name__}: {e} (agentd {__version__}, "
+              f"{os.path.basename(where.filename)}:{where.lineno}): a bug, please report it"
+              + ("" if debug else " with the traceback that --log.level debug prints"),
+              file=sys.stderr)
+        if debug:
+            traceback.print_exception(e, file=sys.stderr)
+        return SOFTWARE
 
 
 if __name__ == "__main__":

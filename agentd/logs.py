@@ -1,7 +1,15 @@
-"""Logging set-up suited to journald, and a log-once helper for conditions that persist."""
+"""Logging set-up suited to journald, and a log-once helper for conditions that persist.
+
+Under systemd, stderr is a stream to journald and JOURNAL_STREAM holds its "DEVICE:INODE"
+(systemd.exec(5)); only when fd 2 is that very stream do lines carry sd-daemon priority
+prefixes instead of timestamps (journald adds its own). Elsewhere, including a child whose
+stderr was redirected but which inherited the variable, lines start with an ISO 8601 time
+with its UTC offset, so that logs of nodes in different zones can be compared.
+"""
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import sys
@@ -25,16 +33,37 @@ class _JournaldFormatter(logging.Formatter):
         return prefix + super().format(record)
 
 
+class _ZonedFormatter(logging.Formatter):
+    """Timestamps as ISO 8601 with milliseconds and the local UTC offset:
+    2026-12-01T13:25:20.123+01:00."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        t = datetime.datetime.fromtimestamp(record.created).astimezone()
+        return t.isoformat(timespec="milliseconds")
+
+
+def is_journal_stream(stream, env: dict | None = None) -> bool:
+    """Whether `stream` is the journald stream that JOURNAL_STREAM names ("DEV:INODE")."""
+    value = (os.environ if env is None else env).get("JOURNAL_STREAM", "")
+    dev, sep, ino = value.partition(":")
+    if not sep or not dev.isdigit() or not ino.isdigit():
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):  # no file descriptor behind it
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
 def setup(level: str = "info", stream=None) -> None:
-    """Log to stderr; under systemd (JOURNAL_STREAM set) drop timestamps and use level prefixes."""
+    """Log to stderr: with priority prefixes when it is journald's stream, else with zoned
+    timestamps."""
     stream = stream or sys.stderr
     handler = logging.StreamHandler(stream)
-    if os.environ.get("JOURNAL_STREAM"):
+    if is_journal_stream(stream):
         handler.setFormatter(_JournaldFormatter("%(name)s: %(message)s"))
     else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
-        )
+        handler.setFormatter(_ZonedFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("agentd")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

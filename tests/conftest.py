@@ -15,6 +15,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "fixtures")
 sys.path.insert(0, FIXTURES)
+sys.path.insert(0, HERE)  # tests/hostile.py, shared with bench/reliability.py
 
 import sysfs  # noqa: E402  (tests/fixtures/sysfs.py)
 
@@ -104,8 +105,10 @@ def wait_http(url: str, timeout: float = 10.0, context=None) -> None:
 class Proc:
     """A child process with its stderr captured to a file, stopped at teardown."""
 
-    def __init__(self, args: list[str], env: dict | None = None, cwd: str | None = None):
-        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+    def __init__(self, args: list[str], env: dict | None = None, cwd: str | None = None,
+                 log=None):
+        # `log`: an open file to take stdout and stderr (default: a new temporary file).
+        self.log = log or tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
         self.p = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
                                   env={**os.environ, **(env or {})}, cwd=cwd)
 

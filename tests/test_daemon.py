@@ -43,9 +43,10 @@ def scenario(tmp_path) -> str:
     return str(p)
 
 
-def start(spawn, *args, env=None):
+def start(spawn, *args, env=None, log=None):
     port = free_port()
-    proc = spawn(agentd_cmd("run", "--web.listen-address", f"127.0.0.1:{port}", *args), env=env)
+    proc = spawn(agentd_cmd("run", "--web.listen-address", f"127.0.0.1:{port}", *args), env=env,
+                 log=log)
     url = f"http://127.0.0.1:{port}"
     return proc, url, port
 
@@ -113,9 +114,13 @@ def test_sd_notify_ready_watchdog_stopping(spawn, scenario, tmp_path):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(sock_path)
     sock.settimeout(10)
+    # Stand-in for journald's stream: JOURNAL_STREAM names the very file stderr is.
+    log = open(tmp_path / "journal.log", "w+")
+    st = os.fstat(log.fileno())
     try:
-        proc, url, _ = start(spawn, "--fake-nvml", scenario, env={
-            "NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "400000", "JOURNAL_STREAM": "8:1"})
+        proc, url, _ = start(spawn, "--fake-nvml", scenario, log=log, env={
+            "NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "400000",
+            "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
         messages = []
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not any("WATCHDOG=1" in m for m in messages):
@@ -127,8 +132,10 @@ def test_sd_notify_ready_watchdog_stopping(spawn, scenario, tmp_path):
             messages.append(sock.recv(4096).decode())
         proc.p.wait(5)
         # Under journald: no timestamps, sd-daemon priority prefixes instead.
-        first = proc.output().splitlines()[0]
-        assert first.startswith("<4>") and "FAKE GPUs" in first
+        lines = proc.output().splitlines()
+        assert lines[0].startswith("<6>agentd: serving http://127.0.0.1:")
+        assert any(ln.startswith("<4>") and "FAKE GPUs" in ln for ln in lines)
+        assert all(ln[:3] in ("<4>", "<6>") for ln in lines), lines
     finally:
         sock.close()
 
@@ -378,3 +385,87 @@ def test_wall_clock_stepped_back_an_hour(dgx_procfs, dgx_sysfs, monkeypatch):
         assert not [s for s in d.analysis.series() if s[0].startswith("agentd_finding")]
     finally:
         uninstall()
+
+
+def reload_and_wait(proc, url: str) -> str:
+    """SIGHUP, then the metrics once the reload has been attempted (its outcome logged)."""
+    count = proc.output().count("reload")
+    proc.p.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while proc.output().count("reload") == count and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return metrics(url)
+
+
+def test_failed_reloads_keep_serving(spawn, scenario, tmp_path):
+    """A new address in use, a broken fake-NVML scenario: the reload fails, is logged and
+    reported, and the daemon goes on serving where it was."""
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = free_port()
+    cfg = tmp_path / "agentd.toml"
+    good = f'[web]\nlisten_address = "127.0.0.1:{port}"\n[gpu]\nfake_nvml = "{scenario}"\n'
+    cfg.write_text(good)
+    proc = spawn(agentd_cmd("run", "--config.file", str(cfg)))
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/metrics")
+    try:
+        cfg.write_text(good.replace(str(port), str(busy.getsockname()[1])))
+        text = reload_and_wait(proc, url)
+        assert value(text, "agentd_config_last_reload_successful") == 0
+        assert "cannot listen on" in proc.output().splitlines()[-1]
+        bad = tmp_path / "bad.toml"
+        bad.write_text("[[gpus]]\ncount = 'many'\n")
+        cfg.write_text(good.replace(scenario, str(bad)))
+        text = reload_and_wait(proc, url)
+        assert value(text, "agentd_config_last_reload_successful") == 0
+        assert "reload failed" in proc.output().splitlines()[-1]
+        assert value(text, 'agentd_sampler_success{sampler="gpu"}') == 1
+        cfg.write_text(good)
+        text = reload_and_wait(proc, url)
+        assert value(text, "agentd_config_last_reload_successful") == 1
+        assert proc.p.poll() is None
+    finally:
+        busy.close()
+
+
+def test_reload_with_a_broken_simulation_scenario(spawn, tmp_path):
+    import shutil
+
+    from agentd.sim.scenario import SCENARIO_DIR
+
+    sc = tmp_path / "sim.toml"
+    shutil.copy(os.path.join(SCENARIO_DIR, "input-cpu.toml"), sc)
+    (tmp_path / "a.toml").write_text("")
+    proc, url, _ = start(spawn, "--simulate", str(sc), "--config.file", str(tmp_path / "a.toml"))
+    wait_http(url + "/metrics")
+    sc.write_text("[[events]]\ngpu = 'x'\n")
+    text = reload_and_wait(proc, url)
+    assert value(text, "agentd_config_last_reload_successful") == 0
+    assert "events[0].gpu" in proc.output()
+    assert proc.p.poll() is None
+
+
+def test_reload_to_another_host_on_the_same_port(spawn, scenario, tmp_path):
+    """127.0.0.1:P -> 0.0.0.0:P cannot bind beside the old socket: the old one is closed
+    first, and reopened when the new address cannot be had."""
+    port = free_port()
+    cfg = tmp_path / "agentd.toml"
+    cfg.write_text(f'[web]\nlisten_address = "127.0.0.1:{port}"\n')
+    proc = spawn(agentd_cmd("run", "--config.file", str(cfg), "--fake-nvml", scenario))
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/metrics")
+    other = socket.socket()
+    other.bind(("127.0.0.2", port))  # someone else on the same port, another address
+    other.listen()
+    try:
+        cfg.write_text(f'[web]\nlisten_address = "0.0.0.0:{port}"\n')
+        text = reload_and_wait(proc, url)
+        assert value(text, "agentd_config_last_reload_successful") == 0
+    finally:
+        other.close()
+    text = reload_and_wait(proc, url)
+    assert value(text, "agentd_config_last_reload_successful") == 1
+    assert "serving http://0.0.0.0:" in proc.output()
+    assert proc.p.poll() is None

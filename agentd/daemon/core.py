@@ -1,7 +1,8 @@
 """`agentd run`: the samplers, the window, the exporter and the HTTP endpoint, with signals.
 
-SIGTERM/SIGINT stop within 2 s; SIGHUP re-reads the config file (a bad file is logged and
-the running configuration kept); under systemd, READY=1 is sent once serving, and WATCHDOG=1
+SIGTERM/SIGINT stop within 2 s; SIGHUP re-reads the config file (a file, scenario or web
+config that does not load, or a new address that cannot be bound, is logged and the running
+configuration kept, still serving where it was); under systemd, READY=1 is sent once serving, and WATCHDOG=1
 while the main loop and the HTTP server are alive. A sampler stuck in a read (a hung NFS
 mount, a wedged driver) does not stop the watchdog: restarting cannot unstick it, and it
 shows in agentd_sampler_last_success_timestamp_seconds for an alert to catch.
@@ -33,6 +34,11 @@ from agentd.daemon.window import Window
 log = logging.getLogger("agentd")
 
 STOP_DEADLINE = 1.5  # seconds to wait for sampler threads on stop (the budget is 2 s)
+
+
+class ServingLost(ConfigError):
+    """A reload moved the listen address and neither the new nor the old one could be bound
+    again: the daemon cannot serve (it exits with status 2)."""
 
 
 def install_fake_nvml(path: str) -> None:
@@ -90,19 +96,12 @@ class Daemon:
                        fast_interval=cfg.fast_interval,
                        slow_interval=cfg.slow_interval, shared=self.shared)
 
-    def _interval(self, cfg: Config, name: str) -> float:
-        cls = registry()[name]
-        own = cfg.collector(name).interval
-        if own is not None:
-            return own
-        return cfg.fast_interval if cls.default_rate == "fast" else cfg.slow_interval
-
     def _plan(self, cfg: Config) -> dict[tuple, list[str]]:
         """Which loop runs which samplers: one per isolated sampler, one per interval else."""
         plan: dict[tuple, list[str]] = {}
         for name, cls in registry().items():
             if cfg.collector(name).enabled:
-                interval = self._interval(cfg, name)
+                interval = cfg.sampler_interval(name)
                 key = (name, interval) if cls.isolated else ("host", interval)
                 plan.setdefault(key, []).append(name)
         return plan
@@ -279,28 +278,68 @@ class Daemon:
     # --- life cycle -------------------------------------------------------------------------------
 
     def start(self, serve_http: bool = True) -> None:
-        if self.sim_node is not None:
-            self.sim_node.start()
-        self._apply_samplers(None, self.config)
+        # The address first: when it cannot be listened on, nothing else has started.
         if serve_http:
             self._start_server(self.config)
+        try:
+            if self.sim_node is not None:
+                self.sim_node.start()
+            self._apply_samplers(None, self.config)
+        except BaseException:
+            if self.server is not None:
+                self.server.stop()
+                self.server = None
+            raise
+        if serve_http:
             self.analysis.start()
             self.notifier.ready(f"serving on {self.config.listen_address}")
 
     def reload(self) -> bool:
+        """Re-read the configuration and apply it. Whatever fails (a bad file, a bad scenario,
+        an address that cannot be listened on) leaves the daemon serving as before: the
+        reason is logged and agentd_config_last_reload_successful drops to 0."""
         if self._reload_config is None:
             return False
         self.notifier.reloading()
         try:
             cfg = self._reload_config()
-            if cfg.web_config_file:
-                load_web_config(cfg.web_config_file)  # validate before touching anything
+            # Validate before touching anything.
+            web = load_web_config(cfg.web_config_file) if cfg.web_config_file else WebConfig()
+            cfg = self._kept_on_reload(self.config, cfg)
+            if cfg.listen_address != self.config.listen_address:
+                self._move_server(self.config, cfg)
+        except ServingLost:
+            raise
         except (ConfigError, WebConfigError) as e:
-            log.error("reload failed, keeping the running configuration: %s", e)
-            self.last_reload_ok = False
-            self.notifier.ready("reload failed")
-            return False
+            return self._reload_failed(str(e))
         old = self.config
+        self.config = cfg
+        logging.getLogger("agentd").setLevel(cfg.log_level.upper())
+        try:
+            self._apply_samplers(old, cfg)
+        except Exception as e:  # validated above; a file changed since, or a bug
+            log.debug("applying the samplers' configuration failed", exc_info=True)
+            return self._reload_failed(f"applying it failed ({type(e).__name__}: {e}); the "
+                                       "samplers run with what could be applied")
+        assert self.server is not None
+        # Same socket, or the new one; new certificates, users and headers take effect on
+        # new connections.
+        self.server.httpd.web = web
+        self.last_reload_ok = True
+        self.last_reload_time = time.time()
+        log.info("configuration reloaded")
+        self.notifier.ready("reloaded")
+        return True
+
+    def _reload_failed(self, reason: str) -> bool:
+        log.error("reload failed, keeping the running configuration: %s", reason)
+        self.last_reload_ok = False
+        self.notifier.ready("reload failed")
+        return False
+
+    def _kept_on_reload(self, old: Config, cfg: Config) -> Config:
+        """`cfg` with what changes only on restart (the simulated scenario, the window's
+        length) kept as it runs."""
         if self.sim_node is not None:
             if (cfg.simulate, cfg.simulate_seed) != (old.simulate, old.simulate_seed):
                 log.warning("the simulated scenario changes only on restart")
@@ -310,22 +349,32 @@ class Daemon:
             log.warning("the window length changes only on restart; keeping %gs",
                         old.window_seconds)
             cfg = replace(cfg, window_seconds=old.window_seconds)
-        self.config = cfg
-        logging.getLogger("agentd").setLevel(cfg.log_level.upper())
-        self._apply_samplers(old, cfg)
-        assert self.server is not None
-        if cfg.listen_address != old.listen_address:
-            self.server.stop()
+        return cfg
+
+    def _move_server(self, old: Config, cfg: Config) -> None:
+        """Serve on cfg's address instead of old's, or raise ConfigError still serving on
+        old's. The new socket is bound while the old one serves; only when both share a port
+        (a host that changes) is the old one closed first, and reopened if the new fails."""
+        previous = self.server
+        assert previous is not None
+        try:
             self._start_server(cfg)
-        else:
-            # Same socket; new certificates, users and headers take effect on new connections.
-            self.server.httpd.web = (load_web_config(cfg.web_config_file)
-                                     if cfg.web_config_file else WebConfig())
-        self.last_reload_ok = True
-        self.last_reload_time = time.time()
-        log.info("configuration reloaded")
-        self.notifier.ready("reloaded")
-        return True
+        except ConfigError:
+            if parse_listen(cfg.listen_address, "")[1] != parse_listen(old.listen_address,
+                                                                        "")[1]:
+                raise
+            previous.stop()
+            try:
+                self._start_server(cfg)
+            except ConfigError:
+                try:
+                    self._start_server(old)  # the port was ours a moment ago
+                except ConfigError as e:
+                    raise ServingLost(f"cannot serve on {cfg.listen_address}, nor again on "
+                                      f"{old.listen_address}: {e}") from None
+                raise
+            return
+        previous.stop()
 
     def request_stop(self, *_args) -> None:
         self._stop.set()
@@ -351,6 +400,7 @@ class Daemon:
         self.stop()
 
     def stop(self) -> None:
+        started = bool(self._loops) or self.server is not None
         self.notifier.stopping()
         if self.server is not None:
             self.analysis.stop()
@@ -359,4 +409,5 @@ class Daemon:
             self.server.stop()
         if self.sim_node is not None:
             self.sim_node.stop()
-        log.info("stopped")
+        if started:
+            log.info("stopped")

@@ -25,6 +25,29 @@ log = logging.getLogger("agentd.analysis")
 STALE_RUNS = 3  # a report older than this many intervals is no longer served
 
 
+def finding_log(previous: dict[tuple, str], findings: list) -> tuple[dict[tuple, str],
+                                                                     list[tuple[int, str]]]:
+    """What the log says after an analysis run. `previous` maps each finding logged so far,
+    keyed (kind, GPUs), to its severity; returns that map for `findings` and the lines to
+    log as (level, text): a new finding at warning with its headline; a change of severity
+    and a finding that cleared at info."""
+    now: dict[tuple, str] = {}
+    lines = []
+    for f in findings:
+        key = (f.kind, tuple(f.subject.get("gpus", [])))
+        now[key] = f.severity
+        before = previous.get(key)
+        if before is None:
+            lines.append((logging.WARNING, f.headline()))
+        elif before != f.severity:
+            lines.append((logging.INFO, f"severity {before} -> {f.severity}: {f.headline()}"))
+    for (kind, gpus), severity in previous.items():
+        if (kind, gpus) not in now:
+            where = f"GPU {','.join(map(str, gpus))}" if gpus else "node"
+            lines.append((logging.INFO, f"cleared: {kind} on {where} (was {severity})"))
+    return now, lines
+
+
 class RollingAnalysis:
     def __init__(self, daemon: "Daemon"):
         self.daemon = daemon
@@ -35,7 +58,7 @@ class RollingAnalysis:
         self._report_mono: float | None = None  # monotonic time the report was made
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="analysis", daemon=True)
-        self._reported: set[tuple] = set()
+        self._reported: dict[tuple, str] = {}
 
     def start(self) -> None:
         self._thread.start()
@@ -63,12 +86,9 @@ class RollingAnalysis:
         self.runs += 1
         self.duration = time.perf_counter() - t0
         self.last_run = now
-        current = {(f.kind, tuple(f.subject.get("gpus", []))) for f in report.findings}
-        for f in report.findings:
-            key = (f.kind, tuple(f.subject.get("gpus", [])))
-            if key not in self._reported:
-                log.warning("%s", f.headline())
-        self._reported = current
+        self._reported, lines = finding_log(self._reported, report.findings)
+        for level, line in lines:
+            log.log(level, "%s", line)
         return report
 
     def _loop(self) -> None:

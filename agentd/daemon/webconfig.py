@@ -14,17 +14,24 @@ node_exporter and dcgm-exporter): TLS, client certificates, basic auth with bcry
 
 Settings this server cannot honour (cipher_suites, client_allowed_sans, ...) are refused
 rather than silently ignored: a security setting that does nothing is worse than an error.
+As in exporter-toolkit, only the security headers below may be set (with their enumerated
+values where they have some), and a password hash must parse as bcrypt: a hash that no
+password can match would lock every client out without a word. Header values with control
+characters (a CR/LF would inject headers into every response) are refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import ssl
 import threading
 from dataclasses import dataclass, field
 
 import yaml
+
+from agentd.tomlfile import read_text
 
 
 class WebConfigError(ValueError):
@@ -48,6 +55,20 @@ _TLS_KEYS = {"cert_file", "key_file", "client_auth_type", "client_ca_file", "min
              "max_version"}
 _TLS_REFUSED = {"cipher_suites", "curve_preferences", "prefer_server_cipher_suites",
                 "client_allowed_sans", "cert", "key"}
+# exporter-toolkit's extraHTTPHeaders: the headers a web config may add, and the values
+# allowed where the header has a fixed set (None: any value without control characters).
+HEADERS: dict[str, tuple[str, ...] | None] = {
+    "Strict-Transport-Security": None,
+    "X-Content-Type-Options": ("nosniff",),
+    "X-Frame-Options": ("deny", "sameorigin"),
+    "X-XSS-Protection": None,
+    "Content-Security-Policy": None,
+}
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # tab is allowed inside a field value
+# A bcrypt hash: $2a$, $2b$, $2x$ or $2y$, a two-digit cost, then 22 characters of salt and
+# 31 of hash in bcrypt's base-64 alphabet.
+_BCRYPT = re.compile(r"^\$2[abxy]\$(\d\d)\$[./A-Za-z0-9]{53}$")
+MAX_BCRYPT_COST = 16  # each step doubles the check: cost 10 takes ~60 ms, 16 ~4 s, 31 days
 
 
 @dataclass
@@ -95,14 +116,58 @@ def _dummy_hash() -> bytes:
     return _DUMMY[0]
 
 
-def load_web_config(path: str) -> WebConfig:
+def check_bcrypt(hashed: object) -> bytes:
+    """The hash as bytes if bcrypt can check passwords against it; else WebConfigError with
+    what is wrong. bcrypt itself parses it, at the lowest cost so that loading stays cheap."""
+    import bcrypt
+
+    if not isinstance(hashed, str):
+        raise WebConfigError("not a bcrypt hash (expected a string like $2y$10$...)")
+    m = _BCRYPT.match(hashed)
+    if not m:
+        shape = "a bcrypt hash is $2y$, a cost, $, then 53 of [./A-Za-z0-9]" \
+            if len(hashed) == 60 else \
+            f"{len(hashed)} characters where a bcrypt hash has 60: was it copied whole?"
+        raise WebConfigError(f"not a bcrypt hash ({shape})")
+    cost = int(m.group(1))
+    if not 4 <= cost <= MAX_BCRYPT_COST:
+        raise WebConfigError(f"bcrypt cost {cost} is outside 4..{MAX_BCRYPT_COST} (each step "
+                             "doubles every new login's CPU time; 10 to 12 is usual)")
     try:
-        with open(path) as f:
-            doc = yaml.safe_load(f) or {}
-    except OSError as e:
-        raise WebConfigError(f"cannot read web config {path}: {e.strerror}") from None
+        bcrypt.checkpw(b"", (hashed[:4] + "04" + hashed[6:]).encode())
+    except ValueError as e:
+        raise WebConfigError(f"not a bcrypt hash: bcrypt cannot parse it ({e})") from None
+    return hashed.encode()
+
+
+def _headers(headers: object, path: str) -> dict[str, str]:
+    if not isinstance(headers, dict):
+        raise WebConfigError(f"{path}: http_server_config.headers must be a mapping")
+    out = {}
+    for name, value in headers.items():
+        where = f"{path}: http_server_config.headers"
+        if name not in HEADERS:
+            raise WebConfigError(f"{where}: {str(name)[:80]!r} cannot be set (allowed: "
+                                 f"{', '.join(HEADERS)})")
+        if not isinstance(value, str) or _CONTROL.search(value):
+            raise WebConfigError(f"{where}.{name}: expected one line of text, got "
+                                 f"{str(value)[:80]!r}")
+        allowed = HEADERS[name]
+        if allowed is not None and value not in allowed:
+            raise WebConfigError(f"{where}.{name}: expected one of {', '.join(allowed)}, got "
+                                 f"{value[:80]!r}")
+        out[name] = value
+    return out
+
+
+def load_web_config(path: str) -> WebConfig:
+    text = read_text(path, "web config", WebConfigError)
+    try:
+        doc = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise WebConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise WebConfigError(f"{path}: nested too deeply") from None
     if not isinstance(doc, dict):
         raise WebConfigError(f"{path}: expected a mapping at the top level")
     unknown = set(doc) - {"tls_server_config", "http_server_config", "basic_auth_users"}
@@ -115,17 +180,18 @@ def load_web_config(path: str) -> WebConfig:
     http = doc.get("http_server_config") or {}
     if not isinstance(http, dict) or set(http) - {"headers", "http2"}:
         raise WebConfigError(f"{path}: http_server_config supports 'headers' only")
-    headers = http.get("headers") or {}
-    if not isinstance(headers, dict):
-        raise WebConfigError(f"{path}: http_server_config.headers must be a mapping")
-    cfg.headers = {str(k): str(v) for k, v in headers.items()}
+    cfg.headers = _headers(http.get("headers") or {}, path)
     users = doc.get("basic_auth_users") or {}
     if not isinstance(users, dict):
         raise WebConfigError(f"{path}: basic_auth_users must map user names to bcrypt hashes")
     for user, hashed in users.items():
-        if not isinstance(hashed, str) or not hashed.startswith(("$2a$", "$2b$", "$2y$")):
-            raise WebConfigError(f"{path}: basic_auth_users.{user}: not a bcrypt hash")
-        cfg.users[str(user)] = hashed.encode()
+        if not isinstance(user, str) or not user or ":" in user or _CONTROL.search(user):
+            raise WebConfigError(f"{path}: basic_auth_users: {str(user)[:80]!r} is not a user "
+                                 "name (text without ':' or control characters)")
+        try:
+            cfg.users[user] = check_bcrypt(hashed)
+        except WebConfigError as e:
+            raise WebConfigError(f"{path}: basic_auth_users.{user}: {e}") from None
     return cfg
 
 

@@ -23,6 +23,16 @@ import numpy as np
 VALUE_DTYPE = np.float32
 
 
+def ring_rows(seconds: float, interval: float) -> int:
+    """Rows of a ring holding `seconds` of rows at `interval`."""
+    return max(math.ceil(seconds / interval), 2)
+
+
+def ring_bytes(rows: int, max_columns: int) -> int:
+    """The most memory a ring can take: its values at full width and its timestamps."""
+    return rows * (max_columns * np.dtype(VALUE_DTYPE).itemsize + 8)
+
+
 class Ring:
     def __init__(self, rows: int, max_columns: int = 256, initial_columns: int = 16):
         self.rows = max(int(rows), 2)
@@ -38,7 +48,7 @@ class Ring:
 
     @property
     def reserved_bytes(self) -> int:
-        return self.rows * (self.max_columns * np.dtype(VALUE_DTYPE).itemsize + 8)
+        return ring_bytes(self.rows, self.max_columns)
 
     @property
     def used_bytes(self) -> int:
@@ -129,7 +139,7 @@ class Window:
 
     def ring(self, name: str, interval: float, max_columns: int = 256) -> Ring:
         """The sampler's ring, kept across restarts of the sampler when its interval holds."""
-        rows = math.ceil(self.seconds / interval)
+        rows = ring_rows(self.seconds, interval)
         with self._lock:
             ring = self._rings.get(name)
             if ring is None or ring.rows != rows:
@@ -204,17 +214,41 @@ def load_npz(data: bytes) -> dict[str, dict]:
 
 
 def load_npz_with_meta(data: bytes) -> tuple[dict[str, dict], dict]:
+    """The groups and the node's description of a window in npz form. Raises ValueError,
+    saying what is wrong, on bytes that are not such a window: this reads files and HTTP
+    replies, so whatever numpy, zipfile or json raise on corrupt input becomes that."""
     import json
 
-    with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        names = {k.split(":", 1)[1] for k in z.files if ":" in k}
-        groups = {
-            n: {"interval": float(z[f"i:{n}"][0]), "t": z[f"t:{n}"],
-                "columns": [str(c) for c in z[f"c:{n}"]], "values": z[f"v:{n}"]}
-            for n in names
-        }
-        meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            names = {k.split(":", 1)[1] for k in z.files if ":" in k}
+            groups = {n: _group(n, z[f"i:{n}"], z[f"t:{n}"], z[f"c:{n}"], z[f"v:{n}"])
+                      for n in names}
+            meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
+    except ValueError:
+        raise
+    except Exception as e:
+        raise ValueError(f"not a window in npz form ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError("its meta is not a JSON object")
     return groups, meta
+
+
+def _group(name: str, interval, t, columns, values) -> dict:
+    """One ring's arrays, checked to fit together."""
+    if interval.ndim != 1 or len(interval) < 1 or interval.dtype.kind not in "iuf" or \
+            not (np.isfinite(interval[0]) and interval[0] >= 0):
+        raise ValueError(f"ring {name}: the interval is not a number of seconds")
+    if t.ndim != 1 or t.dtype.kind not in "iuf":
+        raise ValueError(f"ring {name}: the times are not a list of numbers")
+    if columns.ndim != 1 or columns.dtype.kind != "U":
+        raise ValueError(f"ring {name}: the channel names are not a list of text")
+    if values.ndim != 2 or values.dtype.kind not in "iuf" or \
+            values.shape != (len(t), len(columns)):
+        raise ValueError(f"ring {name}: values of shape {values.shape} do not fit "
+                         f"{len(t)} times and {len(columns)} channels")
+    return {"interval": float(interval[0]), "t": t, "columns": [str(c) for c in columns],
+            "values": values}
 
 
 def gpu_window_stats(t: np.ndarray, busy: np.ndarray, idle_threshold: float

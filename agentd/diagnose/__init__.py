@@ -5,24 +5,24 @@
     plot.py    --plot
     record.py  `agentd record`
 
-Exit status: 0 no finding at or above --fail-on; 1 findings at or above --fail-on;
-2 usage error; 3 the source cannot be reached or read; 4 the output cannot be written.
+Exit status (agentd/exitcodes.py): 0 no finding at or above --fail-on; 1 findings at or
+above --fail-on; 2 usage error; 3 the source cannot be reached or read; 4 the output cannot
+be written; 70 a bug.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 
 from agentd.analysis.core import Options, Report, analyze
 from agentd.analysis.findings import SEVERITIES
 from agentd.analysis.signals import Signals
 from agentd.diagnose.sources import SourceError
-
-EXIT_OK, EXIT_FINDINGS, EXIT_USAGE, EXIT_SOURCE, EXIT_OUTPUT = 0, 1, 2, 3, 4
+from agentd.exitcodes import FINDINGS as EXIT_FINDINGS, OK as EXIT_OK, OUTPUT as EXIT_OUTPUT, \
+    SOURCE as EXIT_SOURCE, USAGE as EXIT_USAGE, OutputError, write_stdout
 
 __all__ = ["EXIT_FINDINGS", "EXIT_OK", "EXIT_OUTPUT", "EXIT_SOURCE", "EXIT_USAGE",
-           "SourceError", "exit_status", "report_and_exit"]
+           "OutputError", "SourceError", "exit_status", "report_and_exit"]
 
 
 def exit_status(r: Report, fail_on: str) -> int:
@@ -51,8 +51,7 @@ def report_and_exit(sig: Signals, args) -> int:
         from agentd.diagnose.plot import plot
 
         plot(sig, r, args.plot)  # before any output: a missing matplotlib is a usage error
-    if args.json:
-        sys.stdout.write(json.dumps(r.to_json(), indent=1, allow_nan=False) + "\n")
-    else:
-        sys.stdout.write(render_text(r))
+    text = json.dumps(r.to_json(), indent=1, allow_nan=False) + "\n" if args.json else \
+        render_text(r)
+    write_stdout(text, "the report")
     return exit_status(r, args.fail_on)

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import datetime
 import math
+import os
 
 import numpy as np
 
 from agentd.analysis.core import Report
 from agentd.analysis.findings import KINDS
 from agentd.analysis.signals import Signals
+from agentd.diagnose import OutputError
 
 STALL_BELOW = 0.5  # median GPU busy under this: a stall
 MAX_DEVICES = 4  # storage devices drawn one by one; the rest are summed
@@ -27,7 +29,39 @@ _CEILING = "#555555"
 
 
 class PlotUnavailable(Exception):
-    """matplotlib is not installed (a usage problem, not an unreachable source)."""
+    """--plot cannot be honoured: matplotlib is not installed, or the file type is not one it
+    writes (a usage problem, exit 2, not an unreachable source)."""
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PlotUnavailable("--plot needs matplotlib: install it into agentd's "
+                              "environment (pip install matplotlib)") from None
+    return plt
+
+
+def check_target(path: str) -> None:
+    """Before any sampling: matplotlib is there, it writes this file type, and the file can be
+    created. Raises PlotUnavailable (usage) or OutputError."""
+    plt = _pyplot()
+    if os.path.isdir(path):
+        raise OutputError(f"--plot {path} is a directory")
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    types = plt.figure().canvas.get_supported_filetypes()
+    plt.close("all")
+    if ext not in types:
+        raise PlotUnavailable(f"--plot {path}: the name must end in one of "
+                              f"{', '.join('.' + t for t in sorted(types))}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise OutputError(f"--plot {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"--plot {path}: directory {parent} is not writable")
 
 
 def _finite(x) -> float | None:
@@ -149,21 +183,16 @@ def plot(sig: Signals, r: Report, path: str) -> None:
 
     try:
         fig.savefig(path, dpi=110)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         plt.close(fig)
 
 
 def figure(sig: Signals, r: Report):
     """The matplotlib Figure (PlotUnavailable without matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.dates as mdates
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise PlotUnavailable("--plot needs matplotlib: install it into agentd's "
-                              "environment (pip install matplotlib)") from None
+    plt = _pyplot()
+    import matplotlib.dates as mdates
 
     tz = datetime.datetime.now().astimezone().tzinfo
     when = np.array([datetime.datetime.fromtimestamp(x, tz) for x in sig.t])

@@ -17,14 +17,14 @@ import time
 
 import numpy as np
 
+from agentd.diagnose import OutputError
 from agentd.diagnose.sources import SourceError
 from agentd.diagnose.sources.http import HttpOptions
 from agentd.diagnose.sources.recording import MAGIC, chunk
+from agentd.exitcodes import OK as EXIT_OK
 
-EXIT_OK, EXIT_WRITE = 0, 4
 
-
-class RecordError(Exception):
+class RecordError(OutputError):
     """The recording cannot be written (exit status 4); what was written is kept."""
 
 
@@ -39,12 +39,24 @@ class Writer:
         if os.path.isdir(path):
             raise RecordError(f"--out {path} is a directory")
         try:
-            self.f = open(path, "wb")
-            self.f.write(MAGIC)
-            self.f.flush()
+            # Unbuffered: a failed write must not leave bytes in a buffer that a later
+            # flush (at close) would append after the cut.
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                              0o644)
         except OSError as e:
-            raise RecordError(f"cannot write {path}: {e.strerror}") from None
+            raise RecordError(f"cannot write {path}: {_reason(e)}") from None
+        self.size = 0
+        try:
+            self._write(MAGIC)
+        except OSError as e:
+            self.discard()
+            raise RecordError(f"cannot write {path}: {_reason(e)}") from None
         self.size = len(MAGIC)
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
 
     def append(self, groups: dict, meta: dict) -> None:
         from agentd.daemon.window import groups_to_npz
@@ -54,28 +66,41 @@ class Writer:
             return
         data = chunk(groups_to_npz(groups, meta))
         try:
-            self.f.write(data)
-            self.f.flush()
-            os.fsync(self.f.fileno())
+            self._write(data)
+            os.fsync(self.fd)
         except OSError as e:
             # A partial chunk would be skipped by readers anyway; cut it off so the file
             # ends cleanly after the last complete one.
             try:
-                self.f.truncate(self.size)
+                os.ftruncate(self.fd, self.size)
             except OSError:
                 pass
-            reason = "the disk is full" if e.errno == errno.ENOSPC else e.strerror
-            raise RecordError(f"cannot write {self.path}: {reason}; the {self.rows} rows "
-                              "recorded before are kept") from None
+            kept = f"the {self.rows} rows recorded before are kept" if self.rows else \
+                "nothing had been recorded yet"
+            raise RecordError(f"cannot write {self.path}: {_reason(e)}; {kept}") from None
         self.size += len(data)
         self.rows += n
         self.chunks += 1
 
     def close(self) -> None:
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = -1
+
+    def discard(self) -> None:
+        """Close and remove the file: it holds no rows."""
+        self.close()
         try:
-            self.f.close()
+            os.unlink(self.path)
         except OSError:
             pass
+
+
+def _reason(e: OSError) -> str:
+    return "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
 
 
 def record(out: str, seconds: float, daemon_url: str | None, config, poll: float = 60.0,
@@ -108,10 +133,11 @@ def record(out: str, seconds: float, daemon_url: str | None, config, poll: float
         for s, h in handlers.items():
             signal.signal(s, h)
         writer.close()
+        if writer.rows == 0:
+            writer.discard()  # a file without rows is no recording
     if error:
         raise error[0]
     if writer.rows == 0:
-        os.unlink(out)
         raise SourceError("nothing was recorded")
     print(f"agentd record: {writer.rows} rows in {writer.chunks} chunks written to {out}",
           file=sys.stderr)

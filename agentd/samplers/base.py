@@ -52,15 +52,21 @@ class Unavailable(Exception):
     """
 
 
+class Duration(float):
+    """An option type: seconds, written as a number or a duration ("200ms", "1m")."""
+
+
 @dataclass(frozen=True)
 class Option:
     """One sampler option, settable as [collectors.NAME] KEY in the config file or as the
-    flag --collector.NAME.KEY (underscores in KEY become dashes)."""
+    flag --collector.NAME.KEY (underscores in KEY become dashes). A numeric option (int,
+    float, Duration) has bounds: (low, high), inclusive."""
 
     type: type
     default: Any
     help: str
     check: Callable[[Any], None] | None = None  # raises ValueError on a bad value
+    bounds: tuple[float, float] | None = None
 
 
 def regex(value: str) -> None:

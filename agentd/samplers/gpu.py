@@ -20,7 +20,7 @@ from agentd.gpu.nvml import NvmlBackend
 from agentd.gpu.xid import CLASSES as XID_CLASSES, classify as xid_class
 from agentd.jobs import JobResolver
 from agentd.pcie import capacity as pcie_capacity
-from agentd.samplers.base import Option, Row, Sampler, Series
+from agentd.samplers.base import Duration, Option, Row, Sampler, Series
 
 _ACTIVITY_COUNTERS = {
     "sm_active": "agentd_gpu_sm_active_seconds_total",
@@ -69,9 +69,9 @@ class GpuSampler(Sampler):
     isolated = True  # NVML calls can block for seconds when a GPU falls off the bus
     options = {
         "processes": Option(bool, True, "attribute GPU memory and SM use to processes"),
-        "gpm_interval": Option(float, 0.2,
-                               "seconds between GPM (SM/tensor/DRAM activity) readings; "
-                               "NVIDIA's floor is 0.1"),
+        "gpm_interval": Option(Duration, 0.2,
+                               "time between GPM (SM/tensor/DRAM activity) readings; "
+                               "NVIDIA's floor is 100ms", bounds=(0.1, 60.0)),
     }
 
     def open(self) -> None:

@@ -106,7 +106,7 @@ class ProcessSampler(Sampler):
         "comm_match": Option(str, "",
                              "also watch processes whose name (comm) matches this regular "
                              "expression, with or without a GPU (e.g. for CPU-only nodes)", check=regex),
-        "max_trees": Option(int, 64, "most process trees watched at once"),
+        "max_trees": Option(int, 64, "most process trees watched at once", bounds=(1, 4096)),
     }
 
     def open(self) -> None:

@@ -77,14 +77,19 @@ def _pct(v: float | None) -> str:
     return "  -  " if v is None else f"{v * 100:4.0f}%"
 
 
-def run_demo(scenario: str, seed: int | None, listen: str, seconds: float,
+def run_demo(scenario: str, seed: int | None, listen: str, seconds: float | None,
              out=sys.stdout) -> int:
+    """Serve and show the simulated node for `seconds` (None: until Ctrl-C)."""
     cfg = replace(Config(collectors=_default_collectors()), listen_address=listen,
                   simulate=scenario, simulate_seed=seed, log_level="warning")
     daemon = Daemon(cfg)
-    daemon.start()
+    try:
+        daemon.start()
+    except BaseException:
+        daemon.stop()  # the address may be in use: stop the samplers and the simulation
+        raise
     tty = out.isatty()
-    deadline = time.time() + seconds if seconds > 0 else math.inf
+    deadline = time.time() + seconds if seconds else math.inf
     try:
         time.sleep(2.5)
         while time.time() < deadline:

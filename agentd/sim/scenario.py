@@ -70,7 +70,6 @@ class Scenario:
 
 
 _JOB_FIELDS = {f.name: f for f in fields(JobParams)} 
-_EPISODE_KEYS = {f.name for f in fields(Episode)}
 
 
 def _coerce(name: str, value, where: str):
@@ -93,6 +92,56 @@ def _coerce(name: str, value, where: str):
     return kind(value)
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# What each field annotation of Episode and GpuEvent accepts from a TOML file.
+_FIELD_CHECKS = {
+    "float": _is_number,
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "bool": lambda v: isinstance(v, bool),
+    "float | None": _is_number,
+    "tuple[int, ...]": lambda v: isinstance(v, list) and all(
+        isinstance(x, int) and not isinstance(x, bool) for x in v),
+}
+
+
+def _record(cls, doc, where: str):
+    """An Episode or GpuEvent from a TOML table, its keys and value types checked."""
+    if not isinstance(doc, dict):
+        raise ScenarioError(f"{where}: expected a table")
+    known = {f.name: f for f in fields(cls)}
+    bad = set(doc) - set(known)
+    if bad:
+        raise ScenarioError(f"{where}: unknown key {sorted(bad)[0]!r}")
+    for key, value in doc.items():
+        check = _FIELD_CHECKS.get(str(known[key].type))
+        if check is not None and not check(value):
+            raise ScenarioError(f"{where}.{key}: expected {known[key].type}, got {value!r}")
+    try:
+        return cls(**doc)
+    except TypeError as e:  # a required key is missing
+        raise ScenarioError(f"{where}: {e}") from None
+
+
+def _list(doc: dict, key: str, where: str) -> list:
+    value = doc.get(key, [])
+    if not isinstance(value, list):
+        raise ScenarioError(f"{where}.{key}: expected an array of tables ([[{key}]])")
+    return value
+
+
+def _table(doc: dict, key: str, where: str) -> dict:
+    value = doc.get(key, {})
+    if not isinstance(value, dict):
+        raise ScenarioError(f"{where}.{key}: expected a table ([{key}])")
+    return value
+
+
+MAX_GPUS = 64  # a node; the fake driver and the simulator allocate per GPU
+
+
 def from_dict(doc: dict, name: str, seed: int | None = None) -> Scenario:
     where = name
     unknown = set(doc) - {"description", "class", "duration_s", "onset_s", "job", "randomize",
@@ -102,11 +151,18 @@ def from_dict(doc: dict, name: str, seed: int | None = None) -> Scenario:
     klass = doc.get("class", "healthy")
     if klass not in CLASSES:
         raise ScenarioError(f"{where}: class must be one of {', '.join(CLASSES)}")
-    job = {k: _coerce(k, v, f"{where}.job") for k, v in doc.get("job", {}).items()}
+    for key in ("duration_s", "onset_s"):
+        if key in doc and not (_is_number(doc[key]) and 0 <= doc[key] < 1e9):
+            raise ScenarioError(f"{where}.{key}: expected a number of seconds, got "
+                                f"{doc[key]!r}")
+    for key in ("description", "node_name"):
+        if key in doc and not isinstance(doc[key], str):
+            raise ScenarioError(f"{where}.{key}: expected a string")
+    job = {k: _coerce(k, v, f"{where}.job") for k, v in _table(doc, "job", where).items()}
     drawn: dict[str, float] = {}
     if seed is not None:
         rng = np.random.default_rng(seed)
-        for k, bounds in sorted(doc.get("randomize", {}).items()):
+        for k, bounds in sorted(_table(doc, "randomize", where).items()):
             if not (isinstance(bounds, list) and len(bounds) == 2):
                 raise ScenarioError(f"{where}.randomize.{k}: expected [low, high]")
             lo, hi = (_coerce(k, b, f"{where}.randomize") for b in bounds)
@@ -120,21 +176,17 @@ def from_dict(doc: dict, name: str, seed: int | None = None) -> Scenario:
             job[k] = _coerce(k, v, f"{where}.randomize")
             drawn[k] = job[k]
     episodes = []
-    for i, ep in enumerate(doc.get("episodes", [])):
-        bad = set(ep) - _EPISODE_KEYS
-        if bad:
-            raise ScenarioError(f"{where}.episodes[{i}]: unknown key {sorted(bad)[0]!r}")
-        episodes.append(Episode(**{**ep, "gpus": tuple(ep.get("gpus", ()))}))
-    events = []
-    for i, ev in enumerate(doc.get("events", [])):
-        bad = set(ev) - {f.name for f in fields(GpuEvent)}
-        if bad:
-            raise ScenarioError(f"{where}.events[{i}]: unknown key {sorted(bad)[0]!r}")
-        events.append(GpuEvent(**ev))
+    for i, ep in enumerate(_list(doc, "episodes", where)):
+        ep = _record(Episode, ep, f"{where}.episodes[{i}]")
+        episodes.append(replace(ep, gpus=tuple(ep.gpus)))
+    events = [_record(GpuEvent, ev, f"{where}.events[{i}]")
+              for i, ev in enumerate(_list(doc, "events", where))]
     params = replace(JobParams(), **job, episodes=episodes,
                      seed=seed if seed is not None else 0)
     if params.gpus < 1 or params.batch_size < 1 or params.compute_s <= 0:
         raise ScenarioError(f"{where}.job: gpus, batch_size and compute_s must be positive")
+    if params.gpus > MAX_GPUS:
+        raise ScenarioError(f"{where}.job.gpus: at most {MAX_GPUS}")
     if params.straggler_gpu >= params.gpus:
         raise ScenarioError(f"{where}.job.straggler_gpu: no such GPU")
     for ev in events:

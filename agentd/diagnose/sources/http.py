@@ -41,6 +41,24 @@ def redact(url: str) -> str:
     return urllib.parse.urlunsplit((p.scheme, netloc, p.path, p.query, p.fragment))
 
 
+def url_problem(url: str) -> str | None:
+    """What makes `url` unusable as a server's address (shown without credentials), or None."""
+    try:
+        p = urllib.parse.urlsplit(url)
+        p.port  # noqa: B018 (raises ValueError on a bad port)
+    except ValueError:
+        return f"{redact_loosely(url)!r} is not a URL with a valid port"
+    if p.scheme not in ("http", "https") or not p.hostname:
+        return f"{redact_loosely(url)!r} is not an http:// or https:// URL"
+    return None
+
+
+def redact_loosely(url: str) -> str:
+    """The URL without anything between '//' and '@' (for URLs urlsplit cannot parse)."""
+    head, sep, tail = url.partition("//")
+    return head + sep + tail.rpartition("@")[2] if sep else url
+
+
 def _credentials(url: str, opts: HttpOptions) -> str | None:
     if opts.auth_file:
         try:
@@ -81,14 +99,12 @@ def get(url: str, what: str, opts: HttpOptions | None = None,
     """(status, body) of a GET. Raises SourceError when the server cannot be reached, the
     deadline passes or the body exceeds MAX_BODY; `what` names the server in messages."""
     opts = opts or HttpOptions()
+    problem = url_problem(url)
+    if problem:
+        raise SourceError(f"{what}: {problem}")
     p = urllib.parse.urlsplit(url)
     shown = redact(urllib.parse.urlunsplit((p.scheme, p.netloc, "", "", "")))
-    if p.scheme not in ("http", "https") or not p.hostname:
-        raise SourceError(f"{what}: {shown!r} is not an http:// or https:// URL")
-    try:
-        port = p.port
-    except ValueError:
-        raise SourceError(f"{what}: {shown!r} has an invalid port") from None
+    port = p.port
     path = (p.path or "/") + (f"?{p.query}" if p.query else "")
     headers = {"Accept": accept, "User-Agent": "agentd-diagnose"}
     auth = _credentials(url, opts)

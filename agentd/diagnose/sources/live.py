@@ -11,6 +11,18 @@ from dataclasses import replace
 from agentd.analysis.signals import Signals, from_groups
 
 
+def sampling_config(config, seconds: float, every: float = 0.0):
+    """The configuration to sample with: a window that holds the whole run, or, when rows
+    are handed on every `every` seconds, what accumulates between two hand-overs. Raises
+    ConfigError when that window would not fit in memory (agentd.daemon.config)."""
+    from agentd.daemon.config import check_window_memory
+
+    span = 2 * every + 10 if every else seconds + 5
+    cfg = replace(config, window_seconds=max(config.window_seconds, span))
+    check_window_memory(cfg, "sampling for --seconds")
+    return cfg
+
+
 def sample_locally(seconds: float, config, stop: threading.Event, progress=None,
                    on_rows=None, every: float = 0.0) -> tuple[dict, dict]:
     """Run the daemon's samplers for `seconds`, or until `stop`; return the window's groups
@@ -18,8 +30,7 @@ def sample_locally(seconds: float, config, stop: threading.Event, progress=None,
     called every `every` seconds with the rows since its previous call (recordings)."""
     from agentd.daemon.core import Daemon
 
-    d = Daemon(replace(config, window_seconds=max(config.window_seconds,
-                                                  min(seconds, 7 * 86400) + 5)))
+    d = Daemon(sampling_config(config, seconds, every if on_rows is not None else 0.0))
     d.start(serve_http=False)
     t0 = time.time()
     flushed = t0

@@ -50,9 +50,9 @@ class PromClient:
         self.bytes += len(body)
         try:
             doc = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise SourceError(f"Prometheus at {redact(self.url)} answered {status} with "
-                              "something that is not JSON") from None
+                              "something that is not JSON (or nested too deeply)") from None
         if not isinstance(doc, dict):
             raise SourceError(f"Prometheus at {redact(self.url)} answered unexpected JSON")
         if status == 401:
@@ -67,7 +67,7 @@ class PromClient:
         return data
 
     def query_range(self, query: str, start: float, end: float, step: float) -> list[dict]:
-        return _series(self._get("/api/v1/query_range", {
+        return self._series(self._get("/api/v1/query_range", {
             "query": query, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step:g}"
         })["result"])
 
@@ -75,15 +75,31 @@ class PromClient:
         params = {"query": query}
         if at is not None:
             params["time"] = f"{at:.3f}"
-        return _series(self._get("/api/v1/query", params)["result"])
+        return self._series(self._get("/api/v1/query", params)["result"])
+
+    def _series(self, result: list) -> list[dict]:
+        """The series of a result, each checked to be shaped as the HTTP API documents:
+        {"metric": {...}, "value": [ts, "v"]} or {"metric": {...}, "values": [[ts, "v"],
+        ...]}, so that the sources can read them without guarding every access."""
+        for s in result:
+            if not _well_formed(s):
+                raise SourceError(f"Prometheus at {redact(self.url)} answered a series that "
+                                  f"is not shaped as its API documents: {str(s)[:120]}")
+        return result
 
 
-def _series(result: list) -> list[dict]:
-    out = []
-    for s in result:
-        if isinstance(s, dict) and isinstance(s.get("metric"), dict):
-            out.append(s)
-    return out
+def _point(p) -> bool:
+    return isinstance(p, list) and len(p) == 2 and isinstance(p[1], str) and \
+        isinstance(p[0], (int, float)) and not isinstance(p[0], bool) and math.isfinite(p[0])
+
+
+def _well_formed(s) -> bool:
+    if not isinstance(s, dict) or not isinstance(s.get("metric"), dict):
+        return False
+    if "value" in s and not _point(s["value"]):
+        return False
+    values = s.get("values", [])
+    return isinstance(values, list) and all(_point(p) for p in values)
 
 
 class PrometheusSource:

@@ -77,20 +77,21 @@ def signals_from_npz_chunks(chunks: list[bytes], what: str, complete: bool = Tru
     for i, data in enumerate(chunks):
         try:
             groups, m = load_npz_with_meta(data)
-        except Exception as e:
+        except ValueError as e:
             if i == len(chunks) - 1 and i > 0:
                 complete = False  # a last chunk cut short by a crash: keep the others
                 break
-            raise SourceError(f"{what} is not an agentd window or recording "
-                              f"({type(e).__name__})") from None
+            raise SourceError(f"{what} is not an agentd window or recording: {e}") from None
         parts.append({k: g for k, g in groups.items() if k != "topology"})
         meta = {**meta, **m}
     groups = merge_groups(parts)
     if not any(len(g["t"]) for g in groups.values()):
         raise SourceError(f"{what} holds no samples")
-    step = float(meta.get("fast_interval") or 0.1)
-    if not (0.001 <= step <= 3600):
+    step = meta.get("fast_interval") or 0.1
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or \
+            not 0.001 <= step <= 3600:
         raise SourceError(f"{what}: fast_interval {step!r} is not a sampling interval")
+    step = float(step)
     sig = from_groups(groups, step=step, source=what, node=str(meta.get("node", "")),
                       meta=meta)
     if not complete:

@@ -185,7 +185,21 @@ def _num(d: dict, key: str, default, where: str, lo=None, hi=None):
     return v
 
 
+_ITEMS = {dict: "tables", str: "strings", int: "integers"}
+
+
+def _list(d: dict, key: str, where: str, kind: type, default=()) -> list:
+    """d[key] as a list whose items are all of `kind` (a bool is no integer)."""
+    v = d.get(key, list(default))
+    if not isinstance(v, list) or not all(
+            isinstance(x, kind) and not isinstance(x, bool) for x in v):
+        raise ScenarioError(f"{where}.{key}: expected an array of {_ITEMS[kind]}, got {v!r}")
+    return v
+
+
 def _check_keys(d: dict, allowed: set, where: str) -> None:
+    if not isinstance(d, dict):
+        raise ScenarioError(f"{where}: expected a table")
     unknown = sorted(set(d) - allowed)
     if unknown:
         raise ScenarioError(f"{where}: unknown key {unknown[0]!r}")
@@ -201,30 +215,30 @@ def _devices(group: dict, first_index: int, where: str) -> list[ScenarioDevice]:
         raise ScenarioError(f"{where}.step_busy_s: {busy} exceeds step_period_s {period}")
     stagger = _num(group, "stagger_s", 0.0, where, 0)
     episodes = []
-    for i, ep in enumerate(group.get("throttle", [])):
+    for i, ep in enumerate(_list(group, "throttle", where, dict)):
         w = f"{where}.throttle[{i}]"
         _check_keys(ep, {"start_s", "end_s", "reasons", "sm_clock_hz"}, w)
         bits = 0
-        for r in ep.get("reasons", []):
+        for r in _list(ep, "reasons", w, str):
             if r not in CLOCK_EVENT_REASONS:
                 raise ScenarioError(f"{w}.reasons: unknown reason {r!r}")
             bits |= CLOCK_EVENT_REASONS[r]
-        clock = ep.get("sm_clock_hz")
+        clock = _num(ep, "sm_clock_hz", 0, w, 0)
         episodes.append(Episode(_num(ep, "start_s", 0, w, 0), _num(ep, "end_s", 1e18, w, 0),
                                 bits, int(clock / 1e6) if clock else None))
     xids = []
-    for i, x in enumerate(group.get("xid", [])):
+    for i, x in enumerate(_list(group, "xid", where, dict)):
         w = f"{where}.xid[{i}]"
         _check_keys(x, {"at_s", "code"}, w)
         xids.append((_num(x, "at_s", 0, w, 0), int(_num(x, "code", 0, w, 1))))
     procs = []
-    for i, p in enumerate(group.get("processes", [])):
+    for i, p in enumerate(_list(group, "processes", where, dict)):
         w = f"{where}.processes[{i}]"
         _check_keys(p, {"pid", "memory_bytes", "sm_util"}, w)
         procs.append(GpuProcess(int(_num(p, "pid", 0, w, 1)), int(_num(p, "memory_bytes", 0, w, 0)),
                                 _num(p, "sm_util", 0.0, w, 0, 1)))
     errors = []
-    for i, e in enumerate(group.get("errors", [])):
+    for i, e in enumerate(_list(group, "errors", where, dict)):
         w = f"{where}.errors[{i}]"
         _check_keys(e, {"function", "error", "start_s", "end_s"}, w)
         fn = e.get("function")
@@ -262,11 +276,11 @@ def _devices(group: dict, first_index: int, where: str) -> list[ScenarioDevice]:
             util_sample_period_s=_num(group, "util_sample_period_s", 1 / 6, where, 0.01, 2),
             util_buffer_dry_when_idle=bool(group.get("util_buffer_dry_when_idle", False)),
             pcie_counter_bits=bits,
-            not_supported=frozenset(group.get("not_supported", [])),
-            unsupported_fields=frozenset(int(f) for f in group.get("unsupported_fields", [])),
+            not_supported=frozenset(_list(group, "not_supported", where, str)),
+            unsupported_fields=frozenset(_list(group, "unsupported_fields", where, int)),
             ecc_corrected=int(_num(group, "ecc_corrected", 0, where, 0)),
             ecc_uncorrected=int(_num(group, "ecc_uncorrected", 0, where, 0)),
-            remapped=tuple(int(v) for v in group.get("remapped_rows", (0, 0, 0, 0))),
+            remapped=tuple(_list(group, "remapped_rows", where, int, (0, 0, 0, 0))),
             errors=tuple(errors),
         )
         out.append(ScenarioDevice(
@@ -310,15 +324,17 @@ def library_from_dict(doc: dict, where: str = "scenario", **kwargs) -> FakeNvmlL
             raise ScenarioError(f"{where}.gpus[{i}]: expected a table")
         devices += _devices(g, len(devices), f"{where}.gpus[{i}]")
     latency = doc.get("latency", {})
+    if not isinstance(latency, dict):
+        raise ScenarioError(f"{where}.latency: expected a table")
     for k, v in latency.items():
         _num(latency, k, 0, f"{where}.latency", 0, 5)
     return FakeNvmlLibrary(
         devices,
         driver_version=str(doc.get("driver_version", "550.90.07")),
-        cuda_driver_version=int(doc.get("cuda_driver_version", 12040)),
+        cuda_driver_version=int(_num(doc, "cuda_driver_version", 12040, where, 0)),
         init_error=INIT_ERRORS[init],
         latency=latency,
-        missing_functions=frozenset(doc.get("missing_functions", [])),
+        missing_functions=frozenset(_list(doc, "missing_functions", where, str)),
         **kwargs,
     )
 
