@@ -169,11 +169,13 @@ def healthy_nvme_busy(rng, i, w0, span):
     step = rng.uniform(0.15, 0.5)
     d = node.drives[0]
     rho = rng.uniform(0.5, 0.7)
-    per_rank = rho * d.read_ceiling(512 * 1024) * step / 8
+    per_rank = rho * d.read_ceiling(128 * 1024) * step / 8
     job = train(rng, node, list(range(8)), step, workers=int(rng.integers(10, 16)),
                 util=rng.uniform(0.15, 0.3), batch_bytes=per_rank, cache_hit=0.0)
+    read_rate = rng.uniform(80e6, 150e6)  # many small files: each worker reads slowly
     for ld in job.loaders.values():
-        ld.request = 512 * 1024
+        ld.request = 128 * 1024  # image files of ~100-150 KB, one request each
+        ld.read_rate = read_rate
     return Case("healthy-nvme-at-60pct", "healthy", "the data set streams from NVMe at 50-70% "
                 "of its ceiling; the drive reads ~100% busy, the loaders keep up", node, [job],
                 (w0, w0 + span), ceilings=bool(rng.random() < 0.5))

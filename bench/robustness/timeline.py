@@ -48,6 +48,7 @@ class Loader:
     drive: str
     request: float = 256 * KIB  # bytes per read request
     prefetch: int = 2
+    read_rate: float = 0.8e9  # bytes/s one worker's Python reads reach (open, read, close)
     reclaim: float = 0.0  # bytes/s one worker's direct reclaim frees (0: no memory pressure)
 
 
@@ -243,13 +244,15 @@ def generate(node: Node, jobs: list[Job], start: float, end: float,
     life: dict[int, tuple[float, float]] = {}
     rdma = {n: {"rx": Segments(), "tx": Segments()} for n in node.nics}
     lost: dict[int, float] = {}
-    # Per-worker read rate: synchronous buffered reads with readahead keep ~2 requests busy.
+    # Per-worker read rate: synchronous buffered reads with readahead keep ~2 requests busy,
+    # and Python's per-file overhead bounds what one worker reads.
     worker_rates = {}
     for j in jobs:
         for r, ld in j.loaders.items():
             d = node.drive(ld.drive)
             per = 2 * ld.request / (d.latency + ld.request / d.seq_read)
-            worker_rates[(id(j), r)] = min(per, 0.45 * d.read_ceiling(ld.request))
+            worker_rates[(id(j), r)] = min(per, 0.45 * d.read_ceiling(ld.request),
+                                           ld.read_rate)
     f_cpu, f_io = _contention(node, jobs, worker_rates)
     for j in jobs:
         _run_job(node, j, start, end, rng, host, gpus, procs, life, rdma, worker_rates,
