@@ -134,6 +134,21 @@ def test_cases_are_what_they_say():
             assert 0.015 < np.mean(list(truth.idle_fraction.values())) < 0.1, name
 
 
+# The last draw lost its GPU between two collectives: its peers once went idle instead.
+@pytest.mark.parametrize("seed,index,span", [(0, 0, SPAN), (1, 1, SPAN), (2, 2, SPAN),
+                                             (1676823680, 32, 600.0)])
+def test_peers_of_a_lost_gpu_spin_until_the_window_ends(seed, index, span):
+    case, tl, truth = build("gpu-lost", seed=seed, index=index, span=span)
+    (k, t_lost), = tl.lost.items()
+    a, b = case.window
+    after = (b - t_lost) / (b - a)
+    assert truth.stall_fraction >= 0.9 * after * (case.node.gpus - 1) / case.node.gpus
+    for g in range(case.node.gpus):
+        if g != k:
+            assert tl.gpu[g]["kernel"].mean(t_lost + 5, b) == pytest.approx(1.0)
+            assert tl.gpu[g]["sm"].mean(t_lost + 5, b) < 0.05
+
+
 def test_cases_are_drawn_from_their_seed():
     a = build("straggler", seed=1)[2]
     b = build("straggler", seed=1)[2]

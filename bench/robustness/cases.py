@@ -535,7 +535,7 @@ def build(name: str, seed: int, index: int, w0: float, span: float) -> tuple[Cas
     """One case from its seed: the node, its jobs, the generated timeline."""
     rng = np.random.default_rng([seed, index])
     case = BUILDERS[name](rng, index, w0, span)
-    case.seed = seed
+    case.name, case.seed = name, seed
     if not case.ceilings and rng.random() < 0.3:
         case.ceilings = True
     tl = generate(case.node, case.jobs, w0 - LEAD, w0 + span, rng)

@@ -24,6 +24,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -205,7 +206,7 @@ def render(summary: list[dict], scores: list[dict], truths: dict) -> str:
             mark = "*" if s["correct"] else ("!" if s["class"] == "healthy" and s["warning"]
                                              else "")
             txt = "ERROR" if s["error"] else (s["top"] or "-")
-            cells.append((txt + mark)[:17].ljust(17))
+            cells.append((txt[:16] + mark).ljust(17))
         lines.append(row + "  ".join(cells))
     return "\n".join(lines)
 
@@ -228,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     # The analysis' own numpy warnings (all-NaN slices) would bury the report.
     warnings.simplefilter("ignore", RuntimeWarning)
+    # SIGTERM unwinds like Ctrl-C, so the Prometheus child is stopped and the work removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     seed = args.seed if args.seed is not None else secrets.randbits(31)
     names = args.cases.split(",") if args.cases else list(C.BUILDERS)
     unknown = [n for n in names if n not in C.BUILDERS]
@@ -237,6 +240,15 @@ def main(argv: list[str] | None = None) -> int:
     resolutions = [float(x) for x in args.resolutions.split(",") if x]
     work = args.workdir or tempfile.mkdtemp(prefix="agentd-robust-")
     os.makedirs(work, exist_ok=True)
+    try:
+        return _suite(args, seed, names, sources, resolutions, work)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _suite(args, seed: int, names: list[str], sources: set, resolutions: list[float],
+           work: str) -> int:
     w0 = 1.75e9 + (seed % 1000) * 3600.0
     print(f"robustness suite: seed {seed}, {len(names)} cases, window {args.duration:g} s, "
           f"work in {work}", file=sys.stderr)
@@ -301,6 +313,4 @@ def main(argv: list[str] | None = None) -> int:
                          for n, t in truths.items()}}
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1, default=float)
-    if not args.workdir:
-        shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -345,8 +345,8 @@ def node_memory(tl: Timeline, t: np.ndarray) -> dict[str, np.ndarray]:
     anon += n.extras.get("anon_extra", 0.0)
     cache_cap = np.maximum(n.memory_total - anon - 4e9, 1e9)
     cached = np.minimum(n.extras.get("dataset_cached", 200e9), cache_cap)
-    available = n.memory_total - anon - 2e9 + 0 * cached
-    available = np.minimum(available, n.memory_total - 8e9)
+    # The page cache is reclaimable: it counts as available.
+    available = np.minimum(n.memory_total - anon - 2e9, n.memory_total - 8e9)
     return {"available": np.maximum(available, 0.5e9), "cached": cached}
 
 

@@ -102,7 +102,7 @@ class Timeline:
     gpu: dict[int, dict[str, Pwc]]  # per GPU: kernel, sm, tensor, dram, pcie_rx, ... power
     causes: dict[int, list[tuple[float, float, str]]]
     host: dict[str, Pwc]  # cpu_user, cpu_system, iowait, psi_*, mem_*, refault
-    disks: dict[str, dict[str, Pwc]]  # per drive: read, write, read_ops, write_ops
+    disks: dict[str, dict]  # per drive: read, write, read_ops, write_ops (Pwc), request
     procs: dict[int, dict[str, Pwc]]  # per process tree root pid
     proc_life: dict[int, tuple[float, float]]
     net: dict[str, dict[str, Pwc]]  # per interface or RDMA port: rx, tx
@@ -551,14 +551,20 @@ def _run_job(node, j: Job, start, end, rng, host, gpus, procs, life, rdma, worke
                  clock_max * cf, "compute", j.throttle_bits.get(r, 0))
             now[r] = t_end + o / cf
         step += 1
-    # After the loop: what the ranks do until the process exits.
+    # After the loop: what the ranks do until the process exits. When a GPU was lost, its
+    # peers enter the next collective and spin there until the watchdog ends the job.
+    hung = lost_gpu in ranks and multi
     for r in ranks:
         t_last = now[r]
         if lost_gpu == r:
             lost[r] = lost_t
             continue
         if t_last < t_exit and t_last < end:
-            idle(r, t_last, min(t_exit, end), "gap")
+            if hung:
+                busy(r, t_last, min(t_exit, end), 0.02, 0.0, 0.01, b.power_spin_w, clock_max,
+                     "lost")
+            else:
+                idle(r, t_last, min(t_exit, end), "gap")
     if lost_gpu is not None:
         lost[lost_gpu] = lost_t
     for r in ranks:
