@@ -238,11 +238,12 @@ def sample_groups(tl: Timeline, rng: np.random.Generator, t0: float, t1: float,
     cols["cpu.system:"] = np.r_[np.nan, dsys * scale]
     cols["cpu.iowait:"] = np.r_[np.nan, dio * scale]
     cols["cpu.steal:"] = np.r_[np.nan, np.zeros(len(t) - 1)]
-    running = np.zeros(len(t))
-    for pid, (a, b) in tl.proc_life.items():
-        running = np.maximum(running, ((t > a) & (t < b)).astype(float))
-    core_q = np.round(np.clip(np.maximum(running, hs["busy"].mean(t - FAST, t) / node.cores),
-                              0, 1) * 10) / 10
+    # The busiest core: a trainer's main thread spinning in cudaStreamSynchronize or a
+    # decoding worker keeps one at 100%; else the node's mean.
+    busiest = hs["busy"].mean(t - FAST, t) / node.cores
+    for p in tl.procs.values():
+        busiest = np.maximum(busiest, np.minimum(p["cpu"].mean(t - FAST, t), 1.0))
+    core_q = np.round(np.clip(busiest, 0, 1) * 10) / 10
     cols["cpu.max_core:"] = np.r_[np.nan, core_q[1:]]
     cols["cpu.count:"] = np.r_[np.nan, np.full(len(t) - 1, float(node.cores))]
     cols["cpu.procs_blocked:"] = np.r_[np.nan, np.round(hs["blocked"].at(t[1:])) +
