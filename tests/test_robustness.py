@@ -85,6 +85,13 @@ def test_recorded_counters_integrate_to_the_timeline(name):
         pct = busy[~np.isnan(busy)] * 100
         assert pct.min() >= 0 and pct.max() <= 100
         assert np.mean(np.abs(pct - np.round(pct)) < 1e-3) > 0.6
+        # The samples that arrived in a tick: their mean and how long ago their periods'
+        # middle lies (half a period plus the publishing delay, up to a tick more).
+        _, sample = column(groups, "gpu", f"gpu.util_sample:{g}")
+        _, age = column(groups, "gpu", f"gpu.util_sample_age:{g}")
+        got = ~np.isnan(sample)
+        assert got.sum() > 0.4 * len(sample) and np.array_equal(got, ~np.isnan(age))
+        assert np.all((age[got] > 0.05) & (age[got] < 0.35))
     for d, m in tl.disks.items():
         t, rd = column(groups, "storage", f"disk.read:{d}")
         assert np.nansum(rd[1:] * np.diff(t)) == pytest.approx(m["read"].between(t[0], t[-1]),
@@ -101,6 +108,9 @@ def test_recorded_counters_integrate_to_the_timeline(name):
         span = (t[ok][0] - dt[0], t[ok][-1])
         # Jiffies (10 ms) per tree: the total is exact to one jiffy.
         assert np.sum(cpu[ok] * dt) == pytest.approx(p["cpu"].between(*span), abs=0.02)
+        _, root = column(groups, "process", f"proc.root_cpu:{pid}")
+        assert np.sum(root[ok] * dt) == pytest.approx(p["root"].between(*span), abs=0.02)
+        assert np.all(root[ok] <= cpu[ok] + 1e-6)
 
 
 def test_cases_are_what_they_say():

@@ -5,15 +5,16 @@ counters rather than from the timeline's exact values:
 - gpu (0.1 s, its own thread): the driver's utilization buffer holds one integer percent per
   1/6 s period; each read takes the samples that arrived since the last one (none when the
   previous arrived less than 0.9 period ago), gpu.busy is their mean (held while none
-  arrives), gpu.busy_time the kernel time they credit per second of tick. PCIe bytes
+  arrives), gpu.busy_time the kernel time they credit per second of tick, gpu.util_sample
+  and gpu.util_sample_age their mean and the age of their periods' middle. PCIe bytes
   (cumulative, bytes) and NVLink (cumulative, KiB) are differenced per tick. GPM activity
   (Hopper only) is the mean over >= 0.195 s between two GPM samples. Every 10th tick: memory,
   SM clock, power (the driver's 1 s average), enforced limit, temperature, throttle reasons.
 - cpu (0.1 s): /proc/stat jiffies (USER_HZ 100) per mode, differenced.
 - storage (0.1 s): /proc/diskstats sectors, completed requests, ms reading/writing, io_ms
   (time with a request in flight) and weighted ms (Little's law), differenced.
-- process (0.1 s): per tree, jiffies of trainer and workers, members, members in D state (an
-  instant); /proc/PID/io read_bytes and rchar on 1 s ticks.
+- process (0.1 s): per tree, jiffies of the trainer (the root) and of the whole tree, members,
+  members in D state (an instant); /proc/PID/io read_bytes and rchar on 1 s ticks.
 - memory, pressure, network (1 s): MemAvailable, Cached, refaults; PSI totals (us);
   interface and RDMA port bytes.
 """
@@ -101,7 +102,8 @@ def gpu_rows(tl: Timeline, g: int, t: np.ndarray, rng: np.random.Generator,
     p = tl.gpu[g]
     n = len(t)
     lost_t = tl.lost.get(g, np.inf)
-    out = {k: np.full(n, np.nan) for k in ("busy", "busy_time", "pcie_rx", "pcie_tx",
+    out = {k: np.full(n, np.nan) for k in ("busy", "busy_time", "util_sample",
+                                           "util_sample_age", "pcie_rx", "pcie_tx",
                                            "nvlink_rx", "nvlink_tx", "sm_active",
                                            "sm_occupancy", "tensor_active", "dram_active",
                                            "mem_used", "sm_clock", "sm_clock_max", "power",
@@ -118,6 +120,7 @@ def gpu_rows(tl: Timeline, g: int, t: np.ndarray, rng: np.random.Generator,
     last_ts = None
     last_seen = -np.inf
     last_busy = None
+    offset = np.inf
     j = 0
     prev_tick = None
     for k, now in enumerate(t):
@@ -137,15 +140,22 @@ def gpu_rows(tl: Timeline, g: int, t: np.ndarray, rng: np.random.Generator,
                 last_busy = util[j - 1] / 100
             continue
         if now - last_seen >= 0.9 * period:
+            fresh = []
             while j < len(tau) and visible[j] <= now:
                 dt = tau[j] - last_ts
                 busy_s += util[j] / 100 * min(dt, period * 1.5)
                 covered += dt
                 newest = util[j] / 100
                 last_ts = tau[j]
+                fresh.append(j)
                 j += 1
             if newest is not None:
                 last_seen = now
+                # The driver's clock mapped onto ours by the smallest lag seen so far.
+                offset = min(offset, now - tau[fresh[-1]])
+                out["util_sample"][k] = float(np.mean(util[fresh])) / 100
+                out["util_sample_age"][k] = now - (float(np.mean(tau[fresh])) + offset) + \
+                    period / 2
         if covered > 0:
             last_busy = busy_s / covered
         elif now - last_seen > 2.0:
@@ -283,12 +293,16 @@ def sample_groups(tl: Timeline, rng: np.random.Generator, t0: float, t1: float,
         first = np.flatnonzero(vis)[0]
         first += (10 - first % 10) % 10
         vis[:first + 1] = False  # the first read of a tree only sets its baseline
-        jiff = np.floor(p["cpu"].integral(t) * HZ)
+        # Jiffies counted per process: the trainer's and its workers' each whole.
+        root_j = np.floor(p["root"].integral(t) * HZ)
+        jiff = root_j + np.floor((p["cpu"].integral(t) - p["root"].integral(t)) * HZ)
         dtt = np.r_[np.nan, np.diff(t)]
         cpu = np.r_[np.nan, np.diff(jiff)] / HZ / dtt
         members = np.round(p["members"].at(t))
+        root = np.r_[np.nan, np.diff(root_j)] / HZ / dtt
         col = {
             f"proc.cpu:{pid}": cpu,
+            f"proc.root_cpu:{pid}": root,
             f"proc.max_member_cpu:{pid}": np.minimum(cpu, np.round(
                 np.minimum(p["cpu"].mean(t - FAST, t), 1.0) * 10) / 10),
             f"proc.members:{pid}": members,

@@ -142,6 +142,12 @@ class _LoaderSim:
     def _j(self) -> float:
         return float(self.rng.lognormal(0, self.jitter)) if self.jitter else 1.0
 
+    def _cpu(self, t0: float, t1: float, cores: float) -> None:
+        """CPU of the loading process: a worker, or the trainer itself without workers."""
+        self.proc["cpu"].put(t0, t1, cores)
+        if self.spec.workers == 0:
+            self.proc["root"].put(t0, t1, cores)
+
     def produce(self, start: float) -> float:
         """One batch built from `start` on one core; returns when it is ready. Records the
         worker's reads, D state and CPU."""
@@ -156,7 +162,7 @@ class _LoaderSim:
                 d_rec = miss / s.reclaim * self._j()
                 self.host["psi_mem"].put(t, t + d_rec, 1.0)
                 self.host["cpu_system"].put(t, t + d_rec, 0.5)
-                self.proc["cpu"].put(t, t + d_rec, 0.5)
+                self._cpu(t, t + d_rec, 0.5)
                 self.host["blocked"].put(t, t + d_rec, 0.5)
                 self.proc["blocked"].put(t, t + d_rec, 0.5)
                 t += d_rec
@@ -172,11 +178,11 @@ class _LoaderSim:
         if hit > 0:
             d = hit / 6e9 * self._j()  # page-cache copies at memcpy speed
             self.proc["rchar"].put(t, t + d, hit / d)
-            self.proc["cpu"].put(t, t + d, 1.0)
+            self._cpu(t, t + d, 1.0)
             self.host["cpu_system"].put(t, t + d, 1.0)
             t += d
         d = s.batch_cpu * self.f_cpu * self._j()
-        self.proc["cpu"].put(t, t + d, 1.0)
+        self._cpu(t, t + d, 1.0)
         self.host["cpu_user"].put(t, t + d, 1.0)
         self.host["decoding"].put(t, t + d, 1.0)
         return t + d
@@ -269,7 +275,8 @@ def _median(xs: list[float]) -> float:
 
 
 def _proc_segments() -> dict[str, Segments]:
-    return {n: Segments() for n in ("cpu", "blocked", "read", "rchar", "members", "threads_cpu")}
+    # cpu: the whole tree; root: the trainer process alone (its workers are the rest).
+    return {n: Segments() for n in ("cpu", "root", "blocked", "read", "rchar", "members")}
 
 
 def _run_job(node, j: Job, start, end, rng, host, gpus, procs, life, rdma, worker_rates,
@@ -297,6 +304,7 @@ def _run_job(node, j: Job, start, end, rng, host, gpus, procs, life, rdma, worke
         g.s["mem"].put(t_proc, t_proc + min(20.0, j.init_seconds * 0.5), j.mem_used * 0.3)
         if j.idle:
             procs[pid]["cpu"].put(t_proc, t_exit, 0.01)
+            procs[pid]["root"].put(t_proc, t_exit, 0.01)
             host["cpu_user"].put(t_proc, t_exit, 0.01)
             g.s["clock"].put(t_proc, t_exit, IDLE_CLOCK_HZ)
             g.cause(t_proc, t_exit, "idle")
@@ -304,6 +312,7 @@ def _run_job(node, j: Job, start, end, rng, host, gpus, procs, life, rdma, worke
         # Start-up: imports, model load (reads a checkpoint), CUDA context; the GPU idles.
         if j.start is not None:
             procs[pid]["cpu"].put(t_proc, t_first, 1.0)
+            procs[pid]["root"].put(t_proc, t_first, 1.0)
             host["cpu_user"].put(t_proc, t_first, 1.0)
             g.s["clock"].put(t_proc, t_first, IDLE_CLOCK_HZ)
             g.cause(t_proc, t_first, "startup")
@@ -406,6 +415,7 @@ def _run_job(node, j: Job, start, end, rng, host, gpus, procs, life, rdma, worke
                 host["disk_write:" + drive].put(t1, t1 + w, node.drive(drive).write * 0.8)
                 host["cpu_system"].put(t1, t1 + w, 0.8)
                 procs[proc_of[ranks[0]]]["cpu"].put(t1, t1 + w, 0.9)
+                procs[proc_of[ranks[0]]]["root"].put(t1, t1 + w, 0.9)
                 idle(ranks[0], t1, t1 + w, "ckpt")
                 for r in ranks[1:]:
                     busy(r, t1, t1 + w, 0.02, 0.0, 0.01, b.power_spin_w, clock_max, "ckpt")
@@ -432,6 +442,7 @@ def _run_job(node, j: Job, start, end, rng, host, gpus, procs, life, rdma, worke
                 extra = j.log_seconds * jit()
                 idle(r, t, t + extra, "log")
                 procs[proc_of[r]]["cpu"].put(t, t + extra, 0.3)
+                procs[proc_of[r]]["root"].put(t, t + extra, 0.3)
                 p["log"] = extra
                 t += extra
             idle(r, t, t + gap, "gap")
@@ -462,6 +473,7 @@ def _run_job(node, j: Job, start, end, rng, host, gpus, procs, life, rdma, worke
                 else:
                     # The pin-memory thread copied the batch into pinned memory beforehand.
                     procs[proc_of[r]]["cpu"].put(t - d, t, 0.4)
+                    procs[proc_of[r]]["root"].put(t - d, t, 0.4)
                     host["cpu_user"].put(t - d, t, 0.4)
                 # At the link's rate the copy itself is the normal cost of a step; what a
                 # copy beyond ~2% of the step costs is the h2d stall.
@@ -573,6 +585,7 @@ def _run_job(node, j: Job, start, end, rng, host, gpus, procs, life, rdma, worke
         life[pid] = (t_proc, life_end)
         # The trainer's main thread spins in cudaStreamSynchronize and runs Python: one core.
         procs[pid]["cpu"].put(t_first, min(life_end, end), 1.05)
+        procs[pid]["root"].put(t_first, min(life_end, end), 1.05)
         host["cpu_user"].put(t_first, min(life_end, end), 1.05)
 
 
