@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from bench.robustness.hardware import pcie_link
 from bench.robustness.pwc import Pwc
 from bench.robustness.timeline import Timeline
 
@@ -202,8 +203,6 @@ def gpu_rows(tl: Timeline, g: int, t: np.ndarray, rng: np.random.Generator,
     out["power_limit"][slow] = cap
     out["throttle"][slow] = p["throttle"].at(ts)
     out["sm_clock_max"][slow] = b.sm_clock_max_hz
-    from bench.robustness.hardware import pcie_link
-
     out["pcie_capacity"][slow] = pcie_link(b.pcie_generation, b.pcie_width)
     # Temperature: inlet + thermal resistance x power, smoothed over ~20 s.
     inlet = tl.node.extras.get("inlet_c", 28.0)
@@ -382,6 +381,10 @@ def meta(tl: Timeline, ceilings: dict | None = None) -> dict:
                           "pci_bus_id": node.gpu_bus_ids[i], "lost": i in tl.lost}
                  for i in range(node.gpus)},
         "processes": {},
+        # Whole block devices (the storage sampler) joined with their PCIe link (topology):
+        # NVMe data-centre drives on PCIe 4.0 x4.
+        "disks": {d.name: {"model": str(d.model), "rotational": "0", "pci_address": d.pci_address,
+                           "link_bytes_per_second": pcie_link(4, 4)} for d in node.drives},
         "shared_uplinks": [
             {"switch": s.address, "uplink_bytes_per_second": s.uplink, "gpus": list(s.gpus),
              "disks": list(s.drives)} for s in node.switches if s.drives and s.gpus],
@@ -407,8 +410,6 @@ def ceilings_for(tl: Timeline) -> dict:
     """What `agentd probe` would have measured on this node (meta["ceilings"])."""
     node = tl.node
     b = node.board
-    from bench.robustness.hardware import pcie_link
-
     req = {name: m["request"] for name, m in tl.disks.items()}
     return {
         "version": 1,
