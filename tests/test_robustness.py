@@ -1,8 +1,7 @@
 """The robustness suite's own invariants (bench/robustness): its generator's timelines, what
 its emulated samplers and exporters record of them, and that agentd reads both. agentd's
 accuracy on it is measured by `python -m bench.robustness` (docs/robustness.md), not here;
-the one accuracy check (healthy nodes raise no warning) is expected to fail until the analysis
-rewrite of issue #8 lands."""
+the one accuracy check here is that healthy nodes raise no warning."""
 
 from __future__ import annotations
 
@@ -220,9 +219,8 @@ def test_backfilled_exporter_series_are_queryable(tmp_path):
 HEALTHY = [n for n in C.BUILDERS if n.startswith(("healthy", "idle-between", "job-"))]
 
 
-@pytest.mark.xfail(strict=False, reason="issue #8: the analysis raises findings on healthy "
-                                        "nodes it did not generate; passes once the rewrite "
-                                        "lands")
+# Was xfail(strict=False) until the analysis rewrite of issue #8 (356b220) landed; it passes
+# since, and guards what the rewrite achieved.
 @pytest.mark.parametrize("name", HEALTHY)
 def test_healthy_nodes_raise_no_warning(name, tmp_path):
     from agentd.analysis.core import analyze
