@@ -1,0 +1,5 @@
+import sys
+
+from bench.robustness.run import main
+
+sys.exit(main())

@@ -1,0 +1,236 @@
+"""The robustness suite's own invariants (bench/robustness): its generator's timelines, what
+its emulated samplers and exporters record of them, and that agentd reads both. agentd's
+accuracy on it is measured by `python -m bench.robustness` (docs/robustness.md), not here;
+the one accuracy check here is that healthy nodes raise no warning."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.parse
+import urllib.request
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from bench.robustness import cases as C  # noqa: E402
+from bench.robustness import exporters as E  # noqa: E402
+from bench.robustness import sampling as S  # noqa: E402
+from bench.robustness.pwc import Pwc, Segments, fluid_queue  # noqa: E402
+from conftest import agentd_cmd, need  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+W0 = 1.75e9
+SPAN = 240.0
+
+
+def build(name: str, seed: int = 11, index: int = 0, span: float = SPAN):
+    case, tl = C.build(name, seed, index, W0, span)
+    return case, tl, C.measure(case, tl)
+
+
+def column(groups: dict, group: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    g = groups[group]
+    return g["t"], g["values"][:, g["columns"].index(key)].astype(float)
+
+
+def test_segments_add_up_and_integrate_exactly():
+    s = Segments()
+    s.put(0.0, 2.0, 1.0)
+    s.put(1.0, 3.0, 2.0)
+    s.add([2.5], [2.75], [4.0])
+    p = s.build(0.0, 4.0)
+    assert p.at([0.5, 1.5, 2.6, 3.5]).tolist() == [1.0, 3.0, 6.0, 0.0]
+    assert p.between(0.0, 4.0) == pytest.approx(2.0 + 4.0 + 1.0)
+    assert p.mean(0.5, 1.5) == pytest.approx(2.0)
+
+
+def test_fluid_queue_conserves_work_and_never_exceeds_capacity():
+    demand = Pwc(np.array([0.0, 1.0, 2.0, 5.0]), np.array([3.0, 0.5, 0.0]))
+    served = fluid_queue(demand, 2.0)
+    assert served.v.max() <= 2.0
+    assert served.total() == pytest.approx(demand.total())
+    # The backlog of the first second (1 unit) drains during the next ones.
+    assert served.between(1.0, 2.0) == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("name", ["input-storage", "h2d-bursts", "input-cpu-dp"])
+def test_recorded_counters_integrate_to_the_timeline(name):
+    case, tl, truth = build(name)
+    a, b = case.window
+    groups = S.sample_groups(tl, np.random.default_rng(1), a, b)
+    gpus = truth.gpus
+    for g in gpus:
+        t, busy_time = column(groups, "gpu", f"gpu.busy_time:{g}")
+        ok = ~np.isnan(busy_time)
+        dt = np.diff(t, prepend=np.nan)
+        measured = np.nansum(busy_time[ok] * dt[ok]) / np.nansum(dt[ok])
+        # Integer-percent samples over 1/6 s periods: the mean is exact to ~1%.
+        assert measured == pytest.approx(1 - truth.idle_fraction[g], abs=0.015)
+        t, rx = column(groups, "gpu", f"gpu.pcie_rx:{g}")
+        moved = np.nansum(rx[1:] * np.diff(t))
+        assert moved == pytest.approx(tl.gpu[g]["pcie_rx"].between(t[0], t[-1]), rel=1e-4,
+                                      abs=len(t))
+        # busy holds the driver's latest sample (integer percent); a tick that collects two
+        # samples holds their time-weighted mean.
+        _, busy = column(groups, "gpu", f"gpu.busy:{g}")
+        pct = busy[~np.isnan(busy)] * 100
+        assert pct.min() >= 0 and pct.max() <= 100
+        assert np.mean(np.abs(pct - np.round(pct)) < 1e-3) > 0.6
+        # The samples that arrived in a tick: their mean and how long ago their periods'
+        # middle lies (half a period plus the publishing delay, up to a tick more).
+        _, sample = column(groups, "gpu", f"gpu.util_sample:{g}")
+        _, age = column(groups, "gpu", f"gpu.util_sample_age:{g}")
+        got = ~np.isnan(sample)
+        assert got.sum() > 0.4 * len(sample) and np.array_equal(got, ~np.isnan(age))
+        assert np.all((age[got] > 0.05) & (age[got] < 0.35))
+    for d, m in tl.disks.items():
+        t, rd = column(groups, "storage", f"disk.read:{d}")
+        assert np.nansum(rd[1:] * np.diff(t)) == pytest.approx(m["read"].between(t[0], t[-1]),
+                                                                 rel=1e-3, abs=512 * len(t))
+        _, busy = column(groups, "storage", f"disk.busy:{d}")
+        assert np.nanmax(busy) <= 1.0
+    for pid, p in tl.procs.items():
+        key = f"proc.cpu:{pid}"
+        if key not in groups["process"]["columns"]:
+            continue
+        t, cpu = column(groups, "process", key)
+        ok = ~np.isnan(cpu)
+        dt = np.diff(t, prepend=np.nan)[ok]
+        span = (t[ok][0] - dt[0], t[ok][-1])
+        # Jiffies (10 ms) per tree: the total is exact to one jiffy.
+        assert np.sum(cpu[ok] * dt) == pytest.approx(p["cpu"].between(*span), abs=0.02)
+        _, root = column(groups, "process", f"proc.root_cpu:{pid}")
+        assert np.sum(root[ok] * dt) == pytest.approx(p["root"].between(*span), abs=0.02)
+        assert np.all(root[ok] <= cpu[ok] + 1e-6)
+
+
+def test_cases_are_what_they_say():
+    for i, name in enumerate(C.BUILDERS):
+        case, tl, truth = build(name, seed=5, index=i)
+        a, b = case.window
+        assert set(truth.gpus) <= set(range(case.node.gpus)), name
+        if case.healthy:
+            assert truth.stall_fraction == 0.0, name
+        else:
+            assert truth.stall_fraction >= 0.08, (name, truth.stall_fraction)
+        if name in ("input-storage", "input-storage-small-reads"):
+            (d, m), = tl.disks.items()
+            ceiling = case.node.drive(d).read_ceiling(m["request"])
+            assert m["read"].mean(a, b) >= 0.9 * ceiling, name
+        if name == "healthy-nvme-busy":
+            (d, m), = tl.disks.items()
+            ratio = m["read"].mean(a, b) / case.node.drive(d).read_ceiling(m["request"])
+            assert 0.45 <= ratio <= 0.72, ratio
+            busy = S.disk_model(tl, d)["busy"].mean(a, b)
+            assert busy > 0.9  # the drive reads ~100% busy with headroom left
+        if name == "idle-between-jobs":
+            assert all(p["mem"].at(a) < 2**30 for p in tl.gpu.values())
+        if case.klass == "idle_allocated":
+            for g in truth.gpus:
+                assert tl.gpu[g]["mem"].at(a) > 2**30 and truth.idle_fraction[g] == 1.0
+        if case.klass == "gpu_lost":
+            assert set(tl.lost) == set(truth.origin)
+        if name in ("healthy-llm", "healthy-short-steps", "healthy-multinode"):
+            # Ordinary gaps between steps: a few percent, not zero.
+            assert 0.015 < np.mean(list(truth.idle_fraction.values())) < 0.1, name
+
+
+# The last draw lost its GPU between two collectives: its peers once went idle instead.
+@pytest.mark.parametrize("seed,index,span", [(0, 0, SPAN), (1, 1, SPAN), (2, 2, SPAN),
+                                             (1676823680, 32, 600.0)])
+def test_peers_of_a_lost_gpu_spin_until_the_window_ends(seed, index, span):
+    case, tl, truth = build("gpu-lost", seed=seed, index=index, span=span)
+    (k, t_lost), = tl.lost.items()
+    a, b = case.window
+    after = (b - t_lost) / (b - a)
+    assert truth.stall_fraction >= 0.9 * after * (case.node.gpus - 1) / case.node.gpus
+    for g in range(case.node.gpus):
+        if g != k:
+            assert tl.gpu[g]["kernel"].mean(t_lost + 5, b) == pytest.approx(1.0)
+            assert tl.gpu[g]["sm"].mean(t_lost + 5, b) < 0.05
+
+
+def test_cases_are_drawn_from_their_seed():
+    a = build("straggler", seed=1)[2]
+    b = build("straggler", seed=1)[2]
+    c = build("straggler", seed=2)[2]
+    assert a.stall_fraction == b.stall_fraction and a.step_period == b.step_period
+    assert a.step_period != c.step_period
+
+
+def test_agentd_reads_the_recordings(tmp_path):
+    case, tl, truth = build("gpu-lost")
+    groups = S.sample_groups(tl, np.random.default_rng(2), *case.window)
+    path = tmp_path / "node.rec"
+    S.write_recording(str(path), groups, S.meta(tl, S.ceilings_for(tl)))
+    r = subprocess.run(agentd_cmd("diagnose", "--recording", str(path), "--json"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode in (0, 1), r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["node"] == case.node.host
+    assert len(doc["gpus"]) >= case.node.gpus - 1
+
+
+@pytest.mark.prometheus
+def test_backfilled_exporter_series_are_queryable(tmp_path):
+    need("promtool")
+    need("prometheus")
+    case, tl, truth = build("input-cpu-dp")
+    a, b = case.window
+    om = E.OpenMetrics()
+    host = "dgx-h100-007.rack2.cluster.example"
+    E.exporters_series(tl, a - C.LEAD + 5, b, 5.0, "full", np.random.default_rng(3), om, host)
+    path = tmp_path / "node.om"
+    with open(path, "w") as f:
+        om.write(f)
+        f.write("# EOF\n")
+    E.backfill(str(path), str(tmp_path / "tsdb"))
+    prom = E.Prometheus(str(tmp_path / "tsdb"), str(tmp_path))
+    try:
+        q = urllib.parse.urlencode({
+            "query": f'avg by (gpu) (avg_over_time(DCGM_FI_PROF_GR_ENGINE_ACTIVE'
+                     f'{{hostname=~"{host}|",Hostname=~"{host}|"}}[{int(b - a)}s]))',
+            "time": f"{b:.3f}"})
+        with urllib.request.urlopen(f"{prom.url}/api/v1/query?{q}", timeout=30) as resp:
+            result = json.load(resp)["data"]["result"]
+        assert len(result) == case.node.gpus
+        for s in result:
+            g = int(s["metric"]["gpu"])
+            assert float(s["value"][1]) == pytest.approx(1 - truth.idle_fraction[g], abs=0.02)
+        r = subprocess.run(agentd_cmd("diagnose", "--prometheus", prom.url, "--node", host,
+                                      "--start", f"{a:.0f}", "--end", f"{b:.0f}", "--json"),
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode in (0, 1), r.stderr
+        doc = json.loads(r.stdout)
+        assert doc["source"] == "prometheus (dcgm-exporter + node_exporter)"
+        assert len(doc["gpus"]) == case.node.gpus
+    finally:
+        prom.stop()
+
+
+HEALTHY = [n for n in C.BUILDERS if n.startswith(("healthy", "idle-between", "job-"))]
+
+
+# Was xfail(strict=False) until the analysis rewrite of issue #8 (356b220) landed; it passes
+# since, and guards what the rewrite achieved.
+@pytest.mark.parametrize("name", HEALTHY)
+def test_healthy_nodes_raise_no_warning(name, tmp_path):
+    from agentd.analysis.core import analyze
+    from agentd.diagnose.sources.recording import RecordingSource
+
+    case, tl, truth = build(name, seed=8)
+    assert case.healthy
+    groups = S.sample_groups(tl, np.random.default_rng(4), *case.window)
+    path = tmp_path / "node.rec"
+    S.write_recording(str(path), groups, S.meta(tl))
+    report = analyze(RecordingSource(str(path)).read()).to_json()
+    warnings = [f for f in report["findings"] if f["severity"] in ("warning", "critical")]
+    assert not warnings, [(f["kind"], f["summary"]) for f in warnings]
