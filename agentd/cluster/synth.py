@@ -287,9 +287,10 @@ def gpu_detail(sims: list[Sim], activity: str = "tensor"):
 # --- the same jobs as the exporters would have exposed them ------------------------------------
 
 def _lines(out, name: str, labels: list[str], t: np.ndarray, values: np.ndarray,
-           fmt: str = "%.6g") -> None:
+           fmt: str = "%.6g", millis: bool = False) -> None:
     """One sample line per (series, scrape): values [R, S], labels [R]."""
-    ts = np.char.mod("%.3f", t)
+    ts = np.char.mod("%d", np.round(t * 1000).astype(np.int64)) if millis else \
+        np.char.mod("%.3f", t)
     for lab, row in zip(labels, values):
         ok = np.isfinite(row)
         vs = np.char.mod(fmt, row[ok])
@@ -297,16 +298,17 @@ def _lines(out, name: str, labels: list[str], t: np.ndarray, values: np.ndarray,
         out.write("".join(head + v + " " + s + "\n" for v, s in zip(vs, ts[ok])))
 
 
-def write_exporters(sims: list[Sim], out, cores: int = 4) -> None:
+def write_exporters(sims: list[Sim], out, cores: int = 4, millis: bool = False) -> None:
     """dcgm-exporter (default counters: gauges per GPU, with the Kubernetes pod of each GPU)
     and node_exporter (diskstats, pressure, cpu, infiniband counters) samples of these jobs,
-    as OpenMetrics with timestamps for `promtool tsdb create-blocks-from openmetrics`. The
-    file ends with `# EOF`."""
+    as OpenMetrics with timestamps for `promtool tsdb create-blocks-from openmetrics` (the
+    file ends with `# EOF`); with millis, as the Prometheus text format with millisecond
+    timestamps that VictoriaMetrics imports (/api/v1/import/prometheus)."""
     def family(name: str, kind: str, help_: str, rows) -> None:
         base = name[:-6] if kind == "counter" and name.endswith("_total") else name
         out.write(f"# HELP {base} {help_}\n# TYPE {base} {kind}\n")
         for s, labels, values in rows:
-            _lines(out, name, labels, s.t, values)
+            _lines(out, name, labels, s.t, values, millis=millis)
 
     def dcgm_rows(key: str, scale: float = 1.0):
         for s in sims:
@@ -358,7 +360,7 @@ def write_exporters(sims: list[Sim], out, cores: int = 4) -> None:
             for mode, x in (("user", busy), ("idle", idle)):
                 _lines(out, "node_cpu_seconds_total",
                        [f'cpu="{c}",mode="{mode}",instance="{n}:9100",job="node"'
-                        for n in s.nodes], s.t, x)
+                        for n in s.nodes], s.t, x, millis=millis)
     ib = "node_infiniband_"
     family(ib + "rate_bytes_per_second", "gauge", "Maximum signal transfer rate.",
            port_rows("rate", False))
