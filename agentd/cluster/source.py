@@ -72,6 +72,15 @@ class ClusterSource:
             e = f'label_replace({e}, "node", "$1", "{label}", "(.+)")'
         return e
 
+    def by_node(self, agg: str, inner: str, ids: str = "") -> str:
+        """agg of inner per node (and ids): first per scrape target and ids, so the
+        label_replace that names the node runs on one series per node, not per GPU or port.
+        A count is summed in the second step."""
+        pre = self.node_label if self.node_label else "instance, Hostname, hostname"
+        extra = f", {ids}" if ids else ""
+        outer = "sum" if agg == "count" else agg
+        return f"{outer} by (node{extra}) ({self.node(f'{agg} by ({pre}{extra}) ({inner})')})"
+
     def _q(self, query: str) -> list[dict]:
         out = self.c.query_range(query, self.grid.t[0], self.grid.t[-1], self.grid.step)
         with self._lock:
@@ -134,16 +143,16 @@ class ClusterSource:
         return f"{int(round(self.grid.step))}s"
 
     def _over_range(self, fn: str, metric: str, extra: str = "") -> str:
-        """fn over the whole range, per series, with the node label."""
+        """fn over the whole range, per series."""
         span = f"{int(self.end - self.start)}s"
-        return self.node(f"{fn}({self.s(metric, extra)}[{span}])")
+        return f"{fn}({self.s(metric, extra)}[{span}])"
 
     def _exporters_plan(self, busy_metric: str) -> dict:
         w = self._win()
         ids = list(dict.fromkeys(([self.group_by] if self.group_by else []) +
                                  ["hpc_job", "namespace", "pod", "slurm_job_id"] +
                                  list(OWNER_LABELS)))
-        by = "node, " + ", ".join(ids)
+        ids_s = ", ".join(ids)
         scale = " / 100" if busy_metric == "DCGM_FI_DEV_GPU_UTIL" else ""
         act = next((m for m in ("DCGM_FI_PROF_PIPE_TENSOR_ACTIVE", "DCGM_FI_PROF_SM_ACTIVE")
                     if self._has(m)), None)
@@ -151,8 +160,7 @@ class ClusterSource:
                           "DCGM_FI_PROF_SM_ACTIVE": "sm"}.get(act or "", "")
 
         def gpu(agg: str, metric: str, post: str = "") -> str:
-            inner = f"avg_over_time({self.s(metric)}[{w}]){post}"
-            return f"{agg} by ({by}) ({self.node(inner)})"
+            return self.by_node(agg, f"avg_over_time({self.s(metric)}[{w}]){post}", ids_s)
 
         power = f"avg_over_time({self.s('DCGM_FI_DEV_POWER_USAGE')}[{w}])"
         has_limit = self._has("DCGM_FI_DEV_POWER_MGMT_LIMIT")
@@ -163,19 +171,20 @@ class ClusterSource:
             "busy_avg": gpu("avg", busy_metric, scale),
             "act_max": gpu("max", act) if act else None,
             "clock_min": gpu("min", "DCGM_FI_DEV_SM_CLOCK", " * 1e6"),
-            "power_max": f"max by ({by}) ({self.node(power)})",
+            "power_max": self.by_node("max", power, ids_s),
             "temp_max": gpu("max", "DCGM_FI_DEV_GPU_TEMP"),
         }
         rng.update(self._host_exporters(w))
         inst = {
-            "gpus": f"count by ({by}) ({self._over_range('last_over_time', busy_metric)})",
-            "models": "count by (node, modelName) "
-                      f"({self._over_range('last_over_time', busy_metric)})",
-            "remapped_rows": "max by (node) ({})".format(self._over_range(
+            "gpus": self.by_node("count", self._over_range("last_over_time", busy_metric),
+                                 ids_s),
+            "models": self.by_node("count", self._over_range("last_over_time", busy_metric),
+                                   "modelName"),
+            "remapped_rows": self.by_node("max", self._over_range(
                 "max_over_time", "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS")),
-            "row_remap_failed": "max by (node) ({})".format(self._over_range(
+            "row_remap_failed": self.by_node("max", self._over_range(
                 "max_over_time", "DCGM_FI_DEV_ROW_REMAP_FAILURE")),
-            "last_xid": "max by (node) ({})".format(self._over_range(
+            "last_xid": self.by_node("max", self._over_range(
                 "max_over_time", "DCGM_FI_DEV_XID_ERRORS")),
             "price": "agentd_gpu_price_per_hour",
         }
@@ -187,7 +196,7 @@ class ClusterSource:
 
     def _host_exporters(self, w: str) -> dict:
         def host(agg: str, inner: str) -> str:
-            return f"{agg} by (node) ({self.node(inner)})"
+            return self.by_node(agg, inner)
 
         ib = "node_infiniband_"
         return {
@@ -219,7 +228,7 @@ class ClusterSource:
         ids = list(JOB_LABELS) if has_jobs else []
         if self.group_by and self.group_by not in ids:
             ids.append(self.group_by)
-        by = "node" + "".join(f", {x}" for x in ids)
+        ids_s = ", ".join(ids)
         gpu_id = "instance, gpu, uuid"
         jobs = (f"group by ({gpu_id}, {', '.join(JOB_LABELS)}) "
                 f"({self.s('agentd_gpu_process_memory_used_bytes')} > 0)")
@@ -229,7 +238,7 @@ class ClusterSource:
                 else per_gpu
 
         def gpu(agg: str, per_gpu: str) -> str:
-            return f"{agg} by ({by}) ({self.node(join(per_gpu))})"
+            return self.by_node(agg, join(per_gpu), ids_s)
 
         act = next((m for m in ("agentd_gpu_tensor_active_seconds_total",
                                 "agentd_gpu_sm_active_seconds_total") if self._has(m)), None)
@@ -251,7 +260,7 @@ class ClusterSource:
         }
 
         def host(agg: str, inner: str) -> str:
-            return f"{agg} by (node) ({self.node(inner)})"
+            return self.by_node(agg, inner)
 
         rd = "agentd_rdma_"
         rng.update({
@@ -278,17 +287,17 @@ class ClusterSource:
         info = self.s("agentd_gpu_info")
         span = f"{int(self.end - self.start)}s"
         inst = {
-            "gpus": f"count by ({by}) ({self.node(join(f'last_over_time({info}[{span}])'))})",
-            "models": "count by (node, name) ({})".format(
-                self._over_range("last_over_time", "agentd_gpu_info")),
-            "clock_max": "max by (node) ({})".format(
-                self._over_range("max_over_time", "agentd_gpu_sm_clock_max_hertz")),
-            "remapped_rows": "max by (node) ({})".format(
-                self._over_range("max_over_time", "agentd_gpu_remapped_rows")),
-            "row_remap_failed": "max by (node) ({})".format(
-                self._over_range("max_over_time", "agentd_gpu_remapped_rows_failed")),
-            "xid_events": "sum by (node) ({})".format(self.node("increase({}[{}])".format(
-                self.s("agentd_gpu_xid_errors_total"), span))),
+            "gpus": self.by_node("count", join(f"last_over_time({info}[{span}])"), ids_s),
+            "models": self.by_node("count", self._over_range("last_over_time",
+                                                             "agentd_gpu_info"), "name"),
+            "clock_max": self.by_node("max", self._over_range(
+                "max_over_time", "agentd_gpu_sm_clock_max_hertz")),
+            "remapped_rows": self.by_node("max", self._over_range(
+                "max_over_time", "agentd_gpu_remapped_rows")),
+            "row_remap_failed": self.by_node("max", self._over_range(
+                "max_over_time", "agentd_gpu_remapped_rows_failed")),
+            "xid_events": self.by_node("sum", "increase({}[{}])".format(
+                self.s("agentd_gpu_xid_errors_total"), span)),
             "price": "agentd_gpu_price_per_hour",
         }
         detail = {"act_max": (act, "rate", "") if act else None,
@@ -310,7 +319,7 @@ class ClusterSource:
                     continue
                 key = (node, tuple(sorted((k, v) for k, v in m.items() if k != "node")))
                 labels_of[key] = m
-                gpu_rows.setdefault(key, {})[fam] = grid.place(s.get("values", []))
+                gpu_rows.setdefault(key, {})[fam] = _place(grid, s.get("values", []))
         count = {}
         for s in inst.get("gpus", []):
             m = s["metric"]
@@ -352,7 +361,7 @@ class ClusterSource:
             for s in results.get(fam, []):
                 n = s["metric"].get("node", "")
                 if n in ni:
-                    arr[ni[n]] = grid.place(s.get("values", []))
+                    arr[ni[n]] = _place(grid, s.get("values", []))
             if np.isfinite(arr).any():
                 host[fam] = arr
         model_of: dict[str, str] = {}
@@ -414,17 +423,34 @@ class ClusterSource:
                 return {}
             metric, fn, post = got
             dur = f"{max(int(t1 - t0), int(self.grid.step))}s"
-            inner = self.node(f"{fn}({self.s(metric)}[{dur}]){post}")
+            inner = self.by_node("max", f"{fn}({self.s(metric)}[{dur}]){post}", "gpu")
             value = promql_string(node.replace("$", "$$"))
             only = f'label_replace(vector(1), "node", {value}, "", "")'
             try:
-                res = self._i(f"max by (node, gpu) ({inner}) and on (node) {only}", at=t1)
+                res = self._i(f"{inner} and on (node) {only}", at=t1)
             except SourceError:
                 return {}
             return {s["metric"].get("gpu", ""): _value(s) for s in res
                     if s["metric"].get("gpu", "") != ""}
 
         return detail
+
+
+def _place(grid: Grid, values: list) -> np.ndarray:
+    """A range result's [[ts, "v"], ...] on the grid, vectorised (Grid.place is per point)."""
+    out = np.full(len(grid.t), np.nan)
+    if not values:
+        return out
+    try:
+        a = np.asarray(values, dtype=float)
+    except (TypeError, ValueError):
+        return grid.place(values)
+    if a.ndim != 2 or a.shape[1] != 2:
+        return grid.place(values)
+    i = np.rint((a[:, 0] - grid.t[0]) / grid.step).astype(np.int64)
+    ok = (i >= 0) & (i < len(out)) & np.isfinite(a[:, 1])
+    out[i[ok]] = a[ok, 1]
+    return out
 
 
 def _value(s: dict) -> float:
