@@ -295,13 +295,18 @@ def build(cfg: RulesConfig | None = None) -> dict:
         active = f"""max by ({gpu}, kind) (
               max_over_time({s('agentd_finding_active', f'kind=~"{kinds}",severity=~"warning|critical"')}[{cfg.finding_gap}])
             ) == 1"""
+        # A GPU whose job has an identity alerts with it only (never first without it, then
+        # with it, while the recording rules catch up: that would page twice).
+        mem = "agentd_gpu_process_memory_used_bytes"
+        known = " or ".join(s(mem, f'{k}!=""') for k in ("slurm_job_id", "pod", "systemd_unit"))
         return f"""
             (
               {active}
             ) * on ({gpu}) group_left ({", ".join(CLUSTER_JOB_LABELS)})
               topk by ({gpu}) (1, agentd:gpu_cluster_job:info)
-            or
-            {active}"""
+            or (
+              {active}
+            ) unless on ({gpu}) ({known})"""
 
     stale_after = f"clamp_min({_num(cfg.stale_intervals)} * " \
                   f"{s('agentd_sampler_interval_seconds')}, {_num(cfg.stale_min_seconds)})"
