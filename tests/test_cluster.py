@@ -183,3 +183,15 @@ def test_unreachable_prometheus_exits_3():
                        timeout=60)
     assert r.returncode == 3 and "cannot reach" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_plot_draws_the_job_of_the_top_finding(tmp_path):
+    from agentd.cluster.plot import plot
+
+    rng = np.random.default_rng(1)
+    sim = simulate_job(rng, 8, "throttled", 1.75e9, seconds=2400)
+    fleet = to_fleet([sim])
+    r = analyze_fleet(fleet, Options(), gpu_detail([sim]))
+    out = tmp_path / "cluster.png"
+    plot(fleet, r, str(out))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
