@@ -184,6 +184,22 @@ scrape_configs:
         assert {a["labels"]["gpu"] for a in starved} == {str(g) for g in range(8)}
         assert {a["labels"]["instance"] for a in starved} == {nodes.targets()[1]}
         assert {a["labels"]["workload"] for a in starved} == {"train"}
+        # The same Prometheus through `diagnose --cluster`, on agentd's own metrics (the four
+        # nodes share a host here: --node-label instance names them apart).
+        while time.time() - T0 < 60:
+            time.sleep(1)
+        r = subprocess.run(agentd_cmd("diagnose", "--prometheus",
+                                      f"http://127.0.0.1:{prom_port}", "--cluster", "--last",
+                                      "45s", "--step", "3s", "--window", "1m", "--node-label",
+                                      "instance", "--json"),
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1, r.stdout + r.stderr
+        doc = json.loads(r.stdout)
+        assert doc["query"]["flavour"] == "agentd"
+        named = {(f["subject"]["node"], f["kind"]) for f in doc["findings"]}
+        assert named == {(nodes.targets()[3], "throttled"), (nodes.targets()[1], "straggler")}
+        assert doc["jobs"][0]["job"] == "namespace=ml,workload=train"
+        assert doc["jobs"][0]["gpus"] == 32
     finally:
         nodes.close()
         hook.srv.shutdown()

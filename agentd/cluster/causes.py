@@ -357,7 +357,8 @@ def _finding(fleet: Fleet, job: str, members: list[int], i: int, kind: str, mask
             summary = (f"{node}'s GPUs idle {(peer - value) * 100:.0f} points more than its "
                        "peers' before each collective; no saturated disk or CPU is seen")
             mechanism = "only its GPUs idle; the cause is not in these signals"
-            advice = [f"`agentd diagnose --daemon http://{node}:9445` (10 Hz) or a profile "
+            daemon = node if ":" in node else f"{node}:9445"
+            advice = [f"`agentd diagnose --daemon http://{daemon}` (10 Hz) or a profile "
                       "of that rank shows what it waits for: host-side work, a slow "
                       "network filesystem, a noisy neighbour."]
         subject_gpus = _which_gpus(detail, node, "busy_min", t0, t1, peer, higher=False)

@@ -287,7 +287,8 @@ class ClusterSource:
         info = self.s("agentd_gpu_info")
         span = f"{int(self.end - self.start)}s"
         inst = {
-            "gpus": self.by_node("count", join(f"last_over_time({info}[{span}])"), ids_s),
+            "gpus": self.by_node("count", join("last_over_time({}[{}])".format(
+                self.s("agentd_gpu_busy_seconds_total"), span)), ids_s),
             "models": self.by_node("count", self._over_range("last_over_time",
                                                              "agentd_gpu_info"), "name"),
             "clock_max": self.by_node("max", self._over_range(
@@ -399,7 +400,7 @@ class ClusterSource:
         for fam, why in (("act_max", "compute activity (DCGM_FI_PROF_PIPE_TENSOR_ACTIVE / "
                                      "SM_ACTIVE, or agentd's GPM counters)"),
                          ("clock_min", "SM clocks"),
-                         ("disk_busy", "disk busy time (node_exporter diskstats)"),
+                         ("disk_busy", "disk busy time (diskstats)"),
                          ("cpu_busy", "host CPU"),
                          ("psi_io", "pressure stall information"),
                          ("net_rate", "RDMA port rates (node_infiniband_*, agentd_rdma_*)"),
