@@ -5,9 +5,12 @@ BIN := $(VENV)/bin
 ARGS ?=
 PYTEST_ARGS ?=
 # What the tests start or call: a real Prometheus and node_exporter, fio, openssl (TLS
-# certificates), systemd-analyze (the unit's checks).
-TEST_TOOLS := prometheus prometheus-node-exporter fio openssl systemd-analyze
-TEST_PACKAGES := prometheus prometheus-node-exporter fio openssl systemd
+# certificates), systemd-analyze (the unit's checks), VictoriaMetrics (the cluster queries
+# against the store users outgrow Prometheus into) and Alertmanager (alerts end to end).
+TEST_TOOLS := prometheus prometheus-node-exporter fio openssl systemd-analyze victoria-metrics \
+	prometheus-alertmanager
+TEST_PACKAGES := prometheus prometheus-node-exporter fio openssl systemd victoria-metrics \
+	prometheus-alertmanager
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test test-packages bench docs dashboards rules golden clean

@@ -192,8 +192,9 @@ def _source(args: argparse.Namespace):
         from agentd.diagnose.sources.prometheus_exporters import ExportersPrometheusSource
         from agentd.diagnose.sources.promclient import PromClient
 
-        if not args.node:
-            raise configmod.ConfigError("--prometheus needs --node HOST (or a label matcher)")
+        if not args.node and not args.cluster:
+            raise configmod.ConfigError("--prometheus needs --node HOST (or a label matcher), "
+                                        "or --cluster")
         now = time.time()
         end = _parse_time(args.end, now, "--end")
         start = _parse_time(args.start, now, "--start") if args.start else \
@@ -202,6 +203,12 @@ def _source(args: argparse.Namespace):
         if end <= start:
             raise configmod.ConfigError("--end must be after --start")
         client = PromClient(args.prometheus, _http_options(args))
+        if args.cluster:
+            from agentd.cluster.source import ClusterSource
+
+            return ClusterSource(client, start, end, step, selector=args.selector or "",
+                                 group_by=args.group_by, node_label=args.node_label,
+                                 flavour=args.flavour)
         flavour = args.flavour if args.flavour != "auto" else detect(client, args.node, end)
         cls = AgentdPrometheusSource if flavour == "agentd" else ExportersPrometheusSource
         return cls(args.prometheus, args.node, start, end, step, client=client)
@@ -211,6 +218,29 @@ def _source(args: argparse.Namespace):
     cfg = _live_config(args)
     sampling_config(cfg, seconds)  # a window too large for memory is a usage error, now
     return LiveSource(seconds, cfg)
+
+
+def _cluster_flags(args: argparse.Namespace) -> float:
+    """Checks the --cluster flags; the analysis window in seconds."""
+    from agentd.daemon import config as configmod
+    from agentd.rules import _SELECTOR
+
+    if not args.prometheus:
+        raise configmod.ConfigError("--cluster reads a Prometheus server: give --prometheus "
+                                    "URL")
+    if args.node:
+        raise configmod.ConfigError("--cluster compares the nodes of each job: use --selector "
+                                    "to narrow the nodes, not --node")
+    if args.selector and not _SELECTOR.match(args.selector.strip().strip("{}")):
+        raise configmod.ConfigError(f"--selector: {args.selector!r} is not a list of label "
+                                    "matchers (e.g. '{cluster=\"eu1\",rack=~\"r1.*\"}')")
+    for flag, label in (("--group-by", args.group_by), ("--node-label", args.node_label)):
+        if label is not None and not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", label):
+            raise configmod.ConfigError(f"{flag}: {label!r} is not a label name")
+    window = _duration(args.window, "--window")
+    if window < 60:
+        raise configmod.ConfigError("--window must be at least 1m")
+    return window
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
@@ -225,9 +255,15 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
             _check_diagnose_flags(args)
             if args.plot:
                 check_target(args.plot)  # before sampling: matplotlib, file type, directory
+            if args.cluster:
+                window = _cluster_flags(args)
             source = _source(args)
         except configmod.ConfigError as e:
             return _fail(str(e))
+        if args.cluster:
+            from agentd.cluster.run import report_and_exit
+
+            return report_and_exit(source, args, window)
         return D.report_and_exit(source.read(), args)
     except PlotUnavailable as e:
         return _fail(str(e))
@@ -404,6 +440,21 @@ def build_parser() -> argparse.ArgumentParser:
                       "data)")
     diag.add_argument("--flavour", choices=("auto", "agentd", "exporters"), default="auto",
                       help="agentd's metrics, or dcgm-exporter + node_exporter (default: auto)")
+    clu = diag.add_argument_group("the cluster view (--prometheus URL --cluster)")
+    clu.add_argument("--cluster", action="store_true",
+                     help="compare the nodes of each job: which node holds it back, and why; "
+                     "and the fleet's GPU-hours lost")
+    clu.add_argument("--selector", metavar="MATCHERS",
+                     help="label matchers the nodes' series must carry "
+                     "('{cluster=\"eu1\"}'); without job labels they are one peer group")
+    clu.add_argument("--group-by", metavar="LABEL",
+                     help="the label that names a job (default: Slurm job, HPC job, pod "
+                     "owner, systemd unit)")
+    clu.add_argument("--node-label", metavar="LABEL",
+                     help="the label that names a node in every exporter's series (default: "
+                     "the host of instance, or dcgm-exporter's Hostname)")
+    clu.add_argument("--window", default="5m",
+                     help="analysis window, slid one step at a time (default 5m)")
     diag.add_argument("--json", action="store_true", help="the report as JSON")
     diag.add_argument("--plot", metavar="FILE.png",
                       help="timeline of GPU busy, PCIe, storage and CPU with stalls shaded")

@@ -33,6 +33,9 @@ LOW_IS_BAD = ((RED, None), (ORANGE, 0.5), (GREEN, 0.8))  # busy shares
 HIGH_IS_BAD = ((GREEN, None), (ORANGE, 0.1), (RED, 0.3))  # shares lost
 COUNT_IS_BAD = ((GREEN, None), (RED, 1))
 
+# A node of a job across nodes (agentd/rules.py CLUSTER_JOB_LABELS).
+CLUSTER_JOB_LEGEND = "{{instance}} in {{slurm_job_id}}{{namespace}} {{workload}}{{systemd_unit}}"
+PEER_Z = ((GREEN, None), (ORANGE, 3), (RED, 4))
 # The legend of a job: the labels that identify it (only one kind is set: agentd/jobs.py).
 JOB_LEGEND = ("{{slurm_job_id}}{{namespace}} {{pod}} {{container}}{{pod_uid}}{{container_id}}"
               "{{systemd_unit}}{{comm}}")
@@ -403,6 +406,21 @@ def cluster_dashboard(currency: str = CURRENCY) -> G.Dashboard:
                  "percentunit", HIGH_IS_BAD, w=24, vmax=1,
                  description="From the recording rules of `agentd rules`: a job's GPUs' "
                              "stall share, across nodes (a Slurm job, a pod)."),
+        bargauge("Nodes computing longer than their job's peers (robust z)",
+                 f'topk(10, agentd:job_node_gpu_activity:robust_z_rate5m{{{node}}} > 0)',
+                 CLUSTER_JOB_LEGEND, 0, 45, "none", PEER_Z, vmax=12,
+                 description="Tensor (else SM) activity of each node's GPUs of a job against "
+                             "the job's other nodes: median/MAD spreads, never below 3%. Past "
+                             "4 (and 8%) the node holds the job back: throttled at lower "
+                             "clocks, a slower GPU at normal ones (AgentdNodeHoldingJobBack; "
+                             "`agentd diagnose --cluster` says why).", links=[NODE_LINK]),
+        bargauge("Nodes idling more than their job's peers (robust z)",
+                 f'topk(10, -agentd:job_node_gpu_busy:robust_z_rate5m{{{node}}} > 0)',
+                 CLUSTER_JOB_LEGEND, 12, 45, "none", PEER_Z, vmax=12,
+                 description="Busy share of each node's GPUs of a job under the job's other "
+                             "nodes', in spreads (never below 1.5 points): its GPUs wait for "
+                             "input while the others spin in the collective.",
+                 links=[NODE_LINK]),
     ]
     return G.Dashboard(
         title="agentd / Cluster", uid="agentd-cluster", tags=["agentd", "gpu"],

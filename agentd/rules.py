@@ -24,8 +24,14 @@ from typing import Any
 
 import yaml
 
+from agentd.cluster.groups import POD_OWNER_REGEX
 from agentd.gpu.xid import CLASSES as XID_CLASSES
 from agentd.jobs import JOB_LABELS
+
+# A job across nodes, as the rules see it: a Slurm job, a Kubernetes workload (the owner of
+# its pods: agentd/cluster/groups.py pod_owner) or a systemd unit. A pod, a container or a
+# process name alone names nothing across nodes.
+CLUSTER_JOB_LABELS = ("slurm_job_id", "namespace", "workload", "systemd_unit")
 
 DEFAULT_OUT = "rules/agentd.rules.yml"
 # RFC 2606 reserves example.com for documentation: an absolute URL that says "set yours".
@@ -69,6 +75,16 @@ class RulesConfig:
     stale_for: str = "2m"
     # A node counts as a GPU node for this long after it last showed a GPU.
     gpu_node_lookback: str = "24h"
+    # AgentdNodeHoldingJobBack: in a job of at least holdback_min_nodes nodes, one node's
+    # compute activity, clocks or busy share robustly apart from its peers' (median/MAD,
+    # holdback_z spreads and the gaps below, never less than the natural spread floors) for
+    # holdback_for (agentd/cluster/causes.py: the same lines as `diagnose --cluster`).
+    holdback_for: str = "10m"
+    holdback_min_nodes: float = 3.0
+    holdback_z: float = 4.0
+    holdback_activity_gap: float = 0.08
+    holdback_clock_gap: float = 0.05
+    holdback_busy_gap: float = 0.05
 
     def check(self) -> "RulesConfig":
         if not _SELECTOR.match(self.selector):
@@ -270,14 +286,27 @@ def build(cfg: RulesConfig | None = None) -> dict:
             f"sum(agentd:node_gpu_lost_hours:rate{rw})"),
         rec(f"agentd:cluster_gpu_lost_cost:rate{rw}",
             f"sum(agentd:node_gpu_lost_cost:rate{rw})"),
-    ]
+    ] + _peer_rules(cfg, s, rec)
 
     def finding(kinds: str) -> str:
         # One series per (kind, GPU); a gap of one analysis run must not restart `for:`.
-        return f"""
-            max by ({gpu}, kind) (
+        # The GPU's cluster job rides along (when it has one), so that Alertmanager can
+        # group a job's GPUs into one notification.
+        active = f"""max by ({gpu}, kind) (
               max_over_time({s('agentd_finding_active', f'kind=~"{kinds}",severity=~"warning|critical"')}[{cfg.finding_gap}])
             ) == 1"""
+        # A GPU whose job has an identity alerts with it only (never first without it, then
+        # with it, while the recording rules catch up: that would page twice).
+        mem = "agentd_gpu_process_memory_used_bytes"
+        known = " or ".join(s(mem, f'{k}!=""') for k in ("slurm_job_id", "pod", "systemd_unit"))
+        return f"""
+            (
+              {active}
+            ) * on ({gpu}) group_left ({", ".join(CLUSTER_JOB_LABELS)})
+              topk by ({gpu}) (1, agentd:gpu_cluster_job:info)
+            or (
+              {active}
+            ) unless on ({gpu}) ({known})"""
 
     stale_after = f"clamp_min({_num(cfg.stale_intervals)} * " \
                   f"{s('agentd_sampler_interval_seconds')}, {_num(cfg.stale_min_seconds)})"
@@ -330,6 +359,7 @@ def build(cfg: RulesConfig | None = None) -> dict:
             The NVIDIA driver reported {{{{ printf "%.0f" $value }}}} XID event(s) of class
             {{{{ $labels.class }}}} on GPU {{{{ $labels.gpu }}}} ({{{{ $labels.uuid }}}}) in the last
             {_human(_seconds(cfg.xid_window))}; the last code was {last}."""))
+    alerts.append(_holdback_alert(cfg, alert))
     alerts += [
         alert("AgentdGpuLost", lost, "critical",
               "GPU {{ $labels.gpu }} on {{ $labels.instance }} fell off the bus", """
@@ -371,6 +401,98 @@ def build(cfg: RulesConfig | None = None) -> dict:
         {"name": "agentd.recording", "interval": cfg.recording_interval, "rules": recording},
         {"name": "agentd.alerts", "rules": alerts},
     ]}
+
+
+def _peer_rules(cfg: RulesConfig, s, rec) -> list[dict]:
+    """Per-job peer statistics across nodes: per (node, job) summaries of the job's GPUs,
+    their median and MAD per job, and each node's robust z (agentd/cluster/peers.py)."""
+    rw = cfg.rate_window
+    gpu = "instance, gpu, uuid"
+    cj = ", ".join(CLUSTER_JOB_LABELS)
+    node_job = f"instance, {cj}"
+    out = [
+        # GPU -> its job across nodes (the pod's owner as `workload`).
+        rec("agentd:gpu_cluster_job:info", f"""
+            group by ({gpu}, {cj}) (
+              label_replace(agentd:gpu_job:info{{pod!=""}}, "workload", "$1", "pod", "{POD_OWNER_REGEX}")
+              or agentd:gpu_job:info{{slurm_job_id!=""}}
+              or agentd:gpu_job:info{{systemd_unit!=""}}
+            )"""),
+    ]
+    per_gpu = {
+        # the rank that computes longest (tensor pipes, else SMs: NCCL's spin uses neither
+        # tensor cores nor many SMs)
+        "activity": ("max", "ratio", f"""
+              rate({s('agentd_gpu_tensor_active_seconds_total')}[{rw}])
+              or rate({s('agentd_gpu_sm_active_seconds_total')}[{rw}])"""),
+        "clock": ("min", "hertz", f"avg_over_time({s('agentd_gpu_sm_clock_hertz')}[{rw}])"),
+        "busy": ("min", "ratio", f"agentd:gpu_busy:ratio_rate{rw}"),
+    }
+    floors = {"activity": 0.03, "clock": 0.02, "busy": None}
+    for name, (agg, unit, expr) in per_gpu.items():
+        node = f"agentd:job_node_gpu_{name}:{unit}_{agg}_rate{rw}"
+        med = f"agentd:job_gpu_{name}:{unit}_median_rate{rw}"
+        mad = f"agentd:job_gpu_{name}:{unit}_mad_rate{rw}"
+        out += [
+            rec(node, f"""
+                {agg} by ({node_job}) (
+                  ({expr.strip()})
+                  * on ({gpu}) group_right () agentd:gpu_cluster_job:info
+                )"""),
+            rec(med, f"quantile by ({cj}) (0.5, {node})"),
+            rec(mad, f"""
+                quantile by ({cj}) (0.5,
+                  abs({node} - on ({cj}) group_left () {med})
+                )"""),
+        ]
+        spread = f"1.4826 * {mad}"
+        floor = f"{floors[name]} * {med}" if floors[name] else f"0 * {med} + 0.015"
+        out.append(rec(f"agentd:job_node_gpu_{name}:robust_z_rate{rw}", f"""
+            ({node} - on ({cj}) group_left () {med})
+            / on ({cj}) group_left () (({spread} >= {floor}) or {floor})"""))
+    out.append(rec("agentd:job_nodes:count",
+                   f"count by ({cj}) (agentd:job_node_gpu_busy:ratio_min_rate{rw})"))
+    return out
+
+
+def _holdback_alert(cfg: RulesConfig, alert) -> dict:
+    rw = cfg.rate_window
+    cj = ", ".join(CLUSTER_JOB_LABELS)
+    on = f"on (instance, {cj})"
+    z, n = _num(cfg.holdback_z), _num(cfg.holdback_min_nodes)
+    big = f"and on ({cj}) agentd:job_nodes:count >= {n}"
+
+    def gap(name: str, unit: str, agg: str, cmp: str, bound: str) -> str:
+        return (f"agentd:job_node_gpu_{name}:{unit}_{agg}_rate{rw} {cmp} on ({cj}) "
+                f"group_left () ({bound} agentd:job_gpu_{name}:{unit}_median_rate{rw})")
+
+    longer = f"""agentd:job_node_gpu_activity:robust_z_rate{rw} > {z}
+                and {on} {gap('activity', 'ratio', 'max', '>', _num(1 + cfg.holdback_activity_gap) + ' *')}"""
+    slow_clock = f"""agentd:job_node_gpu_clock:robust_z_rate{rw} < -{_num(cfg.holdback_z - 1)}
+                and {on} {gap('clock', 'hertz', 'min', '<', _num(1 - cfg.holdback_clock_gap) + ' *')}"""
+    idles = f"""agentd:job_node_gpu_busy:robust_z_rate{rw} < -{z}
+                and {on} {gap('busy', 'ratio', 'min', '<', '-' + _num(cfg.holdback_busy_gap) + ' +')}"""
+    expr = f"""
+        label_replace(
+          ({longer}) and {on} ({slow_clock}) {big},
+          "kind", "throttled", "", "")
+        or label_replace(
+          ({longer}) unless {on} ({slow_clock}) {big},
+          "kind", "slow_gpu", "", "")
+        or label_replace(
+          ({idles}) {big},
+          "kind", "idle", "", "")"""
+    return alert(
+        "AgentdNodeHoldingJobBack", expr, "warning",
+        "{{ $labels.instance }} is holding its job back ({{ $labels.kind }})",
+        f"""
+        In job {{{{ $labels.slurm_job_id }}}}{{{{ $labels.namespace }}}}
+        {{{{ $labels.workload }}}}{{{{ $labels.systemd_unit }}}}, {{{{ $labels.instance }}}}
+        deviates from its peers by {{{{ printf "%.1f" $value }}}} robust spreads
+        as {{{{ $labels.kind }}}} (throttled: it computes longer at lower clocks; slow_gpu: it
+        computes longer at normal clocks; idle: its GPUs wait while its peers spin). Every
+        step of the job waits for it. `agentd diagnose --prometheus URL --cluster` gives the
+        cause, the evidence and the job time it costs.""", cfg.holdback_for)
 
 
 def _num(v: float) -> str:

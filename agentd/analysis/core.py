@@ -19,7 +19,8 @@ import numpy as np
 from agentd.analysis import detectors as D
 from agentd.analysis.detectors import common as C
 from agentd.analysis.evidence import Evidence, measure
-from agentd.analysis.findings import SEVERITIES, Finding, gain_from_stall, json_safe
+from agentd.analysis.findings import SEVERITIES, Finding, gain_from_stall, json_safe, \
+    worst_severity
 from agentd.analysis.signals import Signals
 
 # Among input causes, a root cause outranks its symptom; then the clearer evidence wins.
@@ -68,9 +69,7 @@ class Report:
     covered_seconds: float = 0.0
 
     def worst_severity(self) -> str | None:
-        if not self.findings:
-            return None
-        return max((f.severity for f in self.findings), key=SEVERITIES.index)
+        return worst_severity(self.findings)
 
     def to_json(self) -> dict:
         return json_safe({

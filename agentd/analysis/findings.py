@@ -40,6 +40,13 @@ def json_safe(v):
     return v
 
 
+def worst_severity(findings: list) -> str | None:
+    """The severest severity among the findings, None without any."""
+    if not findings:
+        return None
+    return max((f.severity for f in findings), key=SEVERITIES.index)
+
+
 def severity_for(lost_fraction: float, confidence: float = 1.0) -> str:
     """How much GPU time the problem costs, as a severity; weak evidence never warns."""
     if not lost_fraction == lost_fraction or confidence < WARN_CONFIDENCE:
