@@ -384,6 +384,10 @@ METRICS: list[MetricSpec] = [
     _M("agentd_process_cpu_seconds_total", "counter", "seconds",
        "User and system CPU of the job's GPU process trees (data-loader workers included).",
        _JOB, "process", "proc.cpu"),
+    _M("agentd_process_root_cpu_seconds_total", "counter", "seconds",
+       "User and system CPU of the trees' roots (the trainers themselves): the rest of "
+       "agentd_process_cpu_seconds_total is their data-loader workers'.", _JOB, "process",
+       "proc.root_cpu"),
     _M("agentd_process_read_bytes_total", "counter", "bytes",
        "Bytes the job's trees caused to be fetched from storage (/proc/PID/io read_bytes).",
        _JOB, "process", "proc.read"),

@@ -144,8 +144,8 @@ def _without_input_symptoms(ev: Evidence, device: list[Finding],
                             inputs: list[Finding]) -> list[Finding]:
     """In a data-parallel job starved of input, ranks wait for each other at the collective
     as their batches arrive at different times: one works harder per busy second than its
-    spinning peers. That straggling is the input's symptom, unless the GPU has a cause of its
-    own (its clocks throttled)."""
+    spinning peers, or idles (waiting for its batch) while they spin. That straggling is the
+    input's symptom, unless the GPU has a cause of its own (its clocks throttled)."""
     starved = {g for f in inputs for g in f.gpus}
     if not starved:
         return device
@@ -153,11 +153,15 @@ def _without_input_symptoms(ev: Evidence, device: list[Finding],
     groups = [set(grp) for grp in ev.jobs]
     out = []
     for f in device:
-        if f.kind == "straggler" and not f.mechanism.startswith("one rank idles") and \
-                not set(f.gpus) & throttled:
-            job = next((grp for grp in groups if set(f.gpus) & grp), set(f.gpus))
-            if job & starved:
-                continue
+        if f.kind == "straggler" and not set(f.gpus) & throttled:
+            if f.mechanism.startswith("one rank idles"):
+                # The rank idled waiting for its own input, not on host-side work.
+                if set(f.gpus) & starved:
+                    continue
+            else:
+                job = next((grp for grp in groups if set(f.gpus) & grp), set(f.gpus))
+                if job & starved:
+                    continue
         out.append(f)
     return out
 
@@ -189,12 +193,12 @@ def analyze(sig: Signals, options: Options | None = None, node: str = "") -> Rep
     for det in D.DEVICE:
         findings += det.detect(ev)
     idle = {g for f in findings if f.kind == "idle_allocated" for g in f.gpus}
-    blocked = {g for f in findings if f.kind == "straggler" and
-               f.mechanism.startswith("one rank idles") for g in f.gpus}
-    starved = C.starved(ev, exclude=idle | blocked)
+    starved = C.starved(ev, exclude=idle)
     inputs = _input_findings(ev, starved)
     findings = _without_input_symptoms(ev, findings, inputs) + inputs
-    explained = {g for f in inputs for g in f.gpus}
+    blocked = {g for f in findings if f.kind == "straggler" and
+               f.mechanism.startswith("one rank idles") for g in f.gpus}
+    explained = {g for f in inputs for g in f.gpus} | blocked
     if not inputs and not any(f.kind == "straggler" for f in findings):
         for det in D.COLLECTIVE:
             findings += det.detect(ev, idle | set(ev.lost_gpus))

@@ -22,7 +22,9 @@ from agentd.analysis.stats import NONE, Estimate, estimate
 from agentd.gpu import models
 
 IDLE_MEMORY = 2**30  # a process holding >= 1 GiB of device memory holds the GPU
-NO_JOB_MEMORY = 512 * 2**20  # below this no job runs on the GPU (driver context only)
+# Below this no job runs on the GPU, unless a process is attributed to it: drivers report
+# ~0.5 GiB in use on an H100 with no process at all (reserved memory, contexts).
+NO_JOB_MEMORY = 2**30
 # Checkpoints: node writes or device-to-host copies dominate while the GPU idles.
 CHECKPOINT_WRITE = 100e6
 CHECKPOINT_D2H = 1e9
@@ -424,6 +426,8 @@ def _gpu_state(sig: Signals, g: str, ckpt: np.ndarray, hold: int, coarse: bool,
                      for i in (sig.meta.get("processes") or {}).values())
     if held_known:
         present = known & (np.nan_to_num(mem, nan=np.inf) >= NO_JOB_MEMORY)
+        if attributed:
+            present |= known & (np.nan_to_num(mem, nan=np.inf) > 0)
     elif attributed or (known.any() and nanmean(credit) >= 0.02):
         present = known.copy()
     else:

@@ -26,7 +26,7 @@ from agentd.samplers.base import Malformed, Option, regex, Row, Sampler, Series
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 JOB_RETENTION = 300.0  # seconds a job's counters outlive its last tree (a restart keeps them)
-_COUNTERS = ("cpu_seconds", "read_bytes", "rchar", "write_bytes")
+_COUNTERS = ("cpu_seconds", "root_cpu_seconds", "read_bytes", "rchar", "write_bytes")
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,7 @@ class _Tree:
     pids: list[int] = field(default_factory=list)
     members: dict[int, _Member] = field(default_factory=dict)
     cpu_seconds: float = 0.0
+    root_cpu_seconds: float = 0.0  # the trainer's own share of cpu_seconds
     read_bytes: int = 0
     rchar: int = 0
     write_bytes: int = 0
@@ -291,6 +292,7 @@ class ProcessSampler(Sampler):
             live[pid] = m
         tree.members = live
         tree.cpu_seconds += cpu_delta / CLK_TCK
+        tree.root_cpu_seconds += root_delta / CLK_TCK
         tree.read_bytes += io_delta["read_bytes"]
         tree.rchar += io_delta["rchar"]
         tree.write_bytes += io_delta["write_bytes"]
@@ -345,6 +347,7 @@ class ProcessSampler(Sampler):
                     counters[k] += j[k]
             out += [
                 ("agentd_process_cpu_seconds_total", job, counters["cpu_seconds"]),
+                ("agentd_process_root_cpu_seconds_total", job, counters["root_cpu_seconds"]),
                 ("agentd_process_read_bytes_total", job, float(counters["read_bytes"])),
                 ("agentd_process_read_chars_total", job, float(counters["rchar"])),
                 ("agentd_process_written_bytes_total", job, float(counters["write_bytes"])),

@@ -159,6 +159,7 @@ class AgentdPrometheusSource(PrometheusSource):
         trees = per_job(f"max {by} (avg_over_time(agentd_process_trees{sel}{gauge}))")
         for signal, metric, counter in (
                 ("proc.cpu", "agentd_process_cpu_seconds_total", True),
+                ("proc.root_cpu", "agentd_process_root_cpu_seconds_total", True),
                 ("proc.read", "agentd_process_read_bytes_total", True),
                 ("proc.members", "agentd_process_members", False),
                 ("proc.blocked", "agentd_process_blocked", False)):
