@@ -19,6 +19,34 @@ TRAFFIC_NVLINK = 1e8  # bytes/s per GPU
 TRAFFIC_NETWORK = 1e7
 
 
+FLOWING = 0.5  # share of the collective time with bytes moving, for the fabric to be slow
+
+
+def _flowing(ev: Evidence, g: str) -> float | None:
+    """Share of a GPU's time in collectives during which NVLink bytes flow (at a tenth of
+    their usual peak or more). A slow fabric moves bytes throughout; a wait for a late peer
+    spins idle, then moves them in a burst. None where NVLink is not sampled finely."""
+    rx = ev.sig.get("gpu.nvlink_rx", g)
+    sm = ev.sig.get("gpu.sm_active", g)
+    s = ev.gpus[g]
+    if rx is None or sm is None or s.compute is None:
+        return None
+    rx = np.asarray(rx, dtype=float)
+    busy = np.nan_to_num(s.busy)
+    ok = np.isfinite(rx) & np.isfinite(sm) & (busy >= 0.5) & s.present
+    if ok.sum() < 20:
+        return None
+    per = np.asarray(sm, dtype=float)[ok] / busy[ok]
+    lo, hi = np.quantile(per, [0.05, 0.95])
+    collective = per < (lo + hi) / 2
+    if collective.sum() < 10:
+        return None
+    peak = float(np.quantile(rx[ok], 0.95))
+    if peak <= 0:
+        return None
+    return float((rx[ok][collective] >= 0.1 * peak).mean())
+
+
 def detect(ev: Evidence, exclude: set[str]) -> list[Finding]:
     if ev.coarse:
         return []
@@ -39,6 +67,14 @@ def _job(ev: Evidence, gpus: list[str]) -> list[Finding]:
     traffic = (nvlink == nvlink and nvlink >= TRAFFIC_NVLINK) or \
         ev.network_rx >= TRAFFIC_NETWORK
     if not traffic:
+        return []
+    # Within a node (NVLink, sampled at the fast rate): are bytes moving while the GPUs sit
+    # in the collective? (Across nodes the network is sampled once a second: not judged.)
+    flowing = [f for g in waiting if (f := _flowing(ev, g)) is not None] \
+        if ev.network_rx < TRAFFIC_NETWORK else []
+    if flowing and float(np.median(flowing)) < FLOWING:
+        # The GPUs wait in the collective for a late peer, the bytes then move in a burst:
+        # the collective is not what is slow (a cause upstream of it went unseen).
         return []
     spin = float(np.mean([ev.gpus[g].spin.mean for g in waiting]))
     busy = float(np.mean([ev.gpus[g].busy_mean for g in waiting]))
