@@ -618,6 +618,25 @@ def test_no_prefetch_with_steps_too_short_to_see_the_alternation_is_info():
     assert "prefetch" in report.findings[0].advice[0]
 
 
+def test_trainer_without_loader_workers_is_io_h2d_serialized():
+    """Steps too short to see reads and copies alternate, but the process tree shows the
+    mechanism: the trainer has no workers, so it loads each batch itself between steps."""
+    sc = S.load("io-h2d-serialized", seed=None)
+    sc = replace(sc, job=replace(sc.job, compute_s=0.16))
+    sig, _ = simulate(sc, seconds=90)
+    sig = sig.slice(sig.t[0] + 30, sig.t[-1])
+    for pid in sig.meta["processes"]:
+        sig.channels[f"proc.members:{pid}"] = np.ones_like(sig.get("proc.members", pid))
+        sig.channels[f"proc.cpu:{pid}"] = sig.get("proc.root_cpu", pid)
+    top = analyze(sig).findings[0]
+    assert top.kind == "io_h2d_serialized" and top.severity != "info", top.headline()
+    assert top.evidence["loader_workers"] == 0
+    # The same trainer alone on a node that reads nothing is no loading trainer.
+    for d in sig.meta.get("disks", {}):
+        sig.channels[f"disk.read:{d}"] = np.zeros_like(sig.get("disk.read", d))
+    assert "io_h2d_serialized" not in kinds(analyze(sig), "warning")
+
+
 def test_no_gpu_on_this_node_says_so_not_no_finding():
     r = run("diagnose", "--seconds", "3")
     assert r.returncode == 3, r.stdout + r.stderr

@@ -100,6 +100,8 @@ def test_trees_of_one_job_are_summed_and_its_counters_survive_a_tree(tmp_path):
     assert got[("agentd_process_members", job)] == 4
     assert got[("agentd_process_cpu_seconds_total", job)] == pytest.approx(6.0)
     assert got[("agentd_process_read_bytes_total", job)] == 10000
+    # The trainers themselves used no CPU: all of it was their workers'.
+    assert got[("agentd_process_root_cpu_seconds_total", job)] == pytest.approx(0.0)
     ctx.shared.gpu_processes = {200: (1,)}  # trainer 100 ended
     s.sample(1002.0, True)
     got = {(n, lab): v for n, lab, v in s.series()}
@@ -108,7 +110,8 @@ def test_trees_of_one_job_are_summed_and_its_counters_survive_a_tree(tmp_path):
     ctx.shared.gpu_processes = {}  # the whole job ended: counters kept for a while, then gone
     s.sample(1003.0, True)
     assert {n for n, _, _ in s.series()} == {
-        "agentd_process_cpu_seconds_total", "agentd_process_read_bytes_total",
+        "agentd_process_cpu_seconds_total", "agentd_process_root_cpu_seconds_total",
+        "agentd_process_read_bytes_total",
         "agentd_process_read_chars_total", "agentd_process_written_bytes_total"}
     s.sample(1003.0 + JOB_RETENTION + 1, True)
     assert s.series() == []

@@ -159,7 +159,8 @@ def test_exited_tree_disappears(trainer):
     s.sample(time.time(), True)
     # The job's gauges go at once; its counters stay (a restarted trainer continues them).
     assert {n for n, _, _ in s.series()} == {
-        "agentd_process_cpu_seconds_total", "agentd_process_read_bytes_total",
+        "agentd_process_cpu_seconds_total", "agentd_process_root_cpu_seconds_total",
+        "agentd_process_read_bytes_total",
         "agentd_process_read_chars_total", "agentd_process_written_bytes_total"}
     s.sample(time.time() + JOB_RETENTION + 1, True)
     assert not s.series()

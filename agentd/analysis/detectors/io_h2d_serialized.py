@@ -10,10 +10,14 @@ from __future__ import annotations
 import numpy as np
 
 from agentd.analysis.detectors.common import confidence, input_finding
+from agentd.analysis.signals import nanmean
 from agentd.analysis.evidence import Evidence
 from agentd.analysis.findings import Finding
 from agentd.analysis.stats import correlation
 
+
+NO_WORKERS = 1.2  # mean processes in the GPU process' tree: the trainer alone
+READING = 1e6  # bytes/s the node's data disks read while it trains
 
 REST = 0.5  # while the GPU computes, the activity runs at most at this share of its level
 #             in the gaps (a prefetching loader keeps working during compute)
@@ -39,6 +43,36 @@ def _rests(idle: np.ndarray, activity: np.ndarray) -> bool:
     in_gaps = np.nanmean(x[gap])
     during = np.nanmean(x[work])
     return bool(in_gaps > 0 and during <= REST * in_gaps)
+
+
+def _no_workers(ev: Evidence, starved: list[str]) -> list[Finding]:
+    """The process tree shows no data-loader workers: the trainer reads and decodes each
+    batch itself, between steps (PyTorch's DataLoader with num_workers=0 has no prefetch)."""
+    sig = ev.sig
+    alone = []
+    for g in starved:
+        ld = ev.loaders.get(g)
+        if ld is None:
+            continue
+        members = nanmean(sig.get("proc.members", ld.pid))
+        if members == members and members <= NO_WORKERS:
+            alone.append(g)
+    reading = ev.read_total.n and ev.read_total.mean >= READING
+    if not alone or not reading:
+        return []
+    cores = float(np.mean([ev.loaders[g].cores.mean for g in alone]))
+    return [input_finding(
+        ev, "io_h2d_serialized", alone, confidence(0.7, ev),
+        "the training process has no data-loader workers: it reads and decodes each batch "
+        "itself, between steps",
+        f"no prefetch: the training process loads each batch itself (no DataLoader workers; "
+        f"{cores:.1f} cores busy) while the GPU waits",
+        {"loader_workers": 0, "trainer_cores": cores,
+         "read_bytes_per_second": ev.read_total.mean},
+        ["Load in worker processes that prefetch: DataLoader(num_workers=N, prefetch_factor=2, "
+         "pin_memory=True, persistent_workers=True); tf.data: .prefetch(tf.data.AUTOTUNE).",
+         "Copy the next batch with non_blocking=True on a side stream while the current step "
+         "runs."])]
 
 
 def detect(ev: Evidence, starved: list[str]) -> list[Finding]:
@@ -67,7 +101,7 @@ def detect(ev: Evidence, starved: list[str]) -> list[Finding]:
             best = max(good.items(), key=lambda kv: kv[1].r)
             hits[g] = best
     if not hits:
-        return []
+        return _no_workers(ev, starved)
     gpus = sorted(hits, key=lambda g: (len(g), g))
     what, corr = max(hits.values(), key=lambda kv: kv[1].r)
     r = float(np.mean([c.r for _, c in hits.values()]))

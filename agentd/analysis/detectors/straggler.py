@@ -18,6 +18,7 @@ MARGIN = 0.08  # works this much (relative) harder per busy second than its peer
 Z = 4.0  # ... and this many robust standard deviations above them
 SPREAD = 0.04  # the natural spread of peers' SM activity, relative (MAD floor)
 MIN_SPIN = 0.05  # the peers wait at least this share of their time
+IDLE_MARGIN = 0.02  # the straggler idles no more than its peers (it is never waiting)
 BLOCKED_IDLE = 0.1  # the blocked rank's utilization while it holds the others back
 BLOCKED_SHARE = 0.05  # ... for this share of the job's time
 BLOCKED_SECONDS = 20.0  # ... and at least this long
@@ -132,6 +133,12 @@ def _slowest(ev: Evidence, gpus: list[str]) -> list[Finding]:
     if gap < MARGIN or peers.z(comp[slowest]) < Z:
         return []
     s = ev.gpus[slowest]
+    # A GPU that computes slower never waits: idling more than its peers, it waits for
+    # something of its own (its input), and the harder work per busy second is its peers'
+    # spin at the collective, not its slowness.
+    peers_idle = float(np.median([ev.gpus[g].idle.mean for g in others]))
+    if s.idle.n and s.idle.mean > peers_idle + IDLE_MARGIN:
+        return []
     # The peers compute the same work in less time and wait the rest of the step.
     wait = float(np.median([ev.gpus[g].busy_mean * (1 - comp[g] / comp[slowest])
                             for g in others]))
