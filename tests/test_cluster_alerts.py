@@ -151,6 +151,7 @@ scrape_configs:
                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                f"--web.listen-address=127.0.0.1:{prom_port}"])
         wait_http(f"http://127.0.0.1:{prom_port}/-/ready", timeout=30)
+        scraping_since = time.monotonic()
         # Wait for both alerts on both nodes (Alertmanager may send a group's alerts in
         # more than one notification as they arrive: one group, updated, is one page).
         want = {(nodes.targets()[3], "throttled"), (nodes.targets()[1], "idle")}
@@ -186,7 +187,9 @@ scrape_configs:
         assert {a["labels"]["workload"] for a in starved} == {"train"}
         # The same Prometheus through `diagnose --cluster`, on agentd's own metrics (the four
         # nodes share a host here: --node-label instance names them apart).
-        while time.time() - T0 < 60:
+        # ... once Prometheus holds the 45 s range and the 1 m rate window before it (T0 is
+        # when this module was imported, maybe long before this test when the suite runs).
+        while time.monotonic() - scraping_since < 60:
             time.sleep(1)
         r = subprocess.run(agentd_cmd("diagnose", "--prometheus",
                                       f"http://127.0.0.1:{prom_port}", "--cluster", "--last",
