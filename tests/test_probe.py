@@ -9,7 +9,6 @@ import logging
 import os
 import shutil
 import stat
-import statistics
 import subprocess
 import sys
 import time
@@ -375,6 +374,18 @@ def test_measured_copies_map_to_nvml_indexes_by_uuid():
     assert len(failures) == 1 and "GPU 0" in failures[0]
 
 
+def test_unmatched_uuids_fall_back_to_pci_order_only_when_safe(monkeypatch):
+    gpus = [h2d.Gpu(0, "GPU-a", 63e9), h2d.Gpu(1, "GPU-b", 63e9)]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    out, failures = h2d.measure(gpus, _Runtime(["GPU-other-1", "GPU-other-2"]), budget=2)
+    assert failures == [] and out["1"]["pinned_bytes_per_second"] == pytest.approx(
+        50e9, rel=0.05)  # CUDA 1 is NVML 1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")
+    out, failures = h2d.measure(gpus, _Runtime(["GPU-other-1", "GPU-other-2"]), budget=2)
+    assert all(e["source"] == "nominal" for e in out.values())
+    assert len(failures) == 1 and "cannot tell which" in failures[0]
+
+
 def test_nominal_link_rates_from_fake_gpus(tmp_path):
     scen = tmp_path / "gpus.toml"
     scen.write_text("[[gpus]]\ncount = 2\npcie_max_generation = 4\npcie_max_width = 16\n")
@@ -423,42 +434,22 @@ def disk_file(disk_dir):
     return storage.create_test_file(d, 512 << 20, time.monotonic() + 60)
 
 
-def _fio_direct(target, spec) -> float:
-    """`fio --direct=1` as anyone would run it by hand: the reference."""
-    r = subprocess.run([need("fio"), "--name=reference", f"--filename={target.path}",
-                        "--readonly", "--direct=1", f"--size={target.size}",
-                        "--rw=" + ("read" if spec.pattern == "seq" else "randread"),
-                        f"--bs={spec.block}", "--ioengine=libaio",
-                        f"--iodepth={spec.queue_depth}", "--time_based",
-                        f"--runtime={spec.seconds}s", "--ramp_time=0.5s",
-                        "--output-format=json"], capture_output=True, text=True, timeout=120)
-    return float(json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]["read"]["iops"])
-
-
 @pytest.mark.slow
 def test_readers_agree_with_fio_direct(disk_file):
     """Our fio runs and our own O_DIRECT threads each land within 15% of a plain
-    `fio --direct=1` on the same file, and of each other. The disk (and the host cache
-    behind this VM's virtio disk) is shared with whoever else runs here, so each figure is
-    the median over rounds, and the three take turns at going first."""
+    `fio --direct=1` on the same file, and of each other (bench/probe_storage.py prints all
+    six rows). The disk, and the host cache behind this VM's virtio disk, are shared with
+    whoever else runs here: each figure is the median over rounds, the three taking turns."""
     need("fio")
-    fio, threads = storage.FioReader(), storage.ThreadReader()
-    methods = [lambda s: _fio_direct(disk_file, s), lambda s: fio.run(disk_file, s).iops,
-               lambda s: threads.run(disk_file, s).iops]
-    specs = [storage.RunSpec("seq", 32, storage.SEQ_BLOCK, 1.5),
-             storage.RunSpec("rand", 1, storage.RAND_BLOCK, 1.5),
-             storage.RunSpec("rand", 32, storage.RAND_BLOCK, 1.5)]
-    report = []
-    for spec in specs:
-        runs: list[list[float]] = [[], [], []]
-        for k in range(7):
-            for m in [(k + i) % 3 for i in range(3)]:
-                runs[m].append(methods[m](spec))
-        ref, ours_fio, ours_threads = (statistics.median(r) for r in runs)
-        report.append((spec.pattern, spec.queue_depth, round(ours_fio / ref, 2),
-                       round(ours_threads / ref, 2), round(ours_threads / ours_fio, 2)))
-    for row in report:
-        assert all(0.85 <= r <= 1 / 0.85 for r in row[2:]), report
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    from probe_storage import compare
+
+    rows = compare(disk_file, [storage.RunSpec("seq", 32, storage.SEQ_BLOCK, 1.5),
+                               storage.RunSpec("rand", 1, storage.RAND_BLOCK, 1.5),
+                               storage.RunSpec("rand", 32, storage.RAND_BLOCK, 1.5)], rounds=7)
+    for r in rows:
+        for k in ("fio_ratio", "threads_ratio", "threads_vs_fio"):
+            assert 0.85 <= r[k] <= 1 / 0.85, rows
 
 
 def test_thread_reader_counts_only_the_measured_window(disk_file):
@@ -540,3 +531,37 @@ def test_storage_probe_end_to_end(tmp_path, disk_dir):
     assert "nvme0n1" in doc["storage"] and doc["h2d"] == GOOD["h2d"]  # the rest kept
     assert not os.path.exists(os.path.join(directory, storage.TEST_FILE))
     assert json.loads(r.stdout[r.stdout.index("{"):]) == doc
+
+
+def test_dry_run_writes_nothing(tmp_path):
+    out = tmp_path / "c.json"
+    r = probe("--parts", "cpu", "--dry-run", "--json", "--state-file", str(out))
+    assert r.returncode == 0, r.stderr
+    assert not out.exists()
+    doc = json.loads(r.stdout[r.stdout.index("{"):])
+    assert doc["cpu"]["cores"] >= 1 and "storage" not in doc
+
+
+def test_progress_bar_on_a_terminal(tmp_path):
+    """A bar redrawn in place on a TTY (a pseudo-terminal here); plain lines elsewhere."""
+    import pty
+
+    main, sub = pty.openpty()
+    p = subprocess.Popen(agentd_cmd("probe", "--parts", "cpu,h2d", "--state-file",
+                                    str(tmp_path / "c.json")),
+                         stdin=sub, stdout=subprocess.PIPE, stderr=sub)
+    os.close(sub)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # the other end closed
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(main)
+    assert p.wait(60) == 0
+    assert b"\rprobe [" in out and b"agentd probe: cpu:" not in out
+    r = probe("--parts", "cpu", "--state-file", str(tmp_path / "c.json"))
+    assert "agentd probe: cpu: reading the cgroup" in r.stderr and "\r" not in r.stderr

@@ -187,18 +187,24 @@ def measure(gpus: list[Gpu], rt, budget: float,
     rate."""
     out: dict[str, dict] = {}
     failures: list[str] = []
-    by_uuid: dict[str, int] = {}
+    by_uuid: dict[str, int] = {}  # NVML's UUID -> CUDA's device number
     if rt is not None:
         try:
-            by_uuid = {u: i for i, u in enumerate(rt.devices()) if u}
+            cuda = [u.lower() for u in rt.devices()]
         except Exception as e:
+            cuda = []
             failures.append(f"h2d: {rt.name} cannot list devices: {e}")
+        by_uuid = {g.uuid: cuda.index(g.uuid.lower()) for g in gpus
+                   if g.uuid.lower() in cuda}
+        if not by_uuid and cuda:
+            if len(cuda) == len(gpus) and not os.environ.get("CUDA_VISIBLE_DEVICES"):
+                # No UUID matched (a runtime that formats them otherwise): both sides
+                # number the same GPUs in PCI order (CUDA_DEVICE_ORDER above).
+                by_uuid = {g.uuid: k for k, g in enumerate(sorted(gpus, key=lambda g: g.index))}
+            else:
+                failures.append(f"h2d: cannot tell which of {rt.name}'s {len(cuda)} devices "
+                                f"is which of NVML's {len(gpus)}: not measured")
     seen = [g for g in gpus if g.uuid in by_uuid]
-    if rt is not None and not seen and gpus and not by_uuid:
-        # No UUIDs from the runtime: same order when nothing hides devices from it.
-        if not os.environ.get("CUDA_VISIBLE_DEVICES"):
-            by_uuid = {g.uuid: g.index for g in gpus}
-            seen = list(gpus)
     per_copy = max(0.05, min(0.3, budget / max(len(seen), 1) / (2 * len(SIZES)) / 1.5))
     for g in gpus:
         entry = {"source": "nominal", "uuid": g.uuid, "pinned_bytes_per_second": None,
