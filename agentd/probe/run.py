@@ -87,7 +87,9 @@ class Progress:
     def step(self, label: str) -> None:
         with self._lock:
             self.label = label
-        if not self.tty:
+        if self.tty:
+            self._draw()
+        else:
             self.stream.write(f"agentd probe: {label}\n")
             self.stream.flush()
 
@@ -99,10 +101,9 @@ class Progress:
         elapsed = time.monotonic() - self.t0
         done = int(min(elapsed / self.budget, 1.0) * 30) if self.budget else 30
         with self._lock:
-            label = self.label[:50]
-        self.stream.write(f"\rprobe [{'#' * done:<30}] {elapsed:4.0f}/{self.budget:.0f} s "
-                          f"{label:<50}")
-        self.stream.flush()
+            self.stream.write(f"\rprobe [{'#' * done:<30}] {elapsed:4.0f}/{self.budget:.0f} s "
+                              f"{self.label[:50]:<50}")
+            self.stream.flush()
 
     def close(self) -> None:
         self._stop.set()
@@ -208,13 +209,6 @@ def _measure_storage(args, budget: float, progress: Progress, failures: list[str
 def _measure_h2d(args, budget: float, progress: Progress, failures: list[str]) -> dict:
     from agentd.probe import h2d
 
-    if args.fake_nvml:
-        from agentd.gpu.fake import ScenarioError, install, load_scenario
-
-        try:
-            install(load_scenario(args.fake_nvml))
-        except ScenarioError as e:
-            raise UsageError(str(e)) from None
     progress.step("h2d: looking for GPUs")
     gpus = h2d.nvml_gpus()
     rt = h2d.runtime() if gpus and not args.fake_nvml else None
@@ -236,6 +230,17 @@ def _measure_cpu(args, failures: list[str]) -> dict | None:
         return None
     entry["measured_at"] = time.time()
     return entry
+
+
+def _guarded(part: str, failures: list[str], fn, *args):
+    """A part's result; an unexpected fault is that part's failure, not the others'."""
+    try:
+        return fn(*args)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:
+        failures.append(f"{part}: {type(e).__name__}: {e}")
+        return None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -265,6 +270,13 @@ def main(args: argparse.Namespace) -> int:
                 raise UsageError(f"--storage {path}: no such file or directory")
         if args.pid is not None and not os.path.exists(f"/proc/{args.pid}"):
             raise UsageError(f"--pid {args.pid}: no such process")
+        if args.fake_nvml:
+            from agentd.gpu.fake import ScenarioError, install, load_scenario
+
+            try:
+                install(load_scenario(args.fake_nvml))
+            except ScenarioError as e:
+                raise UsageError(str(e)) from None
     except (UsageError, ConfigError) as e:
         print(f"agentd probe: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -282,22 +294,19 @@ def main(args: argparse.Namespace) -> int:
     try:
         if "cpu" in parts:
             progress.step("cpu: reading the cgroup")
-            cpu_entry = _measure_cpu(args, failures)
+            cpu_entry = _guarded("cpu", failures, _measure_cpu, args, failures)
             if cpu_entry is not None:
                 new["cpu"] = cpu_entry
         if "h2d" in parts:
             share = budget * H2D_SHARE if "storage" in parts and args.storage else \
                 t_end - time.monotonic()
-            try:
-                new["h2d"] = _measure_h2d(args, share, progress, failures)
-            except UsageError as e:
-                progress.close()
-                print(f"agentd probe: error: {e}", file=sys.stderr)
-                return EXIT_USAGE
+            new["h2d"] = _guarded("h2d", failures, _measure_h2d, args, share, progress,
+                                  failures) or {}
         if "storage" in parts:
             if args.storage:
-                new["storage"] = _measure_storage(args, max(t_end - time.monotonic(), 6.0),
-                                                  progress, failures)
+                new["storage"] = _guarded("storage", failures, _measure_storage, args,
+                                          max(t_end - time.monotonic(), 6.0), progress,
+                                          failures) or {}
             else:
                 notes.append("storage: not measured: give --storage PATH (a directory on "
                              "the disk that holds your training data)")

@@ -429,10 +429,11 @@ def main(argv: list[str] | None = None) -> int:
             started = time.time()
             try:
                 r = run_case(BY_NAME[name], opts)
-            except CaseError as e:
+            except (CaseError, OSError, subprocess.SubprocessError, ValueError) as e:
+                why = str(e) if isinstance(e, CaseError) else f"{type(e).__name__}: {e}"
                 r = {"case": name, "expected": BY_NAME[name].expected,
                      "measured_stall_fraction": None, "agentd": None, "pass": None,
-                     "error": str(e)}
+                     "error": why}
             r["wall_seconds"] = round(time.time() - started, 1)
             results.append(r)
             if args.json:
