@@ -120,9 +120,12 @@ def test_recordings_carry_ceilings_and_the_flag_overrides(tmp_path, monkeypatch)
     state.write(str(ceil), GOOD)
     cfg = tmp_path / "agentd.toml"
     cfg.write_text(f'[probe]\nstate_file = "{ceil}"\n')
+    scen = tmp_path / "gpus.toml"
+    scen.write_text(SCENARIO)
     rec = tmp_path / "rec.agentd"
-    r = subprocess.run(agentd_cmd("record", "--simulate", "healthy-1gpu-20ms", "--duration",
-                                  "3s", "--out", str(rec), "--config.file", str(cfg)),
+    # This node's samplers (a simulated node carries its simulator's ceilings instead).
+    r = subprocess.run(agentd_cmd("record", "--fake-nvml", str(scen), "--duration", "3s",
+                                  "--out", str(rec), "--config.file", str(cfg)),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     from agentd.diagnose.sources.recording import RecordingSource
@@ -197,3 +200,22 @@ def test_prometheus_gives_the_ceilings_back(tmp_path, spawn, node):
     assert got["h2d"]["0"]["pinned_bytes_per_second"] == 5.3e10
     assert got["h2d"]["1"]["source"] == "nominal"
     assert got["cpu"]["cores"] == 12.5 and got["measured_at"] == 1.8e9
+
+
+def test_a_simulated_node_keeps_its_own_ceilings(tmp_path):
+    """--simulate serves a made-up node: the real node's state file is not its ceilings."""
+    from agentd.daemon.config import Config, _default_collectors
+    from agentd.daemon.core import Daemon
+
+    ceil = tmp_path / "ceilings.json"
+    state.write(str(ceil), GOOD)
+    d = Daemon(Config(collectors=_default_collectors(), simulate="input-storage",
+                      probe_state_file=str(ceil)))
+    d.start(serve_http=False)
+    try:
+        assert d.ceilings is None
+        meta = d.window_meta()
+        assert meta["ceilings"] != GOOD and meta["ceilings"]["storage"]
+        assert not [n for n, _, _ in state.series(d.ceilings)]
+    finally:
+        d.stop()
