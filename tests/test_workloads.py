@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -38,11 +39,19 @@ def test_list_and_usage():
     assert "Traceback" not in r.stderr
 
 
+@pytest.fixture
+def data_dir():
+    """Datasets of this run's own, on a disk (tmp_path may be tmpfs): other runs of the suite
+    on the machine evict and warm theirs."""
+    d = os.path.join(os.environ.get("AGENTD_TEST_DISK_DIR", "/var/tmp"),
+                     f"agentd-test-workloads-{os.getpid()}")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_ci_subset(tmp_path):
-    r = harness(*SUBSET, "--seconds", "12", "--json", "--data-dir",
-                str(tmp_path / "data") if os.environ.get("AGENTD_TEST_FRESH_DATA")
-                else "/var/tmp/agentd-workloads", timeout=900)
+def test_ci_subset(data_dir):
+    r = harness(*SUBSET, "--seconds", "12", "--json", "--data-dir", data_dir, timeout=900)
     assert r.returncode in (0, 1), r.stderr
     results = {d["case"]: d for d in map(json.loads, r.stdout.splitlines())}
     assert set(results) == set(SUBSET)

@@ -61,8 +61,10 @@ def make(root: str, spec: DatasetSpec) -> list[str]:
         _image(rng, spec.width, spec.height).save(buf, "JPEG", quality=spec.quality)
         pool.append(buf.getvalue())
     for i, path in enumerate(names):
-        with open(path, "wb") as f:
+        # Renamed into place: a run reading the dataset meanwhile never sees half a file.
+        with open(path + ".tmp", "wb") as f:
             f.write(pool[i % len(pool)])
+        os.replace(path + ".tmp", path)
     fd = os.open(directory, os.O_RDONLY)
     os.fsync(fd)
     os.close(fd)

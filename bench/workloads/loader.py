@@ -59,6 +59,10 @@ def _collate(samples):
     return np.stack(samples)
 
 
+class WorkerError(RuntimeError):
+    """A worker failed on a batch; the trainer stops instead of waiting for it forever."""
+
+
 def _worker(files, t: Transform, index_q, result_q, seed: int) -> None:
     rng = random.Random(seed)
     while True:
@@ -66,7 +70,12 @@ def _worker(files, t: Transform, index_q, result_q, seed: int) -> None:
         if task is None:
             return
         batch_index, indices = task
-        result_q.put((batch_index, _collate([load_sample(files[i], t, rng) for i in indices])))
+        try:
+            batch = _collate([load_sample(files[i], t, rng) for i in indices])
+        except Exception as e:  # as PyTorch does: the error goes to the trainer
+            result_q.put((batch_index, WorkerError(f"loader worker: {type(e).__name__}: {e}")))
+            return
+        result_q.put((batch_index, batch))
 
 
 class Loader:
@@ -118,6 +127,8 @@ class Loader:
                 index, batch = self._result_q.get()
                 pending[index] = batch
             batch = pending.pop(received)
+            if isinstance(batch, WorkerError):
+                raise batch
             received += 1
             self._index_qs[sent % self.workers].put((sent, self._next_indices()))
             sent += 1
