@@ -51,7 +51,9 @@ def data_dir():
 
 @pytest.mark.slow
 def test_ci_subset(data_dir):
-    r = harness(*SUBSET, "--seconds", "12", "--json", "--data-dir", data_dir, timeout=900)
+    # Without the harness's probes (tests/test_probe.py measures inside a limited cgroup).
+    r = harness(*SUBSET, "--seconds", "10", "--json", "--no-probe", "--data-dir", data_dir,
+                timeout=900)
     assert r.returncode in (0, 1), r.stderr
     results = {d["case"]: d for d in map(json.loads, r.stdout.splitlines())}
     assert set(results) == set(SUBSET)
@@ -72,5 +74,3 @@ def test_ci_subset(data_dir):
         assert rec["gpu_busy_fraction"] == pytest.approx(d["trainer"]["busy_fraction"],
                                                          abs=0.03), name
     assert ran >= 3
-    if not results["input_storage"].get("skipped"):
-        assert results["input_storage"]["ceilings"] == "storage probed inside the case's cgroup"

@@ -1,5 +1,6 @@
 """Host-to-device copy ceilings per GPU: pinned and pageable bandwidth where a CUDA runtime is
-at hand (torch, else cupy), otherwise the PCIe link's nominal rate from NVML.
+at hand (torch: the `h2d` extra, or the one the node's training already has), otherwise the
+PCIe link's nominal rate from NVML.
 
 Copies of growing size (1 MiB to 256 MiB) are timed with CUDA events until the rate stops
 growing; the plateau is the ceiling. A GPU's settings are never changed: this only allocates
@@ -67,10 +68,6 @@ def _uuid_str(u) -> str:
     if u is None:
         return ""
     s = str(u)
-    if isinstance(u, (bytes, bytearray)):
-        import uuid as uuidmod
-
-        s = str(uuidmod.UUID(bytes=bytes(u[:16])))
     return s if s.startswith("GPU-") else f"GPU-{s}"
 
 
@@ -116,68 +113,17 @@ class _Torch:
             torch.cuda.empty_cache()
 
 
-class _Cupy:
-    name = "cupy"
-
-    def __init__(self):
-        import cupy
-        import numpy
-
-        self.cp, self.np = cupy, numpy
-
-    def available(self) -> bool:
-        try:
-            return self.cp.cuda.runtime.getDeviceCount() > 0
-        except Exception:
-            return False
-
-    def devices(self) -> list[str]:
-        rt = self.cp.cuda.runtime
-        return [_uuid_str(rt.getDeviceProperties(i).get("uuid"))
-                for i in range(rt.getDeviceCount())]
-
-    def rate(self, device: int, size: int, pinned: bool, seconds: float) -> float:
-        cp, np = self.cp, self.np
-        with cp.cuda.Device(device):
-            if pinned:
-                mem = cp.cuda.alloc_pinned_memory(size)
-                src = np.frombuffer(mem, dtype=np.uint8, count=size)
-            else:
-                src = np.empty(size, dtype=np.uint8)
-            src[:] = 1
-            dst = cp.empty(size, dtype=cp.uint8)
-            stream = cp.cuda.Stream(non_blocking=True)
-            dst.set(src, stream=stream)
-            stream.synchronize()
-            start, end = cp.cuda.Event(), cp.cuda.Event()
-            copies, elapsed = 0, 0.0
-            t_end = time.monotonic() + seconds
-            while copies < 3 or time.monotonic() < t_end:
-                start.record(stream)
-                dst.set(src, stream=stream)
-                end.record(stream)
-                end.synchronize()
-                elapsed += cp.cuda.get_elapsed_time(start, end) / 1e3
-                copies += 1
-            del dst
-            cp.get_default_memory_pool().free_all_blocks()
-            return size * copies / elapsed if elapsed > 0 else 0.0
-
-
 def runtime():
-    """torch or cupy with a CUDA device, or None."""
+    """torch with a CUDA device (the `h2d` extra, or the trainer's own), or None."""
     # NVML numbers GPUs in PCI order; make CUDA do the same (UUIDs still decide).
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
-    for module, cls in (("torch", _Torch), ("cupy", _Cupy)):
-        if importlib.util.find_spec(module) is None:
-            continue
-        try:
-            rt = cls()
-            if rt.available():
-                return rt
-        except Exception:  # a broken install is no runtime
-            continue
-    return None
+    if importlib.util.find_spec("torch") is None:
+        return None
+    try:
+        rt = _Torch()
+        return rt if rt.available() else None
+    except Exception:  # a broken install is no runtime
+        return None
 
 
 def measure(gpus: list[Gpu], rt, budget: float,

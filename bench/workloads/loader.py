@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import time
 from dataclasses import dataclass
 
 
@@ -64,6 +65,13 @@ class WorkerError(RuntimeError):
 
 
 def _worker(files, t: Transform, index_q, result_q, seed: int) -> None:
+    import signal
+
+    # The trainer decides when to stop (Ctrl-C reaches the whole process group); a plain
+    # SIGTERM ends a worker, and an exiting worker never waits to flush batches no one reads.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    result_q.cancel_join_thread()
     rng = random.Random(seed)
     while True:
         task = index_q.get()
@@ -137,8 +145,9 @@ class Loader:
     def close(self) -> None:
         for q in getattr(self, "_index_qs", []):
             q.put(None)
+        deadline = time.monotonic() + 2.0
         for p in self._procs:
-            p.join(2)
+            p.join(max(deadline - time.monotonic(), 0.01))
             if p.is_alive():
                 p.terminate()
                 p.join()

@@ -192,12 +192,10 @@ def _wait_ready(proc: subprocess.Popen, ready: str, log: str, timeout: float) ->
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """End the trainer and its workers (its own process group)."""
+    """End the trainer (it finishes its step and closes its loader), then anything left of
+    its process group."""
     if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
+        proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(15)
         except subprocess.TimeoutExpired:
