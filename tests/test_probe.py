@@ -273,6 +273,16 @@ def test_cgroup_v1_and_v2_mixed(tmp_path):
         cpu.measure(cgroup="/jobs/18", paths=paths)
 
 
+def _remove_cgroup(d: str) -> None:
+    """rmdir a cgroup once its last process has gone (the kernel takes a moment)."""
+    for _ in range(50):
+        try:
+            os.rmdir(d)
+            return
+        except OSError:
+            time.sleep(0.1)
+
+
 @pytest.fixture
 def v1_groups():
     """A real cgroup v1 pair (cpu quota 1.5 cores; cpuset CPU 0) holding a sleeping child."""
@@ -302,12 +312,7 @@ def v1_groups():
         child.kill()
         child.wait()
         for d in dirs.values():
-            for _ in range(50):
-                try:
-                    os.rmdir(d)
-                    break
-                except OSError:
-                    time.sleep(0.1)
+            _remove_cgroup(d)
 
 
 def test_real_cgroup_through_the_command(v1_groups, tmp_path):
@@ -538,12 +543,7 @@ def test_probe_inside_a_read_limited_cgroup(tmp_path, disk_dir):
                             "--state-file", str(out)],
                            capture_output=True, text=True, timeout=180)
     finally:
-        for _ in range(50):
-            try:
-                os.rmdir(group)
-                break
-            except OSError:
-                time.sleep(0.1)
+        _remove_cgroup(group)
     assert r.returncode == 0, r.stderr
     e = json.loads(out.read_text())["storage"][dev.name]
     assert e["seq_read_bytes_per_second"] == pytest.approx(limit, rel=0.15)
