@@ -45,19 +45,24 @@ def until(fn, timeout: float = 8.0):
 
 @pytest.fixture
 def node(tmp_path, spawn):
-    scen = tmp_path / "gpus.toml"
-    scen.write_text(SCENARIO)
-    ceil = tmp_path / "ceilings.json"
-    port = free_port()
-    proc = spawn(agentd_cmd("run", "--web.listen-address", f"127.0.0.1:{port}",
-                            "--fake-nvml", str(scen), "--probe.state-file", str(ceil)))
-    return proc, f"http://127.0.0.1:{port}", ceil
+    """start(ceilings): a daemon whose state file holds `ceilings` (None: no file) before it
+    starts, so its first read finds them."""
+    def start(ceilings: dict | None = None):
+        scen = tmp_path / "gpus.toml"
+        scen.write_text(SCENARIO)
+        ceil = tmp_path / "ceilings.json"
+        if ceilings is not None:
+            state.write(str(ceil), ceilings)
+        port = free_port()
+        proc = spawn(agentd_cmd("run", "--web.listen-address", f"127.0.0.1:{port}",
+                                "--fake-nvml", str(scen), "--probe.state-file", str(ceil)))
+        return proc, f"http://127.0.0.1:{port}", ceil
+    return start
 
 
 def test_daemon_exports_ceilings_and_rereads_them_on_sighup(node, tmp_path):
-    proc, url, ceil = node
-    state.write(str(ceil), GOOD)
-    # Written before the daemon started reading: it is there from the first scrape.
+    proc, url, ceil = node(GOOD)
+    # Written before the daemon started: it is there from the first scrape.
     wait_http(url + "/metrics")
     text = metrics(url)
     assert ceiling_lines(text) == {
@@ -105,7 +110,7 @@ def test_daemon_exports_ceilings_and_rereads_them_on_sighup(node, tmp_path):
 
 
 def test_missing_file_is_said_once(node):
-    proc, url, ceil = node
+    proc, url, ceil = node()
     wait_http(url + "/metrics")
     for _ in range(2):
         proc.p.send_signal(signal.SIGHUP)
@@ -186,8 +191,7 @@ def test_prometheus_gives_the_ceilings_back(tmp_path, spawn, node):
     from agentd.diagnose.sources.prometheus_agentd import AgentdPrometheusSource
     from test_diagnose_prometheus import start_prometheus
 
-    proc, url, ceil = node
-    state.write(str(ceil), GOOD)
+    proc, url, ceil = node(GOOD)
     wait_http(url + "/metrics")
     prom = start_prometheus(spawn, tmp_path, str(tmp_path / "tsdb"),
                             {"agentd": url.removeprefix("http://")})
