@@ -277,6 +277,23 @@ METRICS: list[MetricSpec] = [
        "Length of the window each analysis run covers.", (), "analysis"),
     _M("agentd_analysis_last_run_timestamp_seconds", "gauge", "seconds",
        "Unix time of the last analysis run.", (), "analysis"),
+    # --- ceilings measured by `agentd probe` (its state file; absent until it has run) ------
+    _M("agentd_storage_read_ceiling_bytes_per_second", "gauge", "",
+       "Read throughput the whole block device reached with O_DIRECT (page cache excluded), "
+       "best over queue depths: sequential 1 MiB reads, random 4 KiB reads.",
+       ("device", "pattern", "source"), "probe"),
+    _M("agentd_storage_read_ceiling_operations_per_second", "gauge", "",
+       "Random 4 KiB O_DIRECT reads per second the device completed, best over queue depths.",
+       ("device", "source"), "probe"),
+    _M("agentd_gpu_h2d_ceiling_bytes_per_second", "gauge", "",
+       "Host-to-device copy bandwidth from pinned or pageable memory (source measured); "
+       "source nominal: the PCIe link's rate, what a pinned copy could reach at most.",
+       ("gpu", "uuid", "memory", "source"), "probe"),
+    _M("agentd_cpu_ceiling_cores", "gauge", "",
+       "Cores the trainer's cgroup allows: its cpuset, capped by its CPU quota.", ("source",),
+       "probe"),
+    _M("agentd_ceilings_measured_timestamp_seconds", "gauge", "seconds",
+       "Unix time `agentd probe` last wrote the ceilings in use.", (), "probe"),
     # --- CPU ---------------------------------------------------------------------------------
     _M("agentd_cpu_seconds_total", "counter", "seconds", "CPU time of all CPUs, per mode.",
        ("mode",), "cpu"),

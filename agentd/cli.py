@@ -243,6 +243,23 @@ def _cluster_flags(args: argparse.Namespace) -> float:
     return window
 
 
+def _state_file(args: argparse.Namespace) -> dict | None:
+    """--state-file's ceilings (ConfigError when it cannot be used)."""
+    from agentd.daemon.config import ConfigError
+    from agentd.probe import state
+
+    if not args.state_file:
+        return None
+    if args.cluster:
+        raise ConfigError("--state-file holds one node's ceilings: not with --cluster")
+    try:
+        return state.load(args.state_file)
+    except FileNotFoundError:
+        raise ConfigError(f"--state-file {args.state_file}: no such file") from None
+    except state.StateError as e:
+        raise ConfigError(f"--state-file: {e}") from None
+
+
 def cmd_diagnose(args: argparse.Namespace) -> int:
     from agentd import diagnose as D
     from agentd import logs
@@ -257,6 +274,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
                 check_target(args.plot)  # before sampling: matplotlib, file type, directory
             if args.cluster:
                 window = _cluster_flags(args)
+            ceilings = _state_file(args)
             source = _source(args)
         except configmod.ConfigError as e:
             return _fail(str(e))
@@ -264,7 +282,10 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
             from agentd.cluster.run import report_and_exit
 
             return report_and_exit(source, args, window)
-        return D.report_and_exit(source.read(), args)
+        sig = source.read()
+        if ceilings is not None:
+            sig.meta["ceilings"] = ceilings  # judged against these, not the source's
+        return D.report_and_exit(sig, args)
     except PlotUnavailable as e:
         return _fail(str(e))
     except D.SourceError as e:
@@ -298,6 +319,12 @@ def cmd_record(args: argparse.Namespace) -> int:
         return _fail(str(e), OUTPUT, "agentd record")
     except D.SourceError as e:
         return _fail(str(e), SOURCE, "agentd record")
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from agentd.probe.run import main as probe
+
+    return probe(args)
 
 
 def _add_http_flags(p: argparse.ArgumentParser) -> None:
@@ -463,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--samples-per-step", metavar="N", help="report samples per second")
     diag.add_argument("--tokens-per-step", metavar="N", help="report tokens per second")
     diag.add_argument("--price-per-gpu-hour", metavar="PRICE", help="cost the GPU time lost")
+    diag.add_argument("--state-file", metavar="FILE",
+                      help="ceilings written by `agentd probe` to judge against, instead of "
+                      "those the source carries")
     _add_live_flags(diag)
     _add_http_flags(diag)
     diag.set_defaults(func=cmd_diagnose)
@@ -504,6 +534,17 @@ def build_parser() -> argparse.ArgumentParser:
     rules.add_argument("--out", default="rules/agentd.rules.yml",
                        help="file to write, - for stdout (default rules/agentd.rules.yml)")
     rules.set_defaults(func=cmd_rules)
+
+    from agentd.probe.run import add_flags as add_probe_flags
+
+    probe = command(
+        "probe", help="measure this node's storage, host-to-device and CPU ceilings",
+        description="Measure the stage ceilings findings compare with (O_DIRECT storage "
+        "reads, host-to-device copies, the trainer's CPU) and write them to the state file "
+        "the daemon and `diagnose` read. Loads the node for up to --budget: run it when no "
+        "training runs.")
+    add_probe_flags(probe)
+    probe.set_defaults(func=cmd_probe)
 
     cat = command("catalog", help="print the metric table",
                   description="Print the metric and signal table.")

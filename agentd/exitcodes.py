@@ -59,6 +59,15 @@ BY_COMMAND: dict[str, dict[int, str]] = {
         OUTPUT: "--out cannot be written",
         SOFTWARE: _COMMON[SOFTWARE],
     },
+    "probe": {
+        OK: "every part asked for was measured and written",
+        USAGE: _COMMON[USAGE],
+        SOURCE: "a part (or one disk or GPU of it) could not be measured; the rest is "
+                "written and each failure named",
+        OUTPUT: "the state file cannot be written (checked before measuring)",
+        SOFTWARE: _COMMON[SOFTWARE],
+        INTERRUPTED: "interrupted (Ctrl-C); nothing written",
+    },
     "catalog": {
         OK: "printed",
         OUTPUT: "standard output cannot be written",

@@ -1,15 +1,22 @@
 """Print what a real NVIDIA driver does that agentd's fake must match: the utilization sample
-period, the PCIe counter field's value type and width, call latencies, GPM support.
+period, the PCIe counter field's value type and width, call latencies, GPM support; and what
+agentd's gpu sampler costs per tick on it (CPU time of its NVML calls at 10 Hz, all GPUs).
 
     python bench/gpu_probe.py        # on a GPU node; paste the output into docs/gpu-validation.md
+    python bench/gpu_probe.py --fake-nvml agentd/scenarios/h100x8-steady.toml   # a dry run
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import statistics
+import sys
 import time
 
 import pynvml as N
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
 def timed(fn, *args, n: int = 20) -> float:
@@ -21,7 +28,55 @@ def timed(fn, *args, n: int = 20) -> float:
     return statistics.median(samples)
 
 
+def tick_cost(seconds: float, interval: float = 0.1) -> None:
+    """The gpu sampler as the daemon runs it: fast reads every tick, slow ones every tenth;
+    CPU time (this thread's, so the driver's work in our process counts) per tick."""
+    from agentd.paths import Paths
+    from agentd.samplers.base import Context
+    from agentd.samplers.gpu import GpuSampler
+
+    sampler = GpuSampler(Context(Paths(), interval, 1.0))
+    sampler.open()
+    ticks, cpu, slow_cpu, slow_ticks = 0, 0.0, 0.0, 0
+    next_t = time.monotonic()
+    end = next_t + seconds
+    try:
+        while time.monotonic() < end:
+            slow = ticks % 10 == 0
+            c0 = time.thread_time()
+            sampler.sample(time.time(), slow)
+            used = time.thread_time() - c0
+            cpu += used
+            if slow:
+                slow_cpu += used
+                slow_ticks += 1
+            ticks += 1
+            next_t += interval
+            time.sleep(max(next_t - time.monotonic(), 0))
+    finally:
+        sampler.close()
+    fast = (cpu - slow_cpu) / max(ticks - slow_ticks, 1)
+    print(f"gpu sampler, {len(sampler.gpus)} GPU(s), {ticks} ticks at {1 / interval:g} Hz: "
+          f"{cpu / ticks * 1e3:.2f} ms CPU per tick ({fast * 1e3:.2f} fast, "
+          f"{slow_cpu / max(slow_ticks, 1) * 1e3:.2f} slow), {cpu / seconds * 100:.2f}% of a core")
+
+
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tick-seconds", type=float, default=30.0,
+                   help="how long to run the gpu sampler for its cost per tick (0: skip)")
+    p.add_argument("--fake-nvml", metavar="SCENARIO", help="a fake driver, to try this out")
+    args = p.parse_args()
+    if args.fake_nvml:
+        from agentd.gpu.fake import install, load_scenario
+
+        install(load_scenario(args.fake_nvml))
+    facts()
+    if args.tick_seconds > 0:
+        tick_cost(args.tick_seconds)
+
+
+def facts() -> None:
     N.nvmlInit()
     print("driver", N.nvmlSystemGetDriverVersion(), "NVML", N.nvmlSystemGetNVMLVersion())
     for i in range(N.nvmlDeviceGetCount()):

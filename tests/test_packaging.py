@@ -120,7 +120,8 @@ def test_wheel_runs_the_daemon_on_library_scenarios(installed, tmp_path, spawn, 
 _DISTRIBUTION = {"pynvml": "nvidia-ml-py", "yaml": "PyYAML", "prometheus_client":
                  "prometheus-client", "tomli": "tomli", "attr": "attrs"}
 # Commands whose dependency is an extra: module -> the extra that must hold its imports.
-_OPTIONAL_MODULES = {"agentd/dashboards.py": "dashboards", "agentd/diagnose/plot.py": "plot"}
+_OPTIONAL_MODULES = {"agentd/dashboards.py": "dashboards", "agentd/diagnose/plot.py": "plot",
+                     "agentd/probe/h2d.py": "h2d"}
 
 
 def _declared() -> tuple[set[str], dict[str, set[str]]]:

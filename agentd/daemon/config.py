@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agentd.logs import LEVELS
+from agentd.probe.state import DEFAULT_STATE_FILE
 from agentd.samplers import registry
 from agentd.samplers.base import Duration
 from agentd.tomlfile import read_toml
@@ -125,6 +126,7 @@ class Config:
     simulate: str = ""  # a simulation scenario: fake GPUs, /proc and /sys from the simulator
     simulate_seed: int | None = None
     log_level: str = "info"
+    probe_state_file: str = DEFAULT_STATE_FILE  # `agentd probe`'s ceilings ("" for none)
     collectors: dict[str, CollectorConfig] = field(default_factory=dict)
     source: str = ""  # the config file read, if any
 
@@ -234,6 +236,7 @@ _SECTIONS = {
     "gpu": {"fake_nvml": "fake_nvml"},
     "analysis": {"interval": "analysis_interval", "window": "analysis_window"},
     "log": {"level": "log_level"},
+    "probe": {"state_file": "probe_state_file"},
 }
 
 
@@ -357,6 +360,9 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
                    help="draw the scenario's randomized parameters with this seed (an integer "
                    ">= 0)")
     p.add_argument("--log.level", dest="log_level", choices=LEVELS, help="log level")
+    p.add_argument("--probe.state-file", dest="probe_state_file", metavar="FILE",
+                   help="ceilings measured by `agentd probe`, read at start and on SIGHUP "
+                   f"(default {DEFAULT_STATE_FILE}; empty: none)")
     for name, cls in registry().items():
         g = p.add_argument_group(f"collector {name}", cls.help)
         state = "enabled" if cls.default_enabled else "disabled"
@@ -387,10 +393,12 @@ _FLAG_NAMES = {
     "idle_threshold": "--sampling.idle-threshold", "fake_nvml": "--fake-nvml",
     "log_level": "--log.level", "simulate": "--simulate",
     "analysis_interval": "--analysis.interval", "analysis_window": "--analysis.window",
+    "probe_state_file": "--probe.state-file",
 }
 _RUN_FIELDS = ("listen_address", "web_config_file", "procfs", "sysfs", "varlog",
                "fast_interval", "slow_interval", "window_seconds", "stats_seconds", "idle_threshold",
-               "fake_nvml", "log_level", "simulate", "analysis_interval", "analysis_window")
+               "fake_nvml", "log_level", "simulate", "analysis_interval", "analysis_window",
+               "probe_state_file")
 
 
 def build(args: argparse.Namespace, env: dict[str, str] | None = None) -> Config:

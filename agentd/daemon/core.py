@@ -22,6 +22,7 @@ from agentd import __version__
 from agentd.daemon.config import Config, ConfigError, parse_listen
 from agentd.daemon.exporter import Exporter
 from agentd.paths import Paths
+from agentd.probe.state import Reader as CeilingsReader
 from agentd.daemon.rolling import RollingAnalysis
 from agentd.daemon.runner import Loop, SamplerState
 from agentd.samplers import registry
@@ -75,6 +76,8 @@ class Daemon:
         self.exporter = Exporter(self)
         self.analysis = RollingAnalysis(self)
         self.extra_routes: dict = {}
+        self.ceilings: dict | None = None  # `agentd probe`'s state file, read at start/SIGHUP
+        self._ceilings_reader = CeilingsReader(log)
         # The wall clock that stamps window rows and places "the last N seconds" in them;
         # every interval is measured on the monotonic clock. Tests pin or step it.
         self.clock = time.time
@@ -182,6 +185,12 @@ class Daemon:
                 fake.uninstall()
             self.gpu_backend = "nvml"
 
+    def _read_ceilings(self, cfg: Config) -> dict | None:
+        """`agentd probe`'s ceilings for this node (a simulated node has its own)."""
+        if self.sim_node is not None:
+            return None
+        return self._ceilings_reader.read(cfg.probe_state_file)
+
     def _start_server(self, cfg: Config) -> None:
         host, port = parse_listen(cfg.listen_address, "--web.listen-address")
         web = load_web_config(cfg.web_config_file) if cfg.web_config_file else WebConfig()
@@ -229,6 +238,8 @@ class Daemon:
                 info["link_bytes_per_second"] = link
         if self.sim_node is not None and self.sim_node.ceilings() is not None:
             meta.setdefault("ceilings", self.sim_node.ceilings())
+        elif self.ceilings:
+            meta["ceilings"] = self.ceilings  # `agentd probe`'s, for this (real) node
         return meta
 
     def _window_route(self, query: dict) -> tuple[int, str, bytes]:
@@ -285,6 +296,7 @@ class Daemon:
             if self.sim_node is not None:
                 self.sim_node.start()
             self._apply_samplers(None, self.config)
+            self.ceilings = self._read_ceilings(self.config)
         except BaseException:
             if self.server is not None:
                 self.server.stop()
@@ -303,6 +315,12 @@ class Daemon:
         self.notifier.reloading()
         try:
             cfg = self._reload_config()
+        except ConfigError as e:
+            # A new probe's figures are read even while the file waits to be fixed.
+            self.ceilings = self._read_ceilings(self.config)
+            return self._reload_failed(str(e))
+        self.ceilings = self._read_ceilings(cfg)
+        try:
             # Validate before touching anything.
             web = load_web_config(cfg.web_config_file) if cfg.web_config_file else WebConfig()
             cfg = self._kept_on_reload(self.config, cfg)

@@ -20,6 +20,7 @@ from agentd.catalog import METRICS, MetricSpec
 from agentd.gpu import fake as fake_nvml
 from agentd.daemon.exposition import TextWriter, render_client_metrics
 from agentd.daemon.window import gpu_window_stats
+from agentd.probe.state import series as ceiling_series
 
 if TYPE_CHECKING:
     from agentd.daemon.core import Daemon
@@ -56,7 +57,8 @@ class Exporter:
             for name, labels, value in items:
                 if value is not None:
                     series.setdefault(name, []).append((labels, value))
-        for name, labels, value in self._window_series() + self.daemon.analysis.series():
+        for name, labels, value in (self._window_series() + self.daemon.analysis.series()
+                                    + ceiling_series(self.daemon.ceilings)):
             series.setdefault(name, []).append((labels, value))
 
         out = []

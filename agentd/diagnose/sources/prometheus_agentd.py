@@ -109,6 +109,9 @@ class AgentdPrometheusSource(PrometheusSource):
         meta["processes"] = self._jobs(ch, nodes, grid, step, fn, win)
         meta["gpus"] = self._gpus(nodes)
         meta["shared_uplinks"] = self._shared_uplinks(nodes)
+        ceilings = self._ceilings(nodes)
+        if ceilings:
+            meta["ceilings"] = ceilings
         lost = nodes.for_metric("agentd_gpu_lost")
         if lost is not None:
             meta["gpus_lost"] = sorted(
@@ -184,6 +187,28 @@ class AgentdPrometheusSource(PrometheusSource):
         for info in jobs.values():
             info["gpus"].sort()
         return jobs
+
+    def _ceilings(self, nodes: NodeSelector) -> dict | None:
+        """What `agentd probe` measured, from the ceiling gauges the daemon exported (their
+        latest values in the range, or in the day before it)."""
+        from agentd.probe import state
+
+        look = f"{max(int(self.end - self.start), 0) + 86400}s"
+        rows = []
+        for metric in (state.MEASURED_AT, state.STORAGE_BYTES, state.STORAGE_OPS,
+                       state.H2D_BYTES, state.CPU_CORES):
+            sel = nodes.for_metric(metric, lookback=look)
+            if sel is None:
+                continue
+            for s in self.client.query(f"last_over_time({metric}{sel}[{look}])", at=self.end):
+                try:
+                    rows.append((metric, s["metric"], float(s["value"][1])))
+                except (KeyError, IndexError, TypeError, ValueError):
+                    continue
+        try:
+            return state.from_series(rows, host=self.node)
+        except state.StateError:
+            return None
 
     def _gpus(self, nodes: NodeSelector) -> dict:
         sel = nodes.for_metric("agentd_gpu_info")

@@ -314,7 +314,9 @@ class FakeNvmlLibrary:
         period = m.info.util_sample_period_s
         now = self.now()
         newest = int(now / period)
-        oldest = max(newest - 99, 1)  # the driver keeps about 100 samples
+        # The driver keeps about 100 samples, from before we started too where the model
+        # knows what the GPU did then (a device driven by a process that ran before us).
+        oldest = max(newest - 99, newest - 99 if getattr(m, "has_history", False) else 1)
         if last_ts:
             # Skip straight to the samples after last_ts (timestamps are k periods from boot).
             oldest = max(oldest, int((last_ts / 1e6 - self.BOOT_SECONDS) / period) - 1)

@@ -170,7 +170,7 @@ _GPU_KEYS = {
     "pcie_generation", "pcie_width", "pcie_max_generation", "pcie_max_width", "gpm",
     "util_sample_period_s", "util_buffer_dry_when_idle", "pcie_counter_bits", "not_supported",
     "unsupported_fields", "throttle", "xid", "lost_at_s", "processes", "ecc_corrected",
-    "ecc_uncorrected", "remapped_rows", "errors",
+    "ecc_uncorrected", "remapped_rows", "errors", "trainer_feed",
 }
 _TOP_KEYS = {"driver_version", "cuda_driver_version", "init_error", "missing_functions",
              "latency", "gpus", "description"}
@@ -252,6 +252,17 @@ def _devices(group: dict, first_index: int, where: str) -> list[ScenarioDevice]:
         errors.append((fn, NVML_ERRORS[name], _num(e, "start_s", 0, w, 0),
                        _num(e, "end_s", math.inf, w, 0)))
     lost = group.get("lost_at_s")
+    cls, extra = ScenarioDevice, {}
+    feed = group.get("trainer_feed")
+    if feed is not None:
+        # A real process's activity (bench/workloads' trainer) instead of a formula.
+        from agentd.gpu.fake.trainer import TrainerFeedDevice
+
+        if not isinstance(feed, str) or not feed:
+            raise ScenarioError(f"{where}.trainer_feed: expected a file path")
+        if count != 1:
+            raise ScenarioError(f"{where}.trainer_feed: one GPU per feed (count = 1)")
+        cls, extra = TrainerFeedDevice, {"feed_path": feed}
     bits = int(_num(group, "pcie_counter_bits", 64, where))
     if bits not in (32, 64):
         raise ScenarioError(f"{where}.pcie_counter_bits: must be 32 or 64")
@@ -283,7 +294,7 @@ def _devices(group: dict, first_index: int, where: str) -> list[ScenarioDevice]:
             remapped=tuple(_list(group, "remapped_rows", where, int, (0, 0, 0, 0))),
             errors=tuple(errors),
         )
-        out.append(ScenarioDevice(
+        out.append(cls(
             info=info,
             utilization=util,
             step_period_s=period,
@@ -306,6 +317,7 @@ def _devices(group: dict, first_index: int, where: str) -> list[ScenarioDevice]:
             xid_events=xids,
             lost_at=None if lost is None else _num(group, "lost_at_s", 0, where, 0),
             procs=procs,
+            **extra,
         ))
     return out
 
@@ -328,7 +340,7 @@ def library_from_dict(doc: dict, where: str = "scenario", **kwargs) -> FakeNvmlL
         raise ScenarioError(f"{where}.latency: expected a table")
     for k, v in latency.items():
         _num(latency, k, 0, f"{where}.latency", 0, 5)
-    return FakeNvmlLibrary(
+    lib = FakeNvmlLibrary(
         devices,
         driver_version=str(doc.get("driver_version", "550.90.07")),
         cuda_driver_version=int(_num(doc, "cuda_driver_version", 12040, where, 0)),
@@ -337,6 +349,10 @@ def library_from_dict(doc: dict, where: str = "scenario", **kwargs) -> FakeNvmlL
         missing_functions=frozenset(_list(doc, "missing_functions", where, str)),
         **kwargs,
     )
+    for d in devices:
+        if hasattr(d, "bind"):
+            d.bind(lib)  # a device fed by a real process needs the library's clock
+    return lib
 
 
 SCENARIO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
