@@ -158,6 +158,22 @@ def test_refaults_of_48_kib_per_second_are_not_memory_pressure():
     assert "memory_pressure" not in kinds(analyze(sig))
 
 
+def test_memory_pressure_on_a_slow_disk_is_found_at_its_own_scale():
+    """A dataset thrashing the page cache of a node whose storage gives 10 MB/s: the refaults
+    are small in bytes but all of the reads, with the storage at its ceiling (the real
+    memory_pressure workload of bench/workloads: a cgroup memory limit, a read-limited disk)."""
+    sig, _ = simulate(S.load("memory-pressure", seed=0), seconds=90)
+    sig = sig.slice(sig.t[0] + 30, sig.t[-1])
+    for key in ("disk.read", "disk.read_ops"):
+        for d in sig.subjects(key):
+            sig.channels[f"{key}:{d}"] = sig.get(key, d) / 50
+    sig.channels["mem.refault:"] = sig.get("mem.refault") / 50
+    for c in sig.meta["ceilings"]["storage"].values():
+        for k in ("seq_read_bytes_per_second", "rand_read_bytes_per_second", "rand_read_iops"):
+            c[k] /= 50
+    assert kinds(analyze(sig), "warning")[0] == "memory_pressure"
+
+
 def test_busy_disk_or_cpu_without_starved_gpus_is_silent():
     sig, _ = healthy_window()
     sig.channels["disk.busy:nvme0n1"] = np.full(len(sig.t), 0.99)
@@ -302,6 +318,31 @@ def test_checkpoints_are_not_input_stalls():
     report, _, _ = diagnose("checkpoint-eval", seed=None, seconds=150)
     assert report.findings == []
     assert any("checkpoints" in n for n in report.notes)
+
+
+def test_a_checkpoint_stops_the_gpus_for_its_whole_save_not_only_its_flush():
+    """The trainer serializes into the page cache (no disk write yet) and then fsyncs: the
+    write counter shows one burst at the end of the GPUs' idle run; the whole run is the
+    checkpoint's (bench/workloads' healthy_checkpoint)."""
+    sig, _ = healthy_window()
+    base = max(gs.stall for gs in analyze(sig).gpus)  # the ordinary gaps between steps
+    n, res = len(sig.t), sig.resolution
+    every, save = int(8 / res), int(0.8 / res)
+    idle = np.zeros(n, dtype=bool)
+    for start in range(every // 2, n - save, every):
+        idle[start:start + save] = True
+    for g in sig.gpus():
+        for key in ("gpu.busy", "gpu.busy_time"):
+            sig.channels[f"{key}:{g}"] = np.where(idle, 0.0, sig.get(key, g))
+    disk = sig.subjects("disk.write")[0]
+    flush = idle & ~np.roll(idle, -1)  # the last sample of each save
+    sig.channels[f"disk.write:{disk}"] = np.where(flush, 3e9, sig.get("disk.write", disk))
+    report = analyze(sig)
+    assert kinds(report, "warning") == []
+    assert max(gs.stall for gs in report.gpus) < base + 0.01
+    # Without the flush nothing says checkpoint: the same 10% idle is a stall.
+    sig.channels[f"disk.write:{disk}"] = np.where(flush, 0.0, sig.get("disk.write", disk))
+    assert min(gs.stall for gs in analyze(sig).gpus) > base + 0.08
 
 
 def test_throttled_straggler_reports_the_cause_first():
@@ -631,6 +672,10 @@ def test_trainer_without_loader_workers_is_io_h2d_serialized():
     top = analyze(sig).findings[0]
     assert top.kind == "io_h2d_serialized" and top.severity != "info", top.headline()
     assert top.evidence["loader_workers"] == 0
+    # ... and so it stays on a node whose cores others keep busy: the serial loop is why.
+    sig.channels["cpu.busy:"] = sig.get("cpu.count")
+    sig.channels["psi.cpu:"] = np.where(np.isfinite(sig.get("psi.cpu")), 0.7, np.nan)
+    assert kinds(analyze(sig), "warning")[0] == "io_h2d_serialized"
     # The same trainer alone on a node that reads nothing is no loading trainer.
     for d in sig.meta.get("disks", {}):
         sig.channels[f"disk.read:{d}"] = np.zeros_like(sig.get("disk.read", d))

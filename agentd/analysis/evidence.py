@@ -209,7 +209,7 @@ def measure(sig: Signals, node: str = "") -> Evidence:
     reads = _sum(sig, "disk.read")
     ckpt = np.zeros(n, dtype=bool)
     if writes is not None:
-        ckpt |= (writes > CHECKPOINT_WRITE) & (writes > 2 * np.nan_to_num(reads))
+        ckpt |= (writes > CHECKPOINT_WRITE) & (writes > np.nan_to_num(reads))
 
     gpus: dict[str, GpuState] = {}
     lost_meta = {str(g) for g, i in (meta.get("gpus") or {}).items()
@@ -435,12 +435,13 @@ def _gpu_state(sig: Signals, g: str, ckpt: np.ndarray, hold: int, coarse: bool,
         present = np.zeros(n, dtype=bool)
     memory = _mean_where(mem, present) if held_known else float("nan")
     tx = sig.get("gpu.pcie_tx", g)
-    benign = ckpt & present & (busy < 0.5)
+    idle_now = present & (np.nan_to_num(busy, nan=1.0) < 0.5)
+    seed = ckpt & idle_now
     if tx is not None:
         rx = np.nan_to_num(sig.get("gpu.pcie_rx", g)) if sig.get("gpu.pcie_rx", g) is not None \
             else np.zeros(n)
-        benign |= present & (busy < 0.5) & (np.nan_to_num(tx) > CHECKPOINT_D2H) & \
-            (np.nan_to_num(tx) > 2 * rx)
+        seed |= idle_now & (np.nan_to_num(tx) > CHECKPOINT_D2H) & (np.nan_to_num(tx) > 2 * rx)
+    benign = _runs_touching(idle_now, seed)
     # Start-up (the job holds memory before its first kernel: loading the model, building
     # the loader) and teardown are not stalls: judge the job from its first step to its last.
     started, ended = _edges(present, level, sig.resolution)
@@ -483,6 +484,24 @@ def _gpu_state(sig: Signals, g: str, ckpt: np.ndarray, hold: int, coarse: bool,
         clock_max=cmax if cmax == cmax and cmax > 0 else None,
         period=period, period_note=note, lost=lost,
         seconds=float(present.sum() * sig.resolution))
+
+
+def _runs_touching(idle: np.ndarray, seed: np.ndarray) -> np.ndarray:
+    """The whole of each idle run that a checkpoint sample falls in or next to. A trainer
+    that checkpoints stops computing for the whole save: it serializes the state into the page
+    cache (no disk write yet), then the flush or fsync writes it at once; the write counter
+    shows only the flush, one sample (rates are credited to the tick after)."""
+    if not seed.any():
+        return seed.copy()
+    near = seed.copy()
+    near[1:] |= seed[:-1]
+    near[:-1] |= seed[1:]
+    # Number the idle runs; a run is benign when any of its samples is near a seed.
+    starts = idle & ~np.concatenate(([False], idle[:-1]))
+    run_id = np.cumsum(starts) * idle
+    hit = np.unique(run_id[near & idle])
+    hit = hit[hit > 0]
+    return np.isin(run_id, hit) & idle
 
 
 EDGE_SECONDS = 30.0  # an idle run this long at a job's start or end is start-up / teardown

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from agentd.analysis.detectors.common import confidence, input_finding, margin
+from agentd.analysis.detectors.common import confidence, input_finding, margin, \
+    trainer_alone
 from agentd.analysis.evidence import Evidence
 from agentd.analysis.findings import Finding
 from agentd.analysis.stats import estimate
@@ -71,11 +72,14 @@ def detect(ev: Evidence, starved: list[str]) -> list[Finding]:
             {"loader_saturation": sat, "loader_workers": ld.workers,
              "loader_cores": ld.cores.mean, "node_cpu_saturation": node_sat,
              "psi_cpu": psi}, advice)]
-    if node_sat == node_sat and node_sat >= NODE_SATURATED and psi == psi and \
-            psi >= PSI_CPU:
+    # A trainer without workers loads its own batches, between steps: that serial loop is
+    # the mechanism (io_h2d_serialized), whoever else keeps the node's cores busy.
+    loaded_by_workers = [g for g in starved if not trainer_alone(ev, g)]
+    if loaded_by_workers and node_sat == node_sat and node_sat >= NODE_SATURATED and \
+            psi == psi and psi >= PSI_CPU:
         conf = 0.65 * margin(node_sat, NODE_SATURATED, 0.04)
         return [input_finding(
-            ev, "input_cpu", starved, confidence(conf, ev),
+            ev, "input_cpu", loaded_by_workers, confidence(conf, ev),
             f"the node's {ev.cpu_limit.value:g} cores are {node_sat * 100:.0f}% busy with "
             f"tasks waiting for CPU {psi * 100:.0f}% of the time",
             f"CPU cannot keep up: {node_sat * 100:.0f}% of {ev.cpu_limit.value:g} cores busy, "

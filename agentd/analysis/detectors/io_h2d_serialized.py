@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from agentd.analysis.detectors.common import confidence, input_finding
-from agentd.analysis.signals import nanmean
+from agentd.analysis.detectors.common import confidence, input_finding, trainer_alone
 from agentd.analysis.evidence import Evidence
 from agentd.analysis.findings import Finding
 from agentd.analysis.stats import correlation
 
 
-NO_WORKERS = 1.2  # mean processes in the GPU process' tree: the trainer alone
 READING = 1e6  # bytes/s the node's data disks read while it trains
 
 REST = 0.5  # while the GPU computes, the activity runs at most at this share of its level
@@ -48,15 +46,7 @@ def _rests(idle: np.ndarray, activity: np.ndarray) -> bool:
 def _no_workers(ev: Evidence, starved: list[str]) -> list[Finding]:
     """The process tree shows no data-loader workers: the trainer reads and decodes each
     batch itself, between steps (PyTorch's DataLoader with num_workers=0 has no prefetch)."""
-    sig = ev.sig
-    alone = []
-    for g in starved:
-        ld = ev.loaders.get(g)
-        if ld is None:
-            continue
-        members = nanmean(sig.get("proc.members", ld.pid))
-        if members == members and members <= NO_WORKERS:
-            alone.append(g)
+    alone = [g for g in starved if trainer_alone(ev, g)]
     reading = ev.read_total.n and ev.read_total.mean >= READING
     if not alone or not reading:
         return []

@@ -10,7 +10,7 @@ from agentd.analysis.detectors.common import confidence, fmt_rate, input_finding
 from agentd.analysis.evidence import Evidence
 from agentd.analysis.findings import Finding
 
-REFAULT_FLOOR = 32e6  # bytes/s of refaults below which nothing is judged
+REFAULT_FLOOR = 2e6  # bytes/s of refaults (500 pages/s) below which nothing is judged
 REFAULT_SHARE = 0.3  # refaults as a share of the data disks' reads
 PSI_MEMORY = 0.05
 
