@@ -267,6 +267,56 @@ def test_one_rank_idle_with_memory_held_while_peers_spin_holds_the_job_back():
     assert "checkpoint" in " ".join(top.advice)
 
 
+def light_job(n: int = 900, idle_rank: int | None = None, sm: bool = True) -> Signals:
+    """Eight ranks of a light model: they compute at ~300 W of 700 W with 42% of SMs active.
+    `idle_rank` idles (memory held) 20% of the time, in 6 s episodes, waiting for its own
+    input while its peers keep computing (dcgm-exporter series at 1 s: no process trees)."""
+    t = 1.7e9 + np.arange(n) * 1.0
+    rng = np.random.default_rng(3)
+    ch = {}
+    for g in range(8):
+        busy = np.clip(0.96 + rng.normal(0, 0.01, n), 0, 1)
+        if g == idle_rank:
+            busy[(np.arange(n) % 30) < 6] = 0.0
+        ch[f"gpu.busy:{g}"] = busy
+        if sm:
+            ch[f"gpu.sm_active:{g}"] = 0.44 * busy
+        ch[f"gpu.power:{g}"] = np.where(busy > 0.5, 305.0, 80.0) + rng.normal(0, 5, n)
+        ch[f"gpu.power_limit:{g}"] = np.full(n, 700.0)
+        ch[f"gpu.mem_used:{g}"] = np.full(n, 50e9)
+    meta = {"gpus": {str(g): {"name": "NVIDIA H100 80GB HBM3"} for g in range(8)}}
+    return Signals(t, ch, 1.0, "dcgm-exporter", "node-b", meta)
+
+
+@pytest.mark.parametrize("sm", [True, False])
+def test_a_light_model_computing_at_300_watts_is_not_spinning(sm):
+    """A rank idling for its own input while its peers compute a light model (300 W of
+    700 W, SMs active as usual) holds nobody back: power below half the limit is the
+    kernels' intensity, not a collective's spin."""
+    assert "straggler" not in kinds(analyze(light_job(idle_rank=1, sm=sm)))
+
+
+def test_two_peers_have_no_spread_to_name_a_straggler_by():
+    """Two GPUs whose SM activity per busy second differs by 19% (two single-GPU jobs with
+    different models, or natural variation): one peer has no spread to compare with."""
+    sig = light_job(n=600)
+    for g in range(2, 8):
+        for key in [k for k in sig.channels if k.endswith(f":{g}")]:
+            del sig.channels[key]
+        del sig.meta["gpus"][str(g)]
+    sig.channels["gpu.sm_active:1"] = sig.get("gpu.sm_active", "1") * 1.19
+    assert "straggler" not in kinds(analyze(sig))
+    # Three of them, one working 19% harder per busy second while two spin: named.
+    three = light_job(n=600)
+    for g in range(3, 8):
+        for key in [k for k in three.channels if k.endswith(f":{g}")]:
+            del three.channels[key]
+        del three.meta["gpus"][str(g)]
+    for g in ("0", "1"):
+        three.channels[f"gpu.sm_active:{g}"] = three.get("gpu.sm_active", g) / 1.19
+    assert kinds(analyze(three), "warning")[:1] == ["straggler"]
+
+
 def test_multi_gpu_cpu_bound_loaders_are_input_cpu_not_comm_wait():
     report, _, _ = diagnose("input-cpu", seed=0, collective_bytes=4e8)
     assert kinds(report)[0] == "input_cpu"

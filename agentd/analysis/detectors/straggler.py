@@ -23,30 +23,57 @@ BLOCKED_IDLE = 0.1  # the blocked rank's utilization while it holds the others b
 BLOCKED_SHARE = 0.05  # ... for this share of the job's time
 BLOCKED_SECONDS = 20.0  # ... and at least this long
 PEERS_BUSY = 0.8
-SPIN_POWER = 0.45  # peers draw at most this share of the power limit: not computing
+SPIN_POWER = 0.6  # spinning peers draw at most this share of what they draw computing
+COMPUTE_POWER = 0.6  # computing draws at least this share of the power limit
 SPIN_SM = 0.3
 
 
-def _spinning(ev: Evidence, g: str) -> np.ndarray:
-    """Per sample: busy for NVML, yet few SMs active or little power drawn."""
+def _computing_power(ev: Evidence, gpus: list[str]) -> float | None:
+    """What the job's GPUs draw while they compute: the 90th percentile of their power while
+    busy, at least COMPUTE_POWER of their limit (a job that spins all window long never shows
+    its computing power)."""
+    sig = ev.sig
+    hold = max(int(round(3.0 / sig.resolution)), 1)
+    drawn, limits = [], []
+    for g in gpus:
+        s = ev.gpus[g]
+        power = held_forward(sig.get("gpu.power", g), hold)
+        if power is None:
+            continue
+        busy = np.nan_to_num(s.busy) >= PEERS_BUSY
+        drawn += list(np.asarray(power, dtype=float)[busy & np.isfinite(power)])
+        if s.power_limit:
+            limits.append(s.power_limit)
+    level = float(np.percentile(drawn, 90)) if drawn else float("nan")
+    floor = COMPUTE_POWER * float(np.median(limits)) if limits else float("nan")
+    ref = np.nanmax([level, floor]) if drawn or limits else float("nan")
+    return float(ref) if ref == ref and ref > 0 else None
+
+
+def _spinning(ev: Evidence, g: str, computing_power: float | None) -> np.ndarray:
+    """Per sample: busy for NVML, yet few SMs active (where SM activity is measured), or,
+    without it, far less power drawn than the job's GPUs draw computing."""
     sig, s = ev.sig, ev.gpus[g]
     hold = max(int(round(3.0 / sig.resolution)), 1)
     busy = np.nan_to_num(s.busy) >= PEERS_BUSY
-    low = np.zeros(len(busy), dtype=bool)
     sm = held_forward(sig.get("gpu.sm_active", g), hold)
-    if sm is not None:
-        low |= np.nan_to_num(sm, nan=1.0) < SPIN_SM * np.maximum(np.nan_to_num(s.busy), 1e-3)
+    if sm is not None and np.isfinite(sm).any():
+        # SM activity says what the GPU does; power only follows the kernels' intensity (a
+        # light model computes at 40% of the limit).
+        return busy & (np.nan_to_num(sm, nan=1.0) < SPIN_SM * np.maximum(
+            np.nan_to_num(s.busy), 1e-3))
     power = held_forward(sig.get("gpu.power", g), hold)
-    if power is not None and s.power_limit:
-        low |= np.nan_to_num(power, nan=np.inf) <= SPIN_POWER * s.power_limit
-    return busy & low
+    if power is None or computing_power is None:
+        return np.zeros(len(busy), dtype=bool)
+    return busy & (np.nan_to_num(power, nan=np.inf) <= SPIN_POWER * computing_power)
 
 
 def _blocked_rank(ev: Evidence, gpus: list[str]) -> Finding | None:
     """Episodes where one rank idles with its memory held while its peers spin."""
     sig = ev.sig
     hold = max(int(round(12.0 / sig.resolution)), 1)
-    spin = {g: _spinning(ev, g) for g in gpus}
+    computing = _computing_power(ev, gpus)
+    spin = {g: _spinning(ev, g, computing) for g in gpus}
     best = None
     for g0 in gpus:
         s0 = ev.gpus[g0]
@@ -123,7 +150,8 @@ def _slowest(ev: Evidence, gpus: list[str]) -> list[Finding]:
             if ev.gpus[g].sm_mean is not None and ev.gpus[g].busy_mean == ev.gpus[g].busy_mean
             and ev.gpus[g].busy_mean >= 0.3}
     basis = "SM activity per busy second"
-    if len(comp) < 2:
+    if len(comp) < 3:
+        # One peer has no spread to compare with (its MAD is 0): at least two are needed.
         return []
     slowest = max(comp, key=comp.get)
     others = [g for g in comp if g != slowest]
