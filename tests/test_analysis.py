@@ -226,6 +226,18 @@ def test_a_job_starting_mid_window_is_judged_over_its_own_time():
     r = analyze(sig)
     assert r.findings == []
     assert all(40 <= g.job_seconds <= 50 for g in r.gpus)
+    # Before its start nothing happened on the GPUs: the step period is the job's own.
+    for g in sig.gpus():
+        for key in ("gpu.util_sample", "gpu.sm_active", "gpu.pcie_rx", "gpu.pcie_tx"):
+            if sig.get(key, g) is not None:
+                sig.channels[f"{key}:{g}"] = np.where(half, 0.0, sig.get(key, g))
+    own = analyze(sig.slice(sig.t[0] + 45, sig.t[-1]))
+    for mixed, alone in zip(analyze(sig).gpus, own.gpus):
+        if alone.step_period_seconds and mixed.step_period_seconds:
+            assert mixed.step_period_seconds == pytest.approx(alone.step_period_seconds,
+                                                              rel=0.05)
+        else:
+            assert mixed.step_period_seconds is None
 
 
 # --- devices and multi-GPU causality ------------------------------------------------------------

@@ -471,7 +471,8 @@ def _gpu_state(sig: Signals, g: str, ckpt: np.ndarray, hold: int, coarse: bool,
     busy_m = m & (busy >= 0.5)
     clock_mean = _mean_where(clock, busy_m) if clock is not None else None
     cmax = nanmean(sig.get("gpu.sm_clock_max", g))
-    period, note = _period(sig, g, busy, coarse)
+    period, note = _period(sig, g, busy, coarse,
+                           present & ~(started | ended) & (np.nan_to_num(level) >= 0.05))
     aligned = _aligned_idle(sig, g, busy)
     return GpuState(
         gpu=g, busy=busy, exact=exact, present=present, held_known=held_known, memory=memory,
@@ -569,11 +570,16 @@ def _unmix(sm: np.ndarray, busy: np.ndarray, m: np.ndarray
     return comp, estimate(busy[ok] - c, floor_se=QUANT_SE)
 
 
-def _period(sig: Signals, g: str, busy: np.ndarray, coarse: bool
-            ) -> tuple[P.Period | None, str]:
-    """The GPU's step period from every series that carries it."""
+def _period(sig: Signals, g: str, busy: np.ndarray, coarse: bool,
+            span: np.ndarray | None = None) -> tuple[P.Period | None, str]:
+    """The GPU's step period from every series that carries it, over the job's span (from
+    its first step to its last: not the idle before a job starts or after it ends)."""
     if coarse:
         return None, f"samples every {sig.resolution:g} s cannot resolve steps"
+    if span is not None and span.sum() >= 2:
+        idx = np.flatnonzero(span)  # the samples with a kernel: the first and the last
+        if idx[0] > 0 or idx[-1] < len(span) - 1:
+            sig = sig.slice(float(sig.t[idx[0]]), float(sig.t[idx[-1]]))
     cands: list[P.Period | None] = []
     dts: dict[str, float] = {}
     sample = sig.get("gpu.util_sample", g)
