@@ -358,6 +358,16 @@ def test_comm_wait_and_straggler_need_sm_activity():
     assert any("SM activity" in n for n in r.notes)
 
 
+def test_collective_wait_seen_on_two_of_eight_gpus_is_no_job_wide_finding():
+    """comm_wait is a job's: most of its GPUs must be seen in the collective, not the two
+    whose computing and collective states happened to be told apart."""
+    sig, _ = simulate(S.load("comm-wait"), seconds=60)
+    assert "comm_wait" in kinds(analyze(sig))
+    for g in sig.gpus()[2:]:
+        del sig.channels[f"gpu.sm_active:{g}"]
+    assert "comm_wait" not in kinds(analyze(sig))
+
+
 def test_gpu_idle_clock_reason_is_not_throttling():
     sig, _ = simulate(S.load("idle-allocated"), seconds=60)
     assert "throttled" not in kinds(analyze(sig))

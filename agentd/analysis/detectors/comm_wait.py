@@ -52,15 +52,17 @@ def detect(ev: Evidence, exclude: set[str]) -> list[Finding]:
         return []
     out = []
     for group in ev.peer_groups():
-        out += _job(ev, [g for g in group if g not in exclude and ev.gpus[g].spin is not None])
+        out += _job(ev, [g for g in group if g not in exclude])
     return out
 
 
 def _job(ev: Evidence, gpus: list[str]) -> list[Finding]:
     if len(gpus) < 2:
         return []
-    waiting = [g for g in gpus if ev.gpus[g].spin.mean >= MIN_SPIN and
-               ev.gpus[g].spin.lo >= MIN_SPIN * 2 / 3]
+    # Most of the job's GPUs must be seen waiting: a GPU whose two states could not be told
+    # apart counts as not waiting (two of eight are no job-wide collective wait).
+    waiting = [g for g in gpus if ev.gpus[g].spin is not None and
+               ev.gpus[g].spin.mean >= MIN_SPIN and ev.gpus[g].spin.lo >= MIN_SPIN * 2 / 3]
     if len(waiting) < max(1, int(0.75 * len(gpus))):
         return []
     nvlink = float(np.mean([ev.nvlink_rx.get(g, 0.0) for g in waiting]))
