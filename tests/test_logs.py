@@ -12,7 +12,6 @@ import pytest
 
 from agentd import logs
 from agentd.analysis.findings import Finding
-from agentd.daemon.rolling import finding_log
 
 
 @pytest.fixture(autouse=True)
@@ -70,6 +69,14 @@ def _finding(kind: str, severity: str, gpus=(0, 1)) -> Finding:
     return Finding(kind=kind, subject={"node": "n1", "gpus": list(gpus)}, t0=0.0, t1=60.0,
                    confidence=0.9, severity=severity, summary="the data loader is slow",
                    gain={"busy_now": 0.5, "busy_after": 0.9, "speedup": 1.8})
+
+
+def finding_log(state, findings):
+    """The daemon's finding_log, fed as the analysis process feeds it: the findings as
+    Report.to_json() has them, with their headlines."""
+    from agentd.daemon.rolling import finding_log as log_of
+
+    return log_of(state, [f.to_json() for f in findings], [f.headline() for f in findings])
 
 
 def test_finding_log_appear_change_clear():

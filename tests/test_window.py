@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from agentd.daemon.window import Ring, Window, gpu_window_stats, load_npz
+from agentd.daemon import npzfmt
+from agentd.daemon.window import Ring, Window, gpu_window_stats, load_npz, load_npz_with_meta
 
 
 def test_ring_keeps_the_last_rows_in_order():
@@ -53,14 +54,45 @@ def test_window_json_and_npz_round_trip():
     assert ring.rows == 20
     for i in range(30):
         ring.append(100.0 + i * 0.5, {"gpu.busy:0": 0.25, "gpu.busy:1": float(i % 2)})
-    doc = json.loads(json.dumps(w.to_json(since=110.0)))
+    # The server process encodes JSON from the uncompressed npz, without numpy.
+    doc = json.loads(npzfmt.to_json(w.to_npz(since=110.0, compress=False), w.seconds))
     g = doc["groups"]["gpu"]
     assert g["interval_seconds"] == 0.5 and len(g["t"]) == 10
     assert g["columns"]["gpu.busy:0"] == [0.25] * 10
+    assert g["columns"]["gpu.busy:1"] == [float(i % 2) for i in range(20, 30)]
     back = load_npz(w.to_npz())
     assert back["gpu"]["columns"] == ["gpu.busy:0", "gpu.busy:1"]
     assert back["gpu"]["values"].shape == (20, 2)
     assert w.ring("gpu", 0.5) is ring  # kept across sampler restarts
+
+
+def test_npz_reencoded_without_numpy_reads_the_same():
+    """Deflated by the server process (npzfmt.compress), the npz still loads with
+    load_npz_with_meta; its JSON has null where a channel had no value and keeps meta."""
+    w = Window(seconds=60)
+    gpu, mem = w.ring("gpu", 0.1), w.ring("memory", 1.0)
+    w.ring("network", 1.0)  # a ring with no rows yet
+    for i in range(100):
+        gpu.append(200.0 + i / 10, {"gpu.busy:0": i / 100, **({"gpu.busy:1": 0.5} if i % 3
+                                                               else {})})
+        if i % 10 == 0:
+            mem.append(200.0 + i / 10, {"mem.cached:": 1e6 + i})
+    meta = {"node": "n1", "gpus": {"0": {"uuid": "GPU-x"}}}
+    raw = w.to_npz(meta=meta, compress=False)
+    packed = npzfmt.compress(raw)
+    assert len(packed) < len(raw)
+    groups, back_meta = load_npz_with_meta(packed)
+    assert back_meta == meta
+    assert np.array_equal(groups["gpu"]["values"], load_npz(raw)["gpu"]["values"],
+                          equal_nan=True)
+    doc = json.loads(npzfmt.to_json(packed, 60.0))
+    assert doc["meta"] == meta and doc["window_seconds"] == 60.0
+    busy1 = doc["groups"]["gpu"]["columns"]["gpu.busy:1"]
+    assert busy1[0] is None and busy1[1] == 0.5
+    assert doc["groups"]["memory"]["columns"]["mem.cached:"][-1] == 1e6 + 90
+    assert doc["groups"]["network"] == {"interval_seconds": 1.0, "t": [], "columns": {}}
+    with pytest.raises(npzfmt.FormatError):
+        npzfmt.to_json(b"not a zip", 60.0)
 
 
 def test_gpu_window_stats():

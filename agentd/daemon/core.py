@@ -191,17 +191,27 @@ class Daemon:
             return None
         return self._ceilings_reader.read(cfg.probe_state_file)
 
+    @staticmethod
+    def _tls(cfg: Config) -> bool:
+        """Whether the web configuration serves TLS (validated here, in this process, so that
+        a bad file is a one-line error at start and a kept configuration on reload)."""
+        return bool(cfg.web_config_file and load_web_config(cfg.web_config_file).tls)
+
     def _start_server(self, cfg: Config) -> None:
         host, port = parse_listen(cfg.listen_address, "--web.listen-address")
-        web = load_web_config(cfg.web_config_file) if cfg.web_config_file else WebConfig()
+        tls = self._tls(cfg)
         routes = {
-            "/api/v1/window": self._window_route,
             "/api/v1/status": lambda q: json_response(self.status()),
-            "/api/v1/findings": self._findings_route,
+            "/api/v1/findings": lambda q: json_response(self.analysis.findings_document()),
             **self.extra_routes,
         }
+        limits = {"max_connections": cfg.web_max_connections,
+                  "header_timeout": cfg.web_header_timeout,
+                  "idle_timeout": cfg.web_idle_timeout}
         try:
-            self.server = WebServer(host, port, web, routes, self.exporter.render)
+            self.server = WebServer(host, port, cfg.web_config_file, routes,
+                                    self.exporter.render, self.window_payload, tls,
+                                    cfg.log_level, limits)
         except OSError as e:
             raise ConfigError(f"cannot listen on {cfg.listen_address}: {e.strerror}") from None
         self.server.start()
@@ -242,26 +252,12 @@ class Daemon:
             meta["ceilings"] = self.ceilings  # `agentd probe`'s, for this (real) node
         return meta
 
-    def _window_route(self, query: dict) -> tuple[int, str, bytes]:
-        try:
-            seconds = float(query.get("seconds", [self.config.window_seconds])[0])
-        except ValueError:
-            return 400, "text/plain", b"seconds must be a number\n"
-        since = self.clock() - seconds
-        fmt = query.get("format", ["json"])[0]
-        meta = self.window_meta()
-        if fmt == "npz":
-            return 200, "application/octet-stream", self.window.to_npz(since, meta)
-        if fmt != "json":
-            return 400, "text/plain", b"format must be json or npz\n"
-        return json_response(self.window.to_json(since, meta))
-
-    def _findings_route(self, query: dict) -> tuple[int, str, bytes]:
-        report = self.analysis.current()
-        if report is None:
-            return json_response({"status": "warming up", "findings": [],
-                                  "window_seconds": self.config.analysis_window})
-        return json_response({"status": "ok", **report.to_json()})
+    def window_payload(self, seconds: float) -> tuple[bytes, dict]:
+        """The window's last `seconds` (all of it for 0) as uncompressed npz bytes, for the
+        server process to cache and encode as each client asks (httpd.py, npzfmt.py)."""
+        since = self.clock() - seconds if seconds > 0 else None
+        body = self.window.to_npz(since, self.window_meta(), compress=False)
+        return body, {"window_seconds": self.config.window_seconds}
 
     def status(self) -> dict:
         return {
@@ -340,9 +336,11 @@ class Daemon:
             return self._reload_failed(f"applying it failed ({type(e).__name__}: {e}); the "
                                        "samplers run with what could be applied")
         assert self.server is not None
-        # Same socket, or the new one; new certificates, users and headers take effect on
-        # new connections.
-        self.server.httpd.web = web
+        if cfg.listen_address == old.listen_address:
+            # Same socket; a new server process with the new certificates, users and headers
+            # takes it over, the old one finishes its requests. (A new address got a new
+            # server process with them already.)
+            self.server.replace(cfg.web_config_file, web.tls is not None)
         self.last_reload_ok = True
         self.last_reload_time = time.time()
         log.info("configuration reloaded")
@@ -413,6 +411,8 @@ class Daemon:
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload()
+            if self.server is not None:
+                self.server.supervise()
             if ping and self.server is not None and self.server.is_alive():
                 self.notifier.watchdog()
         self.stop()
@@ -421,10 +421,9 @@ class Daemon:
         started = bool(self._loops) or self.server is not None
         self.notifier.stopping()
         if self.server is not None:
+            self.server.stop()
             self.analysis.stop()
         self._stop_loops(list(self._loops))
-        if self.server is not None:
-            self.server.stop()
         if self.sim_node is not None:
             self.sim_node.stop()
         if started:

@@ -1,157 +1,202 @@
-"""The HTTP endpoint: /metrics, the high-rate window for `agentd diagnose`, status and health.
+"""The HTTP endpoint, from the sampling process' side: the listening socket, the server process
+that serves it (httpd.py), and the answers to that process' requests.
 
-TLS handshakes happen in the per-connection thread, so a slow or hostile client never holds
-up the accept loop; basic-auth results are cached (see webconfig.WebConfig.check_password).
+The daemon binds the socket itself (so a bad address is an error at start, and the socket
+outlives any server process: connections wait in its backlog while one restarts) and hands
+it to the server process. A server process that exits is restarted with back-off; on reload
+a new one takes over the same socket and the old one finishes its requests (drain), so no
+connection is refused. The daemon answers its requests one at a time on one thread per
+server process: /metrics text, the window as npz bytes, the JSON routes.
 """
 
 from __future__ import annotations
 
-import base64
-import gzip
 import json
 import logging
 import socket
-import ssl
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
 from typing import Callable
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs
 
+from agentd.daemon.child import Backoff, Channel, Child, ChildGone, child_series
 from agentd.daemon.exposition import CONTENT_TYPE
-from agentd.daemon.webconfig import WebConfig
 
 log = logging.getLogger("agentd.web")
 
-LANDING = b"""<!doctype html><html><head><title>agentd</title></head><body>
-<h1>agentd</h1><p>Is this node's GPU input pipeline starved, and why?</p><ul>
-<li><a href="/metrics">/metrics</a>: Prometheus metrics</li>
-<li><a href="/api/v1/window?seconds=60">/api/v1/window</a>: the high-rate window
-(<code>?seconds=N&amp;format=json|npz</code>), read by <code>agentd diagnose --daemon</code></li>
-<li><a href="/api/v1/status">/api/v1/status</a>: samplers and configuration</li>
-</ul></body></html>
-"""
+START_TIMEOUT = 20.0  # seconds to wait for a new server process to listen
 
 Route = Callable[[dict], tuple[int, str, bytes]]
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 64
-
-    def __init__(self, address, handler, web: WebConfig, routes: dict[str, Route],
-                 metrics: Callable[[], bytes]):
-        self.web = web
-        self.routes = routes
-        self.metrics = metrics
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        super().__init__(address, handler)
-
-    def finish_request(self, request, client_address):
-        if self.web.tls is not None:
-            request.settimeout(10)
-            try:
-                request = self.web.tls.wrap_socket(request, server_side=True)
-            except (ssl.SSLError, OSError) as e:
-                log.debug("TLS handshake with %s failed: %s", client_address[0], e)
-                return
-        super().finish_request(request, client_address)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    protocol_version = "HTTP/1.1"
-    timeout = 30
-    server_version = "agentd"
-    sys_version = ""
-
-    def log_message(self, fmt, *args):
-        log.debug("%s " + fmt, self.address_string(), *args)
-
-    def _send(self, code: int, ctype: str, body: bytes, extra: dict | None = None) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        for k, v in {**self.server.web.headers, **(extra or {})}.items():
-            self.send_header(k, v)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def _authorized(self) -> bool:
-        users = self.server.web.users
-        if not users:
-            return True
-        header = self.headers.get("Authorization", "")
-        if header.startswith("Basic "):
-            try:
-                user, _, password = base64.b64decode(header[6:]).decode().partition(":")
-            except (ValueError, UnicodeDecodeError):
-                return False
-            return self.server.web.check_password(user, password)
-        return False
-
-    def do_GET(self) -> None:
-        if not self._authorized():
-            self._send(401, "text/plain; charset=utf-8", b"Unauthorized\n",
-                       {"WWW-Authenticate": 'Basic realm="agentd"'})
-            return
-        url = urlparse(self.path)
-        try:
-            if url.path == "/metrics":
-                self._metrics()
-                return
-            route = self.server.routes.get(url.path)
-            if route is None:
-                self._send(404, "text/plain; charset=utf-8", b"Not found\n")
-                return
-            code, ctype, body = route(parse_qs(url.query))
-        except BrokenPipeError:
-            return
-        except Exception as e:
-            log.exception("error serving %s", url.path)
-            code, ctype, body = 500, "text/plain; charset=utf-8", f"{e}\n".encode()
-        self._send(code, ctype, body)
-
-    do_HEAD = do_GET
-
-    def _metrics(self) -> None:
-        # Always the 0.0.4 text format: Prometheus accepts it whatever else it offers.
-        body = self.server.metrics()
-        ctype = CONTENT_TYPE
-        extra = {}
-        if "gzip" in self.headers.get("Accept-Encoding", ""):
-            body = gzip.compress(body, compresslevel=1)
-            extra["Content-Encoding"] = "gzip"
-        self._send(200, ctype, body, extra)
+def listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
 
 class WebServer:
-    def __init__(self, host: str, port: int, web: WebConfig, routes: dict[str, Route],
-                 metrics: Callable[[], bytes]):
-        routes = {"/": lambda q: (200, "text/html; charset=utf-8", LANDING),
-                  "/-/healthy": lambda q: (200, "text/plain", b"OK\n"),
-                  "/-/ready": lambda q: (200, "text/plain", b"OK\n"), **routes}
-        self.httpd = _Server((host, port), _Handler, web, routes, metrics)
-        self.scheme = "https" if web.tls else "http"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="http",
-                                        kwargs={"poll_interval": 0.2}, daemon=True)
+    def __init__(self, host: str, port: int, web_config_file: str, routes: dict[str, Route],
+                 metrics: Callable[[], bytes], window: Callable[[float], tuple[bytes, dict]],
+                 tls: bool, log_level: str = "info", limits: dict | None = None):
+        self.sock = listen(host, port)  # OSError: the caller says which address failed
+        self.port = self.sock.getsockname()[1]
+        self.scheme = "https" if tls else "http"
+        self.web_config_file = web_config_file
+        self.routes = routes
+        self.metrics = metrics
+        self.window = window
+        self.log_level = log_level
+        self.limits = limits or {}
+        self.stats: dict = {}  # the server process' counters, as last reported
+        self.restarts = 0
+        self._child: Child | None = None
+        self._backoff = Backoff()
+        self._next_start = 0.0
+        self._lock = threading.Lock()
+        self._stopped = False
 
-    @property
-    def port(self) -> int:
-        return self.httpd.server_address[1]
+    # --- the server process ---------------------------------------------------------------------
+
+    def _spawn(self) -> Child:
+        args = ["--listen-fd", str(self.sock.fileno()), "--log-level", self.log_level,
+                "--web-config", self.web_config_file, "--routes", ",".join(self.routes)]
+        for key, value in self.limits.items():
+            args += [f"--{key.replace('_', '-')}", str(value)]
+        child = Child("web", "agentd.daemon.httpd", args, pass_fds=(self.sock.fileno(),))
+        channel = child.start()
+        ready = threading.Event()
+        threading.Thread(target=self._serve, args=(child, channel, ready), name="web-channel",
+                         daemon=True).start()
+        if not ready.wait(START_TIMEOUT):
+            log.error("the HTTP server process did not start within %g s", START_TIMEOUT)
+        return child
 
     def start(self) -> None:
-        self._thread.start()
+        child = self._spawn()
+        with self._lock:
+            self._child = child
+
+    def replace(self, web_config_file: str, tls: bool) -> None:
+        """A new server process with this web configuration takes the socket; the old one
+        finishes its requests and exits."""
+        self.web_config_file = web_config_file
+        self.scheme = "https" if tls else "http"
+        new = self._spawn()
+        with self._lock:
+            old, self._child = self._child, new
+        if old is not None:
+            self._drain(old)
+
+    def _drain(self, child: Child) -> None:
+        try:
+            assert child.channel is not None
+            child.channel.send(0, {"op": "drain"})
+        except (ChildGone, AssertionError):
+            pass
+        threading.Thread(target=child.drain, args=(10.0,), name="web-drain",
+                         daemon=True).start()
+
+    def supervise(self) -> None:
+        """Restart the server process if it exited (called about once a second)."""
+        with self._lock:
+            child = self._child
+        if self._stopped or child is None or child.alive():
+            return
+        now = time.monotonic()
+        if self._next_start == 0.0:
+            delay = self._backoff.next_delay(child.ran_for())
+            self._next_start = now + delay
+            log.error("the HTTP server process exited with status %s; restarting it in %.1f s",
+                      child.proc.poll() if child.proc else None, delay)
+        if now < self._next_start:
+            return
+        self._next_start = 0.0
+        self.restarts += 1
+        new = self._spawn()
+        with self._lock:
+            self._child = new
 
     def is_alive(self) -> bool:
-        return self._thread.is_alive()
+        with self._lock:
+            child = self._child
+        return child is not None and (child.alive() or self._next_start > 0)
 
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self._thread.join(timeout=1)
+    def pid(self) -> int | None:
+        with self._lock:
+            child = self._child
+        return child.pid if child is not None and child.alive() else None
+
+    def stop(self, timeout: float = 0.5) -> None:
+        """SIGTERM the server process, close the socket, and reap the process (SIGKILL after
+        `timeout`); its in-flight requests are cut off."""
+        self._stopped = True
+        with self._lock:
+            child, self._child = self._child, None
+        self.sock.close()
+        if child is not None:
+            child.stop(timeout)
+
+    # --- answering it -----------------------------------------------------------------------------
+
+    def _serve(self, child: Child, channel: Channel, ready: threading.Event) -> None:
+        while True:
+            try:
+                rid, header, _ = channel.recv()
+            except (ChildGone, OSError):
+                ready.set()
+                return
+            op = header.get("op")
+            if rid == 0:
+                if op == "hello":
+                    child.ready = True
+                    ready.set()
+                elif op == "stats":
+                    self.stats = header
+                continue
+            try:
+                answer, body = self._answer(header)
+            except Exception as e:  # a bug answering one request must not end the channel
+                log.exception("error answering the HTTP server's %s request", op)
+                answer, body = {"code": 500, "ctype": "text/plain"}, f"{e}\n".encode()
+            try:
+                channel.send(rid, answer, body)
+            except ChildGone:
+                return
+
+    def _answer(self, header: dict) -> tuple[dict, bytes]:
+        op = header.get("op")
+        if op == "metrics":
+            return {"code": 200, "ctype": CONTENT_TYPE}, self.metrics()
+        if op == "window":
+            body, info = self.window(float(header.get("seconds") or 0))
+            return {"code": 200, "ctype": "application/octet-stream", **info}, body
+        if op == "route" and header.get("path") in self.routes:
+            code, ctype, body = self.routes[header["path"]](parse_qs(header.get("query", "")))
+            return {"code": code, "ctype": ctype}, body
+        return {"code": 404, "ctype": "text/plain"}, b"not found\n"
+
+    def series(self) -> list:
+        s = self.stats
+        out = [("agentd_http_requests_total", (code,), float(n))
+               for code, n in sorted((s.get("requests") or {}).items())]
+        out += [("agentd_http_refused_total", (reason,), float(n))
+                for reason, n in sorted((s.get("refused") or {}).items())]
+        if "connections" in s:
+            out.append(("agentd_http_open_connections", (), float(s["connections"])))
+        out.append(("agentd_child_restarts_total", ("web",), float(self.restarts)))
+        pid = self.pid()
+        if pid is not None:
+            out += child_series("web", pid)
+        return out
 
 
 def json_response(obj) -> tuple[int, str, bytes]:

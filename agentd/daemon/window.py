@@ -173,28 +173,18 @@ class Window:
                          "values": v}
         return out
 
-    def to_json(self, since: float | None = None, meta: dict | None = None) -> dict:
-        groups = {}
-        for name, g in self.export(since).items():
-            values = g["values"]
-            groups[name] = {
-                "interval_seconds": g["interval"],
-                "t": [round(float(x), 6) for x in g["t"]],
-                "columns": {
-                    col: [None if math.isnan(x) else float(x) for x in values[:, j].tolist()]
-                    for j, col in enumerate(g["columns"])
-                },
-            }
-        return {"window_seconds": self.seconds, "groups": groups, "meta": meta or {}}
-
-    def to_npz(self, since: float | None = None, meta: dict | None = None) -> bytes:
-        return groups_to_npz(self.export(since), meta)
+    def to_npz(self, since: float | None = None, meta: dict | None = None,
+               compress: bool = True) -> bytes:
+        return groups_to_npz(self.export(since), meta, compress)
 
 
-def groups_to_npz(groups: dict[str, dict], meta: dict | None = None) -> bytes:
+def groups_to_npz(groups: dict[str, dict], meta: dict | None = None,
+                  compress: bool = True) -> bytes:
     """The window's (and a recording's) file format: compressed numpy arrays per sampler
     ring, t:NAME (Unix seconds), v:NAME (values), c:NAME (channel names), i:NAME (interval),
-    and the node's description as JSON in "meta"."""
+    and the node's description as JSON in "meta". `compress=False` stores the arrays as
+    they are (a zip of .npy members, read the same way): what the daemon hands its own
+    processes, where deflating would cost more than the copy."""
     import json
 
     arrays = {"meta": np.array(json.dumps(meta or {}, default=str))}
@@ -204,7 +194,7 @@ def groups_to_npz(groups: dict[str, dict], meta: dict | None = None) -> bytes:
         arrays[f"c:{name}"] = np.array(g["columns"], dtype=np.str_)
         arrays[f"i:{name}"] = np.array([g["interval"] or 0.0])
     buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
+    (np.savez_compressed if compress else np.savez)(buf, **arrays)
     return buf.getvalue()
 
 
