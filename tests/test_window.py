@@ -41,6 +41,29 @@ def test_ring_grows_columns_up_to_its_bound_then_reuses_aged_out_ones():
     assert v[-1] == 9.0 and np.isnan(v[:-1]).all()  # no stale data from the old channel
 
 
+def test_ring_rows_of_the_same_keys_reuse_their_columns():
+    """Rows are stored through a per-key-set column layout: a reordered or different key set,
+    a column that changes hands, and a full ring (every such row counted) stay correct."""
+    r = Ring(rows=4, max_columns=3, initial_columns=2)
+    r.append(0.0, {"a": 1.0, "b": 2.0})
+    r.append(1.0, {"b": 20.0, "a": 10.0})  # the same keys in another order
+    r.append(2.0, {"a": 100.0, "b": 200.0, "c": 300.0})  # grows the matrix
+    r.append(3.0, {"a": 1e3, "d": 4e3})  # no room for d: a is kept, d dropped
+    r.append(4.0, {"a": 1e4, "d": 4e4})  # dropped again, counted again
+    assert r.dropped_columns == 2
+    t, names, v = r.snapshot()
+    assert names == ["a", "b", "c"]
+    assert list(v[:, 0]) == [10.0, 100.0, 1e3, 1e4]
+    assert list(v[:2, 1]) == [20.0, 200.0] and np.isnan(v[2:, 1]).all()
+    for k in range(5, 9):
+        r.append(float(k), {"a": float(k)})  # b and c age out
+    r.append(9.0, {"a": 9.0, "d": 9e4})  # d takes an aged-out column
+    t, v = r.column("d")
+    assert v[-1] == 9e4 and np.isnan(v[:-1]).all()
+    t, v = r.column("a", since=7.0)
+    assert list(t) == [7.0, 8.0, 9.0] and list(v) == [7.0, 8.0, 9.0]
+
+
 def test_memory_bound():
     r = Ring(rows=6000, max_columns=256)
     assert r.reserved_bytes == 6000 * (256 * 4 + 8)
