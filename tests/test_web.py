@@ -294,6 +294,9 @@ def test_server_process_restarted_and_replaced_without_refusing(spawn, scenario)
     proc, url, port = start(spawn, "--fake-nvml", scenario)
     wait_http(url + "/metrics")
     (web,) = children(proc.p.pid, "agentd.daemon.httpd")
+    # It yields the CPU to sampling: ten nice steps below the daemon (or the lowest).
+    assert os.getpriority(os.PRIO_PROCESS, web) >= min(
+        os.getpriority(os.PRIO_PROCESS, proc.p.pid) + 10, 19)
     os.kill(web, signal.SIGKILL)
     assert get(url + "/metrics")[0] == 200  # waits in the backlog, answered by the new one
     text = metrics(url)

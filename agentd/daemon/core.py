@@ -19,6 +19,7 @@ from dataclasses import replace
 from typing import Callable
 
 from agentd import __version__
+from agentd.daemon.child import tune_malloc
 from agentd.daemon.config import Config, ConfigError, parse_listen
 from agentd.daemon.exporter import Exporter
 from agentd.paths import Paths
@@ -400,6 +401,7 @@ class Daemon:
 
     def serve(self, install_signals: bool = True) -> None:
         """Run until SIGTERM/SIGINT (or request_stop)."""
+        tune_malloc()  # window exports for the server and the analysis: give memory back
         if install_signals:
             signal.signal(signal.SIGTERM, self.request_stop)
             signal.signal(signal.SIGINT, self.request_stop)

@@ -90,17 +90,23 @@ class Limits:
 class Response:
     __slots__ = ("code", "ctype", "body", "headers", "info", "_gzipped")
 
-    def __init__(self, code: int, ctype: str, body: bytes, headers: dict | None = None,
-                 info: dict | None = None):
-        self.code, self.ctype, self.body = code, ctype, body
+    def __init__(self, code: int, ctype: str, body: bytes | list[bytes],
+                 headers: dict | None = None, info: dict | None = None):
+        self.code, self.ctype, self.body = code, ctype, body  # bytes, or pieces to send
         self.headers = headers or {}  # sent with the body
         self.info = info or {}  # what the daemon said about the body (not sent)
         self._gzipped: bytes | None = None
 
     def gzipped(self) -> bytes:
         if self._gzipped is None:
-            self._gzipped = gzip.compress(self.body, compresslevel=1)
+            self._gzipped = gzip.compress(self.bytes(), compresslevel=1)
         return self._gzipped
+
+    def bytes(self) -> bytes:
+        return self.body if isinstance(self.body, bytes) else b"".join(self.body)
+
+    def size(self) -> int:
+        return len(self.body) if isinstance(self.body, bytes) else sum(map(len, self.body))
 
 
 def text(code: int, message: str, headers: dict | None = None) -> Response:
@@ -190,6 +196,13 @@ class Cache:
             fut.add_done_callback(lambda f: self._done(key, f))
         return await asyncio.shield(fut)
 
+    def purge(self) -> float:
+        """Drop expired answers (they hold memory for nothing); the time now."""
+        now = time.monotonic()
+        for k in [k for k, (expires, _) in self._entries.items() if expires <= now]:
+            del self._entries[k]
+        return now
+
     def _done(self, key, fut) -> None:
         self._inflight.pop(key, None)
         if fut.cancelled() or fut.exception() is not None:
@@ -197,9 +210,7 @@ class Cache:
         response = fut.result()
         if response.code != 200:
             return
-        now = time.monotonic()
-        for k in [k for k, (expires, _) in self._entries.items() if expires <= now]:
-            del self._entries[k]  # expired answers hold memory for nothing
+        now = self.purge()
         self._entries[key] = (now + CACHE_SECONDS, response)
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
@@ -338,11 +349,13 @@ class Server:
         self.upstream.closed.set()
 
     async def _report_stats(self) -> None:
+        """Every STATS_INTERVAL: the counters to the daemon, and expired answers dropped."""
         while not self.upstream.closed.is_set():
             try:
                 self.upstream.send({"op": "stats", **self.stats.snapshot()})
             except (OSError, RuntimeError):
                 return
+            self.cache.purge()
             await asyncio.sleep(STATS_INTERVAL)
 
     # --- connections ----------------------------------------------------------------------------
@@ -454,7 +467,7 @@ class Server:
         try:
             response = await self._respond(url)
             gz = (response.code == 200 and response.ctype.startswith("text/")
-                  and len(response.body) > 1024
+                  and response.size() > 1024
                   and "gzip" in headers.get("accept-encoding", ""))
             await self._write(writer, response, method == "HEAD", close or self.draining, gz)
         finally:
@@ -466,8 +479,9 @@ class Server:
                      gz: bool = False) -> None:
         self.stats.answered(r.code)
         body = r.gzipped() if gz else r.body
+        size = len(body) if isinstance(body, bytes) else r.size()
         lines = [f"HTTP/1.1 {r.code} {REASONS.get(r.code, 'Unknown')}",
-                 "Server: agentd", f"Content-Type: {r.ctype}", f"Content-Length: {len(body)}"]
+                 "Server: agentd", f"Content-Type: {r.ctype}", f"Content-Length: {size}"]
         if gz:
             lines.append("Content-Encoding: gzip")
         if r.code == 200 and r.ctype.startswith("text/"):
@@ -476,14 +490,20 @@ class Server:
         if close:
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        if head_only or len(body) <= CHUNK:
+        if head_only or (isinstance(body, bytes) and size <= CHUNK):
             writer.write(head + body if not head_only else head)
         else:
             writer.write(head)
-            view = memoryview(body)
-            for i in range(0, len(view), CHUNK):
-                writer.write(view[i:i + CHUNK])
-                await self._flush(writer)
+            pending = 0
+            for piece in ([body] if isinstance(body, bytes) else body):
+                view = memoryview(piece)
+                for i in range(0, len(view), CHUNK):
+                    chunk = view[i:i + CHUNK]
+                    writer.write(chunk)
+                    pending += len(chunk)
+                    if pending >= CHUNK:
+                        pending = 0
+                        await self._flush(writer)
         await self._flush(writer)
 
     @staticmethod
@@ -546,7 +566,7 @@ class Server:
             if fmt == "npz":
                 body = await loop.run_in_executor(self._cpu, npzfmt.compress, raw.body)
                 return Response(200, "application/octet-stream", body)
-            body = await loop.run_in_executor(self._cpu, npzfmt.to_json, raw.body,
+            body = await loop.run_in_executor(self._cpu, npzfmt.to_json_chunks, raw.body,
                                               window_seconds)
         except npzfmt.FormatError as e:
             log.error("the daemon's window is unreadable: %s", e)

@@ -23,9 +23,10 @@ class FormatError(ValueError):
     pass
 
 
-def read_npy(data: bytes) -> tuple[str, tuple, bool, memoryview]:
+def read_npy(data: bytes | memoryview) -> tuple[str, tuple, bool, memoryview]:
     """(dtype descr, shape, Fortran order, raw data) of one .npy member."""
-    if not data.startswith(_MAGIC) or len(data) < 10:
+    data = memoryview(data)
+    if bytes(data[:6]) != _MAGIC or len(data) < 10:
         raise FormatError("not an .npy array")
     major = data[6]
     if major == 1:
@@ -33,11 +34,11 @@ def read_npy(data: bytes) -> tuple[str, tuple, bool, memoryview]:
     else:
         hlen, start = int.from_bytes(data[8:12], "little"), 12
     try:
-        header = ast.literal_eval(data[start:start + hlen].decode("latin-1"))
+        header = ast.literal_eval(bytes(data[start:start + hlen]).decode("latin-1"))
     except (ValueError, SyntaxError):
         raise FormatError("bad .npy header") from None
     return (header["descr"], tuple(header["shape"]), bool(header.get("fortran_order")),
-            memoryview(data)[start + hlen:])
+            data[start + hlen:])
 
 
 def _strings(descr: str, shape: tuple, raw: memoryview) -> list[str]:
@@ -56,12 +57,26 @@ def _floats(descr: str, raw: memoryview) -> memoryview:
     return raw.cast("B").cast(code)
 
 
-def members(data: bytes) -> dict[str, bytes]:
+def members(data: bytes) -> dict[str, bytes | memoryview]:
+    """The npz's arrays by name; a stored (uncompressed) member is a view into `data`, not
+    a copy: the daemon's exports are stored."""
+    view = memoryview(data)
+    out: dict[str, bytes | memoryview] = {}
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as z:
-            return {i.filename.removesuffix(".npy"): z.read(i) for i in z.infolist()}
+            for i in z.infolist():
+                name = i.filename.removesuffix(".npy")
+                if i.compress_type == zipfile.ZIP_STORED:
+                    # The local header: 30 bytes, then the name and the extra field.
+                    h = i.header_offset
+                    start = h + 30 + int.from_bytes(data[h + 26:h + 28], "little") + \
+                        int.from_bytes(data[h + 28:h + 30], "little")
+                    out[name] = view[start:start + i.file_size]
+                else:
+                    out[name] = z.read(i)
     except zipfile.BadZipFile as e:
         raise FormatError(f"not an npz file: {e}") from None
+    return out
 
 
 def compress(data: bytes, level: int = 1) -> bytes:
@@ -83,8 +98,14 @@ def _nulls(values: list) -> list:
 
 def to_json(data: bytes, window_seconds: float) -> bytes:
     """The window as JSON: {window_seconds, groups: {NAME: {interval_seconds, t, columns:
-    {CHANNEL: [values, null where absent]}}}, meta}. Built column by column, so that the
-    Python objects alive at once are one column's, not the whole window's."""
+    {CHANNEL: [values, null where absent]}}}, meta}."""
+    return b"".join(to_json_chunks(data, window_seconds))
+
+
+def to_json_chunks(data: bytes, window_seconds: float) -> list[bytes]:
+    """to_json() in chunks of about 256 KiB, never joined: the server sends them one after
+    the other, so a response costs its size once, and the Python objects alive at once are
+    one column's, not the whole window's."""
     arrays = members(data)
     meta = "{}"
     if "meta" in arrays:
@@ -111,4 +132,20 @@ def to_json(data: bytes, window_seconds: float) -> bytes:
                          f'{json.dumps(_nulls(column.tolist()))}')
         parts.append("}}")
     parts.append(f'}},"meta":{meta}}}')
-    return "".join(parts).encode()
+    return _coalesce(parts)
+
+
+def _coalesce(parts: list[str], size: int = 256 * 1024) -> list[bytes]:
+    """The pieces joined into chunks of at least `size` bytes: allocations that large are
+    mapped and unmapped whole (see child.MALLOC_ENV), so a sent response leaves no holes in
+    the heap that would keep the server's resident size at its peak."""
+    chunks, batch, n = [], [], 0
+    for p in parts:
+        batch.append(p)
+        n += len(p)
+        if n >= size:
+            chunks.append("".join(batch).encode())
+            batch, n = [], 0
+    if batch:
+        chunks.append("".join(batch).encode())
+    return chunks
