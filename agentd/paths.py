@@ -55,20 +55,30 @@ class ProcFile:
     on a VM that halves what reading /proc/stat, /proc/diskstats or /proc/PID/stat costs.
 
     read() raises OSError as read_text() does (a process that exited: ESRCH or ENOENT); the
-    file is then closed and opened afresh on the next read.
+    file is then closed and opened afresh on the next read. A regular file (a fixture tree,
+    the simulator's /proc, whose files are replaced rather than regenerated) is read afresh
+    every time: procfs files say they are empty, which tells them apart.
     """
 
-    __slots__ = ("path", "_fd", "_size")
+    __slots__ = ("path", "_fd", "_size", "_regular")
 
     def __init__(self, path: str, size: int = 4096):
         self.path = path
         self._fd: int | None = None
         self._size = size
+        self._regular = False
 
     def read(self) -> str:
+        if self._regular:
+            return read_text(self.path)
         fd = self._fd
         if fd is None:
-            fd = self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            if os.fstat(fd).st_size:
+                os.close(fd)
+                self._regular = True
+                return read_text(self.path)
+            self._fd = fd
         try:
             while True:
                 data = os.pread(fd, self._size, 0)

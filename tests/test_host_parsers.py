@@ -413,17 +413,22 @@ def test_net_dev_truncated_and_going_back(tmp_path):
 
 
 def test_procfile_rereads_in_place_and_grows(tmp_path):
-    """A file kept open is read afresh each time (pread at 0), whole even when larger than
-    its buffer; a process that exited reads as absent, and a new one is found again."""
+    """A procfs file kept open is read afresh each time (pread at 0), whole even when larger
+    than its buffer; a regular file replaced under it is read anew; a process that exited
+    reads as absent, and a new one is found again."""
     import subprocess
 
     p = tmp_path / "f"
     p.write_text("a" * 10)
-    f = ProcFile(str(p), size=4)
+    f = ProcFile(str(p))
     assert f.read() == "a" * 10
-    with open(p, "r+") as g:  # the same inode, new content
-        g.write("bb")
-    assert f.read() == "bb" + "a" * 8
+    (tmp_path / "g").write_text("b" * 3)
+    os.replace(tmp_path / "g", p)  # as the simulator writes its /proc: a new file
+    assert f.read() == "bbb"
+    big = ProcFile("/proc/self/mountinfo", size=4)  # kept open, and larger than its buffer
+    with open("/proc/self/mountinfo") as g:
+        assert big.read() == g.read()
+    big.close()
     child = subprocess.Popen(["sleep", "30"])
     stat = ProcFile(f"/proc/{child.pid}/stat")
     assert f"({'sleep'})" in stat.read()
