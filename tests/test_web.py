@@ -376,7 +376,7 @@ def test_stale_findings_are_dropped(scenario):
         names = {name for name, _, _ in ra.series()}
         assert "agentd_gpu_stall_ratio" in names
         assert ra.findings_document()["status"] == "ok"
-        ra._last_ok -= ra.stale_after() + 1  # no success since
+        ra._report_mono -= ra.stale_after() + 1  # no success since
         names = {name for name, _, _ in ra.series()}
         assert not {n for n in names if n.startswith(("agentd_gpu_", "agentd_finding_"))}
         doc = ra.findings_document()

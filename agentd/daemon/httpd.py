@@ -7,9 +7,12 @@ asking the daemon (the sampling process) over its channel for what it does not h
 apart from the sampling process so that serving, however loaded, never makes the sampling
 threads wait for CPython's GIL; what it costs the sampling process is bounded by caching:
 
-- Answers from the daemon are cached for CACHE_SECONDS (1 s) per route and query, and shared
-  by every request that arrives while one is being fetched: 100 scrapers cost the daemon one
-  /metrics rendering a second, 20 window clients one window export a second per size.
+- Answers from the daemon are cached for CACHE_SECONDS (0.25 s) per route and query, and
+  shared by every request that arrives while one is being fetched: 100 scrapers cost the
+  daemon four /metrics renderings a second, 20 window clients four window exports a second
+  per size. A Prometheus scraping every second never gets a cached answer (its samples are
+  stamped with the scrape's time, so a second-old body would skew rate()); two of an HA
+  pair scraping together share one.
 - One event loop serves every connection; CPU work (bcrypt, deflating or JSON-encoding the
   window) runs in small thread pools with bounded queues. Beyond a bound the answer is 503
   (429 for authentication) at once, with Retry-After.
@@ -47,7 +50,7 @@ from agentd.daemon.webconfig import WebConfig, load_web_config
 
 log = logging.getLogger("agentd.web")
 
-CACHE_SECONDS = 1.0
+CACHE_SECONDS = 0.25  # below half of any sane scrape interval
 UPSTREAM_TIMEOUT = 30.0  # the daemon's answer
 WRITE_TIMEOUT = 30.0  # per chunk of a response
 CHUNK = 256 * 1024
