@@ -159,8 +159,8 @@ METRICS: list[MetricSpec] = [
        "Helper processes started again after they exited, hung or failed.", ("process",),
        "self"),
     _M("agentd_http_requests_total", "counter", "",
-       "HTTP requests answered, by status code (from 0 again after the server process "
-       "restarts).", ("code",), "web"),
+       "HTTP requests answered, by status code (those of server processes that exited "
+       "included: it never goes back).", ("code",), "web"),
     _M("agentd_http_refused_total", "counter", "",
        "Connections and requests refused or cut off to keep sampling on time, by reason: "
        "connection_limit, queue_full, auth_rate_limited, deadline (request headers or TLS "

@@ -312,10 +312,238 @@ def test_server_process_restarted_and_replaced_without_refusing(spawn, scenario)
     assert "Traceback" not in proc.output()
 
 
+GARBAGE_CHILD = """
+import os, socket, struct, sys, time
+from agentd.daemon.child import Channel, child_args
+
+args = child_args(None, lambda p: [p.add_argument(a) for a in
+                                   ("--listen-fd", "--web-config", "--routes")])
+ch = Channel(socket.socket(fileno=args.channel_fd))
+ch.send(0, {"op": "hello"})
+if os.environ["GARBAGE"] == "huge":
+    # A frame that claims almost a gigabyte, and never sends it.
+    ch.sock.sendall(struct.pack("<IIQ", 1, 2, 2**30 - 1) + b"{}")
+else:
+    ch.sock.sendall(b"\\x01\\x00\\x00\\x00\\x05\\x00\\x00\\x00" + bytes(8) + b"{oops")
+time.sleep(3600)
+"""
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _web_server(window=None, **kw):
+    from agentd.daemon.web import WebServer, json_response
+    from agentd.daemon.window import groups_to_npz
+
+    empty = groups_to_npz({}, {"node": "test"}, compress=False)
+    routes = {"/api/v1/status": lambda q: json_response({"ok": True})}
+    return WebServer("127.0.0.1", 0, "", routes, lambda: b"up 1\n",
+                     window or (lambda s: (empty, {"window_seconds": 60})), False, "info",
+                     **kw)
+
+
+def _supervise_until(server, predicate, timeout: float, message: str):
+    def step():
+        server.supervise()
+        return predicate()
+
+    return wait_for(step, timeout, message)
+
+
+@pytest.mark.parametrize("garbage", ["huge", "bad-header"])
+def test_server_process_writing_garbage_is_replaced(tmp_path, monkeypatch, garbage):
+    """A server process that writes garbage on its channel (a frame claiming a gigabyte, or
+    a header that is not JSON) and lives on is killed and replaced with back-off; the
+    sampling process neither allocates what the frame claims nor stops reading."""
+    (tmp_path / "garbage_httpd.py").write_text(GARBAGE_CHILD)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("GARBAGE", garbage)
+    server = _web_server()
+    server.module = "garbage_httpd"
+    rss0 = _rss()
+    server.start()
+    try:
+        first = server.pid()
+        _supervise_until(server, lambda: server.restarts >= 1, 20,
+                         "the server process was not replaced")
+        assert not os.path.exists(f"/proc/{first}/cmdline") or \
+            open(f"/proc/{first}/stat").read().split()[2] == "Z"
+        # The replacement writes garbage too: replaced again, after a longer back-off.
+        _supervise_until(server, lambda: server.restarts >= 2, 20,
+                         "the second server process was not replaced")
+        assert server._backoff.delay >= 2.0
+        assert _rss() - rss0 < 100 * 2**20
+    finally:
+        server.stop()
+
+
+def test_server_process_hung_is_replaced():
+    """A server process that stops (SIGSTOP: its event loop sends nothing) is killed once
+    silent for hang_seconds, and a new one serves the same socket."""
+    server = _web_server()
+    server.start()
+    try:
+        wait_for(lambda: server.stats, 10, "no counters from the server process")
+        hung = server.pid()
+        server.hang_seconds = 3.0
+        os.kill(hung, signal.SIGSTOP)
+        _supervise_until(server, lambda: server.pid() not in (hung, None), 30,
+                         "the hung server process was not replaced")
+        status, body = get(f"http://127.0.0.1:{server.port}/metrics")
+        assert (status, body) == (200, b"up 1\n")
+        assert server.restarts == 1
+    finally:
+        server.stop()
+
+
+def test_window_exports_are_bounded_whatever_lengths_clients_ask():
+    """Answers are cached per length for 0.25 s; clients asking for many different lengths
+    would each cost the sampling process a copy of the window. It exports at most 4 a second
+    (a burst of 4), and answers 503 with Retry-After beyond. Every request is answered at
+    once, however many are in flight to the sampling process together (each answer reaches
+    its own request)."""
+    from agentd.daemon.window import groups_to_npz
+
+    empty = groups_to_npz({}, {"node": "test"}, compress=False)
+    calls = []
+
+    def window(seconds):
+        calls.append(seconds)
+        return empty, {"window_seconds": 60}
+
+    server = _web_server(window)
+    server.start()
+    codes: list[int] = []
+    headers: list[str | None] = []
+
+    def client(n: int) -> None:
+        for k in range(10):
+            url = (f"http://127.0.0.1:{server.port}/api/v1/window?format=npz"
+                   f"&seconds={n * 10 + k + 1}")
+            try:
+                with urllib.request.urlopen(url, timeout=30) as r:
+                    codes.append(r.status)
+            except urllib.error.HTTPError as e:
+                codes.append(e.code)
+                headers.append(e.headers.get("Retry-After"))
+            except OSError as e:  # no answer within 30 s
+                codes.append(repr(e))
+
+    try:
+        wait_for(lambda: server.stats, 10, "the server process did not start")
+        t0 = time.monotonic()
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.monotonic() - t0
+    finally:
+        server.stop()
+    assert len(codes) == 200 and set(codes) <= {200, 503}, codes
+    assert len(calls) <= 4 + 4 * elapsed + 1, f"{len(calls)} exports in {elapsed:.1f} s"
+    assert codes.count(200) == len(calls) and headers and set(headers) == {"1"}
+
+
+def test_http_counters_never_go_back_when_the_server_process_restarts(spawn, scenario):
+    proc, url, port = start(spawn, "--fake-nvml", scenario)
+    wait_http(url + "/metrics")
+    for _ in range(20):
+        assert get(url + "/-/healthy")[0] == 200
+    reaches(url, 'agentd_http_requests_total{code="200"}', 20)
+    before = value(metrics(url), 'agentd_http_requests_total{code="200"}')
+    (web,) = children(proc.p.pid, "agentd.daemon.httpd")
+    os.kill(web, signal.SIGKILL)
+    wait_for(lambda: children(proc.p.pid, "agentd.daemon.httpd") not in ([web], []), 20,
+             "the server process was not restarted")
+    # The new process reports its own counters (from 0) within 2 s.
+    time.sleep(3)
+    after = value(metrics(url), 'agentd_http_requests_total{code="200"}')
+    assert after >= before
+
+
+@pytest.mark.parametrize("garbage", ["huge", "bad-header"])
+def test_analysis_process_writing_garbage_is_replaced(tmp_path, monkeypatch, garbage):
+    """An analysis process that answers garbage (a frame claiming a gigabyte, or a header
+    that is not JSON) fails that run at once: it is killed and counted, the next is started
+    after a back-off, and the sampling process never allocates what the frame claims."""
+    import resource
+    from dataclasses import replace
+
+    from agentd.daemon.config import Config, _default_collectors
+    from agentd.daemon.core import Daemon
+    from agentd.daemon.rolling import AnalysisUnavailable, RollingAnalysis
+
+    (tmp_path / "garbage_analyst.py").write_text(GARBAGE_CHILD)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("GARBAGE", garbage)
+    d = Daemon(replace(Config(collectors=_default_collectors()), analysis_interval=1.0))
+    ra = RollingAnalysis(d, deadline=20.0)
+    ra.module = "garbage_analyst"
+    peak0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    ra._start_child()
+    first = ra._child
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(AnalysisUnavailable, match="failed"):
+            ra.run_once()
+        assert time.monotonic() - t0 < 15  # at once, not at the deadline
+        assert ra._child is None and ra.errors == 1 and first.proc.poll() is not None
+        assert ra._next_start > time.monotonic() - 1
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        assert peak - peak0 < 100 * 2**20
+    finally:
+        ra.stop()
+
+
+def test_analysis_process_that_stops_reading_misses_its_deadline():
+    """A stopped analysis process takes no more of a window slice than the socket buffers:
+    sending the rest is under the run's deadline too, so the run fails and the process is
+    replaced instead of the analysis waiting for ever."""
+    from dataclasses import replace
+
+    from agentd.daemon.config import Config, _default_collectors
+    from agentd.daemon.core import Daemon
+    from agentd.daemon.rolling import AnalysisUnavailable, RollingAnalysis
+
+    cfg = replace(Config(collectors=_default_collectors()), analysis_interval=1.0,
+                  analysis_window=300.0)
+    d = Daemon(cfg)
+    ring = d.window.ring("gpu", 0.1)
+    now = time.time()
+    for i in range(3000):  # 8 GPUs x 8 signals x 300 s: ~800 kB, more than a socket buffers
+        ring.append(now - 300 + i * 0.1, {f"gpu.s{k}:{g}": float(i % 10) for g in range(8)
+                                          for k in range(8)})
+    ra = RollingAnalysis(d, deadline=2.0)
+    ra._start_child()
+    ra._child.ready = True  # its first run gets no start-up allowance
+    os.kill(ra._child.pid, signal.SIGSTOP)
+    outcome = []
+
+    def run():
+        try:
+            ra.run_once()
+            outcome.append("answered")
+        except AnalysisUnavailable as e:
+            outcome.append(str(e))
+
+    t = threading.Thread(target=run, daemon=True)
+    try:
+        t.start()
+        t.join(30)
+        assert not t.is_alive(), "the run still waits for the stopped process"
+        assert "failed" in outcome[0] and ra._child is None and ra.errors == 1
+    finally:
+        ra.stop()
+
+
 @pytest.mark.slow
 def test_analysis_process_killed_or_hung_is_restarted(spawn, scenario):
     proc, url, port = start(spawn, "--fake-nvml", scenario, "--analysis.interval", "1s",
-                            "--analysis.window", "6s")
+                            "--analysis.window", "10s")
     wait_http(url + "/metrics")
 
     def runs() -> float:

@@ -58,24 +58,33 @@ def encode(rid: int, header: dict, payload: bytes | memoryview = b"") -> list:
     return [FRAME.pack(rid, len(head), len(payload)) + head, payload]
 
 
-def decode_frame(prefix: bytes) -> tuple[int, int, int]:
+def decode_frame(prefix: bytes, max_payload: int = MAX_PAYLOAD) -> tuple[int, int, int]:
     rid, hlen, plen = FRAME.unpack(prefix)
-    if hlen > MAX_HEADER or plen > MAX_PAYLOAD:
+    if hlen > MAX_HEADER or plen > max_payload:
         raise ChildGone(f"bad frame (header {hlen} B, payload {plen} B)")
     return rid, hlen, plen
 
 
 class Channel:
-    """One end of a socket pair, framed; send() may be called from several threads."""
+    """One end of a socket pair, framed; send() may be called from several threads.
 
-    def __init__(self, sock: socket.socket):
+    `max_payload` bounds what one frame may carry: the sampling process reads its children's
+    frames with a bound near what they really send, so a child that writes garbage (a frame
+    that claims a gigabyte) costs it an error, not its memory."""
+
+    def __init__(self, sock: socket.socket, max_payload: int = MAX_PAYLOAD):
         self.sock = sock
+        self.max_payload = max_payload
         self._send_lock = threading.Lock()
 
-    def send(self, rid: int, header: dict, payload: bytes | memoryview = b"") -> None:
+    def send(self, rid: int, header: dict, payload: bytes | memoryview = b"",
+             timeout: float | None = None) -> None:
+        """Send one frame; with `timeout`, ChildGone when the other end has not taken it all
+        within that many seconds (a child that stopped reading)."""
         head, body = encode(rid, header, payload)
         try:
             with self._send_lock:
+                self.sock.settimeout(timeout)
                 self.sock.sendall(head)
                 if len(body):
                     self.sock.sendall(body)
@@ -102,7 +111,7 @@ class Channel:
         """The next frame; socket.timeout when none began within `timeout` (a frame that has
         begun is read to its end under the same limit per read)."""
         self.sock.settimeout(timeout)
-        rid, hlen, plen = decode_frame(self._read(FRAME.size))
+        rid, hlen, plen = decode_frame(self._read(FRAME.size), self.max_payload)
         try:
             header = json.loads(self._read(hlen)) if hlen else {}
         except ValueError:
@@ -141,15 +150,18 @@ class Child:
     """A helper process running `python -m MODULE`, with a Channel to it."""
 
     def __init__(self, role: str, module: str, args: list[str] | None = None,
-                 pass_fds: tuple[int, ...] = ()):
+                 pass_fds: tuple[int, ...] = (), max_payload: int = MAX_PAYLOAD):
         self.role = role
         self.module = module
+        self.max_payload = max_payload  # the most one frame from the child may carry
         self.args = args or []
         self.pass_fds = pass_fds
         self.proc: subprocess.Popen | None = None
         self.channel: Channel | None = None
         self.started = 0.0  # monotonic
         self.ready = False  # it said hello: its imports are done
+        self.last_heard = 0.0  # monotonic time of its last frame (set by who reads them)
+        self.broken = False  # its channel failed while it lived: to be killed
 
     def start(self) -> Channel:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -166,7 +178,7 @@ class Child:
                 close_fds=True)
         finally:
             theirs.close()
-        self.channel = Channel(ours)
+        self.channel = Channel(ours, self.max_payload)
         self.started = time.monotonic()
         return self.channel
 

@@ -169,14 +169,15 @@ class Upstream:
     async def request(self, header: dict) -> tuple[dict, bytes]:
         if self.closed.is_set():
             raise ChildGone("the daemon closed the channel")
-        self._rid = self._rid % 0xFFFFFFFF + 1
+        self._rid = rid = self._rid % 0xFFFFFFFF + 1
         fut = asyncio.get_running_loop().create_future()
-        self._pending[self._rid] = fut
-        self.send(header, self._rid)
+        self._pending[rid] = fut
+        self.send(header, rid)
         try:
             return await asyncio.wait_for(fut, UPSTREAM_TIMEOUT)
         finally:
-            self._pending.pop(self._rid, None)
+            # This request's id: others may have been sent meanwhile (self._rid moved on).
+            self._pending.pop(rid, None)
 
 
 class Cache:
@@ -542,7 +543,12 @@ class Server:
         except (ChildGone, asyncio.TimeoutError) as e:
             log.warning("the daemon did not answer %s: %s", header.get("op"), e or "timeout")
             return text(503, "the daemon did not answer; retry later", {"Retry-After": "1"})
-        return Response(int(head.get("code", 200)), head.get("ctype", TEXT), body,
+        headers = {}
+        if head.get("retry_after"):
+            # The daemon refused (too many window exports): a bound, counted as one.
+            self.stats.refuse("queue_full")
+            headers["Retry-After"] = str(int(head["retry_after"]))
+        return Response(int(head.get("code", 200)), head.get("ctype", TEXT), body, headers,
                         info=head)
 
     async def _window(self, query: dict) -> Response:

@@ -37,6 +37,7 @@ GROUPS = ("gpu", "cpu", "storage", "process", "memory", "pressure", "network")
 DEADLINE = 10.0  # seconds a run may take (runs take ~0.05 s for 8 GPUs and 60 s)
 STARTUP = 30.0  # more for the first run of a new process: its imports (scipy) take seconds
 MIN_ROWS = 10  # fewer aligned rows than this: nothing to analyse yet
+MAX_ANSWER = 16 * 2**20  # bytes of one answer (a report for 8 GPUs is ~20-100 kB)
 
 
 class AnalysisUnavailable(Exception):
@@ -72,6 +73,8 @@ def finding_log(previous: dict[tuple, str], findings: list[dict],
 
 
 class RollingAnalysis:
+    module = "agentd.daemon.analyst"  # what the analysis process runs (tests put a faulty one)
+
     def __init__(self, daemon: "Daemon", deadline: float = DEADLINE):
         self.daemon = daemon
         self.deadline = deadline
@@ -114,7 +117,8 @@ class RollingAnalysis:
 
     def _start_child(self) -> Child:
         level = self.daemon.config.log_level
-        child = Child("analysis", "agentd.daemon.analyst", ["--log-level", level])
+        child = Child("analysis", self.module, ["--log-level", level],
+                      max_payload=MAX_ANSWER)
         child.start()
         self._started = True
         with self._lock:
@@ -146,9 +150,11 @@ class RollingAnalysis:
         assert child.channel is not None
         self._rid = self._rid % 0xFFFFFFFF + 1
         rid = self._rid
-        child.channel.send(rid, header, payload)
         budget = self.deadline + (0.0 if child.ready else STARTUP)
         end = time.monotonic() + budget
+        # Under the same deadline: a stopped child takes no more than the socket's buffer of
+        # a window slice (a few MB), and the rest would wait for it for ever.
+        child.channel.send(rid, header, payload, timeout=budget)
         while True:
             left = end - time.monotonic()
             if left <= 0:
