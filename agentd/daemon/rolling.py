@@ -56,7 +56,13 @@ def finding_log(previous: dict[tuple, str], findings: list[dict],
     lines = []
     for i, f in enumerate(findings):
         kind, severity = str(f.get("kind", "")), str(f.get("severity", ""))
-        key = (kind, tuple((f.get("subject") or {}).get("gpus", [])))
+        # The analysis lists a finding's GPUs in no fixed order (by their stall, say): the
+        # same finding must keep its key from one run to the next.
+        gpus = sorted((f.get("subject") or {}).get("gpus", []),
+                      key=lambda g: (len(str(g)), str(g)))
+        key = (kind, tuple(gpus))
+        if key in now:
+            continue  # the same kind on the same GPUs twice (the window's, a recent onset's)
         headline = headlines[i] if headlines and i < len(headlines) else \
             f"[{severity}] {kind} on GPU {','.join(map(str, key[1])) or '(node)'}"
         now[key] = severity
