@@ -198,7 +198,9 @@ class Daemon:
         a bad file is a one-line error at start and a kept configuration on reload)."""
         return bool(cfg.web_config_file and load_web_config(cfg.web_config_file).tls)
 
-    def _start_server(self, cfg: Config) -> None:
+    def _start_server(self, cfg: Config, serve: bool = True) -> None:
+        """Listen on cfg's address (ConfigError when it cannot be had) and, with `serve`,
+        start the server process on it; without, start() does once the samplers run."""
         host, port = parse_listen(cfg.listen_address, "--web.listen-address")
         tls = self._tls(cfg)
         routes = {
@@ -215,8 +217,14 @@ class Daemon:
                                     cfg.log_level, limits)
         except OSError as e:
             raise ConfigError(f"cannot listen on {cfg.listen_address}: {e.strerror}") from None
+        if serve:
+            self._serve_http()
+
+    def _serve_http(self) -> None:
+        assert self.server is not None
         self.server.start()
-        log.info("serving %s://%s:%d/metrics", self.server.scheme, host, self.server.port)
+        log.info("serving %s://%s:%d/metrics", self.server.scheme, self.server.host,
+                 self.server.port)
 
     # --- HTTP routes ----------------------------------------------------------------------------
 
@@ -286,9 +294,11 @@ class Daemon:
     # --- life cycle -------------------------------------------------------------------------------
 
     def start(self, serve_http: bool = True) -> None:
-        # The address first: when it cannot be listened on, nothing else has started.
+        # The address first: when it cannot be listened on, nothing else has started. The
+        # server process answers once the samplers run (connections wait in the backlog
+        # meanwhile), so that no scrape sees a daemon without its samplers.
         if serve_http:
-            self._start_server(self.config)
+            self._start_server(self.config, serve=False)
         try:
             if self.sim_node is not None:
                 self.sim_node.start()
@@ -300,6 +310,7 @@ class Daemon:
                 self.server = None
             raise
         if serve_http:
+            self._serve_http()
             self.analysis.start()
             self.notifier.ready(f"serving on {self.config.listen_address}")
 

@@ -59,6 +59,7 @@ class WebServer:
                  metrics: Callable[[], bytes], window: Callable[[float], tuple[bytes, dict]],
                  tls: bool, log_level: str = "info", limits: dict | None = None):
         self.sock = listen(host, port)  # OSError: the caller says which address failed
+        self.host = host
         self.port = self.sock.getsockname()[1]
         self.scheme = "https" if tls else "http"
         self.web_config_file = web_config_file
