@@ -85,14 +85,18 @@ def children(pid: int, module: str) -> list[int]:
     """Child processes of `pid` running `python -m MODULE`."""
     out = []
     for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/children") as f:
-            for c in f.read().split():
-                try:
-                    with open(f"/proc/{c}/cmdline", "rb") as g:
-                        if module.encode() in g.read():
-                            out.append(int(c))
-                except OSError:
-                    pass
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids = f.read().split()
+        except OSError:  # that thread ended meanwhile
+            continue
+        for c in kids:
+            try:
+                with open(f"/proc/{c}/cmdline", "rb") as g:
+                    if module.encode() in g.read():
+                        out.append(int(c))
+            except OSError:
+                pass
     return out
 
 
@@ -310,6 +314,40 @@ def test_server_process_restarted_and_replaced_without_refusing(spawn, scenario)
     wait_for(lambda: len(children(proc.p.pid, "agentd.daemon.httpd")) == 1, 20,
              "the replaced server process did not exit")
     assert "Traceback" not in proc.output()
+
+
+def test_no_request_is_dropped_while_reloads_replace_the_server_process(spawn, scenario):
+    """Clients opening connection after connection while SIGHUP replaces the server process
+    three times: each request is answered, by the old process or the new one (a connection
+    the old one accepted just before it was told to drain is served, not reset)."""
+    proc, url, port = start(spawn, "--fake-nvml", scenario)
+    wait_http(url + "/metrics")
+    stop = threading.Event()
+    results: list = []
+
+    def client() -> None:
+        while not stop.is_set():
+            try:
+                results.append(get(url + "/api/v1/status")[0])
+            except OSError as e:  # reset, refused, or no answer within 10 s
+                results.append(repr(e))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(3):
+            before = children(proc.p.pid, "agentd.daemon.httpd")
+            proc.p.send_signal(signal.SIGHUP)
+            wait_for(lambda: [c for c in children(proc.p.pid, "agentd.daemon.httpd")
+                              if c not in before], 20, "no new server process after SIGHUP")
+            wait_for(lambda: len(children(proc.p.pid, "agentd.daemon.httpd")) == 1, 20,
+                     "the replaced server process did not exit")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert results and set(results) == {200}, [r for r in results if r != 200][:5]
 
 
 GARBAGE_CHILD = """

@@ -64,6 +64,7 @@ AUTH_FAILURE_REFILL = 6.0  # ... then one per this many seconds
 AUTH_ADDRESSES = 4096  # addresses whose failures are remembered
 STATS_INTERVAL = 2.0  # seconds between the counters sent to the daemon
 DRAIN_SECONDS = 5.0  # a replaced server finishes its requests within this
+ACCEPT_GRACE = 0.05  # seconds a draining server lets connections it accepted start
 
 REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
            405: "Method Not Allowed", 408: "Request Timeout", 413: "Content Too Large",
@@ -343,12 +344,22 @@ class Server:
         """Stop accepting (a successor serves the socket now), finish what is in flight."""
         self.draining = True
         if self._server is not None:
-            self._server.close()
+            # Stop accepting, but do not close the asyncio Server: a socket it accepted in
+            # the same loop turn is set up by a task that runs later, and a closed Server
+            # makes that task fail and drop the socket with its request unread (the client
+            # gets a reset). The process exits once every connection is served.
+            loop = asyncio.get_running_loop()
+            for sock in self._server.sockets:
+                loop.remove_reader(sock.fileno())
         for c in list(self.conns):
             if c.idle_since is not None:
                 c.writer.close()
+        # Connections accepted just before the close become a _connection task some loop
+        # turns later (asyncio's _accept_connection2 task first): wait for those too, or the
+        # exit would reset them. On a busy node those turns can take longer than any grace.
+        await asyncio.sleep(ACCEPT_GRACE)
         deadline = time.monotonic() + DRAIN_SECONDS
-        while self.conns and time.monotonic() < deadline:
+        while (self.conns or _connection_tasks()) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         self.upstream.closed.set()
 
@@ -399,7 +410,8 @@ class Server:
             peer = writer.get_extra_info("peername")
             addr = peer[0] if isinstance(peer, tuple) else "local"
             first = True
-            while not self.draining:
+            # A connection accepted before a drain gets its request answered (then closed).
+            while first or not self.draining:
                 if not await self._serve_one(reader, writer, conn, addr, first):
                     return
                 first = False
@@ -604,6 +616,15 @@ class Server:
                 return None
             self.failures.failed(addr)
         return text(401, "Unauthorized", {"WWW-Authenticate": 'Basic realm="agentd"'})
+
+
+def _connection_tasks() -> list:
+    """Tasks of connections accepted and not yet served to their end: asyncio's own task
+    that sets an accepted socket up, and ours that serves it."""
+    current = asyncio.current_task()
+    return [t for t in asyncio.all_tasks() if t is not current and not t.done()
+            and getattr(t.get_coro(), "__qualname__", "").endswith(
+                ("._accept_connection2", "Server._connection"))]
 
 
 def _basic_credentials(header: str) -> tuple[str, str] | None:
