@@ -162,6 +162,7 @@ class Child:
         self.ready = False  # it said hello: its imports are done
         self.last_heard = 0.0  # monotonic time of its last frame (set by who reads them)
         self.broken = False  # its channel failed while it lived: to be killed
+        self.replaces: Child | None = None  # a server process to drain once this one serves
 
     def start(self) -> Channel:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -105,15 +105,21 @@ class WebServer:
             self._child = child
 
     def replace(self, web_config_file: str, tls: bool) -> None:
-        """A new server process with this web configuration takes the socket; the old one
-        finishes its requests and exits."""
+        """A new server process with this web configuration takes the socket; once it
+        serves, the old one finishes its requests and exits (until then both accept). Does
+        not wait: the caller's loop also handles signals and the watchdog."""
         self.web_config_file = web_config_file
         self.scheme = "https" if tls else "http"
-        new = self._spawn()
+        new = self._spawn(wait=False)
         with self._lock:
             old, self._child = self._child, new
-        if old is not None:
-            self._drain(old)
+            if old is not None and not old.ready:
+                # Replaced before it ever served: it has nothing to finish; the one it was
+                # to replace still serves, and is drained once the new one does.
+                older, old.replaces = old.replaces, None
+                _stopped(old)
+                old = older
+            new.replaces = old
 
     def _drain(self, child: Child) -> None:
         try:
@@ -155,6 +161,9 @@ class WebServer:
         new = self._spawn(wait=False)
         with self._lock:
             self._child = new
+            # A replacement that failed before serving: the one it was to replace still
+            # serves, and is drained once this one does.
+            new.replaces, child.replaces = child.replaces, None
 
     def is_alive(self) -> bool:
         with self._lock:
@@ -172,7 +181,10 @@ class WebServer:
         self._stopped = True
         with self._lock:
             child, self._child = self._child, None
+            old = child.replaces if child is not None else None
         self.sock.close()
+        if old is not None:  # a reload's predecessor, still serving
+            _stopped(old)
         if child is not None:
             child.stop(timeout)
 
@@ -208,6 +220,10 @@ class WebServer:
                 if op == "hello":
                     child.ready = True
                     ready.set()
+                    with self._lock:
+                        old, child.replaces = child.replaces, None
+                    if old is not None:
+                        self._drain(old)
                 elif op == "stats":
                     with self._lock:
                         self.stats[child] = {
@@ -273,6 +289,11 @@ class WebServer:
         if pid is not None:
             out += child_series("web", pid)
         return out
+
+
+def _stopped(child: Child) -> None:
+    """Stop a server process without waiting for it."""
+    threading.Thread(target=child.stop, name="web-stop", daemon=True).start()
 
 
 def _exits(child: Child, timeout: float) -> bool:
