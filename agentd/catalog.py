@@ -148,6 +148,24 @@ METRICS: list[MetricSpec] = [
     _M("process_start_time_seconds", "gauge", "seconds", "Unix time agentd started.", (), "self"),
     _M("process_open_fds", "gauge", "", "agentd's open file descriptors.", (), "self"),
     _M("process_max_fds", "gauge", "", "agentd's file descriptor limit.", (), "self"),
+    _M("agentd_child_resident_memory_bytes", "gauge", "bytes",
+       "Resident memory of agentd's helper processes (web: the HTTP server, analysis: the "
+       "rolling analysis); process_resident_memory_bytes is the sampling process'.",
+       ("process",), "self"),
+    _M("agentd_child_cpu_seconds_total", "counter", "seconds",
+       "User and system CPU time of agentd's helper processes (from 0 again after a restart); "
+       "process_cpu_seconds_total is the sampling process'.", ("process",), "self"),
+    _M("agentd_child_restarts_total", "counter", "",
+       "Helper processes started again after they exited, hung or failed.", ("process",),
+       "self"),
+    _M("agentd_http_requests_total", "counter", "",
+       "HTTP requests answered, by status code (those of server processes that exited "
+       "included: it never goes back).", ("code",), "web"),
+    _M("agentd_http_refused_total", "counter", "",
+       "Connections and requests refused or cut off to keep sampling on time, by reason: "
+       "connection_limit, queue_full, auth_rate_limited, deadline (request headers or TLS "
+       "handshake too slow), tls_handshake (failed).", ("reason",), "web"),
+    _M("agentd_http_open_connections", "gauge", "", "HTTP connections open now.", (), "web"),
     # --- GPU ---------------------------------------------------------------------------------
     _M("agentd_gpu_info", "gauge", "",
        "One series per GPU, lost ones included (labels it could not read are empty); the "
@@ -270,6 +288,10 @@ METRICS: list[MetricSpec] = [
        "Training step period found in the GPU's activity (autocorrelation).", _GPU,
        "analysis"),
     _M("agentd_analysis_runs_total", "counter", "", "Runs of the rolling analysis.", (),
+       "analysis"),
+    _M("agentd_analysis_errors_total", "counter", "",
+       "Rolling analysis runs that failed (the analysis raised, or its process died or missed "
+       "its deadline); findings are no longer exported once the last success is stale.", (),
        "analysis"),
     _M("agentd_analysis_duration_seconds", "gauge", "seconds",
        "Duration of the last analysis run.", (), "analysis"),

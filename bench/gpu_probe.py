@@ -105,7 +105,46 @@ def facts() -> None:
             print("  GPM supported:", bool(N.nvmlGpmQueryDeviceSupport(h).isSupportedDevice))
         except N.NVMLError as e:
             print("  GPM:", e)
+        _short_samples_buffer(h)
     N.nvmlShutdown()
+    _fast_path_cost()
+
+
+def _short_samples_buffer(h) -> None:
+    """agentd reads utilization samples in one call with a 128-slot buffer (no count query
+    first). Which samples does the driver put in a buffer smaller than what it holds?"""
+    import ctypes
+
+    _, every = N.nvmlDeviceGetSamples(h, N.NVML_GPU_UTILIZATION_SAMPLES, 0)
+    all_ts = [s.timeStamp for s in every]
+    buf, vtype, count = (N.c_nvmlSample_t * 4)(), N._nvmlValueType_t(), ctypes.c_uint(4)
+    ret = N._nvmlGetFunctionPointer("nvmlDeviceGetSamples")(
+        h, N._nvmlSamplingType_t(N.NVML_GPU_UTILIZATION_SAMPLES), ctypes.c_ulonglong(0),
+        ctypes.byref(vtype), ctypes.byref(count), buf)
+    got = [buf[i].timeStamp for i in range(min(count.value, 4))]
+    where = ("the oldest" if got == all_ts[:len(got)] else
+             "the newest" if got == all_ts[-len(got):] else "others")
+    print(f"  4-slot buffer, {len(all_ts)} held: return {ret}, {count.value} filled, {where}")
+
+
+def _fast_path_cost() -> None:
+    """CPU time of agentd's 10 Hz GPU read (NvmlBackend.read_fast) per GPU, driver included."""
+    from agentd.gpu.nvml import NvmlBackend
+
+    b = NvmlBackend()
+    b.open()
+    cpu, reads = 0.0, 0
+    for _ in range(50):
+        time.sleep(0.1)
+        for dev in b.devices:
+            if not dev.lost:
+                t0 = time.thread_time()
+                b.read_fast(dev.index)
+                cpu += time.thread_time() - t0
+                reads += 1
+    b.close()
+    print(f"agentd read_fast: {cpu / max(reads, 1) * 1e6:.0f} us of CPU per GPU per tick "
+          f"({reads} reads): x GPUs x 10 Hz is the GPU loop's share of a core")
 
 
 def _samples(h):

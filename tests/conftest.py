@@ -151,3 +151,13 @@ def need(binary: str) -> str:
     if path is None:
         pytest.skip(f"{binary} is not installed (bash .ci/run installs it)")
     return path
+
+
+def self_signed_cert(tmp_path) -> tuple[str, str]:
+    """(certificate, key) files of a throw-away certificate for 127.0.0.1."""
+    cert, key = str(tmp_path / "tls.crt"), str(tmp_path / "tls.key")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                    "-out", cert, "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return cert, key

@@ -142,9 +142,10 @@ def test_findings_export_one_series_per_kind_and_gpu():
     from agentd.daemon.rolling import finding_series
 
     def finding(kind, gpus, severity="warning", speedup=1.5):
+        # As the analysis process sends it: Report.to_json()'s findings.
         return Finding(kind=kind, subject={"node": "n", "gpus": gpus}, t0=0, t1=60,
                        confidence=0.8, severity=severity, summary="", gain={"speedup": speedup},
-                       stall_fraction=0.3)
+                       stall_fraction=0.3).to_json()
 
     uuids = {"0": "GPU-a", "1": "GPU-b", "2": "GPU-c"}
     before = finding_series([finding("input_storage", [0, 1])], uuids)

@@ -478,3 +478,27 @@ def test_counter_probe_failing_at_start_is_retried(fake_gpus, clock):
     assert source() == ["counter"]
     assert rows[-1]["gpu.pcie_rx:0"] == pytest.approx(2e9, rel=0.01)
     assert _errors(s)["0"] >= 1
+
+
+def test_fast_tick_makes_few_nvml_calls(fake_gpus, clock):
+    """The 10 Hz path per GPU: one field-values call (PCIe and NVLink together), at most one
+    utilization-samples call (the buffer is big enough: no call to ask for the count first),
+    and GPM every other tick; the slow readings only on slow ticks."""
+    lib = fake_gpus({"gpus": [{"count": 4, "utilization": 0.6}]}, clock=clock)
+    s = GpuSampler(Context(Paths(), 0.1, 1.0), {})
+    s.open()
+    s.backend.clock = clock
+    run(s, clock, 1.0)  # past the first reads
+    before = dict(lib.calls)
+    ticks = 20
+    for _ in range(ticks):
+        clock.advance(0.1)
+        s.sample(clock.t, False)
+    calls = {k: v - before.get(k, 0) for k, v in lib.calls.items() if v != before.get(k, 0)}
+    assert calls["nvmlDeviceGetFieldValues"] == 4 * ticks
+    # A new driver sample every 1/6 s: read every other tick, one call each.
+    assert calls["nvmlDeviceGetSamples"] <= 4 * ticks / 2 + 4
+    assert calls["nvmlGpmSampleGet"] <= 4 * ticks / 2 + 4
+    assert set(calls) <= {"nvmlDeviceGetFieldValues", "nvmlDeviceGetSamples",
+                          "nvmlGpmSampleGet", "nvmlGpmMetricsGet"}, calls
+    assert sum(calls.values()) <= 4 * ticks * 2.5

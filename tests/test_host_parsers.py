@@ -8,7 +8,7 @@ import os
 import psutil
 import pytest
 
-from agentd.paths import Paths, read_text
+from agentd.paths import Paths, ProcFile, read_text
 from agentd.samplers.base import Context
 from agentd.samplers.cpu import CpuSampler, parse_stat, usage_row
 from agentd.samplers.memory import MemorySampler, parse_meminfo, parse_vmstat
@@ -410,3 +410,32 @@ def test_net_dev_truncated_and_going_back(tmp_path):
         f.writelines(lines)
     row = s.sample(2.0, True)
     assert f"net.rx:{name}" not in row and all(v >= 0 for v in row.values())
+
+
+def test_procfile_rereads_in_place_and_grows(tmp_path):
+    """A procfs file kept open is read afresh each time (pread at 0), whole even when larger
+    than its buffer; a regular file replaced under it is read anew; a process that exited
+    reads as absent, and a new one is found again."""
+    import subprocess
+
+    p = tmp_path / "f"
+    p.write_text("a" * 10)
+    f = ProcFile(str(p))
+    assert f.read() == "a" * 10
+    (tmp_path / "g").write_text("b" * 3)
+    os.replace(tmp_path / "g", p)  # as the simulator writes its /proc: a new file
+    assert f.read() == "bbb"
+    big = ProcFile("/proc/self/mountinfo", size=4)  # kept open, and larger than its buffer
+    with open("/proc/self/mountinfo") as g:
+        assert big.read() == g.read()
+    big.close()
+    child = subprocess.Popen(["sleep", "30"])
+    stat = ProcFile(f"/proc/{child.pid}/stat")
+    assert f"({'sleep'})" in stat.read()
+    child.kill()
+    child.wait()
+    assert stat.read_optional() is None
+    stat.path = f"/proc/{os.getpid()}/stat"
+    assert stat.read().startswith(f"{os.getpid()} (")
+    f.close()
+    stat.close()

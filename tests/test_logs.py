@@ -12,7 +12,6 @@ import pytest
 
 from agentd import logs
 from agentd.analysis.findings import Finding
-from agentd.daemon.rolling import finding_log
 
 
 @pytest.fixture(autouse=True)
@@ -72,6 +71,14 @@ def _finding(kind: str, severity: str, gpus=(0, 1)) -> Finding:
                    gain={"busy_now": 0.5, "busy_after": 0.9, "speedup": 1.8})
 
 
+def finding_log(state, findings):
+    """The daemon's finding_log, fed as the analysis process feeds it: the findings as
+    Report.to_json() has them, with their headlines."""
+    from agentd.daemon.rolling import finding_log as log_of
+
+    return log_of(state, [f.to_json() for f in findings], [f.headline() for f in findings])
+
+
 def test_finding_log_appear_change_clear():
     W, I = logging.WARNING, logging.INFO
     state, lines = finding_log({}, [_finding("input_cpu", "warning")])
@@ -92,3 +99,12 @@ def test_finding_log_appear_change_clear():
     state, lines = finding_log(state, [])
     assert state == {} and sorted(t for _, t in lines) == [
         "cleared: input_cpu on GPU 2 (was critical)", "cleared: throttled on node (was info)"]
+
+
+def test_finding_log_same_finding_with_its_gpus_in_another_order():
+    """The analysis may list a finding's GPUs in another order each run (and report one kind
+    twice: over the whole window and as a recent onset): still one finding, logged once."""
+    state, lines = finding_log({}, [_finding("comm_wait", "critical", (0, 1, 2, 10)),
+                                    _finding("comm_wait", "critical", (2, 0, 10, 1))])
+    assert len(lines) == 1 and state == {("comm_wait", (0, 1, 2, 10)): "critical"}
+    assert finding_log(state, [_finding("comm_wait", "critical", (10, 2, 1, 0))]) == (state, [])

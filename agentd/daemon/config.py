@@ -112,6 +112,9 @@ class CollectorConfig:
 class Config:
     listen_address: str = DEFAULT_LISTEN
     web_config_file: str = ""
+    web_max_connections: int = 256  # open connections at once, idle keep-alive ones included
+    web_header_timeout: float = 10.0  # TLS handshake, then request line and headers
+    web_idle_timeout: float = 120.0  # a keep-alive connection between requests
     procfs: str = "/proc"
     sysfs: str = "/sys"
     varlog: str = "/var/log"
@@ -151,6 +154,8 @@ BOUNDS = {
     "stats_seconds": (1.0, None),
     "analysis_interval": (1.0, 3600.0),
     "analysis_window": (10.0, None),
+    "web_header_timeout": (0.1, 600.0),
+    "web_idle_timeout": (0.1, 86400.0),
 }
 COLLECTOR_INTERVAL = (0.01, 86400.0)
 WINDOW_MEMORY_CAP = 2 * 2**30  # bytes the high-rate window may reserve at most
@@ -228,7 +233,9 @@ def _typed(value: Any, typ: type, where: str):
 
 
 _SECTIONS = {
-    "web": {"listen_address": "listen_address", "config_file": "web_config_file"},
+    "web": {"listen_address": "listen_address", "config_file": "web_config_file",
+            "max_connections": "web_max_connections", "header_timeout": "web_header_timeout",
+            "idle_timeout": "web_idle_timeout"},
     "paths": {"procfs": "procfs", "sysfs": "sysfs", "varlog": "varlog"},
     "sampling": {"fast_interval": "fast_interval", "slow_interval": "slow_interval",
                  "window": "window_seconds", "stats_window": "stats_seconds",
@@ -248,6 +255,11 @@ def _apply(cfg: Config, values: dict[str, Any], label) -> Config:
         w = label(name)
         if name in BOUNDS:
             changes[name] = parse_duration(raw, w, *BOUNDS[name])
+        elif name == "web_max_connections":
+            v = _typed(raw, int, w)
+            if not 1 <= v <= 65536:
+                raise ConfigError(f"{w}: must be between 1 and 65536")
+            changes[name] = v
         elif name == "idle_threshold":
             v = _typed(raw, float, w)
             if not 0 <= v < 1:
@@ -327,6 +339,14 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
                    help=f"address to serve /metrics and the window on (default {DEFAULT_LISTEN})")
     p.add_argument("--web.config.file", dest="web_config_file", metavar="FILE",
                    help="web configuration (TLS, basic auth) in node_exporter's format")
+    p.add_argument("--web.max-connections", dest="web_max_connections", metavar="N",
+                   help="HTTP connections open at once; an idle one is closed to make room "
+                        "(default 256)")
+    p.add_argument("--web.header-timeout", dest="web_header_timeout", metavar="DURATION",
+                   help="time a client has for the TLS handshake, then for the request line "
+                        "and headers (default 10s)")
+    p.add_argument("--web.idle-timeout", dest="web_idle_timeout", metavar="DURATION",
+                   help="keep-alive connections idle this long are closed (default 2m)")
     p.add_argument("--path.procfs", dest="procfs", metavar="DIR", help="procfs mount point")
     p.add_argument("--path.sysfs", dest="sysfs", metavar="DIR", help="sysfs mount point")
     p.add_argument("--path.varlog", dest="varlog", metavar="DIR",
@@ -387,6 +407,8 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
 
 _FLAG_NAMES = {
     "listen_address": "--web.listen-address", "web_config_file": "--web.config.file",
+    "web_max_connections": "--web.max-connections",
+    "web_header_timeout": "--web.header-timeout", "web_idle_timeout": "--web.idle-timeout",
     "procfs": "--path.procfs", "sysfs": "--path.sysfs", "varlog": "--path.varlog",
     "fast_interval": "--sampling.fast-interval", "slow_interval": "--sampling.slow-interval",
     "window_seconds": "--sampling.window", "stats_seconds": "--sampling.stats-window",
@@ -395,10 +417,11 @@ _FLAG_NAMES = {
     "analysis_interval": "--analysis.interval", "analysis_window": "--analysis.window",
     "probe_state_file": "--probe.state-file",
 }
-_RUN_FIELDS = ("listen_address", "web_config_file", "procfs", "sysfs", "varlog",
-               "fast_interval", "slow_interval", "window_seconds", "stats_seconds", "idle_threshold",
-               "fake_nvml", "log_level", "simulate", "analysis_interval", "analysis_window",
-               "probe_state_file")
+_RUN_FIELDS = ("listen_address", "web_config_file", "web_max_connections",
+               "web_header_timeout", "web_idle_timeout", "procfs", "sysfs", "varlog",
+               "fast_interval", "slow_interval", "window_seconds", "stats_seconds",
+               "idle_threshold", "fake_nvml", "log_level", "simulate", "analysis_interval",
+               "analysis_window", "probe_state_file")
 
 
 def build(args: argparse.Namespace, env: dict[str, str] | None = None) -> Config:

@@ -19,6 +19,7 @@ from dataclasses import replace
 from typing import Callable
 
 from agentd import __version__
+from agentd.daemon.child import tune_malloc
 from agentd.daemon.config import Config, ConfigError, parse_listen
 from agentd.daemon.exporter import Exporter
 from agentd.paths import Paths
@@ -191,21 +192,39 @@ class Daemon:
             return None
         return self._ceilings_reader.read(cfg.probe_state_file)
 
-    def _start_server(self, cfg: Config) -> None:
+    @staticmethod
+    def _tls(cfg: Config) -> bool:
+        """Whether the web configuration serves TLS (validated here, in this process, so that
+        a bad file is a one-line error at start and a kept configuration on reload)."""
+        return bool(cfg.web_config_file and load_web_config(cfg.web_config_file).tls)
+
+    def _start_server(self, cfg: Config, serve: bool = True) -> None:
+        """Listen on cfg's address (ConfigError when it cannot be had) and, with `serve`,
+        start the server process on it; without, start() does once the samplers run."""
         host, port = parse_listen(cfg.listen_address, "--web.listen-address")
-        web = load_web_config(cfg.web_config_file) if cfg.web_config_file else WebConfig()
+        tls = self._tls(cfg)
         routes = {
-            "/api/v1/window": self._window_route,
             "/api/v1/status": lambda q: json_response(self.status()),
-            "/api/v1/findings": self._findings_route,
+            "/api/v1/findings": lambda q: json_response(self.analysis.findings_document()),
             **self.extra_routes,
         }
+        limits = {"max_connections": cfg.web_max_connections,
+                  "header_timeout": cfg.web_header_timeout,
+                  "idle_timeout": cfg.web_idle_timeout}
         try:
-            self.server = WebServer(host, port, web, routes, self.exporter.render)
+            self.server = WebServer(host, port, cfg.web_config_file, routes,
+                                    self.exporter.render, self.window_payload, tls,
+                                    cfg.log_level, limits)
         except OSError as e:
             raise ConfigError(f"cannot listen on {cfg.listen_address}: {e.strerror}") from None
+        if serve:
+            self._serve_http()
+
+    def _serve_http(self) -> None:
+        assert self.server is not None
         self.server.start()
-        log.info("serving %s://%s:%d/metrics", self.server.scheme, host, self.server.port)
+        log.info("serving %s://%s:%d/metrics", self.server.scheme, self.server.host,
+                 self.server.port)
 
     # --- HTTP routes ----------------------------------------------------------------------------
 
@@ -242,26 +261,12 @@ class Daemon:
             meta["ceilings"] = self.ceilings  # `agentd probe`'s, for this (real) node
         return meta
 
-    def _window_route(self, query: dict) -> tuple[int, str, bytes]:
-        try:
-            seconds = float(query.get("seconds", [self.config.window_seconds])[0])
-        except ValueError:
-            return 400, "text/plain", b"seconds must be a number\n"
-        since = self.clock() - seconds
-        fmt = query.get("format", ["json"])[0]
-        meta = self.window_meta()
-        if fmt == "npz":
-            return 200, "application/octet-stream", self.window.to_npz(since, meta)
-        if fmt != "json":
-            return 400, "text/plain", b"format must be json or npz\n"
-        return json_response(self.window.to_json(since, meta))
-
-    def _findings_route(self, query: dict) -> tuple[int, str, bytes]:
-        report = self.analysis.current()
-        if report is None:
-            return json_response({"status": "warming up", "findings": [],
-                                  "window_seconds": self.config.analysis_window})
-        return json_response({"status": "ok", **report.to_json()})
+    def window_payload(self, seconds: float) -> tuple[bytes, dict]:
+        """The window's last `seconds` (all of it for 0) as uncompressed npz bytes, for the
+        server process to cache and encode as each client asks (httpd.py, npzfmt.py)."""
+        since = self.clock() - seconds if seconds > 0 else None
+        body = self.window.to_npz(since, self.window_meta(), compress=False)
+        return body, {"window_seconds": self.config.window_seconds}
 
     def status(self) -> dict:
         return {
@@ -289,9 +294,11 @@ class Daemon:
     # --- life cycle -------------------------------------------------------------------------------
 
     def start(self, serve_http: bool = True) -> None:
-        # The address first: when it cannot be listened on, nothing else has started.
+        # The address first: when it cannot be listened on, nothing else has started. The
+        # server process answers once the samplers run (connections wait in the backlog
+        # meanwhile), so that no scrape sees a daemon without its samplers.
         if serve_http:
-            self._start_server(self.config)
+            self._start_server(self.config, serve=False)
         try:
             if self.sim_node is not None:
                 self.sim_node.start()
@@ -303,6 +310,7 @@ class Daemon:
                 self.server = None
             raise
         if serve_http:
+            self._serve_http()
             self.analysis.start()
             self.notifier.ready(f"serving on {self.config.listen_address}")
 
@@ -340,9 +348,11 @@ class Daemon:
             return self._reload_failed(f"applying it failed ({type(e).__name__}: {e}); the "
                                        "samplers run with what could be applied")
         assert self.server is not None
-        # Same socket, or the new one; new certificates, users and headers take effect on
-        # new connections.
-        self.server.httpd.web = web
+        if cfg.listen_address == old.listen_address:
+            # Same socket; a new server process with the new certificates, users and headers
+            # takes it over, the old one finishes its requests. (A new address got a new
+            # server process with them already.)
+            self.server.replace(cfg.web_config_file, web.tls is not None)
         self.last_reload_ok = True
         self.last_reload_time = time.time()
         log.info("configuration reloaded")
@@ -402,6 +412,7 @@ class Daemon:
 
     def serve(self, install_signals: bool = True) -> None:
         """Run until SIGTERM/SIGINT (or request_stop)."""
+        tune_malloc()  # window exports for the server and the analysis: give memory back
         if install_signals:
             signal.signal(signal.SIGTERM, self.request_stop)
             signal.signal(signal.SIGINT, self.request_stop)
@@ -413,6 +424,8 @@ class Daemon:
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload()
+            if self.server is not None:
+                self.server.supervise()
             if ping and self.server is not None and self.server.is_alive():
                 self.notifier.watchdog()
         self.stop()
@@ -421,10 +434,9 @@ class Daemon:
         started = bool(self._loops) or self.server is not None
         self.notifier.stopping()
         if self.server is not None:
+            self.server.stop()
             self.analysis.stop()
         self._stop_loops(list(self._loops))
-        if self.server is not None:
-            self.server.stop()
         if self.sim_node is not None:
             self.sim_node.stop()
         if started:

@@ -8,17 +8,16 @@ from the catalog, so a name that is not in agentd/catalog.py is never served.
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import threading
 import time
 from typing import TYPE_CHECKING
 
-from prometheus_client import ProcessCollector
-
 from agentd import __version__
 from agentd.catalog import METRICS, MetricSpec
 from agentd.gpu import fake as fake_nvml
-from agentd.daemon.exposition import TextWriter, render_client_metrics
+from agentd.daemon.exposition import TextWriter
 from agentd.daemon.window import gpu_window_stats
 from agentd.probe.state import series as ceiling_series
 
@@ -38,7 +37,6 @@ class Exporter:
         self._unknown_logged: set[str] = set()
         self._writer = TextWriter()
         self._writer_lock = threading.Lock()
-        self._process = ProcessCollector(registry=None)
 
     def families(self) -> list[tuple[MetricSpec, list]]:
         """(catalog entry, [(label values, value)]) for every family with data, in catalog
@@ -57,8 +55,10 @@ class Exporter:
             for name, labels, value in items:
                 if value is not None:
                     series.setdefault(name, []).append((labels, value))
+        server = self.daemon.server
         for name, labels, value in (self._window_series() + self.daemon.analysis.series()
-                                    + ceiling_series(self.daemon.ceilings)):
+                                    + ceiling_series(self.daemon.ceilings)
+                                    + (server.series() if server is not None else [])):
             series.setdefault(name, []).append((labels, value))
 
         out = []
@@ -83,7 +83,6 @@ class Exporter:
         families = self.families()
         with self._writer_lock:
             parts = self._writer.render(families)
-        parts += render_client_metrics(self._process.collect())
         return "".join(parts).encode()
 
     def _self_series(self) -> list:
@@ -109,6 +108,7 @@ class Exporter:
         fake = fake_nvml.installed()
         if fake is not None:
             out.append(("agentd_fake_nvml_cpu_seconds_total", (), fake.cpu_seconds))
+        out += process_series()
         out += [
             ("agentd_config_last_reload_successful", (), float(d.last_reload_ok)),
             ("agentd_config_last_reload_success_timestamp_seconds", (), d.last_reload_time),
@@ -148,3 +148,40 @@ class Exporter:
         with self._stats_lock:
             self._stats_cache = (mono, out)
         return out
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_BOOT_TIME: list[float] = []
+
+
+def process_series(proc: str = "/proc") -> list:
+    """The standard process_* metrics of this process (what prometheus_client's
+    ProcessCollector exports, without importing it: ~10 MiB of resident memory)."""
+    out = []
+    try:
+        with open(f"{proc}/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        if not _BOOT_TIME:
+            with open(f"{proc}/stat") as f:
+                _BOOT_TIME.extend(float(line.split()[1]) for line in f
+                                  if line.startswith("btime "))
+        out += [
+            ("process_cpu_seconds_total", (), (int(fields[11]) + int(fields[12])) / _CLK_TCK),
+            ("process_virtual_memory_bytes", (), float(fields[20])),
+            ("process_resident_memory_bytes", (), float(int(fields[21]) * _PAGE)),
+        ]
+        if _BOOT_TIME:
+            out.append(("process_start_time_seconds", (),
+                        _BOOT_TIME[0] + int(fields[19]) / _CLK_TCK))
+    except (OSError, ValueError, IndexError) as e:
+        log.debug("process metrics: %s", e)
+    try:
+        out.append(("process_open_fds", (), float(len(os.listdir(f"{proc}/self/fd")))))
+        with open(f"{proc}/self/limits") as f:
+            for line in f:
+                if line.startswith("Max open files"):
+                    out.append(("process_max_fds", (), float(line.split()[3])))
+    except (OSError, ValueError, IndexError) as e:
+        log.debug("process metrics: %s", e)
+    return out

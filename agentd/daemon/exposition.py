@@ -68,15 +68,3 @@ class TextWriter:
                 out.append(self._prefix(spec, labels) + format_value(value) + "\n")
         return out
 
-
-def render_client_metrics(metrics) -> list[str]:
-    """prometheus_client Metric families (the process collector's few series)."""
-    out = []
-    for m in metrics:
-        name = m.name + ("_total" if m.type == "counter" else "")
-        out.append(f"# HELP {name} {_escape_help(m.documentation)}\n# TYPE {name} {m.type}\n")
-        for s in m.samples:
-            labels = ",".join(f'{k}="{_escape_value(v)}"' for k, v in s.labels.items())
-            out.append(f"{s.name}{{{labels}}} " if labels else s.name + " ")
-            out.append(format_value(s.value) + "\n")
-    return out

@@ -1,21 +1,31 @@
-"""The daemon's rolling analysis: every `interval`, the last `window` of the high-rate window
-goes through analyze(); the report is kept for /api/v1/findings and for /metrics.
+"""The daemon's rolling analysis: every `interval`, the last `window` of the high-rate window is
+analysed, and the report kept for /api/v1/findings and for /metrics.
 
-Its schedule and ages run on the monotonic clock. A report is served only while it is
-current: a run that finds too little data clears it, and one older than STALE_RUNS
-intervals (the analysis failing, or its thread stuck) is withdrawn, so findings never stay
-exported after the analysis stopped seeing them.
+The analysis runs in a long-lived child process (analyst.py): the analysis core imports
+scipy, which would add ~75 MiB to the sampling process, and a run holds the GIL for tens of
+milliseconds that the 10 Hz loops should not wait behind. Each run sends the window slice
+as npz bytes (window.groups_to_npz) with the node's description, and gets back the report as
+JSON (Report.to_json()), which this process reads only for the fields it exports.
+
+The child is restarted with back-off when it dies, answers garbage or misses its deadline;
+sampling and serving never wait for it. Its schedule and ages run on the monotonic clock. A
+report is served only while it is current: a run that finds too little data clears it, and
+one older than STALE_RUNS intervals (the analysis failing, its process restarting, or its
+thread stuck) is withdrawn, so findings never stay exported after the analysis stopped seeing
+them.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import socket
 import threading
 import time
 from typing import TYPE_CHECKING
 
-from agentd.analysis.core import Report, analyze_rolling
-from agentd.analysis.signals import from_groups
+from agentd.daemon.child import Backoff, Child, ChildGone, child_series
+from agentd.daemon.window import groups_to_npz
 
 if TYPE_CHECKING:
     from agentd.daemon.core import Daemon
@@ -23,24 +33,44 @@ if TYPE_CHECKING:
 log = logging.getLogger("agentd.analysis")
 
 STALE_RUNS = 3  # a report older than this many intervals is no longer served
+GROUPS = ("gpu", "cpu", "storage", "process", "memory", "pressure", "network")
+DEADLINE = 10.0  # seconds a run may take (runs take ~0.05 s for 8 GPUs and 60 s)
+STARTUP = 30.0  # more for the first run of a new process: its imports (scipy) take seconds
+MIN_ROWS = 10  # fewer aligned rows than this: nothing to analyse yet
+MAX_ANSWER = 16 * 2**20  # bytes of one answer (a report for 8 GPUs is ~20-100 kB)
 
 
-def finding_log(previous: dict[tuple, str], findings: list) -> tuple[dict[tuple, str],
-                                                                     list[tuple[int, str]]]:
+class AnalysisUnavailable(Exception):
+    pass
+
+
+def finding_log(previous: dict[tuple, str], findings: list[dict],
+                headlines: list[str] | None = None
+                ) -> tuple[dict[tuple, str], list[tuple[int, str]]]:
     """What the log says after an analysis run. `previous` maps each finding logged so far,
-    keyed (kind, GPUs), to its severity; returns that map for `findings` and the lines to
-    log as (level, text): a new finding at warning with its headline; a change of severity
-    and a finding that cleared at info."""
+    keyed (kind, GPUs), to its severity; `findings` are Report.to_json()'s, with their
+    headlines (Finding.headline(), made by the analysis process) in the same order. Returns
+    that map for `findings` and the lines to log as (level, text): a new finding at warning
+    with its headline; a change of severity and a finding that cleared at info."""
     now: dict[tuple, str] = {}
     lines = []
-    for f in findings:
-        key = (f.kind, tuple(f.subject.get("gpus", [])))
-        now[key] = f.severity
+    for i, f in enumerate(findings):
+        kind, severity = str(f.get("kind", "")), str(f.get("severity", ""))
+        # The analysis lists a finding's GPUs in no fixed order (by their stall, say): the
+        # same finding must keep its key from one run to the next.
+        gpus = sorted((f.get("subject") or {}).get("gpus", []),
+                      key=lambda g: (len(str(g)), str(g)))
+        key = (kind, tuple(gpus))
+        if key in now:
+            continue  # the same kind on the same GPUs twice (the window's, a recent onset's)
+        headline = headlines[i] if headlines and i < len(headlines) else \
+            f"[{severity}] {kind} on GPU {','.join(map(str, key[1])) or '(node)'}"
+        now[key] = severity
         before = previous.get(key)
         if before is None:
-            lines.append((logging.WARNING, f.headline()))
-        elif before != f.severity:
-            lines.append((logging.INFO, f"severity {before} -> {f.severity}: {f.headline()}"))
+            lines.append((logging.WARNING, headline))
+        elif before != severity:
+            lines.append((logging.INFO, f"severity {before} -> {severity}: {headline}"))
     for (kind, gpus), severity in previous.items():
         if (kind, gpus) not in now:
             where = f"GPU {','.join(map(str, gpus))}" if gpus else "node"
@@ -49,113 +79,260 @@ def finding_log(previous: dict[tuple, str], findings: list) -> tuple[dict[tuple,
 
 
 class RollingAnalysis:
-    def __init__(self, daemon: "Daemon"):
+    module = "agentd.daemon.analyst"  # what the analysis process runs (tests put a faulty one)
+
+    def __init__(self, daemon: "Daemon", deadline: float = DEADLINE):
         self.daemon = daemon
-        self.report: Report | None = None
+        self.deadline = deadline
+        self.report: dict | None = None  # the latest Report.to_json(), while fresh
         self.runs = 0
+        self.errors = 0
+        self.restarts = 0
         self.duration = 0.0
-        self.last_run = 0.0
+        self.last_run = 0.0  # wall-clock time of the last successful run
         self._report_mono: float | None = None  # monotonic time the report was made
+        self.reason = "warming up"  # why there is no report, when there is none
+        self._child: Child | None = None
+        self._started = False  # a child was started once: the next start is a restart
+        self._backoff = Backoff()
+        self._next_start = 0.0  # monotonic: no child is started before
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="analysis", daemon=True)
-        self._reported: dict[tuple, str] = {}
+        self._reported: dict[tuple, str] = {}  # (kind, GPUs) -> severity, as logged
+        self._rid = 0
+
+    # --- life cycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._start_child()  # its imports take seconds: start it before the first run
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 0.5) -> None:
+        """Stop the loop and the child (SIGTERM; SIGKILL after `timeout`). A run in flight
+        ends with the child: it is not waited for."""
         self._stop.set()
-        self._thread.join(timeout=1.0)
+        with self._lock:
+            child, self._child = self._child, None
+        if child is not None:
+            child.terminate()
+        if self._thread.is_alive():
+            self._thread.join(timeout=timeout)
+        if child is not None:
+            child.reap(timeout)
 
-    def run_once(self) -> Report | None:
+    def _start_child(self) -> Child:
+        level = self.daemon.config.log_level
+        child = Child("analysis", self.module, ["--log-level", level],
+                      max_payload=MAX_ANSWER)
+        child.start()
+        self._started = True
+        with self._lock:
+            self._child = child
+        return child
+
+    def _discard_child(self, reason: str) -> None:
+        """Kill the child after a failure; the next one starts after a back-off."""
+        with self._lock:
+            child, self._child = self._child, None
+        ran = 0.0
+        if child is not None:
+            ran = child.ran_for()
+            child.kill()
+        if self._stop.is_set():
+            return  # stopping: the child was ended on purpose
+        delay = self._backoff.next_delay(ran)
+        self._next_start = time.monotonic() + delay
+        self.errors += 1
+        log.error("analysis process failed (%s); restarting it in %.1f s", reason, delay)
+
+    def child_pid(self) -> int | None:
+        with self._lock:
+            return self._child.pid if self._child is not None and self._child.alive() else None
+
+    # --- one run --------------------------------------------------------------------------------
+
+    def _request(self, child: Child, header: dict, payload: bytes) -> tuple[dict, bytes]:
+        assert child.channel is not None
+        self._rid = self._rid % 0xFFFFFFFF + 1
+        rid = self._rid
+        budget = self.deadline + (0.0 if child.ready else STARTUP)
+        end = time.monotonic() + budget
+        # Under the same deadline: a stopped child takes no more than the socket's buffer of
+        # a window slice (a few MB), and the rest would wait for it for ever.
+        child.channel.send(rid, header, payload, timeout=budget)
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no answer within {budget:g} s")
+            try:
+                got, head, body = child.channel.recv(timeout=left)
+            except socket.timeout:
+                raise TimeoutError(f"no answer within {budget:g} s") from None
+            if got == rid:
+                return head, body
+            if got == 0 and head.get("op") == "hello":
+                child.ready = True
+
+    def slice(self) -> tuple[bytes, dict]:
+        """The window's last `analysis_window`, as npz bytes, with the node's description."""
         d = self.daemon
-        cfg = d.config
         now = d.clock()
-        t0 = time.perf_counter()
-        groups = {k: v for k, v in d.window.export(now - cfg.analysis_window).items()
-                  if k in ("gpu", "cpu", "storage", "process", "memory", "pressure", "network")}
+        groups = {k: v for k, v in d.window.export(now - d.config.analysis_window).items()
+                  if k in GROUPS}
         meta = d.window_meta()
-        sig = from_groups(groups, step=cfg.fast_interval, source="window",
-                          node=meta.get("node", ""), meta=meta)
-        if len(sig.t) < 10:
-            self.report = None  # nothing current to say; never the findings of old data
+        return groups_to_npz(groups, meta, compress=False), meta
+
+    def run_once(self) -> dict | None:
+        """One analysis of the current window. Returns the report (Report.to_json()), or None
+        when there is too little data; raises AnalysisUnavailable when the child failed."""
+        if self._stop.is_set():
             return None
-        report = analyze_rolling(sig, node=meta.get("node", ""))
-        self.report = report
-        self._report_mono = time.monotonic()
+        t0 = time.perf_counter()
+        with self._lock:
+            child = self._child
+        if child is None or not child.alive():
+            if child is not None:
+                self._discard_child(f"exited with status {child.proc.poll()}")
+                raise AnalysisUnavailable("the analysis process exited")
+            if time.monotonic() < self._next_start:
+                raise AnalysisUnavailable("the analysis process is restarting")
+            self.restarts += self._started
+            child = self._start_child()
+        payload, meta = self.slice()
+        header = {"op": "analyze", "step": self.daemon.config.fast_interval,
+                  "node": meta.get("node", ""), "min_rows": MIN_ROWS}
+        try:
+            head, body = self._request(child, header, payload)
+            if head.get("error"):
+                # The analysis raised on this data: a bug to log, not a dead process.
+                raise ValueError(head["error"])
+            answer = json.loads(body) if body else {}
+            report = answer.get("report")
+            if report is not None and not (isinstance(report.get("findings"), list)
+                                           and isinstance(report.get("gpus"), list)):
+                raise ValueError("the report lacks findings or gpus")
+        except (ChildGone, TimeoutError, OSError) as e:
+            self._discard_child(str(e) or type(e).__name__)
+            raise AnalysisUnavailable(f"the analysis process failed: {e}") from None
+        except ValueError as e:
+            self.errors += 1
+            raise AnalysisUnavailable(f"the analysis failed: {e}") from None
+        if report is None:
+            self.report = None  # nothing current to say; never the findings of old data
+            self.reason = "too little data in the window"
+            return None
         self.runs += 1
         self.duration = time.perf_counter() - t0
-        self.last_run = now
-        self._reported, lines = finding_log(self._reported, report.findings)
+        self.last_run = self.daemon.clock()
+        self._report_mono = time.monotonic()
+        self.report = report
+        self.reason = ""
+        self._log_new(report, answer.get("headlines") or [])
+        return report
+
+    def _log_new(self, report: dict, headlines: list) -> None:
+        self._reported, lines = finding_log(self._reported, report["findings"], headlines)
         for level, line in lines:
             log.log(level, "%s", line)
+
+    def stale_after(self) -> float:
+        """Seconds after which the last report no longer describes the node."""
+        return STALE_RUNS * max(self.daemon.config.analysis_interval, 1.0)
+
+    def current(self) -> dict | None:
+        """The latest report while current (see the module's docstring); None otherwise."""
+        report, made = self.report, self._report_mono
+        if report is None or made is None:
+            return None
+        if time.monotonic() - made > self.stale_after():
+            self.report = None
+            self._reported = {}
+            self.reason = self.reason or "the analysis has not run recently"
+            return None
         return report
 
     def _loop(self) -> None:
-        interval = self.daemon.config.analysis_interval
+        cfg = self.daemon.config
         # The first run waits for half a window of data.
-        if self._stop.wait(min(self.daemon.config.analysis_window / 2, 30.0)):
+        if self._stop.wait(min(cfg.analysis_window / 2, 30.0)):
             return
         while True:
             try:
                 self.run_once()
+            except AnalysisUnavailable as e:
+                if self._stop.is_set():
+                    return
+                if "failed" in str(e) and str(e) != self.reason:
+                    log.error("%s", e)
+                self.reason = str(e)
             except Exception as e:  # the analysis must never take the daemon down
+                self.errors += 1
+                self.reason = f"the analysis failed: {e}"
                 log.error("analysis failed: %s", e)
-            if self._stop.wait(self.daemon.config.analysis_interval or interval):
+            self.current()  # drop a stale report even when nobody reads it
+            if self._stop.wait(self.daemon.config.analysis_interval):
                 return
 
-    def current(self) -> Report | None:
-        """The report, while it is current (see the module's docstring)."""
-        report, made = self.report, self._report_mono
-        if report is None or made is None:
-            return None
-        age = time.monotonic() - made
-        if age > STALE_RUNS * max(self.daemon.config.analysis_interval, 1.0):
-            return None
-        return report
+    # --- what it exports ------------------------------------------------------------------------
+
+    def findings_document(self) -> dict:
+        report = self.current()
+        if report is None:
+            return {"status": "unavailable" if self.runs or self.errors else "warming up",
+                    "reason": self.reason, "findings": [],
+                    "window_seconds": self.daemon.config.analysis_window}
+        return {"status": "ok", **report}
 
     def series(self) -> list:
         out = [("agentd_analysis_runs_total", (), float(self.runs)),
+               ("agentd_analysis_errors_total", (), float(self.errors)),
                ("agentd_analysis_window_seconds", (), self.daemon.config.analysis_window)]
         if self.last_run:
             out += [("agentd_analysis_duration_seconds", (), self.duration),
                     ("agentd_analysis_last_run_timestamp_seconds", (), self.last_run)]
+        out.append(("agentd_child_restarts_total", ("analysis",), float(self.restarts)))
+        pid = self.child_pid()
+        if pid is not None:
+            out += child_series("analysis", pid)
         r = self.current()
         if r is None:
             return out
         gpu = self.daemon.runner("gpu")
-        uuids = {i: g["uuid"] for i, g in gpu.sampler.meta()["gpus"].items()} \
+        uuids = {str(i): g["uuid"] for i, g in gpu.sampler.meta()["gpus"].items()} \
             if gpu is not None and gpu.available else {}
-        out += finding_series(r.findings, uuids)
-        for g in r.gpus:
-            lab = (g.gpu, uuids.get(g.gpu, ""))
-            if g.stall == g.stall:
-                out.append(("agentd_gpu_stall_ratio", lab, g.stall))
-            if g.computing is not None:
-                out.append(("agentd_gpu_compute_ratio", lab, g.computing))
-            if g.step_period_seconds:
-                out.append(("agentd_gpu_step_period_seconds", lab, g.step_period_seconds))
+        out += finding_series(r["findings"], uuids)
+        for g in r["gpus"]:
+            lab = (str(g.get("gpu")), uuids.get(str(g.get("gpu")), ""))
+            for name, key in (("agentd_gpu_stall_ratio", "stall"),
+                              ("agentd_gpu_compute_ratio", "computing"),
+                              ("agentd_gpu_step_period_seconds", "step_period_seconds")):
+                value = g.get(key)
+                if isinstance(value, (int, float)) and (key != "step_period_seconds" or value):
+                    out.append((name, lab, float(value)))
         return out
 
 
-def finding_series(findings: list, uuids: dict[str, str]) -> list:
-    """One series per (kind, GPU): a finding about GPUs 0 and 1 is two series, so a label
-    never holds a list and a finding that spreads to another GPU keeps its series (an
-    alert's `for:` does not restart). Findings come ranked; where two of one kind concern
-    the same GPU (the whole window's and a recent onset's), the first (larger gain) wins.
-    A finding about the node as a whole has gpu="" and uuid=""."""
+def finding_series(findings: list[dict], uuids: dict[str, str]) -> list:
+    """One series per (kind, GPU) of the report's findings (Report.to_json()'s): a finding
+    about GPUs 0 and 1 is two series, so a label never holds a list and a finding that
+    spreads to another GPU keeps its series (an alert's `for:` does not restart). Findings
+    come ranked; where two of one kind concern the same GPU (the whole window's and a recent
+    onset's), the first (larger gain) wins. A finding about the node as a whole has gpu=""
+    and uuid=""."""
     out: list = []
     seen: set = set()
     for f in findings:
-        for g in [str(g) for g in f.subject.get("gpus", [])] or [""]:
-            if (f.kind, g) in seen:
+        kind = str(f.get("kind", ""))
+        values = (("agentd_finding_expected_speedup_ratio", (f.get("gain") or {}).get("speedup")),
+                  ("agentd_finding_stall_ratio", f.get("stall_fraction")),
+                  ("agentd_finding_confidence_ratio", f.get("confidence")))
+        for g in [str(g) for g in (f.get("subject") or {}).get("gpus", [])] or [""]:
+            if (kind, g) in seen:
                 continue
-            seen.add((f.kind, g))
-            lab = (f.kind, g, uuids.get(g, ""))
-            out += [
-                ("agentd_finding_active", (f.kind, f.severity) + lab[1:], 1.0),
-                ("agentd_finding_expected_speedup_ratio", lab, f.speedup),
-                ("agentd_finding_stall_ratio", lab, f.stall_fraction),
-                ("agentd_finding_confidence_ratio", lab, f.confidence),
-            ]
+            seen.add((kind, g))
+            lab = (kind, g, uuids.get(g, ""))
+            out.append(("agentd_finding_active", (kind, str(f.get("severity", ""))) + lab[1:],
+                        1.0))
+            out += [(name, lab, float(v)) for name, v in values if isinstance(v, (int, float))]
     return out

@@ -27,11 +27,15 @@ import hmac
 import re
 import ssl
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import yaml
 
 from agentd.tomlfile import read_text
+
+GOOD_CACHE = 256  # verified (user, password) pairs remembered
+BAD_CACHE = 1024  # failed pairs remembered
 
 
 class WebConfigError(ValueError):
@@ -76,12 +80,39 @@ class WebConfig:
     tls: ssl.SSLContext | None = None
     users: dict[str, bytes] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
-    _cache: dict = field(default_factory=dict)
+    _good: set = field(default_factory=set)
+    _bad: OrderedDict = field(default_factory=OrderedDict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def check_password(self, user: str, password: str) -> bool:
-        """bcrypt is deliberately slow (~50-100 ms at cost 10): remember verified pairs, keyed
-        by a salted digest of the password, so repeated scrapes cost a dictionary lookup."""
+        """bcrypt is deliberately slow (~50-100 ms at cost 10): see cached() and verify()."""
+        ok = self.cached(user, password)
+        return self.verify(user, password) if ok is None else ok
+
+    def _key(self, user: str, password: str) -> tuple | None:
+        hashed = self.users.get(user)
+        if hashed is None:
+            return None
+        return (user, hmac.new(hashed, password.encode(), hashlib.sha256).digest())
+
+    def cached(self, user: str, password: str) -> bool | None:
+        """The verdict on a pair checked before, without bcrypt; None if not known. Keys are
+        salted digests (the hash as HMAC key), never the password. Good pairs are few (one
+        per user and password), so an attacker cannot push them out; bad pairs are kept in a
+        bounded LRU, so a client repeating one wrong password costs one bcrypt check."""
+        key = self._key(user, password)
+        if key is None:
+            return None
+        with self._lock:
+            if key in self._good:
+                return True
+            if key in self._bad:
+                self._bad.move_to_end(key)
+                return False
+        return None
+
+    def verify(self, user: str, password: str) -> bool:
+        """The bcrypt check, remembered for cached()."""
         import bcrypt
 
         hashed = self.users.get(user)
@@ -89,19 +120,20 @@ class WebConfig:
             # Spend the same time as a real check so user names cannot be probed by timing.
             bcrypt.checkpw(password.encode(), _dummy_hash())
             return False
-        key = (user, hmac.new(hashed, password.encode(), hashlib.sha256).digest())
-        with self._lock:
-            cached = self._cache.get(key)
-        if cached is not None:
-            return cached
+        key = self._key(user, password)
         try:
             ok = bcrypt.checkpw(password.encode(), hashed)
         except ValueError:
             ok = False
         with self._lock:
-            if len(self._cache) > 1024:
-                self._cache.clear()
-            self._cache[key] = ok
+            if ok:
+                if len(self._good) >= GOOD_CACHE:
+                    self._good.clear()  # a user whose password changes often; start over
+                self._good.add(key)
+            else:
+                self._bad[key] = True
+                while len(self._bad) > BAD_CACHE:
+                    self._bad.popitem(last=False)
         return ok
 
 

@@ -41,7 +41,10 @@ class Ring:
         self._offset = 0.0  # wall clock minus monotonic clock at the newest row
         self._v = np.full((self.rows, min(initial_columns, max_columns)), np.nan, VALUE_DTYPE)
         self._columns: dict[str, int] = {}
-        self._last_write: list[int] = []
+        self._last_write = np.zeros(max_columns, np.int64)  # row count at each column's write
+        # A sampler's rows have the same keys tick after tick (or a few variants): their
+        # columns are looked up once per variant, and a row is stored by one numpy assignment.
+        self._layouts: dict[tuple, np.ndarray] = {}
         self.appended = 0  # rows appended since creation
         self.dropped_columns = 0
         self._lock = threading.Lock()
@@ -77,10 +80,22 @@ class Ring:
             col = stale[0]
             del self._columns[next(k for k, c in self._columns.items() if c == col)]
             self._v[:, col] = np.nan
+            self._layouts.clear()  # a column changed hands
         self._columns[key] = col
-        if col == len(self._last_write):
-            self._last_write.append(self.appended)
+        self._last_write[col] = self.appended
         return col
+
+    def _layout(self, keys: tuple) -> np.ndarray | None:
+        """The columns of a row's keys, in order; None (not remembered) when a key has no
+        column, so that every such row is counted in dropped_columns."""
+        cols = [self._column(k) for k in keys]
+        if None in cols:
+            return None
+        layout = np.array(cols, dtype=np.intp)
+        if len(self._layouts) >= 64:
+            self._layouts.clear()
+        self._layouts[keys] = layout
+        return layout
 
     def append(self, t: float, row: dict[str, float], monotonic: float | None = None) -> None:
         """A row at wall-clock time t (Unix seconds), taken at `monotonic` (time.monotonic();
@@ -90,14 +105,21 @@ class Ring:
             m = t if monotonic is None else monotonic
             self._t[i] = m
             self._offset = t - m
-            line = self._v[i]
+            keys = tuple(row)
+            cols = self._layouts.get(keys)
+            if cols is None:
+                cols = self._layout(keys)
+            line = self._v[i]  # after _layout: the matrix may have grown
             line[:] = np.nan
-            for key, value in row.items():
-                col = self._column(key)
-                if col is not None:
-                    line = self._v[i]  # the matrix may have grown
-                    line[col] = value
-                    self._last_write[col] = self.appended
+            if cols is not None:
+                line[cols] = np.fromiter(row.values(), np.float64, len(row))
+                self._last_write[cols] = self.appended
+            else:
+                for key, value in row.items():
+                    col = self._columns.get(key)
+                    if col is not None:
+                        line[col] = value
+                        self._last_write[col] = self.appended
             self.appended += 1
 
     def snapshot(self, since: float | None = None) -> tuple[np.ndarray, list[str], np.ndarray]:
@@ -115,16 +137,20 @@ class Ring:
         return t, names, v
 
     def column(self, key: str, since: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(times, values) of one channel in time order, copies; only the rows at or after
+        `since` are touched (a scrape reads the last minute of a ten-minute ring)."""
         with self._lock:
             col = self._columns.get(key)
             n = min(self.appended, self.rows)
             start = self.appended % self.rows if self.appended > self.rows else 0
-            order = (np.arange(n) + start) % self.rows
+            if since is None:
+                order = (np.arange(n) + start) % self.rows
+            else:
+                rows = np.flatnonzero(self._t[:n] >= since - self._offset)
+                order = rows[np.argsort((rows - start) % self.rows, kind="stable")]
             t = self._t[order] + self._offset
-            v = self._v[order, col] if col is not None else np.full(n, np.nan, VALUE_DTYPE)
-        if since is not None:
-            keep = t >= since
-            t, v = t[keep], v[keep]
+            v = self._v[order, col] if col is not None else np.full(len(order), np.nan,
+                                                                     VALUE_DTYPE)
         return t, v
 
 
@@ -173,28 +199,18 @@ class Window:
                          "values": v}
         return out
 
-    def to_json(self, since: float | None = None, meta: dict | None = None) -> dict:
-        groups = {}
-        for name, g in self.export(since).items():
-            values = g["values"]
-            groups[name] = {
-                "interval_seconds": g["interval"],
-                "t": [round(float(x), 6) for x in g["t"]],
-                "columns": {
-                    col: [None if math.isnan(x) else float(x) for x in values[:, j].tolist()]
-                    for j, col in enumerate(g["columns"])
-                },
-            }
-        return {"window_seconds": self.seconds, "groups": groups, "meta": meta or {}}
-
-    def to_npz(self, since: float | None = None, meta: dict | None = None) -> bytes:
-        return groups_to_npz(self.export(since), meta)
+    def to_npz(self, since: float | None = None, meta: dict | None = None,
+               compress: bool = True) -> bytes:
+        return groups_to_npz(self.export(since), meta, compress)
 
 
-def groups_to_npz(groups: dict[str, dict], meta: dict | None = None) -> bytes:
+def groups_to_npz(groups: dict[str, dict], meta: dict | None = None,
+                  compress: bool = True) -> bytes:
     """The window's (and a recording's) file format: compressed numpy arrays per sampler
     ring, t:NAME (Unix seconds), v:NAME (values), c:NAME (channel names), i:NAME (interval),
-    and the node's description as JSON in "meta"."""
+    and the node's description as JSON in "meta". `compress=False` stores the arrays as
+    they are (a zip of .npy members, read the same way): what the daemon hands its own
+    processes, where deflating would cost more than the copy."""
     import json
 
     arrays = {"meta": np.array(json.dumps(meta or {}, default=str))}
@@ -204,7 +220,7 @@ def groups_to_npz(groups: dict[str, dict], meta: dict | None = None) -> bytes:
         arrays[f"c:{name}"] = np.array(g["columns"], dtype=np.str_)
         arrays[f"i:{name}"] = np.array([g["interval"] or 0.0])
     buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
+    (np.savez_compressed if compress else np.savez)(buf, **arrays)
     return buf.getvalue()
 
 
@@ -263,7 +279,8 @@ def gpu_window_stats(t: np.ndarray, busy: np.ndarray, idle_threshold: float
     # counts as no time, never as negative time.
     steps = np.diff(t)
     forward = steps[steps > 0]
-    dt = np.clip(np.append(steps, np.median(forward) if len(forward) else 0.0), 0.0, None)
+    typical = _quantile(np.sort(forward), 0.5) if len(forward) else 0.0
+    dt = np.clip(np.append(steps, typical), 0.0, None)
     if dt.sum() <= 0:
         return None
     idle = busy < idle_threshold
@@ -274,7 +291,8 @@ def gpu_window_stats(t: np.ndarray, busy: np.ndarray, idle_threshold: float
         starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
         cum = np.concatenate(([0.0], np.cumsum(dt)))
         longest = float(np.max(cum[ends] - cum[starts]))
-    q10, q50, q90 = np.quantile(busy, [0.1, 0.5, 0.9])
+    ordered = np.sort(busy)
+    q10, q50, q90 = (_quantile(ordered, q) for q in (0.1, 0.5, 0.9))
     return {
         "idle_ratio": float(dt[idle].sum() / dt.sum()),
         "longest_idle_seconds": longest,
@@ -282,3 +300,15 @@ def gpu_window_stats(t: np.ndarray, busy: np.ndarray, idle_threshold: float
         "p50": float(q50),
         "p90": float(q90),
     }
+
+
+def _quantile(ordered: np.ndarray, q: float) -> float:
+    """np.quantile(x, q) (its default, linear method) of sorted values, bit for bit, without
+    its generic machinery: ~50 us a call, the bulk of a scrape's window statistics."""
+    pos = q * (len(ordered) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    frac = pos - lo
+    a, b = float(ordered[lo]), float(ordered[hi])
+    d = b - a
+    return b - d * (1 - frac) if frac >= 0.5 else a + d * frac

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -74,22 +75,33 @@ def clock_event_reason_bits(N) -> dict[str, int]:
 
 
 _INT32 = (1, 5)  # NVML_VALUE_TYPE_UNSIGNED_INT, NVML_VALUE_TYPE_SIGNED_INT
-_VALUE_MEMBER = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal",
-                 6: "usVal"}
 _get = ctypes.Structure.__getattribute__
 _set = ctypes.Structure.__setattr__
 
+# The 10 Hz path calls NVML's C functions itself, on buffers kept per device, instead of
+# through pynvml's wrappers: those allocate their ctypes structures on every call (and
+# nvmlDeviceGetSamples asks twice, once for the count), which cost more CPU than the calls.
+# The layouts are nvml.h's (pynvml's c_nvmlFieldValue_t and c_nvmlSample_t, checked at
+# open): a whole array is decoded by one struct.iter_unpack.
+_FIELD = struct.Struct("<IIqqIIQ")  # fieldId scopeId timestamp latencyUsec valueType rc value
+_SAMPLE = struct.Struct("<QQ")  # timeStamp, sampleValue (a union; uiVal in its low bits)
+SAMPLE_CAPACITY = 128  # utilization samples read per call (the driver keeps fewer)
 
-def _raw_field(fv) -> tuple[int, int, int, int]:
-    """(fieldId, nvmlReturn, valueType, timestamp) of an nvmlFieldValue_t, read through
-    ctypes directly: pynvml's Python-level __getattribute__ (a bytes-to-str shim) costs more
-    than the read itself on this 10 Hz path. Numeric fields only, so nothing is lost."""
-    return _get(fv, "fieldId"), _get(fv, "nvmlReturn"), _get(fv, "valueType"), \
-        _get(fv, "timestamp")
 
-
-def _raw_value(fv, vtype: int) -> int | float:
-    return getattr(_get(fv, "value"), _VALUE_MEMBER.get(vtype, "ullVal"))
+def _value(raw: int, vtype: int) -> int | float:
+    """An nvmlValue_t union read as a little-endian uint64, as its valueType says."""
+    if vtype in (2, 3):  # unsigned long (64-bit on Linux), unsigned long long
+        return raw
+    if vtype == 1:
+        return raw & 0xFFFFFFFF
+    if vtype == 5:
+        v = raw & 0xFFFFFFFF
+        return v - (1 << 32) if v >= 1 << 31 else v
+    if vtype == 4:
+        return raw - (1 << 64) if raw >= 1 << 63 else raw
+    if vtype == 6:
+        return raw & 0xFFFF
+    return struct.unpack("<d", raw.to_bytes(8, "little"))[0]  # 0: double
 
 
 def counter_delta(prev: int, cur: int, bits: int) -> int | None:
@@ -141,6 +153,10 @@ class _Device:
     counter_fields: list | None = field(default_factory=list)
     pcie_source: str = "unknown"  # "counter", "throughput_sampled", "none" or "unknown"
     counter_prev: dict = field(default_factory=dict)  # field id -> (value, bits, timestamp us)
+    field_buf: object = None  # nvmlFieldValue_t[n] with the field ids set once
+    field_ref: object = None  # byref(field_buf), as pynvml passes it
+    field_count: object = None  # n, as a c_int
+    samples: object = None  # nvmlDeviceGetSamples' buffer and arguments, kept
     gpm_samples: list = field(default_factory=list)
     gpm_request: object = None
     gpm_prev_t: float | None = None
@@ -175,6 +191,9 @@ class NvmlBackend:
         self._fallback_stop = threading.Event()
         self._fallback_thread: threading.Thread | None = None
         self._reasons = clock_event_reason_bits(self.N)
+        if ctypes.sizeof(N.c_nvmlFieldValue_t) != _FIELD.size or \
+                ctypes.sizeof(N.c_nvmlSample_t) != _SAMPLE.size:
+            raise RuntimeError("pynvml's structure layouts differ from nvml.h's")
 
     # --- set-up -------------------------------------------------------------------------------
 
@@ -321,20 +340,17 @@ class NvmlBackend:
         wanted = [(N.NVML_FI_DEV_PCIE_COUNT_TX_BYTES, 0), (N.NVML_FI_DEV_PCIE_COUNT_RX_BYTES, 0),
                   (N.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX, UINT_MAX),
                   (N.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX, UINT_MAX)]
-        values = self._call(dev, "field_values", N.nvmlDeviceGetFieldValues, dev.handle, wanted)
+        self._set_fields(dev, wanted)
+        values = self._call(dev, "field_values", self._field_values(dev))
         if values is None and "field_values" not in dev.absent:
             dev.counter_fields = None  # the call failed: probe again on a later tick
             return "unknown"
-        if values is None:
-            dev.counter_fields = []
-        else:
-            dev.counter_fields = [w for w, v in zip(wanted, values)
-                                  if v.nvmlReturn == N.NVML_SUCCESS]
-            for v in values:
-                fid, rc, vtype, ts = _raw_field(v)
-                if rc == N.NVML_SUCCESS:
-                    dev.counter_prev[fid] = (_raw_value(v, vtype), 32 if vtype in _INT32 else 64,
-                                             ts)
+        dev.counter_fields = []
+        for (fid, _, ts, _, vtype, rc, raw), w in zip(values or (), wanted):
+            if rc == N.NVML_SUCCESS:
+                dev.counter_fields.append(w)
+                dev.counter_prev[fid] = (_value(raw, vtype), 32 if vtype in _INT32 else 64, ts)
+        self._set_fields(dev, dev.counter_fields)
         have = {f for f, _ in dev.counter_fields}
         if N.NVML_FI_DEV_PCIE_COUNT_RX_BYTES in have and N.NVML_FI_DEV_PCIE_COUNT_TX_BYTES in have:
             return "counter"
@@ -344,6 +360,51 @@ class NvmlBackend:
                            "every %.1fs in a helper thread", dev.index, self.slow_interval)
             return "throughput_sampled"
         return "none"
+
+    def _set_fields(self, dev: _Device, fields: list) -> None:
+        """The device's field-value buffer, holding these (field id, scope id) pairs."""
+        buf = (self.N.c_nvmlFieldValue_t * len(fields))()
+        for i, (fid, scope) in enumerate(fields):
+            _set(buf[i], "fieldId", fid)
+            _set(buf[i], "scopeId", scope)
+        dev.field_buf, dev.field_ref = buf, ctypes.byref(buf)
+        dev.field_count = ctypes.c_int32(len(fields))
+
+    def _field_values(self, dev: _Device):
+        """nvmlDeviceGetFieldValues on the device's buffer, as a call for _call(): one
+        7-tuple per field (id, scope, timestamp, latency, value type, return, raw value)."""
+        N = self.N
+
+        def nvmlDeviceGetFieldValues():
+            ret = N._nvmlGetFunctionPointer("nvmlDeviceGetFieldValues")(
+                dev.handle, dev.field_count, dev.field_ref)
+            if ret != N.NVML_SUCCESS:
+                raise N.NVMLError(ret)
+            n = dev.field_count.value
+            return list(_FIELD.iter_unpack(
+                memoryview(dev.field_buf).cast("B")[:n * _FIELD.size]))
+
+        return nvmlDeviceGetFieldValues
+
+    def _utilization_samples(self, dev: _Device) -> list[tuple[int, int]]:
+        """nvmlDeviceGetSamples(GPU utilization) newer than dev.util_last_ts, in one call on
+        a buffer kept for the device: [(timestamp us, percent)], oldest first."""
+        N = self.N
+        if dev.samples is None:
+            vtype, count = N._nvmlValueType_t(), ctypes.c_uint(0)
+            dev.samples = ((N.c_nvmlSample_t * SAMPLE_CAPACITY)(), count, ctypes.c_ulonglong(0),
+                           ctypes.byref(vtype), ctypes.byref(count),
+                           N._nvmlSamplingType_t(N.NVML_GPU_UTILIZATION_SAMPLES), vtype)
+        buf, count, last, vtype_ref, count_ref, kind, _ = dev.samples
+        count.value = SAMPLE_CAPACITY
+        last.value = dev.util_last_ts
+        ret = N._nvmlGetFunctionPointer("nvmlDeviceGetSamples")(
+            dev.handle, kind, last, vtype_ref, count_ref, buf)
+        if ret != N.NVML_SUCCESS:
+            raise N.NVMLError(ret)
+        n = min(count.value, SAMPLE_CAPACITY)
+        raw = memoryview(buf).cast("B")[:n * _SAMPLE.size]
+        return sorted((ts, value & 0xFFFFFFFF) for ts, value in _SAMPLE.iter_unpack(raw))
 
     def _open_events(self) -> None:
         N = self.N
@@ -399,20 +460,18 @@ class NvmlBackend:
 
         def get_samples():
             try:
-                return N.nvmlDeviceGetSamples(dev.handle, N.NVML_GPU_UTILIZATION_SAMPLES,
-                                              dev.util_last_ts)[1]
+                return self._utilization_samples(dev)
             except self.NotFound:
                 return []  # no sample newer than the last one
 
         get_samples.__name__ = "nvmlDeviceGetSamples"
-        samples = self._call(dev, "utilization", get_samples)
-        if samples is None:
+        pts = self._call(dev, "utilization", get_samples)
+        if pts is None:
             # No sample buffer on this GPU: the driver's utilization rates instead.
             if not self._source_gone(dev, "utilization", "rates", "no utilization samples; "
                                      "integrating nvmlDeviceGetUtilizationRates (coarser)"):
                 dev.util_resync = True
             return
-        pts = sorted((s.timeStamp, s.sampleValue.uiVal) for s in samples)
         if len(pts) >= 2 and dev.util_period_s is None:
             gaps = [b[0] - a[0] for a, b in zip(pts, pts[1:]) if b[0] > a[0]]
             if gaps:
@@ -504,17 +563,15 @@ class NvmlBackend:
                 self._add_fallback(dev)
             return
         if dev.counter_fields:
-            values = self._call(dev, "field_values", N.nvmlDeviceGetFieldValues, dev.handle,
-                                dev.counter_fields)
+            values = self._call(dev, "field_values", self._field_values(dev))
             if values is None:
                 return
             deltas: dict[int, int] = {}
             seconds = None
-            for fv in values:
-                fid, rc, vtype, ts = _raw_field(fv)
+            for fid, _, ts, _, vtype, rc, raw in values:
                 if rc != N.NVML_SUCCESS:
                     continue
-                cur = (_raw_value(fv, vtype), 32 if vtype in _INT32 else 64, ts)
+                cur = (_value(raw, vtype), 32 if vtype in _INT32 else 64, ts)
                 prev = dev.counter_prev.get(fid)
                 dev.counter_prev[fid] = cur
                 if prev is None:

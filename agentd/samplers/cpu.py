@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from agentd.paths import read_text
+from agentd.paths import ProcFile
 from agentd.samplers.base import (Malformed, Option, Row, Sampler, Series, Unavailable,
                                   complete, ints)
 
@@ -119,16 +119,20 @@ class CpuSampler(Sampler):
 
     def open(self) -> None:
         self._path = self.ctx.paths.proc("stat")
+        self._file = ProcFile(self._path)
         try:
-            self._last = parse_stat(read_text(self._path), self._path)
+            self._last = parse_stat(self._file.read(), self._path)
         except OSError as e:
             raise Unavailable(f"cannot read {self._path}: {e.strerror}") from None
 
     def sample(self, now: float, slow: bool) -> Row:
-        cur = parse_stat(read_text(self._path), self._path)
+        cur = parse_stat(self._file.read(), self._path)
         row = usage_row(self._last, cur)
         self._last = cur
         return row
+
+    def close(self) -> None:
+        self._file.close()
 
     def series(self) -> list[Series]:
         stat = self._last

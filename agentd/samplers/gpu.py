@@ -61,6 +61,24 @@ class XidLog:
                 self._last_line[index] = now
 
 
+class _Keys:
+    """One GPU's window channel names, and its counters' names, built once: formatting them
+    on every tick of every GPU cost more than the arithmetic they label."""
+
+    def __init__(self, g: GpuIdentity):
+        i = g.index
+        self.labels = (str(i), g.uuid)
+        self.busy = f"gpu.busy:{i}"
+        self.busy_time = f"gpu.busy_time:{i}"
+        self.util_sample = f"gpu.util_sample:{i}"
+        self.util_sample_age = f"gpu.util_sample_age:{i}"
+        self.pcie = ("agentd_gpu_pcie_rx_bytes_total", "agentd_gpu_pcie_tx_bytes_total",
+                     f"gpu.pcie_rx:{i}", f"gpu.pcie_tx:{i}")
+        self.nvlink = ("agentd_gpu_nvlink_rx_bytes_total", "agentd_gpu_nvlink_tx_bytes_total",
+                       f"gpu.nvlink_rx:{i}", f"gpu.nvlink_tx:{i}")
+        self.activity = {key: f"gpu.{key}:{i}" for key in _ACTIVITY_COUNTERS}
+
+
 class GpuSampler(Sampler):
     name = "gpu"
     help = "GPUs through NVML: utilization samples, PCIe/NVLink counters, GPM, clocks, XIDs"
@@ -81,6 +99,7 @@ class GpuSampler(Sampler):
         self.gpus: dict[int, GpuIdentity] = {g.index: g for g in gpus}
         self.lost: set[int] = {d.index for d in self.backend.devices if d.lost}
         self._last_busy: dict[int, float] = {}
+        self._key_cache: dict[int, _Keys] = {}
         self._last_slow_t: float | None = None
         self._last_fast: float | None = None
         self._xids = XidLog(self.log)
@@ -155,6 +174,7 @@ class GpuSampler(Sampler):
 
     def sample(self, now: float, slow: bool) -> Row:
         row: Row = {}
+        deltas: list = []
         tick = now - self._last_fast if self._last_fast is not None else None
         self._last_fast = now
         for index, g in self.gpus.items():
@@ -174,19 +194,26 @@ class GpuSampler(Sampler):
                 self.gpus[index] = g = replace(g, utilization_source=r.utilization_source,
                                                pcie_counter_source=r.pcie_counter_source)
                 self._export_info()
-            self._account_fast(g, r, row)
+            self._account_fast(g, r, row, deltas)
             if tick and tick > 0 and r.busy_valid:
                 # The driver's samples credited in this tick, per second of tick: unlike the
                 # held utilization, its mean over a window is exact (aliasing-free).
-                row[f"gpu.busy_time:{index}"] = r.busy_seconds / tick
+                row[self._keys(g).busy_time] = r.busy_seconds / tick
+        self.out.add_many(deltas)  # one lock for every GPU's counters
         if slow:
             self._sample_slow(now, row)
         return row
 
-    def _account_fast(self, g: GpuIdentity, r: FastReading, row: Row) -> None:
-        lab = self._labels(g)
+    def _keys(self, g: GpuIdentity) -> _Keys:
+        keys = self._key_cache.get(g.index)
+        if keys is None:
+            keys = self._key_cache[g.index] = _Keys(g)
+        return keys
+
+    def _account_fast(self, g: GpuIdentity, r: FastReading, row: Row, deltas: list) -> None:
+        k = self._keys(g)
+        lab = k.labels
         i = g.index
-        deltas = []
         if r.busy_valid:
             deltas.append(("agentd_gpu_busy_seconds_total", lab, r.busy_seconds))
             if r.covered_seconds > 0:
@@ -197,26 +224,26 @@ class GpuSampler(Sampler):
                 busy = self._last_busy.get(i)
             if busy is not None:
                 self._last_busy[i] = busy
-                row[f"gpu.busy:{i}"] = busy
+                row[k.busy] = busy
         else:
             self._last_busy.pop(i, None)  # nothing to hold across a failure
         if r.new_samples_mean is not None:
-            row[f"gpu.util_sample:{i}"] = r.new_samples_mean
-            row[f"gpu.util_sample_age:{i}"] = r.new_samples_age
-        for kind, rx, tx in (("pcie", r.pcie_rx_bytes, r.pcie_tx_bytes),
-                             ("nvlink", r.nvlink_rx_bytes, r.nvlink_tx_bytes)):
+            row[k.util_sample] = r.new_samples_mean
+            row[k.util_sample_age] = r.new_samples_age
+        for (rx_name, tx_name, rx_key, tx_key), rx, tx in (
+                (k.pcie, r.pcie_rx_bytes, r.pcie_tx_bytes),
+                (k.nvlink, r.nvlink_rx_bytes, r.nvlink_tx_bytes)):
             if rx is None:
                 continue
-            deltas.append((f"agentd_gpu_{kind}_rx_bytes_total", lab, rx))
-            deltas.append((f"agentd_gpu_{kind}_tx_bytes_total", lab, tx or 0))
+            deltas.append((rx_name, lab, rx))
+            deltas.append((tx_name, lab, tx or 0))
             if r.counter_seconds:
-                row[f"gpu.{kind}_rx:{i}"] = rx / r.counter_seconds
-                row[f"gpu.{kind}_tx:{i}"] = (tx or 0) / r.counter_seconds
+                row[rx_key] = rx / r.counter_seconds
+                row[tx_key] = (tx or 0) / r.counter_seconds
         if r.activity is not None and r.activity_seconds > 0:
             for key, value in r.activity.items():
                 deltas.append((_ACTIVITY_COUNTERS[key], lab, value * r.activity_seconds))
-                row[f"gpu.{key}:{i}"] = value
-        self.out.add_many(deltas)
+                row[k.activity[key]] = value
 
     def _sample_slow(self, now: float, row: Row) -> None:
         elapsed = now - self._last_slow_t if self._last_slow_t is not None else 0.0

@@ -20,10 +20,11 @@ import re
 from dataclasses import dataclass, field
 
 from agentd.jobs import JOB_LABELS, Attribution, JobResolver
-from agentd.paths import read_optional
+from agentd.paths import ProcFile, read_optional
 from agentd.samplers.base import Malformed, Option, regex, Row, Sampler, Series
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+MAX_OPEN_STAT = 512  # /proc/PID/stat files kept open for the 10 Hz reads; more are opened per read
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 JOB_RETENTION = 300.0  # seconds a job's counters outlive its last tree (a restart keeps them)
 _COUNTERS = ("cpu_seconds", "root_cpu_seconds", "read_bytes", "rchar", "write_bytes")
@@ -117,6 +118,7 @@ class ProcessSampler(Sampler):
         except re.error as e:
             raise ValueError(f"collectors.process.comm_match: {e}") from None
         self._trees: dict[int, _Tree] = {}
+        self._stat_files: dict[int, ProcFile] = {}
         self._matched: set[int] = set()
         self._last_t: float | None = None
         self._jobs = JobResolver(self.ctx.paths)
@@ -124,10 +126,11 @@ class ProcessSampler(Sampler):
         # mutated, so the scrape thread reads it without a lock.
         self._retired: dict[tuple, tuple[dict[str, float], float | None]] = {}
 
-    def _stat(self, pid: int) -> ProcStat | None:
+    def _stat(self, pid: int, keep_open: bool = False) -> ProcStat | None:
         """/proc/PID/stat parsed; None when the process has exited or its file is malformed
         (that process is skipped, logged once; the others are read)."""
-        text = read_optional(self.ctx.paths.proc(str(pid), "stat"))
+        text = (self._read_stat(pid) if keep_open
+                else read_optional(self.ctx.paths.proc(str(pid), "stat")))
         if text is None:
             return None
         try:
@@ -215,6 +218,23 @@ class ProcessSampler(Sampler):
                 # Another watched root's subtree belongs to that root, not to this one.
                 stack += [k for k in kids if k not in roots]
             tree.pids = pids
+        watched = {pid for t in self._trees.values() for pid in t.pids}
+        for pid in [p for p in self._stat_files if p not in watched]:
+            self._stat_files.pop(pid).close()
+
+    def _read_stat(self, pid: int) -> str | None:
+        f = self._stat_files.get(pid)
+        if f is None:
+            path = self.ctx.paths.proc(str(pid), "stat")
+            if len(self._stat_files) >= MAX_OPEN_STAT:
+                return read_optional(path)
+            f = self._stat_files[pid] = ProcFile(path, 1024)
+        return f.read_optional()
+
+    def close(self) -> None:
+        for f in self._stat_files.values():
+            f.close()
+        self._stat_files.clear()
 
     # --- reading (every tick) ---------------------------------------------------------------------
 
@@ -250,7 +270,7 @@ class ProcessSampler(Sampler):
         blocked = 0
         rss = 0
         for pid in tree.pids:
-            st = self._stat(pid)
+            st = self._stat(pid, keep_open=True)  # every tick: kept open (paths.ProcFile)
             prev = tree.members.get(pid)
             if st is None:
                 if prev is not None and os.path.exists(self.ctx.paths.proc(str(pid))):

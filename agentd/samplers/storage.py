@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from agentd.paths import read_optional, read_text
+from agentd.paths import ProcFile, read_optional
 from agentd.samplers.base import (Malformed, Option, Row, Sampler, Series, Unavailable, complete,
                                   ints, regex)
 
@@ -136,8 +136,10 @@ class StorageSampler(Sampler):
     def open(self) -> None:
         self._diskstats = self.ctx.paths.proc("diskstats")
         self._mountstats = self.ctx.paths.proc("self", "mountstats")
+        self._diskstats_file = ProcFile(self._diskstats)
+        self._mountstats_file = ProcFile(self._mountstats)
         try:
-            stats = parse_diskstats(read_text(self._diskstats), self._diskstats)
+            stats = parse_diskstats(self._diskstats_file.read(), self._diskstats)
         except OSError as e:
             raise Unavailable(f"cannot read {self._diskstats}: {e.strerror}") from None
         try:
@@ -182,7 +184,7 @@ class StorageSampler(Sampler):
         self.out.replace_gauges("info", info)
 
     def sample(self, now: float, slow: bool) -> Row:
-        stats = parse_diskstats(read_text(self._diskstats), self._diskstats)
+        stats = parse_diskstats(self._diskstats_file.read(), self._diskstats)
         if slow and set(stats) != set(self._last):
             # Hot-plugged or removed device: rediscover, and forget the vanished ones.
             self._devices = self._whole_devices(stats)
@@ -214,7 +216,7 @@ class StorageSampler(Sampler):
         return row
 
     def _sample_nfs(self, now: float) -> Row:
-        text = read_optional(self._mountstats)
+        text = self._mountstats_file.read_optional()
         mounts = parse_mountstats(text) if text and "nfs" in text else []
         row: Row = {}
         for m in mounts:
@@ -229,6 +231,10 @@ class StorageSampler(Sampler):
         """The whole devices, for the analysis' device-class defaults (joined with their
         PCIe links by the daemon)."""
         return {"disks": {k: dict(v) for k, v in getattr(self, "_info", {}).items()}}
+
+    def close(self) -> None:
+        self._diskstats_file.close()
+        self._mountstats_file.close()
 
     def series(self) -> list[Series]:
         # Built from the last reading at scrape time: the kernel keeps these counters already.

@@ -59,17 +59,18 @@ def render(daemon: Daemon, now: float, span: float = 2.0) -> str:
     lines.append(f"CPU: {cores or 0:.1f} of {count or 0:.0f} cores busy, "
                  f"iowait {iowait or 0:.2f} cores")
     lines.append("")
-    report = daemon.analysis.current()
+    report = daemon.analysis.current()  # Report.to_json() of the latest run
     if report is None:
         lines.append("Diagnosis: the first analysis runs after 30 s of data.")
-    elif not report.findings:
+    elif not report["findings"]:
         lines.append("Diagnosis: no finding: the GPUs are not starved.")
     else:
         lines.append("Diagnosis (rolling analysis of the last 60 s):")
-        for f in report.findings[:3]:
-            lines.append(f"  {f.kind}: {f.summary}")
-            lines.append(f"    expected gain {f.speedup:.2f}x steps per second; "
-                         f"{f.advice[0] if f.advice else ''}")
+        for f in report["findings"][:3]:
+            advice = f.get("advice") or [""]
+            speedup = (f.get("gain") or {}).get("speedup") or 1.0
+            lines.append(f"  {f['kind']}: {f.get('summary', '')}")
+            lines.append(f"    expected gain {speedup:.2f}x steps per second; {advice[0]}")
     return "\n".join(lines)
 
 

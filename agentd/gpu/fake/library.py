@@ -174,16 +174,17 @@ class FakeNvmlLibrary:
         bound = impl.__get__(self)
 
         def call(*args):
-            self.calls[name] = self.calls.get(name, 0) + 1
-            if delay:
-                time.sleep(delay)
-            if name not in ("nvmlInitWithFlags", "nvmlErrorString") and not self._initialized:
-                return N.NVML_ERROR_UNINITIALIZED
+            # CPU spent emulating the driver, this bookkeeping included, so benchmarks can
+            # tell it from agentd's own (a sleep costs no CPU time).
             t0 = time.thread_time()
             try:
+                self.calls[name] = self.calls.get(name, 0) + 1
+                if delay:
+                    time.sleep(delay)
+                if name not in ("nvmlInitWithFlags", "nvmlErrorString") and not self._initialized:
+                    return N.NVML_ERROR_UNINITIALIZED
                 return bound(*args)
             finally:
-                # CPU spent emulating the driver, so benchmarks can tell it from agentd's own.
                 self.cpu_seconds += time.thread_time() - t0
 
         return _Symbol(call)
