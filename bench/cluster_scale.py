@@ -132,11 +132,17 @@ def main() -> int:
             doc = json.loads(r.stdout)
             q = doc["query"]
             named = {(f["subject"]["node"], f["kind"]) for f in doc["findings"]}
-            print(f"  run {run + 1}: {wall:.1f} s wall (goal < 10 s): {q['queries']} queries, "
-                  f"{q['series']} series, {q['bytes'] / 1e6:.1f} MB fetched in "
-                  f"{q['seconds']:.1f} s; agentd CPU {c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime:.1f} s, "
-                  f"Prometheus CPU {p1 - p0:.1f} s; planted found {len(named & truth)}/"
-                  f"{len(truth)}, other findings {len(named - truth)}")
+            ph = q.get("phases", {})
+            cpu = c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime
+            print(f"  run {run + 1}: {wall:.1f} s wall (goal < 10 s), load {os.getloadavg()[0]:.1f}: "
+                  f"{q['queries']} queries, {q['series']} series, {q['bytes'] / 1e6:.1f} MB; "
+                  f"agentd CPU {cpu:.1f} s, Prometheus CPU {p1 - p0:.1f} s; planted found "
+                  f"{len(named & truth)}/{len(truth)}, other findings {len(named - truth)}\n"
+                  "    wall per phase: " + ", ".join(
+                      f"{k} {ph[k]:.2f} s" for k in ("discover", "fetch", "assemble",
+                                                     "evidence") if k in ph) +
+                  f"; analysis CPU {ph.get('analysis_cpu', float('nan')):.2f} s; "
+                  f"start-up, rendering and the rest {wall - q['seconds'] - ph.get('analysis_cpu', 0):.2f} s")
     finally:
         prom.terminate()
         prom.wait(30)
