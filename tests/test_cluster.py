@@ -38,6 +38,9 @@ def test_job_of_precedence_and_group_by():
     assert job_of({"slurm_job_id": "48213", "pod": "x-0"})[0] == "slurm_job_id=48213"
     assert job_of({"namespace": "ml", "pod": "train-worker-3"}) == (
         "namespace=ml,workload=train", {"namespace": "ml", "workload": "train"})
+    # `agentd rules`' per (node, job) series carry the pod's owner as workload: the same job
+    assert job_of({"namespace": "ml", "workload": "train"}) == job_of(
+        {"namespace": "ml", "pod": "train-worker-3"})
     assert job_of({"hpc_job": "77"})[0] == "hpc_job=77"
     assert job_of({"systemd_unit": "train.service"})[0] == "systemd_unit=train.service"
     # A process name, a container id or a pod UID name no job across nodes.

@@ -42,12 +42,14 @@ import numpy as np
 
 from agentd.cluster.data import GPU_FAMILIES, NODE_FAMILIES, Fleet, _quiet, merge_rows
 from agentd.cluster.groups import ALL_NODES, OWNER_LABELS, job_of
+from agentd.daemon.config import parse_duration
 from agentd.diagnose.sources import SourceError
 from agentd.diagnose.sources.http import redact
 from agentd.diagnose.sources.promclient import Grid, PromClient, promql_string, \
     regex_escape, scrape_interval
 from agentd.gpu import models
 from agentd.jobs import JOB_LABELS
+from agentd.rules import CLUSTER_JOB_LABELS
 
 THROTTLE_REASONS = "sw_power_cap|hw_slowdown|sw_thermal_slowdown|hw_thermal_slowdown|" \
                    "hw_power_brake_slowdown"
@@ -83,6 +85,7 @@ class ClusterSource:
         self.only = ""  # an extra matcher: the flagged nodes' targets (evidence, detail)
         self._names: set[str] | None = None
         self._targets: dict[str, set[str]] = {}  # node -> its GPU series' naming values
+        self.recorded: dict[str, str] = {}  # family -> the recording rule read instead
         self.phases: dict[str, float] = {}
 
     # --- PromQL pieces -------------------------------------------------------------------------
@@ -177,6 +180,7 @@ class ClusterSource:
                        "bytes": self.c.bytes - b0,
                        "seconds": round(sum(self.phases.values()), 3),
                        "flavour": self._flavour, "scrape_interval_seconds": scrape,
+                       "recording_rules": sorted(self.recorded.values()),
                        "phases": {k: round(v, 3) for k, v in self.phases.items()}}
         self._q0, self._b0, self._t0, self._scrape_s = q0, b0, t_start, scrape
 
@@ -322,6 +326,36 @@ class ClusterSource:
             "net_wait": host("sum", f"rate({self.s(ib + 'port_transmit_wait_total')}[{w}])"),
         }
 
+    def _recorded(self, activity: bool) -> dict[str, str]:
+        """family -> the `agentd rules` series that holds it per (node, job), where those
+        rules run and can stand for the raw series: their rate window no longer than the
+        base step (a 5-minute rate read every minute would blur each onset over five), the
+        nodes named by `instance` and the jobs by the rules' labels (no --selector, whose
+        labels the rules aggregate away; --group-by only by one of the rules' job labels)."""
+        if self.sel or self.node_label not in (None, "instance") or \
+                self.group_by not in (None, *CLUSTER_JOB_LABELS) or getattr(self, "_probe", False):
+            return {}
+        want = {"busy_min": ("busy", "ratio_min"), "clock_min": ("clock", "hertz_min")}
+        if activity:
+            want["act_max"] = ("activity", "ratio_max")
+        out = {}
+        for fam, (name, unit) in want.items():
+            best = None
+            for n in self._names or ():
+                m = re.fullmatch(rf"agentd:job_node_gpu_{name}:{unit}_rate([0-9a-z]+)", n)
+                if not m:
+                    continue
+                try:
+                    window = parse_duration(m.group(1), "rate window")
+                except ValueError:
+                    continue
+                if window <= self.grid.step and (best is None or window > best[0]):
+                    best = (window, n)  # the longest window within the step: least noise
+            if best:
+                out[fam] = best[1]
+        self.recorded = out
+        return out
+
     def _agentd_plan(self) -> dict:
         w = self._win()
         has_jobs = self._has("agentd_gpu_process_memory_used_bytes")
@@ -358,6 +392,10 @@ class ClusterSource:
                                    f"[{w}])"),
             "throttle_max": gpu("max", throttle),
         }
+        # Where `agentd rules` runs, its per (node, job) series hold the compared families
+        # already aggregated over the GPUs: one series per node instead of 8.
+        for fam, name in self._recorded(act is not None).items():
+            rng[fam] = f"avg_over_time({self.s(name)}[{w}])"
 
         def host(agg: str, inner: str) -> str:
             return self.by_node(agg, inner)
@@ -435,10 +473,13 @@ class ClusterSource:
         T = len(grid.t)
         gpu_rows: dict[tuple, dict] = {}
         labels_of: dict[tuple, dict] = {}
+        recorded_keys = set()
         for fam in GPU_FAMILIES:
             for key, (labels, arr) in self._rows(results.get(fam, []), fam).items():
                 labels_of[key] = labels
                 gpu_rows.setdefault(key, {})[fam] = arr
+                if fam in self.recorded:
+                    recorded_keys.add(key)
         count: dict[tuple, int] = {}
         model_gpus: dict[str, dict[str, int]] = {}
         for s in inst.get("gpus", []):
@@ -471,8 +512,9 @@ class ClusterSource:
                 continue
             job, ident = j if j is not None else (ALL_NODES, {})
             m = labels_of[key]
+            # a recording rule's row (pod owner, not pod) counts no GPUs: the raw rows do
             rows.append((job, key[0], ident, {k: v for k, v in m.items() if v}, fam,
-                         count.get(key, 1)))
+                         count.get(key, 0 if key in recorded_keys else 1)))
         # evidence() finds a row's member by (job, node)
         self._job_of_key = {key: (j[0] if j is not None else ALL_NODES)
                             for key, j in jobs.items() if j is not None or not any_job}
