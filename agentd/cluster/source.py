@@ -129,8 +129,10 @@ class ClusterSource:
                     "__name__", self.start, self.end, "{" + self.sel + "}" if self.sel
                     else None))
             except SourceError:
-                self._names = set()  # a store without the label-values API: probe each
-                self._probe = True
+                self._names = set()
+            # a store without the label-values API (or that answers it with nothing): probe
+            # each family with a query
+            self._probe = not self._names
         if not getattr(self, "_probe", False):
             return metric in self._names
         lookback = f"{max(int(self.end - self.start), 60)}s"
