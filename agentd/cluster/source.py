@@ -83,7 +83,8 @@ class ClusterSource:
         self._lock = threading.Lock()
         self.series = 0
         self.only = ""  # an extra matcher: the flagged nodes' targets (evidence, detail)
-        self._names: set[str] | None = None
+        self._names: set[str] | None = None  # the metric names in range (label-values API)
+        self._probe = False  # no such API: one count() probe per family
         self._targets: dict[str, set[str]] = {}  # node -> its GPU series' naming values
         self.recorded: dict[str, str] = {}  # family -> the recording rule read instead
         self.phases: dict[str, float] = {}
@@ -133,7 +134,7 @@ class ClusterSource:
             # a store without the label-values API (or that answers it with nothing): probe
             # each family with a query
             self._probe = not self._names
-        if not getattr(self, "_probe", False):
+        if not self._probe:
             return metric in self._names
         lookback = f"{max(int(self.end - self.start), 60)}s"
         return bool(self._i(f"count(last_over_time({self.s(metric)}[{lookback}]))"))
@@ -174,17 +175,17 @@ class ClusterSource:
         t = time.monotonic()
         fleet = self._assemble(results, inst, plan, flavour)
         self.phases["assemble"] = time.monotonic() - t
-        self._stats(fleet, q0, b0, t_start, scrape)
+        self._stats(fleet, q0, b0, scrape)
         return fleet, self._detail(plan["detail"])
 
-    def _stats(self, fleet: Fleet, q0: int, b0: int, t_start: float, scrape) -> None:
+    def _stats(self, fleet: Fleet, q0: int, b0: int, scrape) -> None:
         fleet.stats = {"queries": self.c.queries - q0, "series": self.series,
                        "bytes": self.c.bytes - b0,
                        "seconds": round(sum(self.phases.values()), 3),
                        "flavour": self._flavour, "scrape_interval_seconds": scrape,
                        "recording_rules": sorted(self.recorded.values()),
                        "phases": {k: round(v, 3) for k, v in self.phases.items()}}
-        self._q0, self._b0, self._t0, self._scrape_s = q0, b0, t_start, scrape
+        self._q0, self._b0, self._scrape_s = q0, b0, scrape
 
     def _plan(self) -> dict:
         return self._agentd_plan() if self._flavour == "agentd" else \
@@ -230,7 +231,7 @@ class ClusterSource:
                     _merge(MERGE[fam], row, arr)
                 got = True
         self.phases["evidence"] = time.monotonic() - t
-        self._stats(fleet, self._q0, self._b0, self._t0, self._scrape_s)
+        self._stats(fleet, self._q0, self._b0, self._scrape_s)
         return got
 
     def _only(self, nodes) -> str:
@@ -335,7 +336,7 @@ class ClusterSource:
         nodes named by `instance` and the jobs by the rules' labels (no --selector, whose
         labels the rules aggregate away; --group-by only by one of the rules' job labels)."""
         if self.sel or self.node_label not in (None, "instance") or \
-                self.group_by not in (None, *CLUSTER_JOB_LABELS) or getattr(self, "_probe", False):
+                self.group_by not in (None, *CLUSTER_JOB_LABELS) or self._probe:
             return {}
         want = {"busy_min": ("busy", "ratio_min"), "clock_min": ("clock", "hertz_min")}
         if activity:
