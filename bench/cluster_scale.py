@@ -4,11 +4,13 @@ Prometheus.
 Sixteen 32-node jobs (8 GPUs each) of dcgm-exporter (default counters) and node_exporter
 (diskstats, pressure, cpu, infiniband) series at a 15 s scrape, four of them with a planted
 cause (agentd/cluster/synth.py), backfilled with promtool (cached between runs), then
-diagnosed through the HTTP API as an operator would. Prints the series and bytes fetched,
-the wall and CPU time of the diagnosis and of Prometheus answering it, and whether the
-planted nodes were named. Goal: under 10 s.
+diagnosed through the HTTP API as an operator would. Prints the queries, series and bytes
+fetched, the wall time per phase (discovering the families, fetching the per-node summaries,
+assembling them, the flagged nodes' evidence; the analysis' CPU), the CPU time of agentd and
+of Prometheus answering it, the load average, and whether the planted nodes were named.
+Goal: under 10 s.
 
-    python bench/cluster_scale.py [--nodes 512] [--keep DIR] [--runs 2]
+    python bench/cluster_scale.py [--nodes 512] [--keep DIR] [--runs 2] [--per-query]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 
 import numpy as np
@@ -69,6 +72,45 @@ def _cpu_of(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def per_query(url: str) -> None:
+    """Each query of one diagnosis, one at a time, with Prometheus' own statistics (samples
+    read, evaluation time), the reply's bytes and series and the JSON decoding time here."""
+    from agentd.cluster.source import ClusterSource
+    from agentd.diagnose.sources.promclient import PromClient
+
+    rows = []
+
+    class Measured(PromClient):
+        def _data(self, path, params):
+            t = time.monotonic()
+            body = urllib.request.urlopen(f"{self.url}{path}?" + urllib.parse.urlencode(
+                {**params, "stats": "all"}, doseq=True), timeout=300).read()
+            wall = time.monotonic() - t
+            t = time.monotonic()
+            doc = json.loads(body)
+            decode = time.monotonic() - t
+            self.queries += 1
+            self.bytes += len(body)
+            data = doc["data"]
+            st = data.get("stats", {}) if isinstance(data, dict) else {}
+            rows.append((wall, decode, len(body), len(data.get("result", [])) if
+                         isinstance(data, dict) else len(data),
+                         st.get("samples", {}).get("totalQueryableSamples", 0),
+                         st.get("timings", {}).get("evalTotalTime", 0.0), path.split("/")[-1],
+                         params.get("query", str(params.get("match[]", ""))))[:100])
+            return data
+
+    src = ClusterSource(Measured(url), START, START + 3600, parallel=1)
+    fleet, _ = src.read()
+    print("per query (one at a time): wall, Prometheus eval, samples read, series, bytes, "
+          "JSON decode here")
+    for r in sorted(rows, key=lambda r: -r[0]):
+        print(f"  {r[0]:5.2f} s  eval {r[5]:5.2f} s  {r[4]:>9,} samples  {r[3]:>5} series  "
+              f"{r[2] / 1e6:5.2f} MB  decode {r[1]:4.2f} s  {r[6]}: {r[7]}")
+    print(f"  total {sum(r[0] for r in rows):.2f} s wall, {sum(r[5] for r in rows):.2f} s "
+          f"eval, {sum(r[4] for r in rows):,} samples, {sum(r[2] for r in rows) / 1e6:.1f} MB")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", type=int, default=512)
@@ -76,6 +118,8 @@ def main() -> int:
     ap.add_argument("--keep", default=os.path.join(tempfile.gettempdir(), "agentd-cluster-scale"),
                     help="where the backfilled TSDB is kept between runs")
     ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--per-query", action="store_true",
+                    help="then each query alone, with Prometheus' samples and eval time")
     a = ap.parse_args()
     tsdb = os.path.join(a.keep, f"n{a.nodes}-s{a.seed}")
     if not os.path.exists(os.path.join(tsdb, "truth.json")):
@@ -112,6 +156,12 @@ def main() -> int:
             if now - idle < 0.5:
                 break
             idle = now
+        # An installed agentd has its bytecode compiled; with PYTHONDONTWRITEBYTECODE set (as
+        # on the team's machines) a source tree would compile ~70 modules at every start.
+        subprocess.run([sys.executable, "-m", "compileall", "-q",
+                        os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                     "agentd")], env={**os.environ,
+                                                      "PYTHONDONTWRITEBYTECODE": ""})
         print(f"cluster scale: {a.nodes} nodes, {a.nodes * 8} GPUs, 1 h at a 15 s scrape "
               f"(dcgm-exporter + node_exporter), Prometheus {url}; machine: {os.cpu_count()} "
               "CPUs shared with other work (figures are from a loaded machine)")
@@ -132,11 +182,19 @@ def main() -> int:
             doc = json.loads(r.stdout)
             q = doc["query"]
             named = {(f["subject"]["node"], f["kind"]) for f in doc["findings"]}
-            print(f"  run {run + 1}: {wall:.1f} s wall (goal < 10 s): {q['queries']} queries, "
-                  f"{q['series']} series, {q['bytes'] / 1e6:.1f} MB fetched in "
-                  f"{q['seconds']:.1f} s; agentd CPU {c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime:.1f} s, "
-                  f"Prometheus CPU {p1 - p0:.1f} s; planted found {len(named & truth)}/"
-                  f"{len(truth)}, other findings {len(named - truth)}")
+            ph = q.get("phases", {})
+            cpu = c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime
+            print(f"  run {run + 1}: {wall:.1f} s wall (goal < 10 s), load {os.getloadavg()[0]:.1f}: "
+                  f"{q['queries']} queries, {q['series']} series, {q['bytes'] / 1e6:.1f} MB; "
+                  f"agentd CPU {cpu:.1f} s, Prometheus CPU {p1 - p0:.1f} s; planted found "
+                  f"{len(named & truth)}/{len(truth)}, other findings {len(named - truth)}\n"
+                  "    wall per phase: " + ", ".join(
+                      f"{k} {ph[k]:.2f} s" for k in ("discover", "fetch", "assemble",
+                                                     "evidence") if k in ph) +
+                  f"; analysis CPU {ph.get('analysis_cpu', float('nan')):.2f} s; "
+                  f"start-up, rendering and the rest {wall - q['seconds'] - ph.get('analysis_cpu', 0):.2f} s")
+        if a.per_query:
+            per_query(url)
     finally:
         prom.terminate()
         prom.wait(30)

@@ -38,6 +38,9 @@ def test_job_of_precedence_and_group_by():
     assert job_of({"slurm_job_id": "48213", "pod": "x-0"})[0] == "slurm_job_id=48213"
     assert job_of({"namespace": "ml", "pod": "train-worker-3"}) == (
         "namespace=ml,workload=train", {"namespace": "ml", "workload": "train"})
+    # `agentd rules`' per (node, job) series carry the pod's owner as workload: the same job
+    assert job_of({"namespace": "ml", "workload": "train"}) == job_of(
+        {"namespace": "ml", "pod": "train-worker-3"})
     assert job_of({"hpc_job": "77"})[0] == "hpc_job=77"
     assert job_of({"systemd_unit": "train.service"})[0] == "systemd_unit=train.service"
     # A process name, a container id or a pod UID name no job across nodes.
@@ -158,6 +161,44 @@ def test_nodes_without_job_labels_are_one_peer_group():
     r = analyze_fleet(Fleet(**{**fleet.__dict__}), Options(), gpu_detail([sim]))
     assert [f.subject["node"] for f in r.findings] == [sim.truth.node]
     assert r.findings[0].subject["job"] == ALL_NODES
+
+
+def test_source_names_nodes_and_merges_their_targets():
+    """The source aggregates per scrape target in PromQL and names the node here (a
+    label_replace per step and node costs the server ~40% of a query): dcgm-exporter's
+    hostname/Hostname, else the host of instance (IPv6 too), else --node-label; two targets
+    of one node merge as the family aggregates."""
+    from agentd.cluster.source import ClusterSource
+    from agentd.diagnose.sources.promclient import Grid
+
+    src = ClusterSource(None, 0.0, 600.0)
+    assert src.node_of({"instance": "gpu-1:9400", "Hostname": "gpu-1.dc"}) == "gpu-1.dc"
+    assert src.node_of({"instance": "gpu-1:9400", "hostname": "g1", "Hostname": "x"}) == "g1"
+    assert src.node_of({"instance": "gpu-2:9100"}) == "gpu-2"
+    assert src.node_of({"instance": "[fd00::7]:9100"}) == "[fd00::7]"
+    assert src.node_of({"instance": "gpu-3"}) == "gpu-3"
+    assert ClusterSource(None, 0, 600, node_label="k8s_node").node_of(
+        {"instance": "10.0.0.1:9400", "k8s_node": "gpu-4"}) == "gpu-4"
+    src.grid = Grid(60.0, 180.0, 60.0)
+
+    def series(instance, values, **labels):
+        return {"metric": {"instance": instance, **labels},
+                "values": [[60.0 * (i + 1), str(v)] for i, v in enumerate(values)]}
+
+    two = [series("gpu-1:9400", [0.5, 0.7, 0.9], pod="train-0"),
+           series("gpu-1:9401", [0.6, 0.4, float("nan")], pod="train-0"),
+           series("gpu-2:9400", [0.1, 0.2, 0.3], pod="train-1")]
+    rows = src._rows(two, "clock_min")
+    key = ("gpu-1", (("pod", "train-0"),))
+    assert rows[key][0] == {"node": "gpu-1", "pod": "train-0"}
+    np.testing.assert_allclose(rows[key][1], [0.5, 0.4, 0.9])
+    np.testing.assert_allclose(src._rows(two, "act_max")[key][1], [0.6, 0.7, 0.9])
+    np.testing.assert_allclose(src._rows(two, "net_errors")[key][1], [1.1, 1.1, 0.9])
+    # evidence() and the per-GPU detail select these targets, escaped for RE2
+    assert src._only(["gpu-1"]) == 'instance=~"gpu-1:9400|gpu-1:9401"'
+    src._targets["gpu.5"] = {"gpu.5:9400"}
+    assert src._only(["gpu.5"]) == 'instance=~"gpu\\\\.5:9400"'
+    assert src._only(["gpu-9"]) == ""
 
 
 @pytest.mark.parametrize("args, message", [

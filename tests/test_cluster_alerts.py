@@ -203,6 +203,23 @@ scrape_configs:
         assert named == {(nodes.targets()[3], "throttled"), (nodes.targets()[1], "straggler")}
         assert doc["jobs"][0]["job"] == "namespace=ml,workload=train"
         assert doc["jobs"][0]["gpus"] == 32
+        # A 3 s step is finer than the rules' 10 s rates: the raw series. At a 10 s step the
+        # rules' per (node, job) series stand for them, and name the same nodes.
+        assert doc["query"]["recording_rules"] == []
+        r = subprocess.run(agentd_cmd("diagnose", "--prometheus",
+                                      f"http://127.0.0.1:{prom_port}", "--cluster", "--last",
+                                      "45s", "--step", "10s", "--window", "1m",
+                                      "--node-label", "instance", "--json"),
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1, r.stdout + r.stderr
+        doc = json.loads(r.stdout)
+        assert doc["query"]["recording_rules"] == [
+            "agentd:job_node_gpu_activity:ratio_max_rate10s",
+            "agentd:job_node_gpu_busy:ratio_min_rate10s",
+            "agentd:job_node_gpu_clock:hertz_min_rate10s"]
+        assert {(f["subject"]["node"], f["kind"]) for f in doc["findings"]} == named
+        assert doc["jobs"][0]["job"] == "namespace=ml,workload=train"
+        assert doc["jobs"][0]["gpus"] == 32
     finally:
         nodes.close()
         hook.srv.shutdown()

@@ -107,8 +107,13 @@ def test_prometheus_names_each_planted_node_and_cause(prometheus, jobs):
     assert r.returncode == 1, r.stderr
     doc = json.loads(r.stdout)
     _check(doc, jobs)
-    # Cheap: per-node summaries, not per-GPU series (6 x 5 nodes, 240 GPUs here).
+    # Cheap: per-node summaries, not per-GPU series (6 x 5 nodes, 240 GPUs here); power and
+    # temperature come afterwards for the flagged nodes alone, and still explain them.
     assert doc["query"]["series"] < 40 * 30
+    for f in doc["findings"]:
+        if f["kind"] in ("throttled", "slow_gpu"):
+            assert 0.3 < f["evidence"]["power_ratio"] < 1.2, f["evidence"]
+            assert 30 < f["evidence"]["temperature_celsius"] < 100, f["evidence"]
     assert doc["fleet"]["cost"] == pytest.approx(3 * doc["fleet"]["gpu_hours_lost"])
     by_owner = {x["key"] for x in doc["fleet"]["by_owner"]}
     assert by_owner == {"namespace=ml", "namespace=vision"}

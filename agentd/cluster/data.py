@@ -5,7 +5,9 @@ host families), one value per base step (the mean over the step, or the rate ove
 counter). NaN marks a step without data; a family a source lacks is absent (not zero), and
 `missing` says what that costs.
 
-GPU families, per member (a job on a node), aggregated over the job's GPUs on the node:
+GPU families, per member (a job on a node), aggregated over the job's GPUs on the node
+(power_max, temp_max and throttle_max only explain a finding: the Prometheus source fills
+them for the flagged nodes alone, NaN elsewhere):
     busy_min     lowest busy share (NVML utilization or DCGM graphics-engine activity)
     busy_avg     mean busy share
     act_max      highest compute activity: tensor-pipe activity (NCCL's spin loops use no
@@ -23,7 +25,8 @@ Host families, per node:
     net_rate     slowest RDMA port's rate (bytes/s)
     net_util     busiest RDMA port's bytes sent over its rate: the share of time it needs
                  to move them, i.e. the job's time in transfers on that port
-    net_tx       bytes/s sent over RDMA ports (summed)
+    net_tx       bytes/s sent over RDMA ports (summed; synthetic fleets only: no detector
+                 reads it, so the Prometheus source does not fetch it)
     net_errors   link errors per second (symbol, receive, integrity errors; summed)
     net_recover  link error recoveries and link-downed events per second (summed)
     net_wait     transmit-wait ticks per second: data to send, no credits (summed)

@@ -65,6 +65,10 @@ def job_of(labels: dict, group_by: str | None = None) -> tuple[str, dict] | None
         ns, owner = labels.get("namespace", ""), pod_owner(labels["pod"])
         ident = {"namespace": ns, "workload": owner} if ns else {"workload": owner}
         return ",".join(f"{k}={v}" for k, v in ident.items()), ident
+    if labels.get("workload"):  # `agentd rules`' per-job series: the pod's owner already
+        ns, owner = labels.get("namespace", ""), labels["workload"]
+        ident = {"namespace": ns, "workload": owner} if ns else {"workload": owner}
+        return ",".join(f"{k}={v}" for k, v in ident.items()), ident
     if labels.get("systemd_unit"):
         return f"systemd_unit={labels['systemd_unit']}", {"systemd_unit": labels["systemd_unit"]}
     return None

@@ -13,33 +13,59 @@ A node is the host part of `instance` (the two exporters differ by port on one h
 overridden by dcgm-exporter's `Hostname`/`hostname`, or the label given with --node-label
 (e.g. a `kubernetes_node` that relabelling adds to both exporters' series).
 
-Each family is one range query at the base step (a counter's rate() or a gauge's
-avg_over_time() over the step, then min/max/avg over the node's GPUs); the sliding analysis
-windows are means of those steps, taken in numpy. Queries run a few at a time.
+What it costs (a 512-node, 4,096-GPU hour: bench/cluster_scale.py, docs/cluster.md):
+- Which families the server holds: one label-values request (the index, no sample read).
+- Each family the detectors compare is one range query at the base step (a counter's rate()
+  or a gauge's avg_over_time() over the step), aggregated in Prometheus per scrape target
+  and job (min/max/avg over the GPUs, max/sum over disks and ports): one series per node,
+  never per GPU. The node is named here, from the target's labels (`instance`'s host,
+  `Hostname`, or --node-label): a label_replace() in PromQL would run at every step on every
+  node's series, ~40% of the server's time on such a query. Targets of one node merge here.
+- The families that only explain a finding (power, temperature, clock-event reasons) are
+  fetched afterwards for the flagged nodes only (evidence()), and so is each finding's
+  per-GPU detail: a handful of series.
+- The base step grows with the range (an hour: 60 s; a day: 4 min), so a range query
+  returns at most a few hundred points per node.
+The sliding analysis windows are means of the steps, taken in numpy. Queries run a few at a
+time (a small thread pool).
 """
 
 from __future__ import annotations
 
+import math
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from agentd.cluster.data import GPU_FAMILIES, NODE_FAMILIES, Fleet, merge_rows
+from agentd.cluster.data import GPU_FAMILIES, NODE_FAMILIES, Fleet, _quiet, merge_rows
 from agentd.cluster.groups import ALL_NODES, OWNER_LABELS, job_of
+from agentd.daemon.config import parse_duration
 from agentd.diagnose.sources import SourceError
 from agentd.diagnose.sources.http import redact
 from agentd.diagnose.sources.promclient import Grid, PromClient, promql_string, \
-    scrape_interval
+    regex_escape, scrape_interval
 from agentd.gpu import models
 from agentd.jobs import JOB_LABELS
+from agentd.rules import CLUSTER_JOB_LABELS
 
 THROTTLE_REASONS = "sw_power_cap|hw_slowdown|sw_thermal_slowdown|hw_thermal_slowdown|" \
                    "hw_power_brake_slowdown"
 IB_ERRORS = "symbol_error|port_errors_received|local_link_integrity_errors|" \
             "excessive_buffer_overrun_errors"
 IB_RECOVERIES = "link_error_recovery|link_downed"
+NAMING = ("instance", "Hostname", "hostname")  # the labels a node is named from
+EVIDENCE = ("power_max", "temp_max", "throttle_max")  # fetched for flagged nodes only
+# How each family's rows of one node (several scrape targets) merge, by its aggregation.
+MERGE = {"busy_min": "min", "busy_avg": "avg", "act_max": "max", "clock_min": "min",
+         "power_max": "max", "temp_max": "max", "throttle_max": "max", "disk_busy": "max",
+         "psi_io": "max", "psi_cpu": "max", "cpu_busy": "avg", "net_rate": "min",
+         "net_util": "max", "net_tx": "sum", "net_errors": "sum", "net_recover": "sum",
+         "net_wait": "sum"}
+MAX_POINTS = 360  # base steps per range query, at most: the step grows with the range
+_HOST = re.compile(r"(.*?)(:[0-9]+)?")
 
 
 class ClusterSource:
@@ -56,30 +82,34 @@ class ClusterSource:
         self.parallel = parallel
         self._lock = threading.Lock()
         self.series = 0
+        self.only = ""  # an extra matcher: the flagged nodes' targets (evidence, detail)
+        self._names: set[str] | None = None  # the metric names in range (label-values API)
+        self._probe = False  # no such API: one count() probe per family
+        self._targets: dict[str, set[str]] = {}  # node -> its GPU series' naming values
+        self.recorded: dict[str, str] = {}  # family -> the recording rule read instead
+        self.phases: dict[str, float] = {}
 
     # --- PromQL pieces -------------------------------------------------------------------------
     def s(self, metric: str, extra: str = "") -> str:
-        inner = ",".join(x for x in (self.sel, extra) if x)
+        inner = ",".join(x for x in (self.sel, extra, self.only) if x)
         return f"{metric}{{{inner}}}"
 
-    def node(self, expr: str) -> str:
-        """expr with a `node` label: the host part of instance, else Hostname/hostname, or
-        --node-label."""
+    def naming(self) -> tuple[str, ...]:
+        return (self.node_label,) if self.node_label else NAMING
+
+    def node_of(self, m: dict) -> str:
+        """The node a series (aggregated per scrape target) belongs to: --node-label, else
+        dcgm-exporter's hostname/Hostname, else the host part of instance."""
         if self.node_label:
-            return f'label_replace({expr}, "node", "$1", "{self.node_label}", "(.+)")'
-        e = f'label_replace({expr}, "node", "$1", "instance", "(.*?)(:[0-9]+)?")'
-        for label in ("Hostname", "hostname"):
-            e = f'label_replace({e}, "node", "$1", "{label}", "(.+)")'
-        return e
+            return m.get(self.node_label, "")
+        return m.get("hostname") or m.get("Hostname") or \
+            _HOST.fullmatch(m.get("instance", "")).group(1)
 
     def by_node(self, agg: str, inner: str, ids: str = "") -> str:
-        """agg of inner per node (and ids): first per scrape target and ids, so the
-        label_replace that names the node runs on one series per node, not per GPU or port.
-        A count is summed in the second step."""
-        pre = self.node_label if self.node_label else "instance, Hostname, hostname"
+        """agg of inner per scrape target (and ids): one series per node. The node is named
+        and a node's targets merged in _rows()."""
         extra = f", {ids}" if ids else ""
-        outer = "sum" if agg == "count" else agg
-        return f"{outer} by (node{extra}) ({self.node(f'{agg} by ({pre}{extra}) ({inner})')})"
+        return f"{agg} by ({', '.join(self.naming())}{extra}) ({inner})"
 
     def _q(self, query: str) -> list[dict]:
         out = self.c.query_range(query, self.grid.t[0], self.grid.t[-1], self.grid.step)
@@ -94,6 +124,18 @@ class ClusterSource:
         return out
 
     def _has(self, metric: str) -> bool:
+        if self._names is None:
+            try:
+                self._names = set(self.c.label_values(
+                    "__name__", self.start, self.end, "{" + self.sel + "}" if self.sel
+                    else None))
+            except SourceError:
+                self._names = set()
+            # a store without the label-values API (or that answers it with nothing): probe
+            # each family with a query
+            self._probe = not self._names
+        if not self._probe:
+            return metric in self._names
         lookback = f"{max(int(self.end - self.start), 60)}s"
         return bool(self._i(f"count(last_over_time({self.s(metric)}[{lookback}]))"))
 
@@ -114,27 +156,95 @@ class ClusterSource:
                 raise SourceError(f"Prometheus at {self.c.url} holds neither agentd's nor "
                                   "dcgm-exporter's GPU series in the range"
                                   + (f" for {{{self.sel}}}" if self.sel else ""))
+        self._flavour, self._busy = flavour, busy_metric
         scrape = self._scrape(busy_metric)
-        step = self.step or max(60.0, 2 * (scrape or 15.0))
-        n = int((self.end - self.start) // step)
+        span = self.end - self.start
+        step = self.step or float(max(60, math.ceil(2 * (scrape or 15.0)),
+                                      math.ceil(span / MAX_POINTS / 15) * 15))
+        n = int(span // step)
         if n < 2:
             raise SourceError(f"the range holds {n} step(s) of {step:g} s: give a longer "
                               "--last or --start")
         self.grid = Grid(self.end - (n - 1) * step, self.end, step)
-        plan = self._agentd_plan() if flavour == "agentd" else self._exporters_plan(busy_metric)
-        results: dict[str, list[dict]] = {}
-        with ThreadPoolExecutor(self.parallel) as pool:
-            futs = {fam: pool.submit(self._q, q) for fam, q in plan["range"].items() if q}
-            instant = {k: pool.submit(self._i, q) for k, q in plan["instant"].items() if q}
-            for fam, fut in futs.items():
-                results[fam] = fut.result()
-            inst = {k: fut.result() for k, fut in instant.items()}
+        self.phases["discover"] = time.monotonic() - t_start
+        t = time.monotonic()
+        plan = self._plan()
+        rng = {f: q for f, q in plan["range"].items() if q and f not in EVIDENCE}
+        results, inst = self._run(rng, plan["instant"])
+        self.phases["fetch"] = time.monotonic() - t
+        t = time.monotonic()
         fleet = self._assemble(results, inst, plan, flavour)
+        self.phases["assemble"] = time.monotonic() - t
+        self._stats(fleet, q0, b0, scrape)
+        return fleet, self._detail(plan["detail"])
+
+    def _stats(self, fleet: Fleet, q0: int, b0: int, scrape) -> None:
         fleet.stats = {"queries": self.c.queries - q0, "series": self.series,
                        "bytes": self.c.bytes - b0,
-                       "seconds": round(time.monotonic() - t_start, 3),
-                       "flavour": flavour, "scrape_interval_seconds": scrape}
-        return fleet, self._detail(plan["detail"])
+                       "seconds": round(sum(self.phases.values()), 3),
+                       "flavour": self._flavour, "scrape_interval_seconds": scrape,
+                       "recording_rules": sorted(self.recorded.values()),
+                       "phases": {k: round(v, 3) for k, v in self.phases.items()}}
+        self._q0, self._b0, self._scrape_s = q0, b0, scrape
+
+    def _plan(self) -> dict:
+        return self._agentd_plan() if self._flavour == "agentd" else \
+            self._exporters_plan(self._busy)
+
+    def _run(self, rng: dict, instant: dict) -> tuple[dict, dict]:
+        with ThreadPoolExecutor(self.parallel) as pool:
+            futs = {fam: pool.submit(self._q, q) for fam, q in rng.items() if q}
+            inst = {k: pool.submit(self._i, q) for k, q in instant.items() if q}
+            return ({fam: f.result() for fam, f in futs.items()},
+                    {k: f.result() for k, f in inst.items()})
+
+    def evidence(self, fleet: Fleet, nodes) -> bool:
+        """Fill the families that only explain a finding (power, temperature, clock-event
+        reasons) for these nodes' members, from their targets' series alone; True when any
+        came back. The other members keep NaN: no detector compares them."""
+        only = self._only(nodes)
+        if not only:
+            return False
+        t = time.monotonic()
+        self.only = only
+        try:
+            plan = self._plan()
+        finally:
+            self.only = ""
+        rng = {f: q for f, q in plan["range"].items() if q and f in EVIDENCE}
+        results, _ = self._run(rng, {})
+        index = {(m.job, m.node): i for i, m in enumerate(fleet.members)}
+        got = False
+        for fam, series in results.items():
+            for key, (_, arr) in self._rows(series, fam).items():
+                i = index.get((self._job_of_key.get(key), key[0]))
+                if i is None or not np.isfinite(arr).any():
+                    continue
+                if fam == "power_max" and not self._power_limit:
+                    # dcgm-exporter's default set has no power limit: the model's.
+                    gm = models.lookup(self._model_of.get(key[0]))
+                    arr = arr / gm.power_limit_watts if gm else arr * np.nan
+                if fam not in fleet.gpu:
+                    fleet.gpu[fam] = np.full((len(fleet.members), len(fleet.t)), np.nan)
+                row = fleet.gpu[fam][i]
+                fleet.gpu[fam][i] = arr if not np.isfinite(row).any() else \
+                    _merge(MERGE[fam], row, arr)
+                got = True
+        self.phases["evidence"] = time.monotonic() - t
+        self._stats(fleet, self._q0, self._b0, self._scrape_s)
+        return got
+
+    def _only(self, nodes) -> str:
+        """A matcher for the GPU series of these nodes."""
+        if self.node_label:
+            values = sorted(set(nodes))
+            label = self.node_label
+        else:
+            values = sorted({v for n in nodes for v in self._targets.get(n, ())})
+            label = "instance"
+        if not values:
+            return ""
+        return f'{label}=~{promql_string("|".join(regex_escape(v) for v in values))}'
 
     def _scrape(self, metric: str) -> float | None:
         return scrape_interval(self.c, metric, "{" + self.sel + "}", self.end)
@@ -176,10 +286,9 @@ class ClusterSource:
         }
         rng.update(self._host_exporters(w))
         inst = {
+            # GPUs per (node, job) and the node's model, in one pass over the range
             "gpus": self.by_node("count", self._over_range("last_over_time", busy_metric),
-                                 ids_s),
-            "models": self.by_node("count", self._over_range("last_over_time", busy_metric),
-                                   "modelName"),
+                                 f"{ids_s}, modelName"),
             "remapped_rows": self.by_node("max", self._over_range(
                 "max_over_time", "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS")),
             "row_remap_failed": self.by_node("max", self._over_range(
@@ -213,14 +322,42 @@ class ClusterSource:
                                     f"[{w}])"),
             "net_util": host("max", f"rate({self.s(ib + 'port_data_transmitted_bytes_total')}"
                                     f"[{w}]) / {self.s(ib + 'rate_bytes_per_second')}"),
-            "net_tx": host("sum", f"rate({self.s(ib + 'port_data_transmitted_bytes_total')}"
-                                  f"[{w}])"),
             "net_errors": host("sum", "rate({}[{}])".format(self.s(
                 "", f'__name__=~"{ib}({IB_ERRORS})_total"'), w)),
             "net_recover": host("sum", "rate({}[{}])".format(self.s(
                 "", f'__name__=~"{ib}({IB_RECOVERIES})_total"'), w)),
             "net_wait": host("sum", f"rate({self.s(ib + 'port_transmit_wait_total')}[{w}])"),
         }
+
+    def _recorded(self, activity: bool) -> dict[str, str]:
+        """family -> the `agentd rules` series that holds it per (node, job), where those
+        rules run and can stand for the raw series: their rate window no longer than the
+        base step (a 5-minute rate read every minute would blur each onset over five), the
+        nodes named by `instance` and the jobs by the rules' labels (no --selector, whose
+        labels the rules aggregate away; --group-by only by one of the rules' job labels)."""
+        if self.sel or self.node_label not in (None, "instance") or \
+                self.group_by not in (None, *CLUSTER_JOB_LABELS) or self._probe:
+            return {}
+        want = {"busy_min": ("busy", "ratio_min"), "clock_min": ("clock", "hertz_min")}
+        if activity:
+            want["act_max"] = ("activity", "ratio_max")
+        out = {}
+        for fam, (name, unit) in want.items():
+            best = None
+            for n in self._names or ():
+                m = re.fullmatch(rf"agentd:job_node_gpu_{name}:{unit}_rate([0-9a-z]+)", n)
+                if not m:
+                    continue
+                try:
+                    window = parse_duration(m.group(1), "rate window")
+                except ValueError:
+                    continue
+                if window <= self.grid.step and (best is None or window > best[0]):
+                    best = (window, n)  # the longest window within the step: least noise
+            if best:
+                out[fam] = best[1]
+        self.recorded = out
+        return out
 
     def _agentd_plan(self) -> dict:
         w = self._win()
@@ -258,6 +395,10 @@ class ClusterSource:
                                    f"[{w}])"),
             "throttle_max": gpu("max", throttle),
         }
+        # Where `agentd rules` runs, its per (node, job) series hold the compared families
+        # already aggregated over the GPUs: one series per node instead of 8.
+        for fam, name in self._recorded(act is not None).items():
+            rng[fam] = f"avg_over_time({self.s(name)}[{w}])"
 
         def host(agg: str, inner: str) -> str:
             return self.by_node(agg, inner)
@@ -277,7 +418,6 @@ class ClusterSource:
             "net_rate": host("min", f"avg_over_time({self.s(rd + 'port_speed_bytes')}[{w}])"),
             "net_util": host("max", f"rate({self.s(rd + 'transmit_bytes_total')}[{w}]) / "
                                     f"{self.s(rd + 'port_speed_bytes')}"),
-            "net_tx": host("sum", f"rate({self.s(rd + 'transmit_bytes_total')}[{w}])"),
             "net_errors": host("sum", "rate({}[{}])".format(self.s(
                 rd + "port_errors_total", 'type!~"link_error_recovery|link_downed"'), w)),
             "net_recover": host("sum", "rate({}[{}])".format(self.s(
@@ -306,29 +446,58 @@ class ClusterSource:
                   "busy_min": ("agentd_gpu_busy_seconds_total", "rate", "")}
         return {"range": rng, "instant": inst, "detail": detail, "ids": ids}
 
+    def _rows(self, series: list[dict], fam: str) -> dict[tuple, tuple[dict, np.ndarray]]:
+        """A family's per-target series as rows per (node, job labels): the node named, the
+        targets of one node merged. Remembers each node's GPU targets (for evidence())."""
+        out: dict[tuple, tuple[dict, np.ndarray]] = {}
+        naming = self.naming()
+        gpu = fam in GPU_FAMILIES or fam == "gpus"
+        for s in series:
+            m = s["metric"]
+            node = self.node_of(m)
+            if not node:
+                continue
+            rest = {k: v for k, v in m.items() if k not in naming and k != "__name__"}
+            if gpu:
+                target = m.get(self.node_label or "instance")
+                if target:
+                    self._targets.setdefault(node, set()).add(target)
+            key = (node, tuple(sorted(rest.items())))
+            arr = _place(self.grid, s.get("values", [])) if "values" in s else \
+                np.array([_value(s)])
+            if key in out:
+                arr = _merge(MERGE.get(fam, "sum"), out[key][1], arr)
+            out[key] = ({"node": node, **rest}, arr)
+        return out
+
     # --- assembling the fleet ------------------------------------------------------------------
     def _assemble(self, results: dict, inst: dict, plan: dict, flavour: str) -> Fleet:
         grid = self.grid
         T = len(grid.t)
         gpu_rows: dict[tuple, dict] = {}
         labels_of: dict[tuple, dict] = {}
+        recorded_keys = set()
         for fam in GPU_FAMILIES:
-            for s in results.get(fam, []):
-                m = s["metric"]
-                node = m.get("node", "")
-                if not node:
-                    continue
-                key = (node, tuple(sorted((k, v) for k, v in m.items() if k != "node")))
-                labels_of[key] = m
-                gpu_rows.setdefault(key, {})[fam] = _place(grid, s.get("values", []))
-        count = {}
+            for key, (labels, arr) in self._rows(results.get(fam, []), fam).items():
+                labels_of[key] = labels
+                gpu_rows.setdefault(key, {})[fam] = arr
+                if fam in self.recorded:
+                    recorded_keys.add(key)
+        count: dict[tuple, int] = {}
+        model_gpus: dict[str, dict[str, int]] = {}
         for s in inst.get("gpus", []):
-            m = s["metric"]
-            key = (m.get("node", ""), tuple(sorted((k, v) for k, v in m.items() if k != "node")))
-            try:
-                count[key] = int(float(s["value"][1]))
-            except (KeyError, IndexError, TypeError, ValueError):
+            m = dict(s["metric"])
+            model = m.pop("modelName", "")
+            v = _value(s)
+            if v != v:
                 continue
+            node = self.node_of(m)
+            rest = {k: v for k, v in m.items() if k not in self.naming()}
+            key = (node, tuple(sorted(rest.items())))
+            count[key] = count.get(key, 0) + int(v)
+            if model:
+                per = model_gpus.setdefault(node, {})
+                per[model] = per.get(model, 0) + int(v)
         if not gpu_rows:
             raise SourceError(f"Prometheus at {self.c.url} holds no GPU series between "
                               f"{self.start:.0f} and {self.end:.0f}"
@@ -346,8 +515,12 @@ class ClusterSource:
                 continue
             job, ident = j if j is not None else (ALL_NODES, {})
             m = labels_of[key]
+            # a recording rule's row (pod owner, not pod) counts no GPUs: the raw rows do
             rows.append((job, key[0], ident, {k: v for k, v in m.items() if v}, fam,
-                         count.get(key, 1)))
+                         count.get(key, 0 if key in recorded_keys else 1)))
+        # evidence() finds a row's member by (job, node)
+        self._job_of_key = {key: (j[0] if j is not None else ALL_NODES)
+                            for key, j in jobs.items() if j is not None or not any_job}
         if spare:
             notes.append(f"{len(spare)} node(s) hold GPUs with no job label: left out of the "
                          "peer groups (spare GPUs, or jobs agentd cannot attribute)")
@@ -359,30 +532,29 @@ class ClusterSource:
         host = {}
         for fam in NODE_FAMILIES:
             arr = np.full((len(nodes), T), np.nan)
-            for s in results.get(fam, []):
-                n = s["metric"].get("node", "")
+            for (n, _), (_, row) in self._rows(results.get(fam, []), fam).items():
                 if n in ni:
-                    arr[ni[n]] = _place(grid, s.get("values", []))
+                    arr[ni[n]] = row if not np.isfinite(arr[ni[n]]).any() else \
+                        _merge(MERGE[fam], arr[ni[n]], row)
             if np.isfinite(arr).any():
                 host[fam] = arr
-        model_of: dict[str, str] = {}
-        for s in inst.get("models", []):
+        model_of: dict[str, str] = {n: max(per, key=per.get) for n, per in model_gpus.items()}
+        for s in inst.get("models", []):  # agentd: agentd_gpu_info{name}
             m = s["metric"]
-            model_of[m.get("node", "")] = m.get("modelName") or m.get("name") or ""
+            model_of.setdefault(self.node_of(m), m.get("modelName") or m.get("name") or "")
         clock_max: dict[str, float] = {}
         for s in inst.get("clock_max", []):
-            clock_max[s["metric"].get("node", "")] = _value(s)
+            v = _value(s)
+            n = self.node_of(s["metric"])
+            if v == v:
+                clock_max[n] = max(clock_max.get(n, v), v)
         for n in nodes:
             if n not in clock_max:
                 gm = models.lookup(model_of.get(n))
                 if gm is not None:
                     clock_max[n] = gm.sm_clock_max_hz
-        if not plan.get("power_limit", True) and "power_max" in gpu:
-            # dcgm-exporter's default set has no power limit: the model's.
-            for i, mem in enumerate(members):
-                gm = models.lookup(model_of.get(mem.node))
-                gpu["power_max"][i] = gpu["power_max"][i] / gm.power_limit_watts if gm \
-                    else np.nan
+        self._power_limit = plan.get("power_limit", True)
+        self._model_of = model_of
         health: dict[str, dict] = {}
         for key, name in (("remapped_rows", "remapped rows"),
                           ("row_remap_failed", "row remapping failed"),
@@ -390,7 +562,9 @@ class ClusterSource:
             for s in inst.get(key, []):
                 v = _value(s)
                 if v == v and v > 0:
-                    health.setdefault(s["metric"].get("node", ""), {})[name] = v
+                    per = health.setdefault(self.node_of(s["metric"]), {})
+                    per[name] = v + per.get(name, 0) if key == "xid_events" else \
+                        max(per.get(name, v), v)
         prices = {}
         for s in inst.get("price", []):
             v = _value(s)
@@ -415,26 +589,50 @@ class ClusterSource:
                      price_per_gpu_hour=prices).check()
 
     def _detail(self, spec: dict):
-        """detail(node, family, t0, t1) -> {gpu: mean over (t0, t1]}: one instant query for
-        one node's GPUs, for the findings only."""
+        """detail(node, family, t0, t1) -> {gpu: mean over (t0, t1]}: one instant query over
+        that node's GPU series alone, for the findings only (remembered: the analysis may
+        ask twice)."""
+        seen: dict[tuple, dict[str, float]] = {}
 
         def detail(node: str, family: str, t0: float, t1: float) -> dict[str, float]:
             got = spec.get(family)
-            if not got:
+            only = self._only([node])
+            if not got or not only:
                 return {}
+            if (node, family, t0, t1) in seen:
+                return seen[(node, family, t0, t1)]
             metric, fn, post = got
             dur = f"{max(int(t1 - t0), int(self.grid.step))}s"
-            inner = self.by_node("max", f"{fn}({self.s(metric)}[{dur}]){post}", "gpu")
-            value = promql_string(node.replace("$", "$$"))
-            only = f'label_replace(vector(1), "node", {value}, "", "")'
+            sel = ",".join(x for x in (self.sel, only) if x)
+            q = self.by_node("max", f"{fn}({metric}{{{sel}}}[{dur}]){post}", "gpu")
             try:
-                res = self._i(f"{inner} and on (node) {only}", at=t1)
+                res = self._i(q, at=t1)
             except SourceError:
                 return {}
-            return {s["metric"].get("gpu", ""): _value(s) for s in res
-                    if s["metric"].get("gpu", "") != ""}
+            out: dict[str, float] = {}
+            for s in res:
+                g = s["metric"].get("gpu", "")
+                if g != "" and self.node_of(s["metric"]) == node:
+                    v = _value(s)
+                    out[g] = v if g not in out else max(out[g], v)
+            seen[(node, family, t0, t1)] = out
+            return out
 
         return detail
+
+
+def _merge(how: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Two targets' rows of one node, merged as the family aggregates (NaN where neither
+    has data). A mean is unweighted: two exporters' targets on one node are rare."""
+    with np.errstate(all="ignore"), _quiet():
+        if how == "min":
+            return np.fmin(a, b)
+        if how == "max":
+            return np.fmax(a, b)
+        both = np.isfinite(a) & np.isfinite(b)
+        total = np.where(np.isfinite(a), a, 0.0) + np.where(np.isfinite(b), b, 0.0)
+        total[~(np.isfinite(a) | np.isfinite(b))] = np.nan
+        return np.where(both, total / 2, total) if how == "avg" else total
 
 
 def _place(grid: Grid, values: list) -> np.ndarray:

@@ -44,7 +44,13 @@ class PromClient:
         self.bytes = 0
 
     def _get(self, path: str, params: dict) -> dict:
-        url = f"{self.url}{path}?" + urllib.parse.urlencode(params)
+        data = self._data(path, params)
+        if not isinstance(data, dict) or not isinstance(data.get("result"), list):
+            raise SourceError(f"Prometheus at {redact(self.url)} answered without a result")
+        return data
+
+    def _data(self, path: str, params) -> object:
+        url = f"{self.url}{path}?" + urllib.parse.urlencode(params, doseq=True)
         status, body = get(url, "Prometheus", self.opts, accept="application/json")
         self.queries += 1
         self.bytes += len(body)
@@ -61,10 +67,7 @@ class PromClient:
         if status != 200 or doc.get("status") != "success":
             detail = str(doc.get("error", ""))[:300]
             raise SourceError(f"Prometheus at {redact(self.url)} answered {status}: {detail}")
-        data = doc.get("data")
-        if not isinstance(data, dict) or not isinstance(data.get("result"), list):
-            raise SourceError(f"Prometheus at {redact(self.url)} answered without a result")
-        return data
+        return doc.get("data")
 
     def query_range(self, query: str, start: float, end: float, step: float) -> list[dict]:
         return self._series(self._get("/api/v1/query_range", {
@@ -76,6 +79,21 @@ class PromClient:
         if at is not None:
             params["time"] = f"{at:.3f}"
         return self._series(self._get("/api/v1/query", params)["result"])
+
+    def label_values(self, label: str, start: float, end: float,
+                     match: str | None = None) -> list[str]:
+        """The values of `label` on the series with samples between start and end (the
+        index's answer: Prometheus may count a whole block around the range), of those
+        matching `match` where given. One request, no sample read: the cheap way to learn
+        which metric families (`__name__`) a server holds."""
+        params: dict = {"start": f"{start:.3f}", "end": f"{end:.3f}"}
+        if match:
+            params["match[]"] = [match]
+        data = self._data(f"/api/v1/label/{urllib.parse.quote(label)}/values", params)
+        if not isinstance(data, list) or not all(isinstance(v, str) for v in data):
+            raise SourceError(f"Prometheus at {redact(self.url)} answered label values that "
+                              "are not a list of strings")
+        return data
 
     def _series(self, result: list) -> list[dict]:
         """The series of a result, each checked to be shaped as the HTTP API documents:
@@ -157,8 +175,14 @@ def with_matchers(selector: str, extra: str) -> str:
 
 def scrape_interval(client: PromClient, metric: str, sel: str, at: float) -> float | None:
     """The interval a series was scraped at: the median gap between its raw samples over the
-    10 minutes before `at` (rounded to 0.1 s)."""
-    for s in client.query(f"{metric}{sel}[10m]", at=at)[:4]:
+    10 minutes before `at` (rounded to 0.1 s). The raw samples of one series only: on a
+    fleet, `metric{sel}[10m]` would be every GPU's (megabytes)."""
+    one = client.query(f"topk(1, count_over_time({metric}{sel}[10m]))", at=at)
+    if not one:
+        return None
+    labels = ",".join(f"{k}={promql_string(v)}" for k, v in sorted(one[0]["metric"].items())
+                      if k != "__name__")
+    for s in client.query(f"{metric}{{{labels}}}[10m]", at=at)[:4]:
         ts = np.array([float(v[0]) for v in s.get("values", [])])
         if len(ts) >= 3:
             gaps = np.diff(ts)
