@@ -70,6 +70,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agentd.gpu.fake import ScenarioError
     from agentd.daemon.webconfig import WebConfigError
 
+    if getattr(args, "simulate_cluster", None):
+        from agentd.sim.serve import run_cluster
+
+        return run_cluster(args)
+    if getattr(args, "simulate_nodes", None) is not None or \
+            getattr(args, "simulate_gpus", None) is not None:
+        return _fail("--simulate.nodes and --simulate.gpus go with --simulate-cluster")
     try:
         cfg = configmod.build(args)
     except configmod.ConfigError as e:

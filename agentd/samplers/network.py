@@ -3,6 +3,10 @@
 
 RDMA traffic bypasses the kernel's network stack, so it never shows in /proc/net/dev: a node
 whose collectives run over InfiniBand or RoCE looks idle there. Its port counters say otherwise.
+A bad link shows in its port's error counters (symbol errors, packets received in error, link
+error recoveries, link down events, discarded sends) and rate, and in the transmit wait of the
+port that sends into it: in a ring all-reduce every rank moves the same bytes, so bytes per
+second alone do not single it out.
 """
 
 from __future__ import annotations
@@ -51,6 +55,12 @@ class RdmaPort:
     tx_packets: int
     xmit_wait: int
     rate_bytes: float | None
+    # Error counters; None where the adapter does not have the file (absent, not 0).
+    symbol_errors: int | None = None
+    rcv_errors: int | None = None
+    link_error_recovery: int | None = None
+    link_downed: int | None = None
+    xmit_discards: int | None = None
 
 
 def parse_rdma_rate(text: str) -> float | None:
@@ -79,6 +89,11 @@ def read_rdma_port(port_dir: str) -> RdmaPort | None:
         tx_packets=counter("port_xmit_packets") or 0,
         xmit_wait=counter("port_xmit_wait") or 0,
         rate_bytes=parse_rdma_rate(rate) if rate else None,
+        symbol_errors=counter("symbol_error"),
+        rcv_errors=counter("port_rcv_errors"),
+        link_error_recovery=counter("link_error_recovery"),
+        link_downed=counter("link_downed"),
+        xmit_discards=counter("port_xmit_discards"),
     )
 
 
@@ -172,6 +187,12 @@ class NetworkSampler(Sampler):
                 ("agentd_rdma_transmit_packets_total", lab, p.tx_packets),
                 ("agentd_rdma_transmit_wait_total", lab, p.xmit_wait),
             ]
+            out += [(name, lab, v) for name, v in (
+                ("agentd_rdma_symbol_errors_total", p.symbol_errors),
+                ("agentd_rdma_receive_errors_total", p.rcv_errors),
+                ("agentd_rdma_link_error_recovery_total", p.link_error_recovery),
+                ("agentd_rdma_link_downed_total", p.link_downed),
+                ("agentd_rdma_transmit_discards_total", p.xmit_discards)) if v is not None]
             if p.rate_bytes is not None:
                 out.append(("agentd_rdma_port_speed_bytes", lab, p.rate_bytes))
         return out

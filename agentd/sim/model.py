@@ -227,10 +227,13 @@ class Simulator:
     GCUM = ("busy", "sm_active", "pcie_rx", "nvlink", "steps", "stall", "cache_read",
             "worker_cpu", "trainer_cpu", "gpu_read", "pcie_tx", "io_blocked", "collective_wait")
 
-    def __init__(self, p: JobParams, dt: float = 0.01, collective_s: float | None = None):
+    def __init__(self, p: JobParams, dt: float = 0.01, collective_s: float | None = None,
+                 clocks: list[float] | None = None):
         """collective_s: this node is one of several of a job (agentd/sim/cluster.py), whose
         collective takes that long once every rank has arrived; the barrier is settled across
-        the nodes by the caller (settle_barrier), and peer_wait_s does not apply."""
+        the nodes by the caller (settle_barrier), and peer_wait_s does not apply.
+        clocks: each GPU's SM clock as a share of its maximum in normal operation (GPUs of one
+        model boost to slightly different clocks); episodes' clock factors apply on top."""
         if dt > 0.01:
             raise ValueError("the time step must be at most 10 ms")
         self.p = p
@@ -271,6 +274,11 @@ class Simulator:
         self.compute_len = [0.0] * g
         self.compute_clock = [1.0] * g
         self.cycle_stall = [0.0] * g
+        self.cycle_blame = [B_COMPUTE] * g  # what held its input up, if it stalled
+        self.arrived_abs = [0.0] * g  # when it last arrived at the barrier (seconds)
+        self.base_clock = list(clocks) if clocks is not None else [1.0] * g
+        if len(self.base_clock) != g:
+            raise ValueError("clocks: one per GPU")
         self.storage_avail = storage_throughput(p)
         self.uplink_bw = uplink_capacity(p)
         if self.uplink_bw > 0:
@@ -294,7 +302,7 @@ class Simulator:
         """(clock factor per GPU, cache hit ratio, idle per GPU) in force at time t."""
         p = self.p
         g = p.gpus
-        clock = [1.0] * g
+        clock = list(self.base_clock)
         cache = p.cache_hit
         idle = [False] * g
         self.storage_factor = 1.0
@@ -362,7 +370,7 @@ class Simulator:
         if p.episodes or p.checkpoint_every_s or p.eval_every_s:
             clock, cache_hit, idle = self._conditions(self.now)
         else:
-            clock, cache_hit, idle = [1.0] * g, p.cache_hit, [False] * g
+            clock, cache_hit, idle = self.base_clock, p.cache_hit, [False] * g
         batch_bytes = p.batch_size * p.sample_bytes
         sb = batch_bytes * (1 - cache_hit)  # storage bytes per batch
         h2d = p.h2d_bytes_per_step
@@ -621,7 +629,9 @@ class Simulator:
         if self.in_cluster:
             cs = self.cycle_stall
             for i in range(g):
-                cs[i] += stall[i]
+                if stall[i]:
+                    cs[i] += stall[i]
+                    self.cycle_blame[i] = blame[i]
         self.now += dt
         gc = self.gcum
         for i in range(g):
@@ -683,13 +693,19 @@ class Simulator:
 
     def _arrive(self, i: int, at: float) -> None:
         self._arrivals[i] = at
+        self.arrived_abs[i] = self.now + at
 
     def run(self, seconds: float) -> Trace:
         n = int(round(seconds / self.dt))
-        g = self.p.gpus
         rec: list = []
         for _ in range(n):
             self._step(rec)
+        return self.trace(rec)
+
+    def trace(self, rec: list) -> Trace:
+        """The Trace of the rows _commit recorded."""
+        n = len(rec)
+        g = self.p.gpus
         width = 1 + g * len(self.GCUM) + len(self.CUM) + 2 * g
         table = np.array(rec, dtype=float).reshape(n, width)
         gcols = {k: table[:, 1 + j * g: 1 + (j + 1) * g] for j, k in enumerate(self.GCUM)}
