@@ -148,20 +148,66 @@ class ClusterSpec:
                 raise ValueError(f"link episode: node {ep.node} has no NIC {ep.nic}")
 
 
-def link_state(spec: ClusterSpec, t: float) -> tuple[np.ndarray, np.ndarray, list]:
-    """(signalling rate [nodes, nics], goodput [nodes, nics], per node per NIC the link
-    episode in force or None) at time t."""
+@dataclass
+class Links:
+    """The job's links at one time, [nodes, nics] each."""
+
+    rate: np.ndarray  # signalling rate, bytes/s
+    goodput: np.ndarray  # what a transfer reaches, bytes/s
+    retransmit: np.ndarray  # bytes sent again, share of goodput (a lossy link)
+    loss: np.ndarray  # share of packets received in error
+    recoveries_per_hour: np.ndarray
+    episodes: list  # per node per NIC the LinkEpisode in force, or None
+
+
+def link_state(spec: ClusterSpec, t: float) -> Links:
+    """The links at time t: each node's NICs with the link episodes in force."""
     n, nics = len(spec.nodes), len(spec.nodes[0].nics)
-    rate = np.array([[nic.rate for nic in node.nics] for node in spec.nodes])
+    rate = np.array([[nic.rate for nic in node.nics] for node in spec.nodes], dtype=float)
     eff = np.array([[nic.efficiency for nic in node.nics] for node in spec.nodes])
+    retransmit, loss, recoveries = np.zeros((n, nics)), np.zeros((n, nics)), np.zeros((n, nics))
     bad: list = [[None] * nics for _ in range(n)]
     for ep in spec.link_episodes:
         if ep.start_s <= t < ep.end_s:
             for r in (range(nics) if ep.nic < 0 else (ep.nic,)):
                 rate[ep.node, r] *= ep.rate_factor
                 eff[ep.node, r] *= ep.efficiency_factor
+                retransmit[ep.node, r] = ep.retransmit
+                loss[ep.node, r] = ep.loss
+                recoveries[ep.node, r] = ep.recoveries_per_hour
                 bad[ep.node][r] = ep
-    return rate, rate * eff, bad
+    return Links(rate, rate * eff, retransmit, loss, recoveries, bad)
+
+
+def port_increments(links: Links, moved: np.ndarray, transfer: np.ndarray,
+                    background: np.ndarray) -> dict[str, np.ndarray]:
+    """What the ports count while each moves `moved` bytes [nodes, nics] of a collective
+    each way, for `transfer` seconds (its rail's bytes at the rail's pace): bytes on the
+    wire (a lossy link's retransmissions on it and on the ports around it), packets, receive
+    and symbol errors and link recoveries on a lossy port, and transmit wait (data, no
+    credits) on the port that sends into a slower one (its predecessor on the rail's ring),
+    plus each port's share of natural congestion (`background`)."""
+    n = moved.shape[0]
+    succ = lambda a: np.roll(a, -1, axis=0)  # noqa: E731  (the next node on the ring)
+    pred = lambda a: np.roll(a, 1, axis=0)  # noqa: E731
+    wire_tx = moved * (1 + links.retransmit) * (1 + succ(links.retransmit))
+    wire_rx = moved * (1 + links.retransmit) * (1 + pred(links.retransmit))
+    errors = wire_rx / MTU * links.loss
+    own, nxt = links.goodput, succ(links.goodput)
+    wait = transfer * background
+    if n > 1:
+        wait = wait + transfer * np.clip(1 - nxt / own, 0.0, None)
+    return {"goodput_bytes": moved, "tx_bytes": wire_tx, "rx_bytes": wire_rx,
+            "tx_packets": wire_tx / MTU, "rx_packets": wire_rx / MTU,
+            "xmit_wait": wait / XMIT_WAIT_TICK_S, "rcv_errors": errors,
+            "symbol_error": errors * 4,  # several bad symbols per bad packet
+            "link_error_recovery": transfer * links.recoveries_per_hour / 3600 * (moved > 0)}
+
+
+def rail_transfer(spec: ClusterSpec, links: Links, moved: np.ndarray) -> np.ndarray:
+    """Seconds each port spends moving `moved` bytes at its rail's pace."""
+    pace = links.goodput.min(axis=0)
+    return np.where(pace > 0, moved / pace, 0.0)
 
 
 def collective_time(spec: ClusterSpec, goodput: np.ndarray) -> tuple[float, np.ndarray]:
@@ -198,7 +244,7 @@ class ClusterSimulator:
         self.spec = spec
         self.dt = dt
         self.now = 0.0
-        comm, _ = collective_time(spec, link_state(spec, 0.0)[1])
+        comm, _ = collective_time(spec, link_state(spec, 0.0).goodput)
         self.sims = [Simulator(_node_params(spec, k), dt, collective_s=comm, clocks=node.clocks)
                      for k, node in enumerate(spec.nodes)]
         nics = len(spec.nodes[0].nics)
@@ -226,17 +272,17 @@ class ClusterSimulator:
     # --- the links --------------------------------------------------------------------------
 
     def _link_now(self, t: float):
-        """The links' state at t, recomputed only when an episode starts or ends."""
+        """(links, collective seconds) at t, recomputed only when an episode starts or ends;
+        a link retraining to a lower rate goes down and up once (link_downed)."""
         key = sum(1 for e in self._episode_edges if e <= t)
         if self._links is None or self._links[0] != key:
-            rate, goodput, bad = link_state(self.spec, t)
-            comm, pace = collective_time(self.spec, goodput)
-            self._links = (key, rate, goodput, bad, comm, pace)
+            links = link_state(self.spec, t)
+            comm, _ = collective_time(self.spec, links.goodput)
+            self._links = (key, links, comm)
             for k in range(len(self.spec.nodes)):
-                self.net[k]["rate"][:] = rate[k]
+                self.net[k]["rate"][:] = links.rate[k]
             for e, ep in enumerate(self.spec.link_episodes):
                 if ep.rate_factor < 1 and ep.start_s <= t < ep.end_s:
-                    # Retraining to a lower speed takes the link down and up once.
                     for r in (range(self.nics) if ep.nic < 0 else (ep.nic,)):
                         if (e, ep.node, r) not in self._downed:
                             self._downed.add((e, ep.node, r))
@@ -247,58 +293,26 @@ class ClusterSimulator:
     def _network(self, states) -> None:
         """Add the step's RDMA traffic: each rank in its collective moved its share of the
         network bytes (frac of a collective), through its rail's NIC, both ways."""
-        _, rate, goodput, bad, comm, pace = self._links
-        per_gpu = self.spec.network_bytes_per_gpu()
-        n = len(self.sims)
         if not any(any(st.frac) for st in states):
             return
-        moved = np.zeros((n, self.nics))
+        links = self._links[1]
+        per_gpu = self.spec.network_bytes_per_gpu()
+        moved = np.zeros((len(self.sims), self.nics))
         for k, st in enumerate(states):
             for i, f in enumerate(st.frac):
                 if f:
                     moved[k, self.rail[i]] += f * per_gpu
-        # Transfer time per rail: the rail's bytes at its pace (the part of the collective
-        # spent on the network).
-        transfer = np.where(pace > 0, moved / pace, 0.0)
-        for k in range(n):
-            net = self.net[k]
-            wire_tx = moved[k].copy()
-            wire_rx = moved[k].copy()
-            for r in range(self.nics):
-                ep = bad[k][r]
-                if ep is not None and moved[k, r]:
-                    wire_tx[r] *= 1 + ep.retransmit
-                    wire_rx[r] *= 1 + ep.retransmit
-                    errors = wire_rx[r] / MTU * ep.loss
-                    net["rcv_errors"][r] += errors
-                    net["symbol_error"][r] += errors * 4  # several bad symbols per bad packet
-                    net["link_error_recovery"][r] += transfer[k, r] * ep.recoveries_per_hour \
-                        / 3600
-                # The port sending into a bad link on its rail waits for credits.
-                succ = (k + 1) % n
-                nxt = bad[succ][r]
-                if nxt is not None and moved[k, r]:
-                    wire_tx[r] *= 1 + nxt.retransmit
-                own = goodput[k, r]
-                wait = transfer[k, r] * max(0.0, 1 - goodput[succ, r] / own) \
-                    if goodput[succ, r] < own and succ != k else 0.0
-                wait += transfer[k, r] * self._background[k, r]
-                net["xmit_wait"][r] += wait / XMIT_WAIT_TICK_S
-                prev = bad[(k - 1) % n][r]
-                if prev is not None and moved[k, r]:
-                    wire_rx[r] *= 1 + prev.retransmit
-            net["goodput_bytes"] += moved[k]
-            net["tx_bytes"] += wire_tx
-            net["rx_bytes"] += wire_rx
-            net["tx_packets"] += wire_tx / MTU
-            net["rx_packets"] += wire_rx / MTU
+        inc = port_increments(links, moved, rail_transfer(self.spec, links, moved),
+                              self._background)
+        for k, net in enumerate(self.net):
+            for f, v in inc.items():
+                net[f] += v[k]
 
     # --- stepping ---------------------------------------------------------------------------
 
     def _step(self, recs: list[list], net_rows: list[list]) -> None:
         dt = self.dt
-        links = self._link_now(self.now)
-        comm = links[4]
+        comm = self._link_now(self.now)[2]
         states = [sim._advance() for sim in self.sims]
         rel = settle_barrier(self.sims, states, dt, collective_s=comm)
         if rel is not None:
@@ -333,7 +347,7 @@ class ClusterSimulator:
         excess = comm - self._healthy_comm
         pace_node = -1
         if excess > LINK_EXCESS * self._healthy_comm:
-            goodput = self._links[2]
+            goodput = self._links[1].goodput
             pace_node = int(np.unravel_index(np.argmin(goodput), goodput.shape)[0])
         self._releases.append((release, k, i, cause, held, comm, max(excess, 0.0), pace_node))
         for sim, st in zip(sims, states):

@@ -79,7 +79,7 @@ from agentd.tomlfile import read_toml
 CLUSTER_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "scenarios", "cluster")
 CAUSES = ("healthy", "throttled", "slow_gpu", "input", "network")
 SCHEDULERS = ("slurm", "kubernetes")
-MAX_NODES = 64
+MAX_NODES = 4096  # a file's jobs draw 2-64 nodes; a fleet benchmark may ask for one of 512
 MAX_GPUS = 8
 
 ScenarioError = node_scenarios.ScenarioError
@@ -393,7 +393,7 @@ def _input_factor(spec: ClusterSpec, p, stage: str, slowdown: float) -> float:
     from agentd.sim.cluster import collective_time, link_state
     from agentd.sim.model import storage_throughput
 
-    comm, _ = collective_time(spec, link_state(spec, 0.0)[1])
+    comm, _ = collective_time(spec, link_state(spec, 0.0).goodput)
     step_rate = 1.0 / (p.compute_s + comm)  # per GPU
     want = step_rate / slowdown
     if stage == "storage":
@@ -414,6 +414,26 @@ def _identity(host: str, k: int, scheduler: str, job: str, namespace: str) -> No
               f"cri-containerd-{cid}.scope")
     return NodeIdentity(host, cgroup, namespace=namespace, pod=pod, pod_uid=uid,
                         container_id=cid)
+
+
+def relabel(cs: ClusterScenario, hosts: list[str], job_id: str | int) -> ClusterScenario:
+    """The same job under other host names and another job id (Slurm job id, or the
+    Kubernetes job's name): to put several jobs side by side in one fleet."""
+    if len(hosts) != len(cs.nodes):
+        raise ValueError("one host name per node")
+    ns = cs.nodes[0].namespace or "default"
+    idents = [_identity(h, k, cs.scheduler, str(job_id), ns) for k, h in enumerate(hosts)]
+    nodes = []
+    for node, ident in zip(cs.spec.nodes, idents):
+        nodes.append(replace(node, name=ident.name, cgroup=ident.cgroup,
+                             pod=(ident.namespace, ident.pod, ident.pod_uid)
+                             if cs.scheduler == "kubernetes" else None,
+                             container_id=ident.container_id))
+    fault = dict(cs.fault)
+    if fault:
+        fault["host"] = hosts[fault["node"]]
+    return replace(cs, spec=replace(cs.spec, nodes=nodes), nodes=idents, fault=fault,
+                   job_id=str(job_id))
 
 
 def ib_rate_text(rate: float) -> str:

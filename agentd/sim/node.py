@@ -55,6 +55,36 @@ IB_ZERO = ("excessive_buffer_overrun_errors", "local_link_integrity_errors",
 MGMT_BYTES_PER_S = 2.5e6  # the management interface's own traffic (logs, metrics, ssh)
 
 
+def job_gpu_activity(sm, busy, spin, sm_when_computing: float, dram_factor=1.0) -> dict:
+    """A multi-node job's GPU activity over an interval from its shares of SM activity,
+    busy time and collective wait (floats or arrays): tensor cores work only while it
+    computes (NCCL's spin and its transfers use none), DRAM mostly then too."""
+    # sm = c*compute + 0.05*spin + 0.1*(busy - compute - spin): the simulator's SM shares.
+    compute = np.clip((sm - 0.1 * busy + 0.05 * spin) / (sm_when_computing - 0.1), 0.0, 1.0)
+    comm = np.clip(busy - compute - spin, 0.0, 1.0)
+    return {"sm_active": sm, "sm_occupancy": sm * 0.6,
+            "tensor_active": 0.7 * sm_when_computing * compute,
+            "dram_active": np.minimum(0.4 * compute * dram_factor + 0.1 * comm, 1.0)}
+
+
+def job_gpu_gauges(active, clock, base_clock, thermal, temperature_offset, limit_w):
+    """(power W, temperature C, clock below its normal) of a multi-node job's GPU (floats
+    or arrays): power and heat follow compute activity (`active`: 0..1, a rank spinning in
+    the all-reduce is busy for NVML but draws little), a power-capped GPU draws its limit at
+    lowered clocks, a hot one (thermal) slows down at ~88 C."""
+    active = np.minimum(active, 1.0)
+    power = 90 + (limit_w - 90) * 0.93 * active * clock ** 2
+    temperature = 33 + temperature_offset + 36 * active
+    slowed = clock < base_clock - 0.01
+    hot = np.logical_and(slowed, thermal)
+    capped = np.logical_and(slowed, np.logical_not(thermal))
+    temperature = np.where(hot, np.maximum(temperature, 88 + temperature_offset / 3),
+                           temperature)
+    power = np.where(capped, np.maximum(power, limit_w * 0.985 * np.minimum(active / 0.9, 1)),
+                     power)
+    return power, temperature, slowed
+
+
 def trace_fields(tr: Trace) -> dict[str, np.ndarray]:
     return {k: getattr(tr, k) for k in TRACE_FIELDS if getattr(tr, k) is not None}
 
@@ -179,6 +209,20 @@ class History:
         return self.at(key, t1) - self.at(key, t0)
 
 
+def device_info(node_name: str, index: int, pcie_bandwidth: float) -> DeviceInfo:
+    """GPU `index` of the node named `node_name`: its UUID (unique per node name), bus id,
+    PCIe link, as the fake NVML reports them."""
+    gen, width = link_for(pcie_bandwidth)
+    return DeviceInfo(
+        index=index,
+        uuid="GPU-" + str(uuidlib.uuid5(uuidlib.NAMESPACE_OID, f"{node_name}-gpu-{index}")),
+        pci_bus_id=f"00000000:{0x18 + 0x10 * index:02X}:00.0",
+        minor=index,
+        pcie_gen=gen, pcie_width=width, pcie_max_gen=gen, pcie_max_width=width,
+        util_sample_period_s=1 / 6,
+    )
+
+
 class SimulatedGpu:
     """One GPU of the simulated node, as the fake NVML library asks about it."""
 
@@ -186,16 +230,7 @@ class SimulatedGpu:
         self.node = node
         self.index = index
         p = node.scenario.job
-        gen, width = link_for(p.pcie_bandwidth)
-        self.info = DeviceInfo(
-            index=index,
-            uuid="GPU-" + str(uuidlib.uuid5(uuidlib.NAMESPACE_OID,
-                                            f"{node.scenario.node_name}-gpu-{index}")),
-            pci_bus_id=f"00000000:{0x18 + 0x10 * index:02X}:00.0",
-            minor=index,
-            pcie_gen=gen, pcie_width=width, pcie_max_gen=gen, pcie_max_width=width,
-            util_sample_period_s=1 / 6,
-        )
+        self.info = device_info(node.scenario.node_name, index, p.pcie_bandwidth)
         # A node of a multi-node job: its GPUs' own clocks, temperatures and faults.
         spec = getattr(node, "spec", None)
         self.spec = spec
@@ -228,11 +263,14 @@ class SimulatedGpu:
         span = max(t1 - t0, 1e-9)
         sm = float(h.between("sm_active", t0, t1)[self.index]) / span
         busy = float(h.between("busy", t0, t1)[self.index]) / span
-        dram = busy * 0.35
-        if self.slowed and self._slowed_at(t1):
-            dram = min(dram * self.dram_factor, 1.0)
+        if self.spec is not None:
+            spin = float(h.between("collective_wait", t0, t1)[self.index]) / span
+            dram = self.dram_factor if self._slowed_at(t1) else 1.0
+            return {k: float(v) for k, v in job_gpu_activity(
+                sm, busy, spin, self.node.scenario.job.sm_active_when_computing,
+                dram).items()}
         return {"sm_active": sm, "sm_occupancy": sm * 0.6, "tensor_active": sm * 0.7,
-                "dram_active": dram}
+                "dram_active": busy * 0.35}
 
     def _slowed_at(self, t: float) -> bool:
         return any(a <= t < b for a, b in self.slowed)
@@ -277,31 +315,29 @@ class SimulatedGpu:
         )
 
     def _job_node_state(self, t: float) -> DeviceState:
-        """A GPU of a multi-node job: power and temperature follow SM activity (a rank
-        spinning in the all-reduce is busy for NVML but draws little), a power-capped GPU
-        draws its limit at lowered clocks, a hot one slows down for temperature."""
+        """A GPU of a multi-node job: power and temperature follow its compute
+        (job_gpu_gauges); a clock below its normal reports power cap or thermal slowdown."""
         h = self.node.history
         t0 = max(t - 1.0, 0.0)
         recent = self.busy_between(t0, t) if t > 0 else 0.0
-        active = self.activity_between(t0, t)["sm_active"] / max(
-            self.node.scenario.job.sm_active_when_computing, 1e-3) if t > t0 else 0.0
         clock = float(h.at("clock_factor", t)[self.index]) if t > 0 else self.base_clock
-        limit = self.info.power_limit_mw / 1000
-        power = 90 + (limit - 90) * 0.93 * min(active, 1.0) * clock ** 2
-        temperature = 33 + self.temperature_offset + 36 * min(active, 1.0)
+        active = 0.0
+        if t > t0:
+            a = self.activity_between(t0, t)
+            active = a["tensor_active"] / (0.7 * self.node.scenario.job.sm_active_when_computing)
+        thermal = self.spec.throttle_reason == "hw_thermal"
+        power, temperature, slowed = job_gpu_gauges(
+            active, clock, self.base_clock, thermal, self.temperature_offset,
+            self.info.power_limit_mw / 1000)
         reasons = N.nvmlClocksEventReasonGpuIdle if recent < 0.01 else 0
-        if clock < self.base_clock - 0.01:
-            if self.spec.throttle_reason == "hw_thermal":
-                reasons |= N.nvmlClocksEventReasonHwThermalSlowdown | \
-                    N.nvmlClocksEventReasonHwSlowdown
-                temperature = max(temperature, 88 + self.temperature_offset / 3)
-            else:
-                reasons |= N.nvmlClocksEventReasonSwPowerCap
-                power = max(power, limit * 0.985 * min(active / 0.9, 1.0))
+        if slowed:
+            reasons |= (N.nvmlClocksEventReasonHwThermalSlowdown |
+                        N.nvmlClocksEventReasonHwSlowdown) if thermal else \
+                N.nvmlClocksEventReasonSwPowerCap
         return DeviceState(
             memory_used=int(0.82 * self.info.memory_total),
             sm_clock_mhz=int(self.info.sm_clock_max_mhz * clock),
-            power_mw=int(power * 1000),
+            power_mw=int(float(power) * 1000),
             temperature_c=int(temperature),
             clock_event_reasons=reasons,
             pcie_gen=self.info.pcie_gen if recent > 0 else 1,
