@@ -64,6 +64,7 @@ tests and benchmarks); .nodes lists each node's host name and job identity.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import uuid as uuidlib
@@ -367,8 +368,9 @@ def _plant(cause: str, doc: dict, fault: dict, spec: ClusterSpec, node: NodeSpec
     elif cause == "network":
         nic = draw.index(doc.get("nic", -1), len(node.nics), f"{w}.nic")
         ep = LinkEpisode(onset, end, k, nic,
-                         rate_factor=draw.value(doc.get("rate_factor", 1.0), f"{w}.rate_factor",
-                                                0.01, 1),
+                         rate_factor=_link_rate(draw.value(doc.get("rate_factor", 1.0),
+                                                           f"{w}.rate_factor", 0.01, 1),
+                                                node.nics[nic].rate),
                          efficiency_factor=draw.value(doc.get("efficiency_factor", 1.0),
                                                       f"{w}.efficiency_factor", 0.01, 1),
                          loss=draw.value(doc.get("loss", 0.0), f"{w}.loss", 0, 0.5),
@@ -385,6 +387,14 @@ def _plant(cause: str, doc: dict, fault: dict, spec: ClusterSpec, node: NodeSpec
                                                       for f in fields(LinkEpisode)
                                                       if f.name not in ("start_s", "end_s",
                                                                         "node", "nic")})
+
+
+def _link_rate(factor: float, rate: float) -> float:
+    """A link retrains to one of InfiniBand's rates: the factor to the nearest below it."""
+    if factor >= 1:
+        return 1.0
+    below = [r / rate for r, _ in IB_RATES if r < rate * 0.999]
+    return min(below, key=lambda f: abs(f - factor)) if below else factor
 
 
 def _input_factor(spec: ClusterSpec, p, stage: str, slowdown: float) -> float:
@@ -434,6 +444,21 @@ def relabel(cs: ClusterScenario, hosts: list[str], job_id: str | int) -> Cluster
         fault["host"] = hosts[fault["node"]]
     return replace(cs, spec=replace(cs.spec, nodes=nodes), nodes=idents, fault=fault,
                    job_id=str(job_id))
+
+
+def with_onset(cs: ClusterScenario, onset_s: float) -> ClusterScenario:
+    """The same job with its planted problem starting at onset_s instead."""
+    cs = copy.deepcopy(cs)
+    shift = onset_s - cs.onset_s
+    if cs.fault:
+        for node in cs.spec.nodes:
+            for ep in node.params.episodes:
+                ep.start_s += shift
+        for ep in cs.spec.link_episodes:
+            ep.start_s += shift
+        cs.fault["onset_s"] = onset_s
+    cs.onset_s = onset_s
+    return cs
 
 
 def ib_rate_text(rate: float) -> str:

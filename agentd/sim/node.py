@@ -22,7 +22,6 @@ import tempfile
 import threading
 import time
 import uuid as uuidlib
-from dataclasses import replace
 
 import numpy as np
 import pynvml as N
@@ -609,7 +608,6 @@ class SimulatedNode:
         before = h.snapshot(max(t - 0.1, 0.0), ("stall", "io_wait", "io_blocked"))
         at = snap.__getitem__
         worker_cpu, trainer_cpu = at("worker_cpu"), at("trainer_cpu")
-        gpu_read, cache_read = at("gpu_read"), at("cache_read")
         stalled = (snap["stall"] - before["stall"]) > 0.05  # per GPU, over the last 100 ms
         io_recent = float(snap["io_wait"] - before["io_wait"]) > 0
         # /proc/stat: each GPU's workers on their own cores, trainers on the next ones.

@@ -696,9 +696,7 @@ def fleet_scrapes(nodes: int, gpus: int, seconds: float, interval: float = 15.0,
     then one of each planted cause, by default), each randomized by its own seed; hosts
     gpu-node-0000.., Slurm job ids (or Kubernetes job names) unique per job. onset_s: when
     the planted problems start (default: each scenario's). The step model runs each job."""
-    from dataclasses import replace
-
-    from agentd.sim.cluster_scenario import load, relabel
+    from agentd.sim.cluster_scenario import load, relabel, with_onset
     from agentd.sim.scrapes import concat, scrapes_from_steps
 
     if nodes < 1 or nodes_per_job < 1:
@@ -711,25 +709,12 @@ def fleet_scrapes(nodes: int, gpus: int, seconds: float, interval: float = 15.0,
     for j, size in enumerate(sizes):
         cs = load(scenarios[j % len(scenarios)], seed * 1000 + j, size, gpus)
         if onset_s is not None:
-            cs = replace(cs, onset_s=onset_s)
-            _move_onset(cs, onset_s)
+            cs = with_onset(cs, onset_s)
         name = f"{cs.job_id}-{j}" if cs.scheduler == "kubernetes" else 4242 + j
         cs = relabel(cs, [f"gpu-node-{first + k:0{width}d}" for k in range(size)], name)
         parts.append(scrapes_from_steps(cs, seconds, interval, start, seed * 1000 + j))
         first += size
     return concat(parts)
-
-
-def _move_onset(cs, onset_s: float) -> None:
-    """Start every planted episode of the job at onset_s instead."""
-    shift = onset_s - cs.fault.get("onset_s", onset_s) if cs.fault else 0.0
-    for node in cs.spec.nodes:
-        for ep in node.params.episodes:
-            ep.start_s += shift
-    for ep in cs.spec.link_episodes:
-        ep.start_s += shift
-    if cs.fault:
-        cs.fault["onset_s"] = onset_s
 
 
 def write_fleet(out, nodes: int, gpus: int, seconds: float, interval: float = 15.0, *,
