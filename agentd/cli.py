@@ -126,7 +126,7 @@ def _cluster_demo(args: argparse.Namespace) -> int:
     scenario = args.scenario or "throttled"
     try:
         parse_listen(args.listen_address, "--web.listen-address")
-        load(scenario, args.seed, args.nodes, args.gpus)
+        load(scenario, args.seed, 4 if args.nodes is None else args.nodes, args.gpus)
         if args.onset is not None and not args.onset >= 0:
             raise ConfigError("--onset must not be negative")
     except (ConfigError, ScenarioError) as e:
@@ -134,7 +134,7 @@ def _cluster_demo(args: argparse.Namespace) -> int:
     logs.setup("warning")
     try:
         return run_cluster_demo(scenario, args.seed, args.listen_address, args.seconds,
-                                args.nodes, args.gpus,
+                                4 if args.nodes is None else args.nodes, args.gpus,
                                 45.0 if args.onset is None else args.onset)
     except (ConfigError, WebConfigError) as e:
         return _fail(str(e))

@@ -68,14 +68,16 @@ def _outside(tmp_path) -> dict:
 @pytest.mark.slow
 def test_wheel_imports_from_its_own_install(installed, tmp_path):
     r = subprocess.run([os.path.join(installed, "python"), "-c",
-                        "import agentd.sim.scenario as s, agentd.gpu.fake.scenario as f; "
-                        "print(s.__file__); print(len(s.library()), len(f.library()))"],
+                        "import agentd.sim.scenario as s, agentd.gpu.fake.scenario as f, "
+                        "agentd.sim.cluster_scenario as c; "
+                        "print(s.__file__); print(len(s.library()), len(f.library()), "
+                        "len(c.library()))"],
                        capture_output=True, text=True, timeout=60, **_outside(tmp_path))
     assert r.returncode == 0, r.stderr
     path, counts = r.stdout.splitlines()
     assert path.startswith(os.path.dirname(installed)), path  # not the source tree
-    sims, fakes = map(int, counts.split())
-    assert sims >= 10 and fakes >= 1
+    sims, fakes, clusters = map(int, counts.split())
+    assert sims >= 10 and fakes >= 1 and clusters >= 5
 
 
 @pytest.mark.slow
@@ -92,6 +94,8 @@ def test_wheel_runs_the_demo(installed, tmp_path):
 @pytest.mark.parametrize("args, expect", [
     (["--simulate", "input-cpu"], 'agentd_build_info{'),
     (["--fake-nvml", "h100x8-steady"], 'agentd_gpu_busy_seconds_total{gpu="7"'),
+    (["--simulate-cluster", "lossy-link", "--simulate.nodes", "2", "--simulate.gpus", "1"],
+     'agentd_rdma_receive_errors_total{'),
 ])
 def test_wheel_runs_the_daemon_on_library_scenarios(installed, tmp_path, spawn, args, expect):
     port = free_port()

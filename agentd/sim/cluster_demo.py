@@ -274,14 +274,10 @@ def run_cluster_demo(scenario: str, seed: int | None, listen: str, seconds: floa
                      onset_s: float | None = None, out=sys.stdout) -> int:
     """Serve and show the simulated job for `seconds` (None or 0: until Ctrl-C)."""
     from agentd.sim.cluster_scenario import load, with_onset
-    from agentd.sim.serve import MAX_SERVED_NODES, SimulatedJob
+    from agentd.sim.serve import SimulatedJob, check_servable
 
     cs = load(scenario, seed, nodes, gpus)
-    if len(cs.spec.nodes) > MAX_SERVED_NODES:
-        from agentd.daemon.config import ConfigError
-
-        raise ConfigError(f"{len(cs.spec.nodes)} nodes; the demo serves at most "
-                          f"{MAX_SERVED_NODES} (--nodes)")
+    check_servable(len(cs.spec.nodes), cs.spec.gpus, "--nodes/--gpus")
     if onset_s is not None:
         cs = with_onset(cs, onset_s)
     cfg = replace(Config(collectors=_default_collectors()), listen_address=listen,

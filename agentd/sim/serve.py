@@ -15,9 +15,9 @@ hands each node its counters. What is process-global had to become per node: NVM
 node (agentd/gpu/fake/library.py private_pynvml), handed to that node's GPU sampler; paths,
 the host name (dcgm-exporter's Hostname label, the window's node) and the trainers' cgroups
 (their Slurm job or Kubernetes pod) are each node's own. The cost is the GIL: every node's
-samplers share one core's worth of Python, which is why a served job is capped at
-MAX_SERVED_NODES nodes (docs/simulator.md has the measured cost per node); larger jobs are
-for the OpenMetrics writer (agentd/sim/openmetrics.py), which needs no daemon at all.
+samplers share one core's worth of Python, so a served job is held to what one core keeps up
+with (serving_cores(), measured by bench/cluster_serving.py); larger jobs are for the
+OpenMetrics writer (agentd/sim/openmetrics.py), which needs no daemon at all.
 """
 
 from __future__ import annotations
@@ -38,6 +38,16 @@ from agentd.sim.scenario import Scenario
 log = logging.getLogger("agentd")
 
 MAX_SERVED_NODES = 32
+# CPU seconds per second one served node costs: a base (its samplers, window, analysis and
+# HTTP server, its share of the simulation) and a part per GPU (fake NVML, GPU sampler),
+# measured with bench/cluster_serving.py on a loaded 2-core VM (4 x 8 GPUs: 0.124 per node;
+# 8 x 1 GPU: 0.035 per node).
+NODE_CORES, GPU_CORES = 0.022, 0.0127
+
+
+def serving_cores(nodes: int, gpus: int) -> float:
+    """About how many cores serving nodes x gpus takes (at most one: the GIL)."""
+    return nodes * (NODE_CORES + GPU_CORES * gpus)
 
 
 def node_scenario(cs: ClusterScenario, k: int) -> Scenario:
@@ -125,11 +135,18 @@ def load_for_serving(args: argparse.Namespace, seed: int | None) -> ClusterScena
     ConfigError with one line otherwise)."""
     sc = load(args.simulate_cluster, seed, getattr(args, "simulate_nodes", None),
               getattr(args, "simulate_gpus", None))
-    if len(sc.spec.nodes) > MAX_SERVED_NODES:
-        raise ConfigError(f"--simulate-cluster: {len(sc.spec.nodes)} nodes; one process "
-                          f"serves at most {MAX_SERVED_NODES} (--simulate.nodes N; larger "
-                          "jobs: agentd/sim/openmetrics.py writes them for promtool backfill)")
+    check_servable(len(sc.spec.nodes), sc.spec.gpus, "--simulate.nodes/--simulate.gpus")
     return sc
+
+
+def check_servable(nodes: int, gpus: int, flags: str) -> None:
+    """ConfigError when one process cannot keep up with serving that many nodes."""
+    cores = serving_cores(nodes, gpus)
+    if nodes > MAX_SERVED_NODES or cores > 1.0:
+        raise ConfigError(f"{nodes} nodes x {gpus} GPUs would take ~{cores:.1f} cores to "
+                          "serve; one process keeps up with one (at most "
+                          f"{MAX_SERVED_NODES} nodes): fewer with {flags}, or write larger "
+                          "jobs with agentd/sim/openmetrics.py for promtool backfill")
 
 
 def run_cluster(args: argparse.Namespace) -> int:
