@@ -581,9 +581,9 @@ def test_writer_backfilled_with_promtool_and_queried(spawn, tmp_path):
 
 @pytest.mark.slow
 def test_cluster_demo_names_the_node_holding_the_job_back(tmp_path):
-    r = subprocess.run(agentd_cmd("demo", "--cluster", "--scenario", "starved-storage",
+    r = subprocess.run(agentd_cmd("demo", "--cluster", "--scenario", "throttled",
                                   "--nodes", "3", "--gpus", "1", "--onset", "8",
-                                  "--seconds", "34", "--web.listen-address",
+                                  "--seconds", "30", "--web.listen-address",
                                   f"127.0.0.1:{free_port()}"),
                        capture_output=True, text=True, timeout=150)
     assert r.returncode == 0, r.stderr
@@ -592,8 +592,8 @@ def test_cluster_demo_names_the_node_holding_the_job_back(tmp_path):
     for host in ("gpu-node-00", "gpu-node-01", "gpu-node-02"):
         assert host in first and host in last
     assert "no node stands out" in first
-    planted = C.load("starved-storage", nodes=3, gpus=1).fault["host"]
-    assert f"Holding the job back: {planted} (input)" in last
+    planted = C.load("throttled", nodes=3, gpus=1).fault["host"]
+    assert f"Holding the job back: {planted} (throttled)" in last
     assert "Traceback" not in r.stderr
 
 

@@ -99,15 +99,14 @@ class SimulatedJob:
     def start(self) -> None:
         """Start every node's daemon; if one cannot (its port is taken), stop the others and
         raise its ConfigError."""
-        started = []
+        k = 0
         try:
-            for d in self.daemons:
+            for k, d in enumerate(self.daemons):
                 d.start()
-                started.append(d)
         except BaseException:
-            for d in started:
+            for d in self.daemons[:k + 1]:  # the one that failed may have started loops
                 d.stop()
-            for node in self.nodes[len(started):]:
+            for node in self.nodes[k + 1:]:
                 node.stop()
             raise
 
