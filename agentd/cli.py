@@ -118,24 +118,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _cluster_demo(args: argparse.Namespace) -> int:
     from agentd import logs
-    from agentd.daemon.config import ConfigError, parse_listen
+    from agentd.daemon.config import ConfigError, parse_listen, parse_seed
     from agentd.daemon.webconfig import WebConfigError
     from agentd.sim.cluster_demo import run_cluster_demo
     from agentd.sim.cluster_scenario import ScenarioError, load
 
     scenario = args.scenario or "throttled"
+    nodes = 4 if args.nodes is None else args.nodes
     try:
         parse_listen(args.listen_address, "--web.listen-address")
-        load(scenario, args.seed, 4 if args.nodes is None else args.nodes, args.gpus)
-        if args.onset is not None and not args.onset >= 0:
-            raise ConfigError("--onset must not be negative")
+        seed = None if args.seed is None else parse_seed(args.seed, "--seed")
+        seconds = _duration(args.seconds, "--seconds") if args.seconds else None
+        onset = 45.0 if args.onset is None else (
+            0.0 if str(args.onset).strip() in ("0", "0s") else _duration(args.onset, "--onset"))
+        load(scenario, seed, nodes, args.gpus)
     except (ConfigError, ScenarioError) as e:
         return _fail(str(e))
     logs.setup("warning")
     try:
-        return run_cluster_demo(scenario, args.seed, args.listen_address, args.seconds,
-                                4 if args.nodes is None else args.nodes, args.gpus,
-                                45.0 if args.onset is None else args.onset)
+        return run_cluster_demo(scenario, seed, args.listen_address, seconds, nodes,
+                                args.gpus, onset)
     except (ConfigError, WebConfigError) as e:
         return _fail(str(e))
 

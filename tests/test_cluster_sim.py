@@ -597,11 +597,28 @@ def test_cluster_demo_names_the_node_holding_the_job_back(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_demo_peer_verdict_fallback_is_silent_on_peers_alike_and_names_the_odd_one():
+    from agentd.sim.cluster_demo import peer_verdict
+
+    rng = np.random.default_rng(1)
+    rows = {f"n{k}": {"clock_min": 1980e6 * rng.uniform(0.97, 1.0),
+                      "act_max": 0.40 + rng.uniform(-0.01, 0.01),
+                      "busy_min": 0.99 + rng.uniform(-0.01, 0.01), "throttle_max": 0.0,
+                      "net_rate": 50e9, "net_errors": 0.0} for k in range(6)}
+    assert peer_verdict([(0.0, rows)]) == []
+    rows["n4"].update(clock_min=1980e6 * 0.7, act_max=0.55, throttle_max=1.0)
+    found = peer_verdict([(1.0, rows)])
+    assert found[0]["host"] == "n4" and found[0]["cause"] == "throttled"
+    rows["n4"].update(clock_min=1980e6, act_max=0.4, throttle_max=0.0, net_errors=500.0)
+    assert peer_verdict([(2.0, rows)])[0]["cause"] == "network"
+
+
 def test_demo_flag_errors():
     for args, message in [(("--nodes", "3"), "go with --cluster"),
                           (("--cluster", "--scenario", "nope"), "no cluster scenario"),
                           (("--cluster", "--nodes", "99"), "one process keeps up"),
-                          (("--cluster", "--onset", "-1"), "must not be negative")]:
+                          (("--cluster", "--onset", "-1"), "--onset: must be a positive "
+                           "duration")]:
         r = subprocess.run(agentd_cmd("demo", *args, "--seconds", "1"), capture_output=True,
                            text=True, timeout=60)
         assert r.returncode == 2, (args, r.stderr)

@@ -95,7 +95,7 @@ def test_wheel_runs_the_demo(installed, tmp_path):
     (["--simulate", "input-cpu"], 'agentd_build_info{'),
     (["--fake-nvml", "h100x8-steady"], 'agentd_gpu_busy_seconds_total{gpu="7"'),
     (["--simulate-cluster", "lossy-link", "--simulate.nodes", "2", "--simulate.gpus", "1"],
-     'agentd_rdma_receive_errors_total{'),
+     'agentd_rdma_port_errors_total{'),
 ])
 def test_wheel_runs_the_daemon_on_library_scenarios(installed, tmp_path, spawn, args, expect):
     port = free_port()

@@ -18,15 +18,18 @@ summaries the cluster analysis compares (agentd/cluster/data.py names them alike
     net_errors   link errors per second         net_recover  recoveries and downs per second
     net_wait     transmit-wait ticks per second
 
-The verdict is the demo's own robust peer comparison of those rows (peer_verdict). The
-authority is the cluster analysis (`agentd diagnose --prometheus URL --cluster`): a
-function set as CLUSTER_VERDICT, taking {host: {family: value}} in ring order and
-returning findings as peer_verdict does ([{"host", "cause", "summary"}], worst first),
-replaces it here.
+The verdict is the cluster analysis' (agentd/cluster, what `agentd diagnose --prometheus
+URL --cluster` runs on Prometheus' per-node summaries), run on these rows as they come
+(cluster_verdict: the rows of each refresh are one step of a Fleet); where this build has
+no agentd.cluster, the demo's own robust peer comparison of the latest rows (peer_verdict).
+Either takes the history [(time, {host: {family: value}}), ...] and returns
+[{"host", "cause", "summary"}], worst first; a function set as CLUSTER_VERDICT replaces
+them.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import sys
 import time
@@ -38,9 +41,13 @@ import numpy as np
 from agentd.daemon.config import Config, _default_collectors
 from agentd.sim.demo import live
 
-# The cluster analysis, when wired in: {host: {family: value}} -> [{"host", "cause",
+# A replacement verdict: [(time, {host: {family: value}}), ...] -> [{"host", "cause",
 # "summary"}, ...], worst first.
 CLUSTER_VERDICT = None
+GPU_FAMILIES = ("busy_min", "busy_avg", "act_max", "clock_min", "power_max", "temp_max",
+                "throttle_max")
+HOST_FAMILIES = ("disk_busy", "psi_io", "psi_cpu", "cpu_busy", "net_rate", "net_util",
+                 "net_tx", "net_errors", "net_recover", "net_wait")
 
 THROTTLE_BITS = 0x4 | 0x8 | 0x20 | 0x40 | 0x80  # power cap, HW/thermal slowdowns, brake
 MAD_SCALE = 1.4826
@@ -56,11 +63,7 @@ def _column(ring, key: str, since: float) -> np.ndarray:
 class NodeView:
     """One node's summaries, from its daemon, over the last `span` seconds."""
 
-    COUNTERS = {"net_errors": ("agentd_rdma_symbol_errors_total",
-                               "agentd_rdma_receive_errors_total"),
-                "net_recover": ("agentd_rdma_link_error_recovery_total",
-                                "agentd_rdma_link_downed_total"),
-                "net_wait": ("agentd_rdma_transmit_wait_total",)}
+    RECOVERIES = ("link_error_recovery", "link_downed")  # agentd_rdma_port_errors_total types
 
     def __init__(self, daemon, span: float = 5.0):
         self.daemon = daemon
@@ -125,20 +128,31 @@ class NodeView:
         rates = [v for name, _, v in series if name == "agentd_rdma_port_speed_bytes"]
         if rates:
             out["net_rate"] = min(rates)
-        sums = {fam: sum(v for name, _, v in series if name in names)
-                for fam, names in self.COUNTERS.items()}
-        sums["net_tx"] = sum(v for name, _, v in series
-                             if name == "agentd_rdma_transmit_bytes_total")
+        errors = [(labels[-1], v) for name, labels, v in series
+                  if name == "agentd_rdma_port_errors_total"]
+        sent = {labels: v for name, labels, v in series
+                if name == "agentd_rdma_transmit_bytes_total"}
+        speed = {labels: v for name, labels, v in series
+                 if name == "agentd_rdma_port_speed_bytes"}
+        sums = {"net_errors": sum(v for kind, v in errors if kind not in self.RECOVERIES),
+                "net_recover": sum(v for kind, v in errors if kind in self.RECOVERIES),
+                "net_wait": sum(v for name, _, v in series
+                                if name == "agentd_rdma_transmit_wait_total"),
+                **{("tx",) + port: v for port, v in sent.items()}}
         now = time.monotonic()
         self._history.append((now, sums))
         old = next(((t, s) for t, s in self._history if now - t <= self.span + 1.5),
                     self._history[0])
-        if now - old[0] > 0.5:
-            for fam, v in sums.items():
-                out[fam] = max(v - old[1][fam], 0.0) / (now - old[0])
-        if rates and out.get("net_tx") is not None:
-            ports = max(len(rates), 1)
-            out["net_util"] = out["net_tx"] / ports / max(min(rates), 1.0)
+        span = now - old[0]
+        if span > 0.5:
+            for fam in ("net_errors", "net_recover", "net_wait"):
+                out[fam] = max(sums[fam] - old[1][fam], 0.0) / span
+            tx = {port: max(v - old[1].get(("tx",) + port, v), 0.0) / span
+                  for port, v in sent.items()}
+            out["net_tx"] = sum(tx.values())
+            util = [tx[p] / speed[p] for p in tx if speed.get(p)]
+            if util:
+                out["net_util"] = max(util)
 
     def finding(self) -> str:
         """The node's own rolling analysis' first finding, if any."""
@@ -162,10 +176,45 @@ def _robust(values: dict[str, float], floor_rel: float = 0.0, floor_abs: float =
     return {h: (x - med) / sigma for h, x in values.items()}, med
 
 
-def peer_verdict(rows: dict[str, dict[str, float]]) -> list[dict]:
-    """Which node deviates from its peers, and the physics that says why; worst first.
-    Floors: what healthy nodes' natural spread can reach (clocks a few percent, a few
-    points of busy or compute time), so a healthy job gets no finding."""
+def cluster_verdict(history: list[tuple[float, dict]], job: dict, gpus: int,
+                    window_s: float = 15.0) -> list[dict]:
+    """The cluster analysis (agentd/cluster: robust peer comparison per family, causes by
+    their physics) on the rows as they came: each refresh one step of a Fleet, analysed
+    over window_s. job: the job's labels (e.g. {"slurm_job_id": "4242"})."""
+    from agentd.cluster.causes import Options
+    from agentd.cluster.data import Fleet, Member
+    from agentd.cluster.report import analyze_fleet
+
+    history = [h for h in history if h[0] >= history[-1][0] - 4 * window_s]
+    if len(history) < 2:
+        return []
+    t = np.array([h[0] for h in history])
+    step = float(np.median(np.diff(t)))
+    hosts = list(history[-1][1])
+    key = ",".join(f"{k}={v}" for k, v in job.items())
+    col = lambda fam, host: [r.get(host, {}).get(fam, np.nan)  # noqa: E731
+                             for _, r in history]
+    gpu = {f: np.array([col(f, h) for h in hosts], dtype=float) for f in GPU_FAMILIES}
+    host = {f: np.array([col(f, h) for h in hosts], dtype=float) for f in HOST_FAMILIES}
+    fleet = Fleet(t=t, step=step, nodes=hosts,
+                  members=[Member(key, h, gpus, dict(job)) for h in hosts],
+                  gpu={f: a for f, a in gpu.items() if np.isfinite(a).any()},
+                  host={f: a for f, a in host.items() if np.isfinite(a).any()},
+                  source="agentd demo", activity="tensor",
+                  models={h: "NVIDIA H100 80GB HBM3" for h in hosts},
+                  clock_max={h: 1980e6 for h in hosts})
+    report = analyze_fleet(fleet, Options(window_steps=max(int(round(window_s / step)), 1)))
+    latest = t[-1] - step
+    return [{"host": f.subject.get("node", "?"), "cause": f.kind, "summary": f.summary}
+            for f in report.findings
+            if f.severity in ("warning", "critical") and f.t1 >= latest]
+
+
+def peer_verdict(history: list[tuple[float, dict]]) -> list[dict]:
+    """Which node deviates from its peers in the latest rows, and the physics that says
+    why; worst first. Floors: what healthy nodes' natural spread can reach (clocks a few
+    percent, a few points of busy or compute time), so a healthy job gets no finding."""
+    rows = history[-1][1] if history else {}
     if len(rows) < 3:
         return []
     have = lambda fam: {h: r[fam] for h, r in rows.items() if fam in r}  # noqa: E731
@@ -220,7 +269,20 @@ def _fmt(v, fmt: str, scale: float = 1.0) -> str:
         format(v * scale, fmt)
 
 
-def render(job, views: list[NodeView], now: float, started: float) -> str:
+def default_verdict():
+    """The cluster analysis when this build has it, else the demo's peer comparison; and
+    how to name it."""
+    if CLUSTER_VERDICT is not None:
+        return CLUSTER_VERDICT, "the verdict set as CLUSTER_VERDICT"
+    if importlib.util.find_spec("agentd.cluster") is None:
+        return peer_verdict, ("the demo's peer comparison of these rows; `agentd diagnose "
+                              "--prometheus URL --cluster` is the authority")
+    return None, ("agentd's cluster analysis on these rows, as `agentd diagnose "
+                  "--prometheus URL --cluster` runs it on Prometheus' summaries")
+
+
+def render(job, views: list[NodeView], now: float, started: float,
+           history: list | None = None) -> str:
     cs = job.scenario
     who = f"Slurm job {cs.job_id}" if cs.scheduler == "slurm" else \
         f"Kubernetes job {cs.job_id} in {cs.nodes[0].namespace}"
@@ -247,20 +309,23 @@ def render(job, views: list[NodeView], now: float, started: float) -> str:
             f"{_fmt(r.get('net_rate'), '>5.0f', 8e-9)}{'':1}{_fmt(r.get('net_errors'), '>6.0f')}"
             f"{'':1}{_fmt(r.get('net_wait'), '>7.0f')}  {v.finding()}")
     lines.append("")
-    verdict = CLUSTER_VERDICT or peer_verdict
+    history = [] if history is None else history
+    history.append((now, rows))
+    del history[:-240]
+    verdict, source = default_verdict()
+    ident = {"slurm_job_id": cs.job_id} if cs.scheduler == "slurm" else \
+        {"namespace": cs.nodes[0].namespace, "pod": cs.job_id}
     try:
-        found = verdict(rows)
+        found = verdict(history) if verdict else cluster_verdict(history, ident, cs.spec.gpus)
     except Exception as e:  # the analysis failing must not stop the demo
         found = []
-        lines.append(f"cluster analysis failed: {type(e).__name__}: {e}")
+        lines.append(f"the verdict failed: {type(e).__name__}: {e}")
     if found:
         f = found[0]
-        lines.append(f"Holding the job back: {f['host']} ({f['cause']}): {f['summary']}.")
+        lines.append(f"Holding the job back: {f['host']} ({f['cause']}): "
+                     f"{f['summary'].rstrip('.')}.")
     else:
         lines.append("Holding the job back: no node stands out from its peers.")
-    source = "the cluster analysis" if CLUSTER_VERDICT else (
-        "the demo's peer comparison of these rows; `agentd diagnose --prometheus URL "
-        "--cluster` is the authority")
     lines.append(f"  ({source})")
     if cs.fault:
         when = "from" if now - started < cs.onset_s else "since"
@@ -286,7 +351,8 @@ def run_cluster_demo(scenario: str, seed: int | None, listen: str, seconds: floa
     job.start()
     views = [NodeView(d) for d in job.daemons]
     started = job.nodes[0].t0
+    history: list = []
     try:
-        return live(lambda: render(job, views, time.time(), started), seconds, out)
+        return live(lambda: render(job, views, time.time(), started, history), seconds, out)
     finally:
         job.stop()

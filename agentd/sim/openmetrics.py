@@ -632,13 +632,26 @@ def write_agentd(w: OpenMetricsWriter, sc) -> None:
                              ("agentd_rdma_receive_packets_total", "rx_packets", False),
                              ("agentd_rdma_transmit_packets_total", "tx_packets", False),
                              ("agentd_rdma_transmit_wait_total", "xmit_wait", False),
-                             ("agentd_rdma_symbol_errors_total", "symbol_error", False),
-                             ("agentd_rdma_receive_errors_total", "rcv_errors", False),
-                             ("agentd_rdma_link_error_recovery_total", "link_error_recovery",
-                              False),
-                             ("agentd_rdma_link_downed_total", "link_downed", False),
                              ("agentd_rdma_port_speed_bytes", "rate", False)):
         _agentd(w, sc, name, _ports(sc, key, words=words))
+    zero = np.zeros(len(sc.t))
+
+    def port_errors(k, node):
+        out = []
+        for kind, key in RDMA_ERRORS.items():
+            for labels, v in (_ports(sc, key)(k, node) if key else
+                              [({"device": d, "port": "1"}, zero) for d in node.nics]):
+                out.append(({**labels, "type": kind}, v))
+        return out
+
+    _agentd(w, sc, "agentd_rdma_port_errors_total", port_errors)
+
+
+# agentd_rdma_port_errors_total's types and the simulation's counters (None: always 0).
+RDMA_ERRORS = {"symbol_error": "symbol_error", "port_errors_received": "rcv_errors",
+               "local_link_integrity_errors": None, "excessive_buffer_overrun_errors": None,
+               "port_discards_transmitted": None,
+               "link_error_recovery": "link_error_recovery", "link_downed": "link_downed"}
 
 
 def write_scrapes(f, sc, flavour: str = "both", dcgm_fields: str = "default",

@@ -150,17 +150,18 @@ def check_servable(nodes: int, gpus: int, flags: str) -> None:
 
 def run_cluster(args: argparse.Namespace) -> int:
     """`agentd run --simulate-cluster SCENARIO`: serve until SIGTERM/SIGINT; SIGHUP reloads
-    every node's configuration. Exit 0, or 2 with one line for a bad flag, scenario or
-    address."""
+    every node's configuration. Exit 0, or USAGE (2) with one line for a bad flag, scenario
+    or address (agentd/exitcodes.py)."""
     import sys
 
     from agentd import logs
     from agentd.daemon import config as configmod
     from agentd.daemon.webconfig import WebConfigError
+    from agentd.exitcodes import USAGE
 
     def fail(message: str) -> int:
         print(f"agentd: error: {message}", file=sys.stderr)
-        return 2
+        return USAGE
 
     try:
         cfg = configmod.build(args)
@@ -182,9 +183,13 @@ def run_cluster(args: argparse.Namespace) -> int:
         return fail(str(e))
     for line in job.describe():
         log.warning("%s", line)
-    while not stop.wait(0.5):
-        if reload.is_set():
-            reload.clear()
-            job.reload()
+    try:
+        while not stop.wait(0.5):
+            if reload.is_set():
+                reload.clear()
+                job.reload()  # a node's bad reload is logged and keeps it serving
+    except (ConfigError, WebConfigError) as e:
+        job.stop()
+        return fail(str(e))
     job.stop()
     return 0
