@@ -9,6 +9,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from contextlib import contextmanager
 
 import pytest
 
@@ -151,3 +152,30 @@ def need(binary: str) -> str:
     if path is None:
         pytest.skip(f"{binary} is not installed (bash .ci/run installs it)")
     return path
+
+
+@contextmanager
+def backfilled_prometheus(openmetrics, workdir):
+    """A real Prometheus serving the OpenMetrics file `openmetrics`, backfilled into
+    workdir/tsdb with promtool (the file is removed once backfilled); yields its URL."""
+    binary, promtool = need("prometheus"), need("promtool")
+    workdir = str(workdir)
+    tsdb = os.path.join(workdir, "tsdb")
+    r = subprocess.run([promtool, "tsdb", "create-blocks-from", "openmetrics", str(openmetrics),
+                        tsdb], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    os.unlink(openmetrics)
+    port = free_port()
+    cfg = os.path.join(workdir, "prometheus.yml")
+    with open(cfg, "w") as f:
+        f.write("global:\n  scrape_interval: 15s\n")
+    p = subprocess.Popen([binary, f"--config.file={cfg}", f"--storage.tsdb.path={tsdb}",
+                          f"--web.listen-address=127.0.0.1:{port}",
+                          "--storage.tsdb.retention.time=100000d"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/-/ready", timeout=30)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        p.terminate()
+        p.wait(10)

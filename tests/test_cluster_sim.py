@@ -20,7 +20,7 @@ from agentd.sim import cluster_scenario as C
 from agentd.sim.cluster import (CAUSES, ClusterSimulator, collective_time, culprit,
                                 link_state, lost_time)
 from agentd.sim.scrapes import scrapes_from_steps, scrapes_from_trace
-from conftest import agentd_cmd, free_port, need, wait_http
+from conftest import agentd_cmd, backfilled_prometheus, free_port, need, wait_http
 
 DT = 0.01
 
@@ -574,6 +574,62 @@ def test_writer_backfilled_with_promtool_and_queried(spawn, tmp_path):
     assert list(rate.values())[0] == pytest.approx(expected, rel=1e-3)
     reasons = q("max by (Hostname) (DCGM_FI_DEV_CLOCK_THROTTLE_REASONS)")
     assert {dict(k)["Hostname"]: v for k, v in reasons.items()}[planted] == 4.0
+
+
+# --- every cluster scenario through the cluster analysis, by a real Prometheus ----------------
+
+# The simulation's causes and the cluster analysis' finding kinds (agentd/cluster/causes.py).
+KIND = {"throttled": "throttled", "slow_gpu": "slow_gpu", "network": "slow_link",
+        "input": "input_starved"}
+FLEET_START, FLEET_ONSET, FLEET_SECONDS = 1.75e9, 600.0, 1800.0
+
+
+@pytest.fixture(scope="module")
+def scenario_fleet(tmp_path_factory):
+    """One job of 6 nodes x 2 GPUs per cluster scenario (healthy included), simulated by the
+    step model, written as dcgm-exporter, node_exporter and agentd series, backfilled with
+    promtool into a real Prometheus; yields (its URL, each job's truth)."""
+    from agentd.sim.openmetrics import write_fleet
+
+    d = tmp_path_factory.mktemp("scenario-fleet")
+    names = C.library()
+    stats = write_fleet(str(d / "fleet.om"), 6 * len(names), 2, FLEET_SECONDS, 15.0,
+                        nodes_per_job=6, scenarios=names, seed=1, start=FLEET_START,
+                        onset_s=FLEET_ONSET, cpu_cores=4)
+    assert [t["scenario"] for t in stats["truth"]] == names
+    with backfilled_prometheus(d / "fleet.om", d) as url:
+        yield url, stats["truth"]
+
+
+@pytest.mark.slow
+@pytest.mark.prometheus
+@pytest.mark.parametrize("flavour", ["agentd", "exporters"])
+def test_cluster_analysis_names_each_scenarios_planted_node_and_cause(scenario_fleet, flavour):
+    """`agentd diagnose --prometheus URL --cluster` on the simulated jobs, from agentd's own
+    series or from dcgm-exporter + node_exporter's: each planted node and cause named in its
+    own job (jobs told apart by their labels), within one analysis window of the onset, and
+    nothing on the healthy job."""
+    url, truth = scenario_fleet
+    r = subprocess.run(agentd_cmd("diagnose", "--prometheus", url, "--cluster", "--flavour",
+                                  flavour, "--start", f"{FLEET_START:.0f}", "--end",
+                                  f"{FLEET_START + FLEET_SECONDS:.0f}", "--json"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["query"]["flavour"] == flavour
+    assert len(doc["jobs"]) == len(truth) and all(j["nodes"] == 6 for j in doc["jobs"])
+    named = {(f["subject"]["node"], f["kind"]) for f in doc["findings"]}
+    planted = {(t["host"], KIND[t["cause"]]) for t in truth if t["cause"] != "healthy"}
+    assert named == planted, (named, planted)
+    healthy = next(t for t in truth if t["cause"] == "healthy")
+    by_job = {j["job"]: j for j in doc["jobs"]}
+    assert sum(j["findings"] for j in by_job.values() if
+               set(j["nodes_list"]) == set(healthy["hosts"])) == 0
+    for f in doc["findings"]:
+        t = next(t for t in truth if t.get("host") == f["subject"]["node"])
+        assert f["severity"] in ("warning", "critical"), f
+        assert set(by_job[f["subject"]["job"]]["nodes_list"]) == set(t["hosts"])
+        assert 0 < f["evidence"]["first_seen"] - t["onset"] <= doc["analysis_window_seconds"]
 
 
 # --- agentd demo --cluster ---------------------------------------------------------------------

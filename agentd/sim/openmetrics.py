@@ -577,6 +577,11 @@ def write_agentd(w: OpenMetricsWriter, sc) -> None:
     _agentd(w, sc, "agentd_gpu_power_limit_watts", per_gpu(fn=lambda k, g, i: one * POWER_LIMIT_W))
     _agentd(w, sc, "agentd_gpu_memory_used_bytes", per_gpu(fn=lambda k, g, i: one * 0.82 * mem_total))
     _agentd(w, sc, "agentd_gpu_memory_total_bytes", per_gpu(fn=lambda k, g, i: one * mem_total))
+    # Which job holds which GPU (the daemon's per-job process attribution): what the cluster
+    # analysis, the per-job rules and the dashboard join GPUs to their jobs by.
+    _agentd(w, sc, "agentd_gpu_process_memory_used_bytes", lambda k, node: [
+        ({"gpu": str(g), "uuid": info.uuid, **node.job}, one * 0.8 * mem_total)
+        for g, info in enumerate(node.gpus)])
     thermal = _thermal(sc)
     slowed_s = np.cumsum(gpu["slowed"] * sc.interval, axis=0)
     for reason, hot in (("sw_power_cap", False), ("hw_slowdown", True),
