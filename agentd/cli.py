@@ -123,8 +123,13 @@ def _cluster_demo(args: argparse.Namespace) -> int:
     from agentd.sim.cluster_demo import run_cluster_demo
     from agentd.sim.cluster_scenario import ScenarioError, load
 
+    from agentd.cluster.causes import MIN_PEERS
+
     scenario = args.scenario or "throttled"
     nodes = 4 if args.nodes is None else args.nodes
+    if nodes < MIN_PEERS:
+        return _fail(f"--nodes: the cluster analysis compares each node with its peers' "
+                     f"median, which takes at least {MIN_PEERS} nodes, got {nodes}")
     try:
         parse_listen(args.listen_address, "--web.listen-address")
         seed = None if args.seed is None else parse_seed(args.seed, "--seed")
@@ -484,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cluster", action="store_true",
                       help="a multi-node job: node K served on the listen port + K")
     demo.add_argument("--nodes", type=int, default=None,
-                      help="with --cluster: the job's nodes (default 4)")
+                      help="with --cluster: the job's nodes (default 4, at least 3)")
     demo.add_argument("--gpus", type=int, default=None,
                       help="with --cluster: GPUs per node (default: the scenario's)")
     demo.add_argument("--onset", default=None, metavar="DURATION",

@@ -649,30 +649,49 @@ def test_cluster_demo_names_the_node_holding_the_job_back(tmp_path):
         assert host in first and host in last
     assert "no node stands out" in first
     planted = C.load("throttled", nodes=3, gpus=1).fault["host"]
-    assert f"Holding the job back: {planted} (throttled)" in last
+    assert re.search(rf"Holding the job back: {planted}( GPU 0)? \(throttled, "
+                     r"(warning|critical)\)", last), last
     assert "Traceback" not in r.stderr
 
 
-def test_demo_peer_verdict_fallback_is_silent_on_peers_alike_and_names_the_odd_one():
-    from agentd.sim.cluster_demo import peer_verdict
+def test_demo_verdict_is_the_cluster_analysis_on_the_nodes_rows():
+    """cluster_verdict: the rows of each refresh through agentd/cluster's analyze_fleet. Peers
+    alike within their natural spread: nothing; one node computing longer at lower clocks:
+    throttled, on that node and the GPU its per-GPU values single out."""
+    from agentd.sim.cluster_demo import cluster_verdict
 
     rng = np.random.default_rng(1)
-    rows = {f"n{k}": {"clock_min": 1980e6 * rng.uniform(0.97, 1.0),
-                      "act_max": 0.40 + rng.uniform(-0.01, 0.01),
-                      "busy_min": 0.99 + rng.uniform(-0.01, 0.01), "throttle_max": 0.0,
-                      "net_rate": 50e9, "net_errors": 0.0} for k in range(6)}
-    assert peer_verdict([(0.0, rows)]) == []
-    rows["n4"].update(clock_min=1980e6 * 0.7, act_max=0.55, throttle_max=1.0)
-    found = peer_verdict([(1.0, rows)])
-    assert found[0]["host"] == "n4" and found[0]["cause"] == "throttled"
-    rows["n4"].update(clock_min=1980e6, act_max=0.4, throttle_max=0.0, net_errors=500.0)
-    assert peer_verdict([(2.0, rows)])[0]["cause"] == "network"
+    hosts = [f"n{k}" for k in range(6)]
+
+    def rows(bad: str | None = None) -> dict:
+        out = {}
+        for h in hosts:
+            r = {"clock_min": 1980e6 * rng.uniform(0.98, 1.0), "act_max": 0.40 +
+                 rng.uniform(-0.005, 0.005), "busy_min": 0.99, "busy_avg": 0.995,
+                 "throttle_max": 0.0, "power_max": 0.7, "temp_max": 60.0, "net_rate": 50e9,
+                 "net_errors": 0.0, "net_recover": 0.0, "disk_busy": 0.05, "cpu_busy": 0.1}
+            if h == bad:
+                r.update(clock_min=1980e6 * 0.7, act_max=0.55, throttle_max=1.0,
+                         power_max=0.99)
+            out[h] = r
+        return out
+
+    ident = {h: {"model": "NVIDIA H100 80GB HBM3", "clock_max": 1980e6,
+                 "gpus": {"act_max": {"0": 0.55 if h == "n4" else 0.4, "1": 0.4}}}
+             for h in hosts}
+    history = [(5.0 * i, rows()) for i in range(8)]
+    assert cluster_verdict(history, {"slurm_job_id": "7"}, 2, ident) == []
+    history += [(5.0 * i, rows("n4")) for i in range(8, 12)]
+    found = cluster_verdict(history, {"slurm_job_id": "7"}, 2, ident)
+    assert [(f["host"], f["cause"], f["gpus"]) for f in found] == [("n4", "throttled", ["0"])]
+    assert found[0]["severity"] in ("warning", "critical")
 
 
 def test_demo_flag_errors():
     for args, message in [(("--nodes", "3"), "go with --cluster"),
                           (("--cluster", "--scenario", "nope"), "no cluster scenario"),
                           (("--cluster", "--nodes", "99"), "one process keeps up"),
+                          (("--cluster", "--nodes", "2"), "takes at least 3 nodes, got 2"),
                           (("--cluster", "--onset", "-1"), "--onset: must be a positive "
                            "duration")]:
         r = subprocess.run(agentd_cmd("demo", *args, "--seconds", "1"), capture_output=True,

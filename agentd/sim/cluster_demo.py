@@ -18,18 +18,15 @@ summaries the cluster analysis compares (agentd/cluster/data.py names them alike
     net_errors   link errors per second         net_recover  recoveries and downs per second
     net_wait     transmit-wait ticks per second
 
-The verdict is the cluster analysis' (agentd/cluster, what `agentd diagnose --prometheus
-URL --cluster` runs on Prometheus' per-node summaries), run on these rows as they come
-(cluster_verdict: the rows of each refresh are one step of a Fleet); where this build has
-no agentd.cluster, the demo's own robust peer comparison of the latest rows (peer_verdict).
-Either takes the history [(time, {host: {family: value}}), ...] and returns
-[{"host", "cause", "summary"}], worst first; a function set as CLUSTER_VERDICT replaces
-them.
+The verdict is the cluster analysis' (agentd/cluster: analyze_fleet, the same code `agentd
+diagnose --prometheus URL --cluster` runs on Prometheus' per-node summaries), run on these rows
+as they come (cluster_verdict: each refresh's rows are one base step of a Fleet, analysed over
+a short window); the node's GPUs it names come from the same rows per GPU. The demo has no
+comparison of its own: what it prints is what that analysis concludes.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import sys
 import time
@@ -38,19 +35,14 @@ from dataclasses import replace
 
 import numpy as np
 
+from agentd.cluster.groups import job_of
 from agentd.daemon.config import Config, _default_collectors
 from agentd.sim.demo import live
 
-# A replacement verdict: [(time, {host: {family: value}}), ...] -> [{"host", "cause",
-# "summary"}, ...], worst first.
-CLUSTER_VERDICT = None
-GPU_FAMILIES = ("busy_min", "busy_avg", "act_max", "clock_min", "power_max", "temp_max",
-                "throttle_max")
-HOST_FAMILIES = ("disk_busy", "psi_io", "psi_cpu", "cpu_busy", "net_rate", "net_util",
-                 "net_tx", "net_errors", "net_recover", "net_wait")
-
 THROTTLE_BITS = 0x4 | 0x8 | 0x20 | 0x40 | 0x80  # power cap, HW/thermal slowdowns, brake
-MAD_SCALE = 1.4826
+# Per-GPU values the analysis asks for (its `detail`) to name the node's GPUs behind a
+# finding: its family -> the window's key.
+DETAIL = {"act_max": "tensor_active", "clock_min": "sm_clock", "busy_min": "busy"}
 
 
 def _column(ring, key: str, since: float) -> np.ndarray:
@@ -70,6 +62,8 @@ class NodeView:
         self.span = span
         self.host = daemon.sim_node.hostname
         self._history: deque = deque(maxlen=64)  # (monotonic time, {family: counter sum})
+        self._per_gpu: dict = {}  # DETAIL's families -> {gpu: value}, from the last summary
+        self._clock_max: float | None = None
 
     def _series(self, sampler: str) -> list:
         st = self.daemon.runner(sampler)
@@ -91,12 +85,15 @@ class NodeView:
                for k in ("busy", "tensor_active", "sm_clock", "power", "power_limit",
                          "temperature", "throttle")}
         mean = lambda vs: [float(v.mean()) for v in vs if len(v)]  # noqa: E731
+        self._per_gpu = {fam: {str(i): float(v.mean()) for i, v in enumerate(per[key])
+                               if len(v)} for fam, key in DETAIL.items()}
+        top = [_column(gpu, f"gpu.sm_clock_max:{i}", since) for i in range(n)]
+        self._clock_max = max((float(v.max()) for v in top if len(v)), default=None)
         if mean(per["busy"]):
             out["busy_min"] = min(mean(per["busy"]))
             out["busy_avg"] = float(np.mean(mean(per["busy"])))
         if mean(per["tensor_active"]):
             out["act_max"] = max(mean(per["tensor_active"]))
-            out["act_gpu"] = float(int(np.argmax(mean(per["tensor_active"]))))
         if mean(per["sm_clock"]):
             out["clock_min"] = min(mean(per["sm_clock"]))
         if mean(per["power"]) and mean(per["power_limit"]):
@@ -154,6 +151,22 @@ class NodeView:
             if util:
                 out["net_util"] = max(util)
 
+    def identity(self) -> dict:
+        """The node's GPU model and top SM clock (from its GPU sampler), and the latest
+        summary's per-GPU values (DETAIL) for the analysis to name the GPUs behind a
+        finding."""
+        out: dict = {"gpus": dict(self._per_gpu)}
+        st = self.daemon.runner("gpu")
+        try:
+            names = {g.get("name") for g in st.sampler.meta().get("gpus", {}).values()}
+        except Exception:  # no GPU sampler (yet): no model
+            names = set()
+        if len(names) == 1 and None not in names:
+            out["model"] = names.pop()
+        if self._clock_max:
+            out["clock_max"] = self._clock_max
+        return out
+
     def finding(self) -> str:
         """The node's own rolling analysis' first finding, if any."""
         report = self.daemon.analysis.current()
@@ -166,28 +179,23 @@ class NodeView:
         return f.get("kind", "?") if isinstance(f, dict) else getattr(f, "kind", "?")
 
 
-def _robust(values: dict[str, float], floor_rel: float = 0.0, floor_abs: float = 0.0
-            ) -> tuple[dict[str, float], float]:
-    """z of each value against the others' median and MAD (at least the floors)."""
-    v = np.array(list(values.values()), dtype=float)
-    med = float(np.median(v))
-    mad = float(np.median(np.abs(v - med))) * MAD_SCALE
-    sigma = max(mad, floor_abs, floor_rel * abs(med), 1e-12)
-    return {h: (x - med) / sigma for h, x in values.items()}, med
-
-
 def cluster_verdict(history: list[tuple[float, dict]], job: dict, gpus: int,
-                    window_s: float = 15.0) -> list[dict]:
-    """The cluster analysis (agentd/cluster: robust peer comparison per family, causes by
-    their physics) on the rows as they came: each refresh one step of a Fleet, analysed
-    over window_s. job: the job's labels (e.g. {"slurm_job_id": "4242"})."""
+                    identity: dict | None = None, window_s: float = 15.0) -> list[dict]:
+    """The cluster analysis (agentd/cluster/report.py analyze_fleet: robust peer comparison
+    per family, causes by their physics) on the rows as they came: each refresh one base step
+    of a Fleet, analysed over window_s. history: [(time, {host: {family: value}}), ...];
+    job: the job's labels (e.g. {"slurm_job_id": "4242"}); identity: {host: {"model",
+    "clock_max", "gpus": {family: {gpu: value}}}} from the nodes' daemons. Returns the
+    ongoing warning and critical findings, ranked as the analysis ranks them, as
+    [{"host", "gpus", "cause" (the finding's kind), "severity", "summary"}]."""
     from agentd.cluster.causes import Options
-    from agentd.cluster.data import Fleet, Member
+    from agentd.cluster.data import GPU_FAMILIES, NODE_FAMILIES, Fleet, Member
     from agentd.cluster.report import analyze_fleet
 
     history = [h for h in history if h[0] >= history[-1][0] - 4 * window_s]
     if len(history) < 2:
         return []
+    identity = identity or {}
     t = np.array([h[0] for h in history])
     step = float(np.median(np.diff(t)))
     hosts = list(history[-1][1])
@@ -195,90 +203,32 @@ def cluster_verdict(history: list[tuple[float, dict]], job: dict, gpus: int,
     col = lambda fam, host: [r.get(host, {}).get(fam, np.nan)  # noqa: E731
                              for _, r in history]
     gpu = {f: np.array([col(f, h) for h in hosts], dtype=float) for f in GPU_FAMILIES}
-    host = {f: np.array([col(f, h) for h in hosts], dtype=float) for f in HOST_FAMILIES}
+    host = {f: np.array([col(f, h) for h in hosts], dtype=float) for f in NODE_FAMILIES}
     fleet = Fleet(t=t, step=step, nodes=hosts,
                   members=[Member(key, h, gpus, dict(job)) for h in hosts],
                   gpu={f: a for f, a in gpu.items() if np.isfinite(a).any()},
                   host={f: a for f, a in host.items() if np.isfinite(a).any()},
-                  source="agentd demo", activity="tensor",
-                  models={h: "NVIDIA H100 80GB HBM3" for h in hosts},
-                  clock_max={h: 1980e6 for h in hosts})
-    report = analyze_fleet(fleet, Options(window_steps=max(int(round(window_s / step)), 1)))
+                  source="agentd demo", activity="tensor" if np.isfinite(gpu["act_max"]).any() else "",
+                  models={h: identity[h]["model"] for h in hosts
+                          if identity.get(h, {}).get("model")},
+                  clock_max={h: identity[h]["clock_max"] for h in hosts
+                             if identity.get(h, {}).get("clock_max")})
+
+    def detail(node: str, family: str, t0: float, t1: float) -> dict:
+        return identity.get(node, {}).get("gpus", {}).get(family, {})
+
+    report = analyze_fleet(fleet, Options(window_steps=max(int(round(window_s / step)), 1)),
+                           detail)
     latest = t[-1] - step
-    return [{"host": f.subject.get("node", "?"), "cause": f.kind, "summary": f.summary}
+    return [{"host": f.subject.get("node", "?"), "gpus": f.subject.get("gpus") or [],
+             "cause": f.kind, "severity": f.severity, "summary": f.summary}
             for f in report.findings
             if f.severity in ("warning", "critical") and f.t1 >= latest]
-
-
-def peer_verdict(history: list[tuple[float, dict]]) -> list[dict]:
-    """Which node deviates from its peers in the latest rows, and the physics that says
-    why; worst first. Floors: what healthy nodes' natural spread can reach (clocks a few
-    percent, a few points of busy or compute time), so a healthy job gets no finding."""
-    rows = history[-1][1] if history else {}
-    if len(rows) < 3:
-        return []
-    have = lambda fam: {h: r[fam] for h, r in rows.items() if fam in r}  # noqa: E731
-    found = []
-    clock, act, busy = have("clock_min"), have("act_max"), have("busy_min")
-    zc, mc = _robust(clock, floor_rel=0.04) if len(clock) >= 3 else ({}, 0.0)
-    za, ma = _robust(act, floor_rel=0.06, floor_abs=0.02) if len(act) >= 3 else ({}, 0.0)
-    zb, mb = _robust(busy, floor_abs=0.04) if len(busy) >= 3 else ({}, 0.0)
-    for h, r in rows.items():
-        if zc.get(h, 0) < -3 and r.get("throttle_max", 0) > 0.3:
-            found.append({"host": h, "cause": "throttled", "score": -zc[h], "summary": (
-                f"its GPUs run at {r['clock_min'] / mc:.0%} of their peers' clocks "
-                f"(clock events {r['throttle_max']:.0%} of the time) and compute "
-                f"{r.get('act_max', float('nan')):.0%} of the time, their peers "
-                f"{ma:.0%}: the others wait for it at every all-reduce")})
-        elif za.get(h, 0) > 3 and zc.get(h, 0) > -2:
-            found.append({"host": h, "cause": "slow_gpu", "score": za[h], "summary": (
-                f"GPU {int(r.get('act_gpu', 0))} computes {r['act_max']:.0%} of the time at "
-                f"normal clocks, its peers' busiest {ma:.0%}: a slower GPU the others wait "
-                "for")})
-        if zb.get(h, 0) < -3:
-            why = []
-            if r.get("disk_busy", 0) > 0.9:
-                why.append(f"its disk {r['disk_busy']:.0%} busy")
-            if r.get("cpu_busy", 0) > 0.9 or r.get("psi_cpu", 0) > 0.2:
-                why.append(f"its CPUs {r.get('cpu_busy', 0):.0%} busy")
-            found.append({"host": h, "cause": "input", "score": -zb[h], "summary": (
-                f"its GPUs idle {1 - r['busy_min']:.0%} of the time (peers "
-                f"{1 - mb:.0%}) waiting for input before the all-reduce" +
-                (f": {', '.join(why)}" if why else ""))})
-    rate, errors = have("net_rate"), have("net_errors")
-    if len(rate) >= 3:
-        zr, mr = _robust(rate, floor_rel=0.05)
-        for h, z in zr.items():
-            if z < -3:
-                found.append({"host": h, "cause": "network", "score": -z, "summary": (
-                    f"its RDMA port runs at {rate[h] * 8 / 1e9:.0f} Gb/s, its peers' at "
-                    f"{mr * 8 / 1e9:.0f}: every ring through it moves at that pace")})
-    if len(errors) >= 3:
-        others = sorted(errors.values())
-        for h, e in errors.items():
-            if e >= 1.0 and e > 20 * max(np.median(others), 0.05):
-                found.append({"host": h, "cause": "network", "score": 10 + math.log10(e),
-                              "summary": f"its RDMA link counts {e:.0f} errors/s "
-                              "(peers none): packets resent, collectives slower"})
-    found.sort(key=lambda f: -f["score"])
-    return found
 
 
 def _fmt(v, fmt: str, scale: float = 1.0) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else \
         format(v * scale, fmt)
-
-
-def default_verdict():
-    """The cluster analysis when this build has it, else the demo's peer comparison; and
-    how to name it."""
-    if CLUSTER_VERDICT is not None:
-        return CLUSTER_VERDICT, "the verdict set as CLUSTER_VERDICT"
-    if importlib.util.find_spec("agentd.cluster") is None:
-        return peer_verdict, ("the demo's peer comparison of these rows; `agentd diagnose "
-                              "--prometheus URL --cluster` is the authority")
-    return None, ("agentd's cluster analysis on these rows, as `agentd diagnose "
-                  "--prometheus URL --cluster` runs it on Prometheus' summaries")
 
 
 def render(job, views: list[NodeView], now: float, started: float,
@@ -312,21 +262,26 @@ def render(job, views: list[NodeView], now: float, started: float,
     history = [] if history is None else history
     history.append((now, rows))
     del history[:-240]
-    verdict, source = default_verdict()
-    ident = {"slurm_job_id": cs.job_id} if cs.scheduler == "slurm" else \
-        {"namespace": cs.nodes[0].namespace, "pod": cs.job_id}
+    node = cs.nodes[0]
+    _, ident = job_of({"slurm_job_id": node.slurm_job_id, "namespace": node.namespace,
+                       "pod": node.pod})
     try:
-        found = verdict(history) if verdict else cluster_verdict(history, ident, cs.spec.gpus)
+        found = cluster_verdict(history, ident, cs.spec.gpus,
+                                {v.host: v.identity() for v in views})
     except Exception as e:  # the analysis failing must not stop the demo
         found = []
-        lines.append(f"the verdict failed: {type(e).__name__}: {e}")
+        lines.append(f"the cluster analysis failed: {type(e).__name__}: {e}")
     if found:
         f = found[0]
-        lines.append(f"Holding the job back: {f['host']} ({f['cause']}): "
-                     f"{f['summary'].rstrip('.')}.")
+        gpus = f" GPU {', '.join(f['gpus'])}" if f["gpus"] else ""
+        lines.append(f"Holding the job back: {f['host']}{gpus} ({f['cause']}, "
+                     f"{f['severity']}): {f['summary'].rstrip('.')}.")
+        for f in found[1:]:
+            lines.append(f"  also: {f['host']} ({f['cause']}, {f['severity']})")
     else:
         lines.append("Holding the job back: no node stands out from its peers.")
-    lines.append(f"  ({source})")
+    lines.append("  (agentd's cluster analysis on these rows, as `agentd diagnose --prometheus "
+                 "URL --cluster` runs it on Prometheus' per-node summaries)")
     if cs.fault:
         when = "from" if now - started < cs.onset_s else "since"
         lines.append(f"  planted (the simulation's truth, for checking): {cs.fault['host']} "
