@@ -636,8 +636,13 @@ def test_cluster_analysis_names_each_scenarios_planted_node_and_cause(scenario_f
 
 
 @pytest.mark.slow
-def test_cluster_demo_names_the_node_holding_the_job_back(tmp_path):
-    r = subprocess.run(agentd_cmd("demo", "--cluster", "--scenario", "throttled",
+@pytest.mark.parametrize("scenario, kind", [("throttled", "throttled"),
+                                            ("lossy-link", "slow_link")])
+def test_cluster_demo_names_the_node_holding_the_job_back(scenario, kind):
+    """The demo end to end: the nodes' daemons' windows (throttled) and RDMA counters (a lossy
+    link) through the cluster analysis. Causes that show at once: a starved node first drains
+    its prefetch buffer, which a loaded machine can stretch past a short run."""
+    r = subprocess.run(agentd_cmd("demo", "--cluster", "--scenario", scenario,
                                   "--nodes", "3", "--gpus", "1", "--onset", "8",
                                   "--seconds", "30", "--web.listen-address",
                                   f"127.0.0.1:{free_port()}"),
@@ -648,8 +653,8 @@ def test_cluster_demo_names_the_node_holding_the_job_back(tmp_path):
     for host in ("gpu-node-00", "gpu-node-01", "gpu-node-02"):
         assert host in first and host in last
     assert "no node stands out" in first
-    planted = C.load("throttled", nodes=3, gpus=1).fault["host"]
-    assert re.search(rf"Holding the job back: {planted}( GPU 0)? \(throttled, "
+    planted = C.load(scenario, nodes=3, gpus=1).fault["host"]
+    assert re.search(rf"Holding the job back: {planted}( GPU 0)? \({kind}, "
                      r"(warning|critical)\)", last), last
     assert "Traceback" not in r.stderr
 
@@ -685,6 +690,13 @@ def test_demo_verdict_is_the_cluster_analysis_on_the_nodes_rows():
     found = cluster_verdict(history, {"slurm_job_id": "7"}, 2, ident)
     assert [(f["host"], f["cause"], f["gpus"]) for f in found] == [("n4", "throttled", ["0"])]
     assert found[0]["severity"] in ("warning", "critical")
+    # A lossy link: errors and recoveries on one node's port, counted per demo window.
+    lossy = [(t, {h: {**r, "net_errors": 500.0, "net_recover": 0.2} if h == "n1" else r
+                  for h, r in rows().items()}) for t in 5.0 * np.arange(12, 16)]
+    found = cluster_verdict(history[:12] + lossy, {"slurm_job_id": "7"}, 2, ident)
+    assert [(f["host"], f["cause"]) for f in found] == [("n1", "slow_link")]
+    assert re.search(r"\d+\.\d link errors/s and [1-9]\d* link recoveries per 15 s$",
+                     found[0]["summary"]), found[0]["summary"]
 
 
 def test_demo_flag_errors():
