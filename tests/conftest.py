@@ -89,6 +89,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> int:
+    """The first of n consecutive ports free now, for what serves on a span of ports (a
+    simulated job: node K on port + K). Drawn below the kernel's ephemeral range, where
+    free_port() and every client connection take theirs, so that another test's server or
+    connection is unlikely to take one of them before the span is listened on."""
+    import random
+
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(500):
+        base = rng.randrange(10000, max(low - n, 10001))
+        socks = []
+        try:
+            for k in range(n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", base + k))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
 def wait_http(url: str, timeout: float = 10.0, context=None) -> None:
     deadline = time.monotonic() + timeout
     last = None

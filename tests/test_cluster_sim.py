@@ -15,12 +15,14 @@ import urllib.request
 import numpy as np
 import pytest
 
+from agentd.exitcodes import USAGE
 from agentd.jobs import parse_cgroup
 from agentd.sim import cluster_scenario as C
 from agentd.sim.cluster import (CAUSES, ClusterSimulator, collective_time, culprit,
                                 link_state, lost_time)
 from agentd.sim.scrapes import scrapes_from_steps, scrapes_from_trace
-from conftest import agentd_cmd, backfilled_prometheus, free_port, need, wait_http
+from conftest import (agentd_cmd, backfilled_prometheus, free_port, free_ports, need,
+                      wait_http)
 
 DT = 0.01
 
@@ -373,9 +375,8 @@ def test_served_nodes_scraped_by_prometheus_with_distinct_instances_and_jobs(spa
     """Two simulated jobs (Slurm and Kubernetes), two nodes each, each node on its own port:
     Prometheus tells every node apart by instance, and agentd's per-job series carry the
     job (Slurm job id; namespace and pod, one per node)."""
-    base_a, base_b = free_port(), None
-    while base_b is None or abs(base_b - base_a) < 3:
-        base_b = free_port()
+    base_a = free_ports(4)  # two jobs of two nodes, side by side
+    base_b = base_a + 2
     procs = [spawn(agentd_cmd("run", "--simulate-cluster", name, "--simulate.nodes", "2",
                               "--simulate.gpus", "1", "--web.listen-address",
                               f"127.0.0.1:{port}"))
@@ -440,18 +441,18 @@ def test_run_simulate_cluster_flag_errors(spawn):
          "ports 65535 to"),
     ]:
         r = run(*args)
-        assert r.returncode == 2, (args, r.stderr)
+        assert r.returncode == USAGE, (args, r.stderr)
         assert message in r.stderr and "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
     # A port already taken: one line, exit 2, no node left serving.
-    taken = free_port()
+    taken = free_ports(3)
     blocker = spawn(agentd_cmd("run", "--simulate-cluster", "healthy", "--simulate.nodes", "1",
                                "--simulate.gpus", "1", "--web.listen-address",
                                f"127.0.0.1:{taken + 1}"))
     wait_http(f"http://127.0.0.1:{taken + 1}/metrics", timeout=30)
     r = run("--simulate-cluster", "healthy", "--simulate.nodes", "3", "--simulate.gpus", "1",
             "--web.listen-address", f"127.0.0.1:{taken}")
-    assert r.returncode == 2 and "cannot listen" in r.stderr, r.stderr
+    assert r.returncode == USAGE and "cannot listen" in r.stderr, r.stderr
     blocker.stop()
 
 
@@ -645,7 +646,7 @@ def test_cluster_demo_names_the_node_holding_the_job_back(scenario, kind):
     r = subprocess.run(agentd_cmd("demo", "--cluster", "--scenario", scenario,
                                   "--nodes", "3", "--gpus", "1", "--onset", "8",
                                   "--seconds", "30", "--web.listen-address",
-                                  f"127.0.0.1:{free_port()}"),
+                                  f"127.0.0.1:{free_ports(3)}"),
                        capture_output=True, text=True, timeout=150)
     assert r.returncode == 0, r.stderr
     frames = [f for f in r.stdout.split("\n\n\n") if f.strip()]
@@ -708,5 +709,5 @@ def test_demo_flag_errors():
                            "duration")]:
         r = subprocess.run(agentd_cmd("demo", *args, "--seconds", "1"), capture_output=True,
                            text=True, timeout=60)
-        assert r.returncode == 2, (args, r.stderr)
+        assert r.returncode == USAGE, (args, r.stderr)
         assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
