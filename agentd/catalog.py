@@ -412,6 +412,12 @@ METRICS: list[MetricSpec] = [
     _M("agentd_rdma_transmit_wait_total", "counter", "",
        "Ticks the port had data to send but no flow-control credits (port_xmit_wait).",
        ("device", "port"), "network"),
+    _M("agentd_rdma_port_errors_total", "counter", "",
+       "The RDMA port's error counters by type (node_exporter's names): link errors "
+       "(symbol_error, port_errors_received, local_link_integrity_errors, "
+       "excessive_buffer_overrun_errors, port_discards_transmitted) and the link's "
+       "link_error_recovery and link_downed events; those the adapter has.",
+       ("device", "port", "type"), "network"),
     _M("agentd_rdma_port_speed_bytes", "gauge", "bytes", "RDMA port rate in bytes per second.",
        ("device", "port"), "network"),
     # --- processes ---------------------------------------------------------------------------

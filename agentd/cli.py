@@ -70,6 +70,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agentd.gpu.fake import ScenarioError
     from agentd.daemon.webconfig import WebConfigError
 
+    if getattr(args, "simulate_cluster", None):
+        from agentd.sim.serve import run_cluster
+
+        return run_cluster(args)
+    if getattr(args, "simulate_nodes", None) is not None or \
+            getattr(args, "simulate_gpus", None) is not None:
+        return _fail("--simulate.nodes and --simulate.gpus go with --simulate-cluster")
     try:
         cfg = configmod.build(args)
     except configmod.ConfigError as e:
@@ -90,6 +97,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from agentd.sim.demo import run_demo
     from agentd.sim.scenario import ScenarioError, load
 
+    if args.cluster:
+        return _cluster_demo(args)
+    if args.nodes is not None or args.gpus is not None or args.onset is not None:
+        return _fail("--nodes, --gpus and --onset go with --cluster")
+    args.scenario = args.scenario or "input-storage"
     try:
         parse_listen(args.listen_address, "--web.listen-address")
         seed = None if args.seed is None else parse_seed(args.seed, "--seed")
@@ -101,6 +113,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         return run_demo(args.scenario, seed, args.listen_address, seconds)
     except ConfigError as e:
+        return _fail(str(e))
+
+
+def _cluster_demo(args: argparse.Namespace) -> int:
+    from agentd import logs
+    from agentd.daemon.config import ConfigError, parse_listen, parse_seed
+    from agentd.daemon.webconfig import WebConfigError
+    from agentd.sim.cluster_demo import run_cluster_demo
+    from agentd.sim.cluster_scenario import ScenarioError, load
+
+    from agentd.cluster.causes import MIN_PEERS
+
+    scenario = args.scenario or "throttled"
+    nodes = 4 if args.nodes is None else args.nodes
+    if nodes < MIN_PEERS:
+        return _fail(f"--nodes: the cluster analysis compares each node with its peers' "
+                     f"median, which takes at least {MIN_PEERS} nodes, got {nodes}")
+    try:
+        parse_listen(args.listen_address, "--web.listen-address")
+        seed = None if args.seed is None else parse_seed(args.seed, "--seed")
+        seconds = _duration(args.seconds, "--seconds") if args.seconds else None
+        onset = 45.0 if args.onset is None else (
+            0.0 if str(args.onset).strip() in ("0", "0s") else _duration(args.onset, "--onset"))
+        load(scenario, seed, nodes, args.gpus)
+    except (ConfigError, ScenarioError) as e:
+        return _fail(str(e))
+    logs.setup("warning")
+    try:
+        return run_cluster_demo(scenario, seed, args.listen_address, seconds, nodes,
+                                args.gpus, onset)
+    except (ConfigError, WebConfigError) as e:
         return _fail(str(e))
 
 
@@ -434,15 +477,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_flags(run)
     run.set_defaults(func=cmd_run)
 
-    demo = command("demo", help="a simulated starved 8-GPU node, live",
+    demo = command("demo", help="a simulated starved 8-GPU node (or a multi-node job), live",
                    description="Run a simulated 8-GPU node whose input pipeline is starved, "
-                   "serve its metrics, and show what agentd sees.")
-    demo.add_argument("--scenario", default="input-storage",
-                      help="scenario name (agentd/scenarios/sim) or file (default input-storage)")
+                   "serve its metrics, and show what agentd sees; with --cluster, a "
+                   "simulated multi-node job with one slow node, every node served on its "
+                   "own port, side by side, and the node that holds the job back.")
+    demo.add_argument("--scenario", default=None,
+                      help="scenario name (agentd/scenarios/sim, or agentd/scenarios/cluster "
+                      "with --cluster) or file (default input-storage; throttled with "
+                      "--cluster)")
+    demo.add_argument("--cluster", action="store_true",
+                      help="a multi-node job: node K served on the listen port + K")
+    demo.add_argument("--nodes", type=int, default=None,
+                      help="with --cluster: the job's nodes (default 4, at least 3)")
+    demo.add_argument("--gpus", type=int, default=None,
+                      help="with --cluster: GPUs per node (default: the scenario's)")
+    demo.add_argument("--onset", default=None, metavar="DURATION",
+                      help="with --cluster: when the planted problem starts (default 45s)")
     demo.add_argument("--seed", default=None, metavar="N",
                       help="randomize the scenario with this seed (an integer >= 0)")
     demo.add_argument("--web.listen-address", dest="listen_address", default="127.0.0.1:9445",
-                      help="where to serve /metrics (default 127.0.0.1:9445)")
+                      help="where to serve /metrics (default 127.0.0.1:9445; with --cluster "
+                      "the first node's)")
     demo.add_argument("--seconds", default=None, metavar="DURATION",
                       help="stop after this long (default: until Ctrl-C)")
     demo.set_defaults(func=cmd_demo)

@@ -9,6 +9,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from contextlib import contextmanager
 
 import pytest
 
@@ -88,6 +89,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> int:
+    """The first of n consecutive ports free now, for what serves on a span of ports (a
+    simulated job: node K on port + K). Drawn below the kernel's ephemeral range, where
+    free_port() and every client connection take theirs, so that another test's server or
+    connection is unlikely to take one of them before the span is listened on."""
+    import random
+
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(500):
+        base = rng.randrange(10000, max(low - n, 10001))
+        socks = []
+        try:
+            for k in range(n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", base + k))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
 def wait_http(url: str, timeout: float = 10.0, context=None) -> None:
     deadline = time.monotonic() + timeout
     last = None
@@ -161,3 +192,30 @@ def self_signed_cert(tmp_path) -> tuple[str, str]:
                     "-addext", "subjectAltName=IP:127.0.0.1"],
                    check=True, capture_output=True)
     return cert, key
+
+
+@contextmanager
+def backfilled_prometheus(openmetrics, workdir):
+    """A real Prometheus serving the OpenMetrics file `openmetrics`, backfilled into
+    workdir/tsdb with promtool (the file is removed once backfilled); yields its URL."""
+    binary, promtool = need("prometheus"), need("promtool")
+    workdir = str(workdir)
+    tsdb = os.path.join(workdir, "tsdb")
+    r = subprocess.run([promtool, "tsdb", "create-blocks-from", "openmetrics", str(openmetrics),
+                        tsdb], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    os.unlink(openmetrics)
+    port = free_port()
+    cfg = os.path.join(workdir, "prometheus.yml")
+    with open(cfg, "w") as f:
+        f.write("global:\n  scrape_interval: 15s\n")
+    p = subprocess.Popen([binary, f"--config.file={cfg}", f"--storage.tsdb.path={tsdb}",
+                          f"--web.listen-address=127.0.0.1:{port}",
+                          "--storage.tsdb.retention.time=100000d"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/-/ready", timeout=30)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        p.terminate()
+        p.wait(10)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from agentd.cluster.synth import simulate_job, write_exporters
-from conftest import agentd_cmd, free_port, need, wait_http
+from conftest import agentd_cmd, backfilled_prometheus, free_port, need, wait_http
 
 pytestmark = [pytest.mark.prometheus, pytest.mark.slow]
 
@@ -49,28 +49,12 @@ def _check(doc: dict, jobs) -> None:
 
 @pytest.fixture(scope="module")
 def prometheus(jobs, tmp_path_factory):
-    binary, promtool = need("prometheus"), need("promtool")
     d = tmp_path_factory.mktemp("cluster-prom")
     om = d / "exporters.om"
     with open(om, "w") as f:
         write_exporters(jobs, f)
-    r = subprocess.run([promtool, "tsdb", "create-blocks-from", "openmetrics", str(om),
-                        str(d / "tsdb")], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    om.unlink()
-    port = free_port()
-    (d / "prometheus.yml").write_text("global:\n  scrape_interval: 15s\n")
-    p = subprocess.Popen([binary, f"--config.file={d / 'prometheus.yml'}",
-                          f"--storage.tsdb.path={d / 'tsdb'}",
-                          f"--web.listen-address=127.0.0.1:{port}",
-                          "--storage.tsdb.retention.time=100000d"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/-/ready", timeout=30)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        p.terminate()
-        p.wait(10)
+    with backfilled_prometheus(om, d) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

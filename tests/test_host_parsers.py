@@ -241,6 +241,35 @@ def test_network_rdma_ports(dgx_procfs, dgx_sysfs):
     assert series[("agentd_rdma_receive_bytes_total", ("mlx5_0", "1"))] == 2_500_000_000 * 4
     assert series[("agentd_rdma_port_speed_bytes", ("mlx5_3", "1"))] == 50e9
     assert ("agentd_network_receive_bytes_total", ("lo",)) not in series
+    # The fixture's adapters have no error counter files: absent, not 0.
+    assert not any(n == "agentd_rdma_port_errors_total" for n, _ in series)
+
+
+def test_network_rdma_error_counters(tmp_path):
+    """A lossy link's port: its error and recovery counters are exported as they are."""
+    port = tmp_path / "sys" / "class" / "infiniband" / "mlx5_2" / "ports" / "1"
+    (port / "counters").mkdir(parents=True)
+    (port / "rate").write_text("200 Gb/sec (4X HDR)\n")
+    for name, v in {"port_rcv_data": 100, "port_xmit_data": 50, "port_rcv_packets": 9,
+                    "port_xmit_packets": 8, "port_xmit_wait": 7, "symbol_error": 1234,
+                    "port_rcv_errors": 56, "link_error_recovery": 3, "link_downed": 1,
+                    "port_xmit_discards": 2}.items():
+        (port / "counters" / name).write_text(f"{v}\n")
+    (tmp_path / "proc" / "net").mkdir(parents=True)
+    (tmp_path / "proc" / "net" / "dev").write_text(
+        "Inter-| Receive | Transmit\n face |bytes packets|bytes packets\n")
+    s = NetworkSampler(ctx(str(tmp_path / "proc"), str(tmp_path / "sys")))
+    s.open()
+    s.sample(1.0, True)
+    series = {n: v for n, labels, v in s.series() if labels == ("mlx5_2", "1")}
+    errors = {labels[2]: v for n, labels, v in s.series()
+              if n == "agentd_rdma_port_errors_total"}
+    # The files the adapter has, by node_exporter's names; the ones it lacks are absent.
+    assert errors == {"symbol_error": 1234, "port_errors_received": 56,
+                      "link_error_recovery": 3, "link_downed": 1,
+                      "port_discards_transmitted": 2}
+    assert series["agentd_rdma_transmit_wait_total"] == 7
+    assert series["agentd_rdma_port_speed_bytes"] == 25e9
 
 
 def test_network_against_psutil():

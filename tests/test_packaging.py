@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from conftest import free_port, wait_http
+from conftest import free_ports, wait_http
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,33 +68,45 @@ def _outside(tmp_path) -> dict:
 @pytest.mark.slow
 def test_wheel_imports_from_its_own_install(installed, tmp_path):
     r = subprocess.run([os.path.join(installed, "python"), "-c",
-                        "import agentd.sim.scenario as s, agentd.gpu.fake.scenario as f; "
-                        "print(s.__file__); print(len(s.library()), len(f.library()))"],
+                        "import agentd.sim.scenario as s, agentd.gpu.fake.scenario as f, "
+                        "agentd.sim.cluster_scenario as c; "
+                        "print(s.__file__); print(len(s.library()), len(f.library()), "
+                        "len(c.library()))"],
                        capture_output=True, text=True, timeout=60, **_outside(tmp_path))
     assert r.returncode == 0, r.stderr
     path, counts = r.stdout.splitlines()
     assert path.startswith(os.path.dirname(installed)), path  # not the source tree
-    sims, fakes = map(int, counts.split())
-    assert sims >= 10 and fakes >= 1
+    sims, fakes, clusters = map(int, counts.split())
+    assert sims >= 10 and fakes >= 1 and clusters >= 8  # every cluster scenario shipped
 
 
 @pytest.mark.slow
-def test_wheel_runs_the_demo(installed, tmp_path):
-    r = subprocess.run([os.path.join(installed, "agentd"), "demo", "--seconds", "3",
-                        "--web.listen-address", f"127.0.0.1:{free_port()}"],
+@pytest.mark.parametrize("args, expect", [
+    (["--seconds", "3"], ["GPU"]),
+    # The README's `agentd demo --cluster`, smaller: the library's cluster scenario, every
+    # node served and shown, and the cluster analysis' verdict line.
+    (["--cluster", "--nodes", "3", "--gpus", "1", "--seconds", "6"],
+     ["gpu-node-00", "gpu-node-02", "Holding the job back:", "agentd's cluster analysis"]),
+])
+def test_wheel_runs_the_demo(installed, tmp_path, args, expect):
+    r = subprocess.run([os.path.join(installed, "agentd"), "demo", *args,
+                        "--web.listen-address", f"127.0.0.1:{free_ports(3)}"],
                        capture_output=True, text=True, timeout=120, **_outside(tmp_path))
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
-    assert "GPU" in r.stdout
+    for text in expect:
+        assert text in r.stdout, r.stdout
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("args, expect", [
     (["--simulate", "input-cpu"], 'agentd_build_info{'),
     (["--fake-nvml", "h100x8-steady"], 'agentd_gpu_busy_seconds_total{gpu="7"'),
+    (["--simulate-cluster", "lossy-link", "--simulate.nodes", "2", "--simulate.gpus", "1"],
+     'agentd_rdma_port_errors_total{'),
 ])
 def test_wheel_runs_the_daemon_on_library_scenarios(installed, tmp_path, spawn, args, expect):
-    port = free_port()
+    port = free_ports(2)  # the simulated job's two nodes on port and port + 1
     p = spawn([os.path.join(installed, "agentd"), "run", *args, "--web.listen-address",
                f"127.0.0.1:{port}"], **_outside(tmp_path))
     url = f"http://127.0.0.1:{port}/metrics"
@@ -102,14 +114,14 @@ def test_wheel_runs_the_daemon_on_library_scenarios(installed, tmp_path, spawn, 
         wait_http(url, timeout=30)
     except TimeoutError:
         pytest.fail(f"agentd did not serve: {p.output()}")
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60  # the GPU sampler's first run, on a loaded machine
     text = ""
-    while time.monotonic() < deadline and expect not in text:
+    while time.monotonic() < deadline and not (expect in text and 'agentd_gpu_info{' in text):
         with urllib.request.urlopen(url, timeout=5) as resp:
             text = resp.read().decode()
         time.sleep(0.5)
     assert expect in text, p.output()
-    assert 'agentd_gpu_info{' in text
+    assert 'agentd_gpu_info{' in text, p.output()
     assert p.stop() == 0, p.output()
     assert "Traceback" not in p.output()
 

@@ -384,9 +384,10 @@ def _finding(fleet: Fleet, job: str, members: list[int], i: int, kind: str, mask
             parts.append(f"its slowest port runs at {host_at['net_rate'] * 8 / 1e9:.0f} Gb/s "
                          f"where its peers' run at {peer * 8 / 1e9:.0f} Gb/s")
         if lossy:
+            span = opts.window_steps * fleet.step  # a window under a minute: the demo's
             parts.append(f"its ports count {ev['errors_per_second'] or 0:.1f} link errors/s "
                          f"and {ev['recoveries_per_window'] or 0:.0f} link recoveries per "
-                         f"{opts.window_steps * fleet.step / 60:.0f} min")
+                         + (f"{span / 60:.0f} min" if span >= 60 else f"{span:.0f} s"))
         if ev.get("neighbours_waiting"):
             parts.append(f"{', '.join(ev['neighbours_waiting'])} wait to send (transmit "
                          "wait)")

@@ -303,6 +303,15 @@ class ClusterSource:
         return {"range": rng, "instant": inst, "detail": detail, "ids": ids,
                 "power_limit": has_limit}
 
+    def _rates(self, prefix: str, names: str, w: str) -> str:
+        """The rates of several counters of one port, each kept apart by a `counter` label:
+        rate() drops the metric name, and node_exporter's counters of one port share their
+        other labels, so rate({__name__=~"a|b"}) is an error ("vector cannot contain
+        metrics with the same labelset")."""
+        return " or ".join(
+            f'label_replace(rate({self.s(f"{prefix}{n}_total")}[{w}]), "counter", "{n}", "", "")'
+            for n in names.split("|"))
+
     def _host_exporters(self, w: str) -> dict:
         def host(agg: str, inner: str) -> str:
             return self.by_node(agg, inner)
@@ -322,10 +331,8 @@ class ClusterSource:
                                     f"[{w}])"),
             "net_util": host("max", f"rate({self.s(ib + 'port_data_transmitted_bytes_total')}"
                                     f"[{w}]) / {self.s(ib + 'rate_bytes_per_second')}"),
-            "net_errors": host("sum", "rate({}[{}])".format(self.s(
-                "", f'__name__=~"{ib}({IB_ERRORS})_total"'), w)),
-            "net_recover": host("sum", "rate({}[{}])".format(self.s(
-                "", f'__name__=~"{ib}({IB_RECOVERIES})_total"'), w)),
+            "net_errors": host("sum", self._rates(ib, IB_ERRORS, w)),
+            "net_recover": host("sum", self._rates(ib, IB_RECOVERIES, w)),
             "net_wait": host("sum", f"rate({self.s(ib + 'port_transmit_wait_total')}[{w}])"),
         }
 

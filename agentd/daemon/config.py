@@ -379,6 +379,13 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--simulate.seed", dest="simulate_seed", metavar="N",
                    help="draw the scenario's randomized parameters with this seed (an integer "
                    ">= 0)")
+    p.add_argument("--simulate-cluster", dest="simulate_cluster", metavar="SCENARIO",
+                   help="serve every node of a simulated multi-node job, node K on the "
+                   "listen port + K: a scenario name (agentd/scenarios/cluster) or file")
+    p.add_argument("--simulate.nodes", dest="simulate_nodes", metavar="N", type=int,
+                   help="with --simulate-cluster: the job's nodes (default: the scenario's)")
+    p.add_argument("--simulate.gpus", dest="simulate_gpus", metavar="N", type=int,
+                   help="with --simulate-cluster: GPUs per node (default: the scenario's)")
     p.add_argument("--log.level", dest="log_level", choices=LEVELS, help="log level")
     p.add_argument("--probe.state-file", dest="probe_state_file", metavar="FILE",
                    help="ceilings measured by `agentd probe`, read at start and on SIGHUP "

@@ -51,13 +51,15 @@ def install_fake_nvml(path: str) -> None:
 
 class Daemon:
     def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None,
-                 notifier: Notifier | None = None):
-        self.sim_node = None
-        if config.simulate:
+                 notifier: Notifier | None = None, sim_node=None):
+        # sim_node: a SimulatedNode to serve (a node of a simulated job, agentd/sim/serve.py)
+        self.sim_node = sim_node
+        if sim_node is None and config.simulate:
             from agentd.sim.node import SimulatedNode
             from agentd.sim.scenario import load
 
             self.sim_node = SimulatedNode(load(config.simulate, config.simulate_seed))
+        if self.sim_node is not None:
             config = self._simulated(config)
         self.config = config
         self._reload_config = reload_config
@@ -96,9 +98,13 @@ class Daemon:
             return self._states.get(name)
 
     def _context(self, cfg: Config) -> Context:
-        return Context(paths=Paths(cfg.procfs, cfg.sysfs, cfg.varlog),
-                       fast_interval=cfg.fast_interval,
-                       slow_interval=cfg.slow_interval, shared=self.shared)
+        ctx = Context(paths=Paths(cfg.procfs, cfg.sysfs, cfg.varlog),
+                      fast_interval=cfg.fast_interval,
+                      slow_interval=cfg.slow_interval, shared=self.shared)
+        if self.sim_node is not None and self.sim_node.hostname:
+            ctx.hostname = self.sim_node.hostname
+            ctx.nvml = self.sim_node.pynvml
+        return ctx
 
     def _plan(self, cfg: Config) -> dict[tuple, list[str]]:
         """Which loop runs which samplers: one per isolated sampler, one per interval else."""
@@ -167,13 +173,14 @@ class Daemon:
 
     def _simulated(self, cfg: Config) -> Config:
         """The configuration pointed at the simulated node's trees."""
-        return replace(cfg, procfs=self.sim_node.procfs, sysfs=self.sim_node.sysfs)
+        return replace(cfg, procfs=self.sim_node.procfs, sysfs=self.sim_node.sysfs,
+                       varlog=self.sim_node.varlog)
 
     def _select_gpu_backend(self, cfg: Config) -> None:
         from agentd.gpu import fake
 
         if self.sim_node is not None:
-            fake.install(self.sim_node.nvml_library())
+            self.sim_node.install_nvml()
             self.gpu_backend = "simulated"
             log.warning("serving a SIMULATED node (scenario %s): no real hardware is read",
                         self.sim_node.scenario.name)
@@ -231,7 +238,9 @@ class Daemon:
     def window_meta(self) -> dict:
         """The node's description for the analysis: GPU identities, which processes use which
         GPU, and which switches GPUs share with NVMe drives (by GPU index)."""
-        meta: dict = {"node": socket.gethostname(), "fast_interval": self.config.fast_interval,
+        host = self.sim_node.hostname if self.sim_node is not None else None
+        meta: dict = {"node": host or socket.gethostname(),
+                      "fast_interval": self.config.fast_interval,
                       "samplers": {st.name: {"available": st.available,
                                              "reason": st.unavailable_reason}
                                    for st in self.runners()}}

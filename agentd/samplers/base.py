@@ -94,6 +94,9 @@ class Context:
     slow_interval: float
     shared: SharedState = field(default_factory=SharedState)
     hostname: str = field(default_factory=socket.gethostname)  # as dcgm-exporter's Hostname
+    # The pynvml module the GPU sampler talks to (None: `import pynvml`); each simulated
+    # node of a job served by one process has its own (agentd/gpu/fake/library.py).
+    nvml: Any = None
 
 
 class SeriesStore:

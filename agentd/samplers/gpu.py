@@ -94,7 +94,8 @@ class GpuSampler(Sampler):
 
     def open(self) -> None:
         self.backend = NvmlBackend(slow_interval=self.ctx.slow_interval,
-                                   gpm_interval=self.opts["gpm_interval"])
+                                   gpm_interval=self.opts["gpm_interval"],
+                                   pynvml_module=self.ctx.nvml)
         gpus = self.backend.open()  # raises Unavailable without a driver
         self.gpus: dict[int, GpuIdentity] = {g.index: g for g in gpus}
         self.lost: set[int] = {d.index for d in self.backend.devices if d.lost}

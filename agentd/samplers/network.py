@@ -3,13 +3,17 @@
 
 RDMA traffic bypasses the kernel's network stack, so it never shows in /proc/net/dev: a node
 whose collectives run over InfiniBand or RoCE looks idle there. Its port counters say otherwise.
+A bad link shows in its port's error counters (symbol errors, packets received in error, link
+error recoveries, link down events, discarded sends) and rate, and in the transmit wait of the
+port that sends into it: in a ring all-reduce every rank moves the same bytes, so bytes per
+second alone do not single it out.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agentd.paths import read_optional, read_text
 from agentd.samplers.base import (Malformed, Option, Row, Sampler, Series, Unavailable, complete,
@@ -43,6 +47,19 @@ def parse_net_dev(text: str, path: str = "/proc/net/dev") -> dict[str, NetDev]:
     return out
 
 
+# The port's error counters (type label: node_exporter's names for them) and their files
+# under counters/: link errors, and the link's recoveries and downs.
+PORT_ERRORS = {
+    "symbol_error": "symbol_error",
+    "port_errors_received": "port_rcv_errors",
+    "local_link_integrity_errors": "local_link_integrity_errors",
+    "excessive_buffer_overrun_errors": "excessive_buffer_overrun_errors",
+    "port_discards_transmitted": "port_xmit_discards",
+    "link_error_recovery": "link_error_recovery",
+    "link_downed": "link_downed",
+}
+
+
 @dataclass(frozen=True)
 class RdmaPort:
     rx_bytes: int
@@ -51,6 +68,8 @@ class RdmaPort:
     tx_packets: int
     xmit_wait: int
     rate_bytes: float | None
+    # Error counters by type (PORT_ERRORS), those the adapter has (absent, not 0).
+    errors: dict[str, int] = field(default_factory=dict)
 
 
 def parse_rdma_rate(text: str) -> float | None:
@@ -79,6 +98,8 @@ def read_rdma_port(port_dir: str) -> RdmaPort | None:
         tx_packets=counter("port_xmit_packets") or 0,
         xmit_wait=counter("port_xmit_wait") or 0,
         rate_bytes=parse_rdma_rate(rate) if rate else None,
+        errors={kind: v for kind, name in PORT_ERRORS.items()
+                if (v := counter(name)) is not None},
     )
 
 
@@ -172,6 +193,8 @@ class NetworkSampler(Sampler):
                 ("agentd_rdma_transmit_packets_total", lab, p.tx_packets),
                 ("agentd_rdma_transmit_wait_total", lab, p.xmit_wait),
             ]
+            out += [("agentd_rdma_port_errors_total", lab + (kind,), v)
+                    for kind, v in p.errors.items()]
             if p.rate_bytes is not None:
                 out.append(("agentd_rdma_port_speed_bytes", lab, p.rate_bytes))
         return out

@@ -89,20 +89,24 @@ def run_demo(scenario: str, seed: int | None, listen: str, seconds: float | None
     except BaseException:
         daemon.stop()  # the address may be in use: stop the samplers and the simulation
         raise
+    try:
+        return live(lambda: render(daemon, time.time()), seconds, out)
+    finally:
+        daemon.stop()
+
+
+def live(frame, seconds: float | None, out=sys.stdout) -> int:
+    """Show frame() every second on a terminal (redrawn), every 5 s otherwise, for
+    `seconds` (None or 0: until Ctrl-C)."""
     tty = out.isatty()
     deadline = time.time() + seconds if seconds else math.inf
     try:
         time.sleep(2.5)
         while time.time() < deadline:
-            text = render(daemon, time.time())
-            if tty:
-                out.write("\x1b[H\x1b[2J" + text + "\n")
-            else:
-                out.write(text + "\n\n")
+            text = frame()
+            out.write(("\x1b[H\x1b[2J" + text + "\n") if tty else text + "\n\n\n")
             out.flush()
             time.sleep(1.0 if tty else 5.0)
     except KeyboardInterrupt:
         pass
-    finally:
-        daemon.stop()
     return 0

@@ -14,6 +14,7 @@ exact. Everything is numpy over the GPU axis; nothing here does I/O.
 from __future__ import annotations
 
 import math
+from collections import namedtuple
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -36,6 +37,10 @@ class Episode:
     idle: bool = False  # the job holds its GPU memory but runs no steps
     checkpoint_bytes: float = 0.0  # written once at the start; training pauses meanwhile
     storage_factor: float = 1.0  # storage delivers this share of its bandwidth (a neighbour)
+    # Compute takes this many times longer at normal clocks (a degraded GPU: memory-bound
+    # after row remapping, a bad HBM stack); unlike clock_factor the clocks read normal.
+    compute_factor: float = 1.0
+    cpu_factor: float = 1.0  # the job keeps this share of the node's cores (a CPU hog beside it)
 
 
 @dataclass
@@ -204,6 +209,10 @@ class Trace:
     clock_factor: np.ndarray  # [steps, gpus] SM clock / max clock
     memory_held: np.ndarray  # [steps, gpus] 1 while a job holds GPU memory
     write: np.ndarray  # [steps] bytes written to storage (checkpoints)
+    # [steps, gpus] time spent at the collective's barrier waiting for the last rank (spinning:
+    # busy for NVML, SMs nearly idle); included in busy.
+    collective_wait: np.ndarray | None = None
+    cpu_other: np.ndarray | None = None  # [steps] CPU seconds other processes took (a hog)
 
 
 class Simulator:
@@ -214,11 +223,17 @@ class Simulator:
     times faster than numpy, whose per-call overhead dominates arrays of 8 elements."""
 
     CUM = ("storage_read", "storage_ops", "storage_busy", "storage_weighted", "io_wait",
-           "cpu_wait", "write", "io_full", "mem_wait")
+           "cpu_wait", "write", "io_full", "mem_wait", "cpu_other")
     GCUM = ("busy", "sm_active", "pcie_rx", "nvlink", "steps", "stall", "cache_read",
-            "worker_cpu", "trainer_cpu", "gpu_read", "pcie_tx", "io_blocked")
+            "worker_cpu", "trainer_cpu", "gpu_read", "pcie_tx", "io_blocked", "collective_wait")
 
-    def __init__(self, p: JobParams, dt: float = 0.01):
+    def __init__(self, p: JobParams, dt: float = 0.01, collective_s: float | None = None,
+                 clocks: list[float] | None = None):
+        """collective_s: this node is one of several of a job (agentd/sim/cluster.py), whose
+        collective takes that long once every rank has arrived; the barrier is settled across
+        the nodes by the caller (settle_barrier), and peer_wait_s does not apply.
+        clocks: each GPU's SM clock as a share of its maximum in normal operation (GPUs of one
+        model boost to slightly different clocks); episodes' clock factors apply on top."""
         if dt > 0.01:
             raise ValueError("the time step must be at most 10 ms")
         self.p = p
@@ -242,9 +257,28 @@ class Simulator:
         self.slow = [1.0] * g
         if 0 <= p.straggler_gpu < g:
             self.slow[p.straggler_gpu] = p.straggler_factor
-        self.comm_s = p.collective_bytes / p.collective_bandwidth if p.collective_bytes else 0.0
-        if self.comm_s or p.peer_wait_s:
-            self.comm_s += p.peer_wait_s  # remote peers arrive later: the collective waits
+        self.slow_now = self.slow  # with the episodes' compute factors in force
+        self.cpu_factor = 1.0
+        self.in_cluster = collective_s is not None
+        if collective_s is not None:
+            self.comm_s = collective_s
+        else:
+            self.comm_s = p.collective_bytes / p.collective_bandwidth if p.collective_bytes \
+                else 0.0
+            if self.comm_s or p.peer_wait_s:
+                self.comm_s += p.peer_wait_s  # remote peers arrive later: the collective waits
+        # Who a rank spinning at the barrier is held up by (ground truth).
+        self.spin_blame = B_STRAGGLER if p.straggler_factor > 1 or self.in_cluster else B_COMM
+        # Per rank: the compute time of its current (or last) step and its clock then, and its
+        # input stall since its last collective, for the cluster's ground truth.
+        self.compute_len = [0.0] * g
+        self.compute_clock = [1.0] * g
+        self.cycle_stall = [0.0] * g
+        self.cycle_blame = [B_COMPUTE] * g  # what held its input up, if it stalled
+        self.arrived_abs = [0.0] * g  # when it last arrived at the barrier (seconds)
+        self.base_clock = list(clocks) if clocks is not None else [1.0] * g
+        if len(self.base_clock) != g:
+            raise ValueError("clocks: one per GPU")
         self.storage_avail = storage_throughput(p)
         self.uplink_bw = uplink_capacity(p)
         if self.uplink_bw > 0:
@@ -268,10 +302,12 @@ class Simulator:
         """(clock factor per GPU, cache hit ratio, idle per GPU) in force at time t."""
         p = self.p
         g = p.gpus
-        clock = [1.0] * g
+        clock = list(self.base_clock)
         cache = p.cache_hit
         idle = [False] * g
         self.storage_factor = 1.0
+        self.cpu_factor = 1.0
+        slow = None
         self.evaluating = bool(p.eval_every_s) and (t % p.eval_every_s) >= \
             p.eval_every_s - p.eval_duration_s
         if self.evaluating:
@@ -289,9 +325,15 @@ class Simulator:
                 if ep.cache_hit is not None:
                     cache = ep.cache_hit
                 self.storage_factor *= ep.storage_factor
+                self.cpu_factor *= ep.cpu_factor
+                if ep.compute_factor != 1.0:
+                    slow = slow or list(self.slow)
+                    for i in (ep.gpus or range(g)):
+                        slow[i] *= ep.compute_factor
                 if ep.checkpoint_bytes and n not in self._checkpoints_done:
                     self._checkpoints_done.add(n)
                     self._start_checkpoint(ep.checkpoint_bytes)
+        self.slow_now = slow or self.slow
         return clock, cache, idle
 
     def _start_checkpoint(self, nbytes: float) -> None:
@@ -306,10 +348,21 @@ class Simulator:
         forward_only = 1 / 3 if self.evaluating else 1.0  # evaluation has no backward pass
         self.count["computed"][i] += 1
         self.phase[i] = COMPUTE
-        self.rem[i] = max(p.compute_s * forward_only * self.slow[i] * max(jitter, 0.2), 1e-6) \
-            / max(clock, 1e-3)
+        self.rem[i] = max(p.compute_s * forward_only * self.slow_now[i] * max(jitter, 0.2),
+                          1e-6) / max(clock, 1e-3)
+        self.compute_len[i] = self.rem[i]
+        self.compute_clock[i] = clock
 
     def _step(self, rec: list) -> None:
+        st = self._advance()
+        if self.comm_s > 0:
+            settle_barrier((self,), (st,), self.dt)
+        self._commit(st, rec)
+
+    def _advance(self) -> "_StepState":
+        """One time step of the node up to its ranks' barrier: storage, CPU, PCIe, and each
+        GPU through the phases that fit. What happens at the barrier is settled by
+        settle_barrier (over this node, or every node of a job), then _commit records it."""
         p, dt, g = self.p, self.dt, self.p.gpus
         phase, rem = self.phase, self.rem
         read_q, ready_q, dev_slot, dcl = self.read_q, self.ready_q, self.dev_slot, \
@@ -317,7 +370,7 @@ class Simulator:
         if p.episodes or p.checkpoint_every_s or p.eval_every_s:
             clock, cache_hit, idle = self._conditions(self.now)
         else:
-            clock, cache_hit, idle = [1.0] * g, p.cache_hit, [False] * g
+            clock, cache_hit, idle = self.base_clock, p.cache_hit, [False] * g
         batch_bytes = p.batch_size * p.sample_bytes
         sb = batch_bytes * (1 - cache_hit)  # storage bytes per batch
         h2d = p.h2d_bytes_per_step
@@ -404,7 +457,7 @@ class Simulator:
             in_flight = max(in_flight, 1.0)
 
         # --- preprocessing on the node's cores --------------------------------------------------
-        spare = max(p.cores - g * p.trainer_cores, 0.1)
+        spare = max(p.cores * self.cpu_factor - g * p.trainer_cores, 0.1)
         has_input = [False] * g
         room = [0.0] * g
         for i in range(g):
@@ -473,6 +526,7 @@ class Simulator:
         nvlink = [0.0] * g
         steps = [0.0] * g
         blame = [0] * g
+        frac = [0.0] * g  # share of a collective each rank completed in this step
         sm_c = p.sm_active_when_computing
         for i in range(g):
             if idle[i]:
@@ -551,6 +605,7 @@ class Simulator:
                     busy[i] += use
                     sm[i] += use * 0.1
                     nvlink[i] += use / self.comm_s * p.collective_bytes
+                    frac[i] += use / self.comm_s
                     if blame[i] == 0:
                         blame[i] = B_COMM
                     rem[i] -= use
@@ -558,11 +613,25 @@ class Simulator:
                     if rem[i] <= 1e-12:
                         phase[i] = WAIT
                         steps[i] += 1
-                else:  # BARRIER: settled below
+                else:  # BARRIER: settled by settle_barrier
                     break
-        if self.comm_s > 0:
-            self._settle_barrier(dt, busy, sm, nvlink, steps, blame)
+        return _StepState(busy, sm, pcie, nvlink, steps, stall, blame, [0.0] * g, frac, clock,
+                          read_b, storage_bytes, cache_hit, sb, batch_bytes, worker_cpu,
+                          trainer_cpu, d2h, blocked, total_read, in_flight, write_bytes, n,
+                          spare, total)
 
+    def _commit(self, st: "_StepState", rec: list) -> None:
+        """Add the step's quantities (barrier settled) to the counters and record a row."""
+        p, dt, g = self.p, self.dt, self.p.gpus
+        (busy, sm, pcie, nvlink, steps, stall, blame, wait, _, clock, read_b, storage_bytes,
+         cache_hit, sb, batch_bytes, worker_cpu, trainer_cpu, d2h, blocked, total_read,
+         in_flight, write_bytes, n, spare, total) = st
+        if self.in_cluster:
+            cs = self.cycle_stall
+            for i in range(g):
+                if stall[i]:
+                    cs[i] += stall[i]
+                    self.cycle_blame[i] = blame[i]
         self.now += dt
         gc = self.gcum
         for i in range(g):
@@ -579,6 +648,7 @@ class Simulator:
             gc["gpu_read"][i] += storage_bytes[i]
             gc["pcie_tx"][i] += d2h[i]
             gc["io_blocked"][i] += blocked[i]
+            gc["collective_wait"][i] += wait[i]
         c = self.cum
         # A neighbour taking part of the storage: its reads are the device's too.
         neighbour = self.storage_avail * (1 - self.storage_factor) * dt \
@@ -600,6 +670,8 @@ class Simulator:
         c["mem_wait"] += busy_frac * dt * miss if n else 0.0
         c["cpu_wait"] += dt * (1 - spare / total) if total > spare else 0.0
         c["write"] += write_bytes
+        if self.cpu_factor < 1:
+            c["cpu_other"] += p.cores * (1 - self.cpu_factor) * dt
         row = [self.now]
         for v in gc.values():
             row += v
@@ -621,52 +693,19 @@ class Simulator:
 
     def _arrive(self, i: int, at: float) -> None:
         self._arrivals[i] = at
-
-    def _settle_barrier(self, dt, busy, sm, nvlink, steps, blame) -> None:
-        """GPUs at the barrier spin (busy for NVML, idle SMs) until the last one arrives;
-        then all run the collective together."""
-        p, phase, rem, arrivals = self.p, self.phase, self.rem, self._arrivals
-        waiting = [i for i in range(p.gpus) if phase[i] == BARRIER]
-        if not waiting:
-            return
-        who = B_STRAGGLER if p.straggler_factor > 1 else B_COMM
-        if len(waiting) < p.gpus:
-            for i in waiting:
-                spin = dt - arrivals.pop(i, 0.0)
-                busy[i] += spin
-                sm[i] += spin * 0.05
-                blame[i] = who
-            return
-        release = max(arrivals.get(i, 0.0) for i in waiting)
-        arrived_at = {i: arrivals.get(i, 0.0) for i in waiting}
-        arrivals.clear()
-        for i in waiting:
-            spin = release - arrived_at[i]
-            busy[i] += spin
-            sm[i] += spin * 0.05
-            if spin > 1e-9:
-                blame[i] = who
-            phase[i] = COMM
-            rem[i] = self.comm_s
-            use = min(self.comm_s, dt - release)
-            busy[i] += use
-            sm[i] += use * 0.1
-            nvlink[i] += use / self.comm_s * p.collective_bytes
-            rem[i] -= use
-            if blame[i] == 0:
-                blame[i] = B_COMM
-            if rem[i] <= 1e-12:
-                phase[i] = WAIT
-                steps[i] += 1
-                # (A GPU finishing its collective within this step starts the next one at the
-                # next step: at most one step of 10 ms, rare, as collectives take longer.)
+        self.arrived_abs[i] = self.now + at
 
     def run(self, seconds: float) -> Trace:
         n = int(round(seconds / self.dt))
-        g = self.p.gpus
         rec: list = []
         for _ in range(n):
             self._step(rec)
+        return self.trace(rec)
+
+    def trace(self, rec: list) -> Trace:
+        """The Trace of the rows _commit recorded."""
+        n = len(rec)
+        g = self.p.gpus
         width = 1 + g * len(self.GCUM) + len(self.CUM) + 2 * g
         table = np.array(rec, dtype=float).reshape(n, width)
         gcols = {k: table[:, 1 + j * g: 1 + (j + 1) * g] for j, k in enumerate(self.GCUM)}
@@ -688,8 +727,86 @@ class Simulator:
             io_full=ccols["io_full"], mem_wait=ccols["mem_wait"], pcie_tx=gcols["pcie_tx"],
             io_blocked=gcols["io_blocked"],
             memory_held=np.ones((n, g)), write=ccols["write"],
+            collective_wait=gcols["collective_wait"], cpu_other=ccols["cpu_other"],
         )
 
 
 (B_COMPUTE, B_STORAGE, B_CPU, B_H2D, B_SERIALIZED, B_COMM, B_STRAGGLER, B_IDLE,
  B_UPLINK) = range(len(BLAME))
+
+# What one node's time step leaves for the barrier and the counters (lists over its GPUs).
+_StepState = namedtuple("_StepState", (
+    "busy", "sm", "pcie", "nvlink", "steps", "stall", "blame", "wait", "frac", "clock",
+    "read_b", "storage_bytes", "cache_hit", "sb", "batch_bytes", "worker_cpu", "trainer_cpu",
+    "d2h", "blocked", "total_read", "in_flight", "write_bytes", "readers", "spare",
+    "cpu_demand"))
+
+
+def settle_barrier(sims, states, dt: float, collective_s: float | None = None
+                   ) -> tuple[float, int, int] | None:
+    """The ranks at the collective's barrier, of one node or of every node of a job: while
+    some have not arrived, those waiting spin (busy for NVML, SMs nearly idle) to the end of
+    the time step; once the last arrives, all run the collective together, for each node's
+    comm_s (collective_s, when given, becomes every node's comm_s for this collective).
+
+    sims and states: the nodes' Simulators and the _StepStates their _advance returned.
+    Returns (when in the step the barrier released, the node's position in sims, the GPU
+    that arrived last), or None when it did not release in this step."""
+    waiting = []
+    ranks = 0
+    for k, sim in enumerate(sims):
+        phase = sim.phase
+        g = sim.p.gpus
+        ranks += g
+        for i in range(g):
+            if phase[i] == BARRIER:
+                waiting.append((k, i))
+    if not waiting:
+        return None
+    if len(waiting) < ranks:
+        for k, i in waiting:
+            sim, st = sims[k], states[k]
+            spin = dt - sim._arrivals.pop(i, 0.0)
+            st.busy[i] += spin
+            st.sm[i] += spin * 0.05
+            st.wait[i] += spin
+            st.blame[i] = sim.spin_blame
+        return None
+    release, last = -1.0, (0, 0)
+    for k, i in waiting:
+        at = sims[k]._arrivals.get(i, 0.0)
+        if at > release:
+            release, last = at, (k, i)
+    for k, sim in enumerate(sims):
+        st = states[k]
+        if collective_s is not None:
+            sim.comm_s = collective_s
+        p, phase, rem, arrivals = sim.p, sim.phase, sim.rem, sim._arrivals
+        comm_s = sim.comm_s
+        busy, sm, nvlink, steps, blame, wait, frac = st.busy, st.sm, st.nvlink, st.steps, \
+            st.blame, st.wait, st.frac
+        arrived_at = {i: arrivals.get(i, 0.0) for i in range(p.gpus)}
+        arrivals.clear()
+        for i in range(p.gpus):
+            spin = release - arrived_at[i]
+            busy[i] += spin
+            sm[i] += spin * 0.05
+            wait[i] += spin
+            if spin > 1e-9:
+                blame[i] = sim.spin_blame
+            phase[i] = COMM
+            rem[i] = comm_s
+            use = min(comm_s, dt - release)
+            busy[i] += use
+            sm[i] += use * 0.1
+            nvlink[i] += use / comm_s * p.collective_bytes
+            frac[i] += use / comm_s
+            rem[i] -= use
+            if blame[i] == 0:
+                blame[i] = B_COMM
+            if rem[i] <= 1e-12:
+                phase[i] = WAIT
+                steps[i] += 1
+                # (A GPU finishing its collective within this step starts the next one at the
+                # next step: at most one step of 10 ms, rare, as collectives take longer.)
+    return release, last[0], last[1]

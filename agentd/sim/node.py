@@ -4,6 +4,14 @@ a /proc and /sys tree whose files say what the simulated hardware and processes 
 The simulator runs a little ahead of the clock in chunks; every quantity is read off its
 cumulative counters at the time asked, so NVML's sample buffer, a GPM interval or a
 /proc/diskstats read between two ticks all see consistent, exact values.
+
+A node of a multi-node job (agentd/sim/cluster.py) reads its counters from a ClusterHistory,
+which runs the whole job ahead in chunks on the nodes' one clock; such a node also has its
+own host name, its trainers' cgroup (a Slurm job or a Kubernetes pod, with the kubelet's
+/var/log/pods and /var/log/containers entries under its varlog tree), RDMA ports under
+/sys/class/infiniband (what agentd's network sampler and node_exporter's infiniband
+collector read), and its own instance of the pynvml module with its fake library installed,
+so that several nodes' daemons can share one process (agentd/sim/serve.py).
 """
 
 from __future__ import annotations
@@ -23,6 +31,61 @@ from agentd.pcie import GENERATION_GTS as GTS
 from agentd.pcie import capacity
 from agentd.sim.model import Simulator, Trace, storage_throughput, uplink_link
 from agentd.sim.scenario import Scenario
+
+# The Trace fields a History keeps (cumulative counters and per-step values).
+TRACE_FIELDS = ("busy", "sm_active", "pcie_rx", "nvlink", "steps", "stall", "storage_read",
+                "storage_ops", "storage_busy", "storage_weighted", "cache_read", "worker_cpu",
+                "trainer_cpu", "gpu_read", "io_wait", "cpu_wait", "clock_factor", "write",
+                "io_full", "mem_wait", "pcie_tx", "io_blocked", "collective_wait",
+                "cpu_other")
+# RDMA port counters written under /sys/class/infiniband/DEV/ports/1/counters that the
+# simulation moves (the others stay 0); each from a ClusterHistory "net.FIELD" key.
+IB_COUNTERS = {"port_xmit_data": "tx_bytes", "port_rcv_data": "rx_bytes",
+               "port_xmit_packets": "tx_packets", "port_rcv_packets": "rx_packets",
+               "unicast_xmit_packets": "tx_packets", "unicast_rcv_packets": "rx_packets",
+               "port_xmit_wait": "xmit_wait", "symbol_error": "symbol_error",
+               "port_rcv_errors": "rcv_errors", "link_error_recovery": "link_error_recovery",
+               "link_downed": "link_downed"}
+IB_ZERO = ("excessive_buffer_overrun_errors", "local_link_integrity_errors",
+           "multicast_rcv_packets", "multicast_xmit_packets", "port_rcv_constraint_errors",
+           "port_rcv_discards", "port_rcv_remote_physical_errors",
+           "port_rcv_switch_relay_errors", "port_xmit_constraint_errors", "port_xmit_discards",
+           "VL15_dropped")
+MGMT_BYTES_PER_S = 2.5e6  # the management interface's own traffic (logs, metrics, ssh)
+
+
+def job_gpu_activity(sm, busy, spin, sm_when_computing: float, dram_factor=1.0) -> dict:
+    """A multi-node job's GPU activity over an interval from its shares of SM activity,
+    busy time and collective wait (floats or arrays): tensor cores work only while it
+    computes (NCCL's spin and its transfers use none), DRAM mostly then too."""
+    # sm = c*compute + 0.05*spin + 0.1*(busy - compute - spin): the simulator's SM shares.
+    compute = np.clip((sm - 0.1 * busy + 0.05 * spin) / (sm_when_computing - 0.1), 0.0, 1.0)
+    comm = np.clip(busy - compute - spin, 0.0, 1.0)
+    return {"sm_active": sm, "sm_occupancy": sm * 0.6,
+            "tensor_active": 0.7 * sm_when_computing * compute,
+            "dram_active": np.minimum(0.4 * compute * dram_factor + 0.1 * comm, 1.0)}
+
+
+def job_gpu_gauges(active, clock, base_clock, thermal, temperature_offset, limit_w):
+    """(power W, temperature C, clock below its normal) of a multi-node job's GPU (floats
+    or arrays): power and heat follow compute activity (`active`: 0..1, a rank spinning in
+    the all-reduce is busy for NVML but draws little), a power-capped GPU draws its limit at
+    lowered clocks, a hot one (thermal) slows down at ~88 C."""
+    active = np.minimum(active, 1.0)
+    power = 90 + (limit_w - 90) * 0.93 * active * clock ** 2
+    temperature = 33 + temperature_offset + 36 * active
+    slowed = clock < base_clock - 0.01
+    hot = np.logical_and(slowed, thermal)
+    capped = np.logical_and(slowed, np.logical_not(thermal))
+    temperature = np.where(hot, np.maximum(temperature, 88 + temperature_offset / 3),
+                           temperature)
+    power = np.where(capped, np.maximum(power, limit_w * 0.985 * np.minimum(active / 0.9, 1)),
+                     power)
+    return power, temperature, slowed
+
+
+def trace_fields(tr: Trace) -> dict[str, np.ndarray]:
+    return {k: getattr(tr, k) for k in TRACE_FIELDS if getattr(tr, k) is not None}
 
 CLK_TCK = 100
 SECTOR = 512
@@ -85,34 +148,41 @@ def link_for(copy_bandwidth: float) -> tuple[int, int]:
 
 class History:
     """The simulator's cumulative counters over the last `keep_s` seconds, and the means to
-    read any of them at any time (linear interpolation between 10 ms steps)."""
+    read any of them at any time (linear interpolation between 10 ms steps). Fed by its own
+    Simulator, or (feed) by the ClusterHistory of the job the node is part of."""
 
-    def __init__(self, sim: Simulator, keep_s: float = 60.0, chunk_s: float = 1.0):
+    def __init__(self, sim: Simulator | None, keep_s: float = 60.0, chunk_s: float = 1.0,
+                 feed: "ClusterHistory | None" = None, dt: float | None = None):
         self.sim = sim
-        self.keep = int(keep_s / sim.dt)
+        self.feed = feed
+        self.keep = int(keep_s / (dt or sim.dt))
         self.chunk_s = chunk_s
         self.lock = threading.Lock()
         self.t = np.zeros(0)
         self.data: dict[str, np.ndarray] = {}
 
     def extend_to(self, t: float) -> None:
+        if self.feed is not None:
+            self.feed.extend_to(t)
+            return
         with self.lock:
             while self.sim.now < t + self.chunk_s:
-                self._append(self.sim.run(self.chunk_s))
+                tr = self.sim.run(self.chunk_s)
+                self._append(tr.t, trace_fields(tr))
 
-    def _append(self, tr: Trace) -> None:
-        fields = {k: getattr(tr, k) for k in (
-            "busy", "sm_active", "pcie_rx", "nvlink", "steps", "stall", "storage_read",
-            "storage_ops", "storage_busy", "storage_weighted", "cache_read", "worker_cpu",
-            "trainer_cpu", "gpu_read", "io_wait", "cpu_wait", "clock_factor", "write",
-            "io_full", "mem_wait", "pcie_tx", "io_blocked")}
+    def append(self, t: np.ndarray, fields: dict[str, np.ndarray]) -> None:
+        """Add a chunk: times of its steps and each counter's values at them."""
+        with self.lock:
+            self._append(t, fields)
+
+    def _append(self, t: np.ndarray, fields: dict) -> None:
         if not self.data:
             # Time 0: every counter at zero.
-            self.t = np.concatenate(([0.0], tr.t))
+            self.t = np.concatenate(([0.0], t))
             self.data = {k: np.concatenate((np.zeros((1,) + v.shape[1:]), v))
                          for k, v in fields.items()}
             return
-        self.t = np.concatenate((self.t, tr.t))[-self.keep:]
+        self.t = np.concatenate((self.t, t))[-self.keep:]
         for k, v in fields.items():
             self.data[k] = np.concatenate((self.data[k], v))[-self.keep:]
 
@@ -138,6 +208,20 @@ class History:
         return self.at(key, t1) - self.at(key, t0)
 
 
+def device_info(node_name: str, index: int, pcie_bandwidth: float) -> DeviceInfo:
+    """GPU `index` of the node named `node_name`: its UUID (unique per node name), bus id,
+    PCIe link, as the fake NVML reports them."""
+    gen, width = link_for(pcie_bandwidth)
+    return DeviceInfo(
+        index=index,
+        uuid="GPU-" + str(uuidlib.uuid5(uuidlib.NAMESPACE_OID, f"{node_name}-gpu-{index}")),
+        pci_bus_id=f"00000000:{0x18 + 0x10 * index:02X}:00.0",
+        minor=index,
+        pcie_gen=gen, pcie_width=width, pcie_max_gen=gen, pcie_max_width=width,
+        util_sample_period_s=1 / 6,
+    )
+
+
 class SimulatedGpu:
     """One GPU of the simulated node, as the fake NVML library asks about it."""
 
@@ -145,16 +229,20 @@ class SimulatedGpu:
         self.node = node
         self.index = index
         p = node.scenario.job
-        gen, width = link_for(p.pcie_bandwidth)
-        self.info = DeviceInfo(
-            index=index,
-            uuid="GPU-" + str(uuidlib.uuid5(uuidlib.NAMESPACE_OID,
-                                            f"{node.scenario.node_name}-gpu-{index}")),
-            pci_bus_id=f"00000000:{0x18 + 0x10 * index:02X}:00.0",
-            minor=index,
-            pcie_gen=gen, pcie_width=width, pcie_max_gen=gen, pcie_max_width=width,
-            util_sample_period_s=1 / 6,
-        )
+        self.info = device_info(node.scenario.node_name, index, p.pcie_bandwidth)
+        # A node of a multi-node job: its GPUs' own clocks, temperatures and faults.
+        spec = getattr(node, "spec", None)
+        self.spec = spec
+        self.base_clock = spec.clocks[index] if spec is not None and spec.clocks else 1.0
+        self.temperature_offset = spec.temperature_offset_c[index] \
+            if spec is not None and spec.temperature_offset_c else 0.0
+        self.dram_factor = spec.dram_factor[index] if spec is not None and spec.dram_factor \
+            else 1.0
+        self.remapped = spec.remapped_rows.get(index) if spec is not None else None
+        # When its compute is slowed at normal clocks (a degraded GPU): from then on its
+        # remapped rows show and its DRAM works harder.
+        self.slowed = [(ep.start_s, ep.end_s) for ep in p.episodes if ep.compute_factor != 1
+                       and (not ep.gpus or index in ep.gpus)]
         self.lost_at = None
         self.xid_events: list[tuple[float, int]] = []
         for ev in node.scenario.events:
@@ -174,8 +262,23 @@ class SimulatedGpu:
         span = max(t1 - t0, 1e-9)
         sm = float(h.between("sm_active", t0, t1)[self.index]) / span
         busy = float(h.between("busy", t0, t1)[self.index]) / span
+        if self.spec is not None:
+            spin = float(h.between("collective_wait", t0, t1)[self.index]) / span
+            dram = self.dram_factor if self._slowed_at(t1) else 1.0
+            return {k: float(v) for k, v in job_gpu_activity(
+                sm, busy, spin, self.node.scenario.job.sm_active_when_computing,
+                dram).items()}
         return {"sm_active": sm, "sm_occupancy": sm * 0.6, "tensor_active": sm * 0.7,
                 "dram_active": busy * 0.35}
+
+    def _slowed_at(self, t: float) -> bool:
+        return any(a <= t < b for a, b in self.slowed)
+
+    def remapped_rows(self, t: float) -> tuple[int, int, int, int]:
+        """(correctable, uncorrectable, pending, failure) rows remapped at time t."""
+        if self.remapped is not None and any(a <= t for a, _ in self.slowed):
+            return self.remapped
+        return self.info.remapped
 
     def pcie_bytes(self, t: float) -> tuple[int, int]:
         snap = self.node.history.snapshot(t, ("pcie_rx", "pcie_tx"))
@@ -190,6 +293,8 @@ class SimulatedGpu:
         return v, v
 
     def state(self, t: float) -> DeviceState:
+        if self.spec is not None:
+            return self._job_node_state(t)
         h = self.node.history
         recent = self.busy_between(max(t - 1.0, 0.0), t) if t > 0 else 0.0
         clock = float(h.at("clock_factor", t)[self.index]) if t > 0 else 1.0
@@ -208,6 +313,36 @@ class SimulatedGpu:
             pcie_width=16,
         )
 
+    def _job_node_state(self, t: float) -> DeviceState:
+        """A GPU of a multi-node job: power and temperature follow its compute
+        (job_gpu_gauges); a clock below its normal reports power cap or thermal slowdown."""
+        h = self.node.history
+        t0 = max(t - 1.0, 0.0)
+        recent = self.busy_between(t0, t) if t > 0 else 0.0
+        clock = float(h.at("clock_factor", t)[self.index]) if t > 0 else self.base_clock
+        active = 0.0
+        if t > t0:
+            a = self.activity_between(t0, t)
+            active = a["tensor_active"] / (0.7 * self.node.scenario.job.sm_active_when_computing)
+        thermal = self.spec.throttle_reason == "hw_thermal"
+        power, temperature, slowed = job_gpu_gauges(
+            active, clock, self.base_clock, thermal, self.temperature_offset,
+            self.info.power_limit_mw / 1000)
+        reasons = N.nvmlClocksEventReasonGpuIdle if recent < 0.01 else 0
+        if slowed:
+            reasons |= (N.nvmlClocksEventReasonHwThermalSlowdown |
+                        N.nvmlClocksEventReasonHwSlowdown) if thermal else \
+                N.nvmlClocksEventReasonSwPowerCap
+        return DeviceState(
+            memory_used=int(0.82 * self.info.memory_total),
+            sm_clock_mhz=int(self.info.sm_clock_max_mhz * clock),
+            power_mw=int(float(power) * 1000),
+            temperature_c=int(temperature),
+            clock_event_reasons=reasons,
+            pcie_gen=self.info.pcie_gen if recent > 0 else 1,
+            pcie_width=16,
+        )
+
     def processes(self, t: float) -> list[GpuProcess]:
         sm = self.busy_between(max(t - 1.0, 0.0), t) if t > 0 else 0.0
         return [GpuProcess(self.node.trainer_pid(self.index), int(0.8 * self.info.memory_total),
@@ -217,16 +352,56 @@ class SimulatedGpu:
         return [(t, x) for t, x in self.xid_events if t0 < t <= t1]
 
 
+class ClusterHistory:
+    """The histories of a multi-node job's nodes, fed together: asked for any node's counters
+    at time t, it runs the whole job (ClusterSimulator) ahead in chunks and hands each node
+    its part, so every node sees the same collectives on the same clock."""
+
+    def __init__(self, sim, keep_s: float = 20.0, chunk_s: float = 1.0):
+        from agentd.sim.cluster import NET_FIELDS
+
+        self.sim = sim  # a ClusterSimulator
+        self.chunk_s = chunk_s
+        self.lock = threading.Lock()
+        self._net_fields = NET_FIELDS
+        self.nodes = [History(None, keep_s, chunk_s, feed=self, dt=sim.dt) for _ in sim.sims]
+
+    def extend_to(self, t: float) -> None:
+        with self.lock:
+            while self.sim.now < t + self.chunk_s:
+                ct = self.sim.run(self.chunk_s)
+                for k, h in enumerate(self.nodes):
+                    fields = trace_fields(ct.nodes[k])
+                    fields.update({f"net.{f}": ct.net[k][f] for f in self._net_fields})
+                    h.append(ct.t, fields)
+
+
 class SimulatedNode:
-    """The whole node: history, fake GPUs, and the /proc and /sys trees agentd reads."""
+    """The whole node: history, fake GPUs, and the /proc and /sys trees agentd reads.
+
+    A node of a multi-node job: cluster (a ClusterHistory) and index (the node's position
+    in the job); its NodeSpec gives its host name, identity, hardware and faults."""
 
     def __init__(self, scenario: Scenario, root: str | None = None, clock=time.time,
-                 dt: float = 0.01):
+                 dt: float = 0.01, *, cluster: ClusterHistory | None = None, index: int = 0,
+                 t0: float | None = None):
         self.scenario = scenario
-        self.sim = Simulator(scenario.job, dt=dt)
-        self.history = History(self.sim)
+        self.spec = None
+        self.hostname: str | None = None  # None: the machine's (a node served alone)
+        self.pynvml = None  # None: the process's pynvml module
+        if cluster is not None:
+            self.spec = cluster.sim.spec.nodes[index]
+            self.sim = cluster.sim.sims[index]
+            self.history = cluster.nodes[index]
+            self.hostname = self.spec.name
+            from agentd.gpu.fake import private_pynvml
+
+            self.pynvml = private_pynvml(f"{index}")
+        else:
+            self.sim = Simulator(scenario.job, dt=dt)
+            self.history = History(self.sim)
         self.clock = clock
-        self.t0 = clock()
+        self.t0 = clock() if t0 is None else t0  # the job's nodes share one time 0
         # tmpfs when there is one: the tree is rewritten 20 times a second.
         shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) \
             else None
@@ -235,6 +410,8 @@ class SimulatedNode:
         self._writes = 0
         self.procfs = os.path.join(self.root, "proc")
         self.sysfs = os.path.join(self.root, "sys")
+        self.varlog = os.path.join(self.root, "varlog")
+        self._net_written: dict[str, str] = {}  # sysfs file -> text last written (RDMA)
         self.gpus = [SimulatedGpu(self, i) for i in range(scenario.job.gpus)]
         p = scenario.job
         self.devices = disk_names(p)
@@ -262,9 +439,16 @@ class SimulatedNode:
                                    for g in self.gpus])
 
     def nvml_library(self) -> FakeNvmlLibrary:
-        lib = FakeNvmlLibrary(self.gpus, clock=self.clock)
+        lib = FakeNvmlLibrary(self.gpus, clock=self.clock, pynvml_module=self.pynvml)
         lib.t0 = self.t0  # the library's time 0 is the simulation's
         return lib
+
+    def install_nvml(self) -> FakeNvmlLibrary:
+        """Put this node's fake library under its pynvml module (the process's own for a
+        node served alone, the node's private one for a node of a job)."""
+        from agentd.gpu.fake import install
+
+        return install(self.nvml_library(), self.pynvml)
 
     # --- the trees ----------------------------------------------------------------------------
 
@@ -277,6 +461,7 @@ class SimulatedNode:
 
     def _write_static(self) -> None:
         p = self.scenario.job
+        os.makedirs(self.varlog, exist_ok=True)
         os.makedirs(os.path.join(self.procfs, "pressure"), exist_ok=True)
         os.makedirs(os.path.join(self.procfs, "net"), exist_ok=True)
         os.makedirs(os.path.join(self.procfs, "self"), exist_ok=True)
@@ -323,17 +508,83 @@ class SimulatedNode:
             if not os.path.islink(link):
                 os.symlink(os.path.relpath(os.path.join(self.root, d), os.path.dirname(link)),
                            link)
-        # The trainer processes and their workers.
+        # The trainer processes and their workers, in the job's cgroup.
+        cgroup = self.spec.cgroup if self.spec is not None else "/system.slice/train.service"
         for gpu in range(p.gpus):
             tp = self.trainer_pid(gpu)
             for pid in [tp, *self.worker_pids(gpu)]:
                 os.makedirs(os.path.join(self.procfs, str(pid), "task", str(pid)), exist_ok=True)
-                self._put(f"proc/{pid}/cgroup",
-                          "0::/system.slice/train.service\n" if pid == tp else
-                          "0::/system.slice/train.service\n")
+                self._put(f"proc/{pid}/cgroup", f"0::{cgroup}\n")
                 self._put(f"proc/{pid}/comm", "python3\n" if pid == tp else "pt_data_worker\n")
                 kids = " ".join(map(str, self.worker_pids(gpu))) + " " if pid == tp else ""
                 self._put(f"proc/{pid}/task/{pid}/children", kids)
+        if self.spec is not None:
+            self._write_static_job_node()
+
+    def _write_static_job_node(self) -> None:
+        """A job's node: the kubelet's log entries that name its pod, its network
+        interfaces' speeds, and its RDMA ports (what stays fixed; counters in write())."""
+        spec = self.spec
+        if spec.pod is not None:
+            namespace, pod, uid = spec.pod
+            os.makedirs(os.path.join(self.varlog, "pods", f"{namespace}_{pod}_{uid}",
+                                     "trainer"), exist_ok=True)
+            os.makedirs(os.path.join(self.varlog, "containers"), exist_ok=True)
+            link = os.path.join(self.varlog, "containers",
+                                f"{pod}_{namespace}_trainer-{spec.container_id}.log")
+            if not os.path.islink(link):
+                os.symlink(f"/var/log/pods/{namespace}_{pod}_{uid}/trainer/0.log", link)
+        for dev, mbps in (("eth0", 25000), ("ib0", 400000)):
+            os.makedirs(os.path.join(self.sysfs, "class", "net", dev), exist_ok=True)
+            self._put(f"sys/class/net/{dev}/speed", f"{mbps}\n")
+        for r, nic in enumerate(spec.nics):
+            base = f"sys/class/infiniband/{nic.device}"
+            os.makedirs(os.path.join(self.root, base, "ports", "1", "counters"), exist_ok=True)
+            self._put(f"{base}/board_id", "MT_0000000838\n")
+            self._put(f"{base}/fw_ver", "28.39.1002\n")
+            self._put(f"{base}/hca_type", "MT4129\n")
+            self._put(f"{base}/node_type", "1: CA\n")
+            port = f"{base}/ports/1"
+            self._put(f"{port}/link_layer", "InfiniBand\n")
+            self._put(f"{port}/state", "4: ACTIVE\n")
+            self._put(f"{port}/phys_state", "5: LinkUp\n")
+            for name in IB_ZERO:
+                self._put(f"{port}/counters/{name}", "0\n")
+        self._write_network(0.0, {f"net.{f}": np.zeros(len(spec.nics))
+                                  for f in set(IB_COUNTERS.values())}
+                            | {"net.rate": np.array([n.rate for n in spec.nics], float)})
+
+    def _write_network(self, t: float, snap: dict) -> None:
+        """The RDMA ports' counters (port_xmit_data and port_rcv_data in units of 4 bytes,
+        as the spec has them) and rate; the management and IPoIB interfaces' counters."""
+        from agentd.sim.cluster_scenario import ib_rate_text
+
+        spec = self.spec
+        for r, nic in enumerate(spec.nics):
+            port = f"sys/class/infiniband/{nic.device}/ports/1"
+            values = {"rate": ib_rate_text(float(snap["net.rate"][r]))}
+            for name, key in IB_COUNTERS.items():
+                v = float(snap[f"net.{key}"][r])
+                values[f"counters/{name}"] = str(int(v / 4 if name.endswith("_data") else v))
+            for rel, text in values.items():
+                path = f"{port}/{rel}"
+                if self._net_written.get(path) != text:
+                    self._put(path, text + "\n")
+                    self._net_written[path] = text
+        # The management interface: its own traffic, and the dataset's reads when the data
+        # lives on a network volume; IPoIB: a trickle (the fabric's traffic is RDMA).
+        mgmt = MGMT_BYTES_PER_S * t
+        if self.scenario.job.storage_kind == "network":
+            mgmt += float(snap.get("storage_read", 0.0))
+        ipoib = 2e4 * t
+        self._put("proc/net/dev",
+                  "Inter-|   Receive                                                |  Transmit\n"
+                  " face |bytes    packets errs drop fifo frame compressed multicast|bytes    "
+                  "packets errs drop fifo colls carrier compressed\n"
+                  f"  eth0: {int(mgmt)} {int(mgmt / 1400)} 0 0 0 0 0 0 {int(mgmt * 0.3)} "
+                  f"{int(mgmt * 0.3 / 1400)} 0 0 0 0 0 0\n"
+                  f"   ib0: {int(ipoib)} {int(ipoib / 2044)} 0 0 0 0 0 0 {int(ipoib)} "
+                  f"{int(ipoib / 2044)} 0 0 0 0 0 0\n")
 
     def _pci(self, path: str, cls: str, vendor: str, speed: str, width: int) -> None:
         os.makedirs(os.path.join(self.root, path), exist_ok=True)
@@ -357,7 +608,6 @@ class SimulatedNode:
         before = h.snapshot(max(t - 0.1, 0.0), ("stall", "io_wait", "io_blocked"))
         at = snap.__getitem__
         worker_cpu, trainer_cpu = at("worker_cpu"), at("trainer_cpu")
-        gpu_read, cache_read = at("gpu_read"), at("cache_read")
         stalled = (snap["stall"] - before["stall"]) > 0.05  # per GPU, over the last 100 ms
         io_recent = float(snap["io_wait"] - before["io_wait"]) > 0
         # /proc/stat: each GPU's workers on their own cores, trainers on the next ones.
@@ -367,6 +617,7 @@ class SimulatedNode:
             for w in range(p.workers_per_gpu):
                 busy[(i * p.workers_per_gpu + w) % cores] += worker_cpu[i] / p.workers_per_gpu
             busy[(g * p.workers_per_gpu + i) % cores] += trainer_cpu[i]
+        busy += float(at("cpu_other")) / cores  # other processes' (a CPU hog's) time
         iowait_total = float(np.sum(at("io_blocked")))  # core-seconds waiting on reads
         lines = []
         per_core = []
@@ -419,18 +670,31 @@ class SimulatedNode:
                   f"SwapTotal: 0 kB\nSwapFree: 0 kB\n")
         self._put("proc/vmstat", f"pgmajfault 10\npgscan_kswapd {refaults * 2}\n"
                   f"pgsteal_kswapd {refaults}\nworkingset_refault_file {refaults}\n")
-        net = float(at("nvlink").sum()) if p.collective_bandwidth < 1e11 else 0.0
+        if self.spec is not None:
+            if self._writes % 5 == 0:  # twice a second: the network sampler reads at 1 Hz
+                self._write_network(t, snap)
+        else:
+            self._write_net_dev(float(at("nvlink").sum())
+                                if p.collective_bandwidth < 1e11 else 0.0)
+        # The processes: a trainer per GPU and its data-loader workers. /proc/PID/io is read
+        # once a second by the process sampler: rewrite it at about that pace.
+        self._writes += 1
+        with_io = self._writes % 10 == 1
+        self._write_processes(snap, before, with_io)
+
+    def _write_net_dev(self, net: float) -> None:
         self._put("proc/net/dev",
                   "Inter-|   Receive                                                |  Transmit\n"
                   " face |bytes    packets errs drop fifo frame compressed multicast|bytes    "
                   "packets errs drop fifo colls carrier compressed\n"
                   f"  eth0: {int(net)} {int(net / 4096)} 0 0 0 0 0 0 {int(net)} "
                   f"{int(net / 4096)} 0 0 0 0 0 0\n")
-        # The processes: a trainer per GPU and its data-loader workers. /proc/PID/io is read
-        # once a second by the process sampler: rewrite it at about that pace.
-        self._writes += 1
-        with_io = self._writes % 10 == 1
-        for i in range(g):
+
+    def _write_processes(self, snap: dict, before: dict, with_io: bool) -> None:
+        p = self.scenario.job
+        worker_cpu, trainer_cpu = snap["worker_cpu"], snap["trainer_cpu"]
+        gpu_read, cache_read = snap["gpu_read"], snap["cache_read"]
+        for i in range(p.gpus):
             tp = self.trainer_pid(i)
             wp = self.worker_pids(i)
             self._proc(tp, "python3", 1, trainer_cpu[i], 0.0, 0.0, "S", with_io)

@@ -200,16 +200,22 @@ def from_dict(doc: dict, name: str, seed: int | None = None) -> Scenario:
 
 def load(path_or_name: str, seed: int | None = None) -> Scenario:
     """A scenario by file path, or by name from the library (agentd/scenarios/sim)."""
-    path = path_or_name
-    if not os.path.exists(path):
-        candidate = os.path.join(SCENARIO_DIR, path_or_name + ".toml")
-        if not os.path.exists(candidate):
-            raise ScenarioError(f"no scenario {path_or_name!r} (a file, or one of: "
-                                f"{', '.join(library())})")
-        path = candidate
+    path = find(path_or_name, SCENARIO_DIR, "scenario")
     doc = read_toml(path, "scenario", ScenarioError)
     return from_dict(doc, os.path.splitext(os.path.basename(path))[0], seed)
 
 
-def library() -> list[str]:
-    return sorted(f[:-5] for f in os.listdir(SCENARIO_DIR) if f.endswith(".toml"))
+def find(path_or_name: str, directory: str, what: str) -> str:
+    """The file a scenario flag names: a path, or a name in `directory` (ScenarioError
+    listing the library's names otherwise)."""
+    if os.path.exists(path_or_name):
+        return path_or_name
+    candidate = os.path.join(directory, path_or_name + ".toml")
+    if not os.path.exists(candidate):
+        raise ScenarioError(f"no {what} {path_or_name!r} (a file, or one of: "
+                            f"{', '.join(library(directory))})")
+    return candidate
+
+
+def library(directory: str = SCENARIO_DIR) -> list[str]:
+    return sorted(f[:-5] for f in os.listdir(directory) if f.endswith(".toml"))

@@ -9,11 +9,20 @@ nvmlReturn_t code, with NVML's units (percent, mW, MHz, KB/s, KiB, microsecond t
 
 A function the scenario marks missing raises AttributeError, which pynvml turns into
 NVMLError_FunctionNotFound, as with an old driver.
+
+install() puts a library under the process's `pynvml` module, which every NVML user in the
+process shares. Several simulated nodes served by one process (agentd/sim/serve.py) each
+get their own instance of the pynvml module instead (private_pynvml(): the same file run
+again as a separate module, with its own nvmlLib, locks and structure classes) and
+install(library, module) their library there; the GPU sampler of each node's daemon is
+handed its node's module (Context.nvml).
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.util
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -140,7 +149,10 @@ class FakeNvmlLibrary:
         latency: dict[str, float] | None = None,
         missing_functions: frozenset[str] = frozenset(),
         clock: Callable[[], float] = time.time,
+        pynvml_module=None,
     ):
+        # The pynvml module this library serves: its structure classes make the handles.
+        self.N = pynvml_module or N
         self.devices = devices
         self.driver_version = driver_version
         self.nvml_version = nvml_version
@@ -155,7 +167,7 @@ class FakeNvmlLibrary:
         self._lock = threading.Lock()
         self._initialized = 0
         # Opaque handles: pynvml passes pointers; we map the pointee's address back.
-        self._device_structs = [N.struct_c_nvmlDevice_t() for _ in devices]
+        self._device_structs = [self.N.struct_c_nvmlDevice_t() for _ in devices]
         self._device_by_addr = {
             ctypes.addressof(s): i for i, s in enumerate(self._device_structs)
         }
@@ -563,14 +575,17 @@ class FakeNvmlLibrary:
     def c_nvmlDeviceGetRemappedRows(self, handle, corr, unc, pending, failure):
         m, rc = self._device(handle, "nvmlDeviceGetRemappedRows")
         if m:
-            for ref, v in zip((corr, unc, pending, failure), m.info.remapped):
+            # A model whose rows get remapped while it runs says when (remapped_rows(t)).
+            rows = m.remapped_rows(self.now()) if hasattr(m, "remapped_rows") else \
+                m.info.remapped
+            for ref, v in zip((corr, unc, pending, failure), rows):
                 _out(ref).value = v
         return rc
 
     # --- events (XID) ----------------------------------------------------------------------------
 
     def c_nvmlEventSetCreate(self, ref):
-        s = N.struct_c_nvmlEventSet_t()
+        s = self.N.struct_c_nvmlEventSet_t()
         with self._lock:
             self._event_sets[ctypes.addressof(s)] = (s, _EventSet())
         _out(ref).contents = s
@@ -647,7 +662,7 @@ class FakeNvmlLibrary:
         return rc
 
     def c_nvmlGpmSampleAlloc(self, ref):
-        s = N.struct_c_nvmlGpmSample_t()
+        s = self.N.struct_c_nvmlGpmSample_t()
         with self._lock:
             self._gpm_samples[ctypes.addressof(s)] = (s, None, -1)
         _out(ref).contents = s
@@ -702,14 +717,40 @@ class FakeNvmlLibrary:
 _installed: FakeNvmlLibrary | None = None
 
 
-def install(library: FakeNvmlLibrary) -> FakeNvmlLibrary:
-    """Make `pynvml` talk to the fake library instead of libnvidia-ml.so."""
+def install(library: FakeNvmlLibrary, module=None) -> FakeNvmlLibrary:
+    """Make `pynvml` (or `module`, an instance from private_pynvml()) talk to the fake
+    library instead of libnvidia-ml.so."""
     global _installed
-    with N.libLoadLock:
-        N.nvmlLib = library
-        N._nvmlGetFunctionPointer_cache.clear()
-    _installed = library
+    target = module or N
+    if library.N is not target:
+        raise ValueError("the library was made for another pynvml module")
+    with target.libLoadLock:
+        target.nvmlLib = library
+        target._nvmlGetFunctionPointer_cache.clear()
+    if module is None:
+        _installed = library
     return library
+
+
+def private_pynvml(name: str):
+    """A separate instance of the pynvml module (`pynvml` run again from its file under
+    another name): its own nvmlLib, library lock, function cache and ctypes structures, so
+    that a fake library installed there serves only its users."""
+    global _private_count
+    with _private_lock:
+        _private_count += 1
+        unique = f"_agentd_pynvml_{name}_{_private_count}"
+    spec = importlib.util.spec_from_file_location(unique, N.__file__)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load another pynvml from {N.__file__}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[unique] = module  # pynvml finds itself there (its error classes)
+    spec.loader.exec_module(module)
+    return module
+
+
+_private_count = 0
+_private_lock = threading.Lock()
 
 
 def uninstall() -> None:
