@@ -253,7 +253,9 @@ def test_demo_shows_gpus_storage_and_the_diagnosis():
 
     from conftest import agentd_cmd, free_port
 
-    r = subprocess.run(agentd_cmd("demo", "--seconds", "38", "--web.listen-address",
+    # The first analysis runs after 30 s of data, then every 10 s (in its own process, which
+    # a loaded machine may slow): 55 s leaves it two more runs to reach the screen.
+    r = subprocess.run(agentd_cmd("demo", "--seconds", "55", "--web.listen-address",
                                   f"127.0.0.1:{free_port()}"),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
