@@ -329,6 +329,21 @@ def test_two_peers_have_no_spread_to_name_a_straggler_by():
     assert kinds(analyze(three), "warning")[:1] == ["straggler"]
 
 
+def test_without_sm_activity_the_straggler_is_the_gpu_drawing_more_per_busy_second():
+    """An A100's own samplers have no SM activity: the GPU that computes while its peers spin
+    in the collective draws more power per busy second than they do (the spin draws ~30% of
+    computing power). A few percent more is natural (leakage, temperature): no finding."""
+    sig = light_job(sm=False)
+    n = len(sig.t)
+    sig.channels["gpu.power:3"] = np.full(n, 390.0)
+    top = analyze(sig).findings[0]
+    assert (top.kind, top.subject["gpus"]) == ("straggler", [3])
+    assert top.evidence["basis"] == "power per busy second"
+    assert 0.25 < top.stall_fraction < 0.35  # (1 - 305/390) / 0.7 of the peers' time
+    sig.channels["gpu.power:3"] = np.full(n, 335.0)  # 10% more
+    assert "straggler" not in kinds(analyze(sig))
+
+
 def test_multi_gpu_cpu_bound_loaders_are_input_cpu_not_comm_wait():
     report, _, _ = diagnose("input-cpu", seed=0, collective_bytes=4e8)
     assert kinds(report)[0] == "input_cpu"

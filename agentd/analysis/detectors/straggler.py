@@ -19,6 +19,10 @@ Z = 4.0  # ... and this many robust standard deviations above them
 SPREAD = 0.04  # the natural spread of peers' SM activity, relative (MAD floor)
 MIN_SPIN = 0.05  # the peers wait at least this share of their time
 IDLE_MARGIN = 0.02  # the straggler idles no more than its peers (it is never waiting)
+POWER_MARGIN = 0.15  # without SM activity: draws this much (relative) more per busy second
+POWER_SPREAD = 0.05  # ... the natural spread of peers' power at the same work (MAD floor)
+SPIN_SHARE = 0.3  # a GPU spinning in a collective draws about this share of its computing
+#                   power (an H100: ~155 W spinning, ~550 W computing)
 BLOCKED_IDLE = 0.1  # the blocked rank's utilization while it holds the others back
 BLOCKED_SHARE = 0.05  # ... for this share of the job's time
 BLOCKED_SECONDS = 20.0  # ... and at least this long
@@ -146,19 +150,26 @@ def _slowest(ev: Evidence, gpus: list[str]) -> list[Finding]:
     # How hard each GPU works while NVML calls it busy: SM activity per busy second. Ranks
     # of one data-parallel job run the same kernels, so they match unless some wait in a
     # collective (a few SMs) for one that computes longer.
-    comp = {g: ev.gpus[g].sm_mean / ev.gpus[g].busy_mean for g in gpus
-            if ev.gpus[g].sm_mean is not None and ev.gpus[g].busy_mean == ev.gpus[g].busy_mean
-            and ev.gpus[g].busy_mean >= 0.3}
-    basis = "SM activity per busy second"
+    busy = {g: ev.gpus[g].busy_mean for g in gpus
+            if ev.gpus[g].busy_mean == ev.gpus[g].busy_mean and ev.gpus[g].busy_mean >= 0.3}
+    comp = {g: ev.gpus[g].sm_mean / b for g, b in busy.items() if ev.gpus[g].sm_mean is not None}
+    basis, margin, spread, spin_share = "SM activity per busy second", MARGIN, SPREAD, 0.0
+    if len(comp) < 3:
+        # Without SM activity (an A100's own samplers have no GPM): power per busy second.
+        # A GPU spinning in a collective still draws SPIN_SHARE of its computing power, and
+        # GPUs of one model differ by a few percent at the same work: a wider margin.
+        comp = {g: ev.gpus[g].power / b for g, b in busy.items() if ev.gpus[g].power}
+        basis, margin, spread, spin_share = ("power per busy second", POWER_MARGIN,
+                                             POWER_SPREAD, SPIN_SHARE)
     if len(comp) < 3:
         # One peer has no spread to compare with (its MAD is 0): at least two are needed.
         return []
     slowest = max(comp, key=comp.get)
     others = [g for g in comp if g != slowest]
     peers = robust([comp[g] for g in others],
-                   SPREAD * max(float(np.median([comp[g] for g in others])), 0.05))
+                   spread * max(float(np.median([comp[g] for g in others])), 0.05))
     gap = (comp[slowest] - peers.median) / max(comp[slowest], 1e-3)
-    if gap < MARGIN or peers.z(comp[slowest]) < Z:
+    if gap < margin or peers.z(comp[slowest]) < Z:
         return []
     s = ev.gpus[slowest]
     # A GPU that computes slower never waits: idling more than its peers, it waits for
@@ -169,7 +180,7 @@ def _slowest(ev: Evidence, gpus: list[str]) -> list[Finding]:
         return []
     # The peers compute the same work in less time and wait the rest of the step.
     wait = float(np.median([ev.gpus[g].busy_mean * (1 - comp[g] / comp[slowest])
-                            for g in others]))
+                            for g in others])) / (1 - spin_share)
     if wait < MIN_SPIN:
         return []
     ratio = comp[slowest] / max(peers.median, 1e-3)
