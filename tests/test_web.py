@@ -587,8 +587,9 @@ def test_analysis_process_killed_or_hung_is_restarted(spawn, scenario):
     def runs() -> float:
         return value(metrics(url), "agentd_analysis_runs_total")
 
-    wait_for(lambda: runs() >= 1, 60, "the analysis never ran")
-    assert "agentd_gpu_stall_ratio{" in metrics(url)
+    # A report is served while current (three 1 s intervals here): on a loaded machine the
+    # niced analysis process may miss that between runs, so wait for one being served.
+    wait_for(lambda: "agentd_gpu_stall_ratio{" in metrics(url), 60, "the analysis never ran")
     (child,) = children(proc.p.pid, "agentd.daemon.analyst")
     os.kill(child, signal.SIGKILL)
     n = runs()
