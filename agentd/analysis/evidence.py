@@ -72,6 +72,7 @@ class Loader:
 
     pid: str
     cores: Estimate  # CPU of the tree, in cores
+    members: float  # processes in the tree, mean over the job's time (nan: not sampled)
     workers: float  # processes besides the trainer (at least one)
     saturation: Estimate  # cores / workers
     max_member: Estimate  # CPU of the busiest member (a single-worker loader pegs it at 1)
@@ -631,7 +632,7 @@ def _loader(sig: Signals, pid: str, active: np.ndarray, hold: int) -> Loader | N
     else:
         blocked_est = NONE
     read = held_forward(sig.get("proc.read", pid), hold * 2)
-    return Loader(pid, cores, workers, sat,
+    return Loader(pid, cores, members, workers, sat,
                   estimate(_pick(mm, active)) if mm is not None else NONE, blocked_est,
                   nanmean(_pick(read, active)) if read is not None else float("nan"),
                   np.asarray(cpu, dtype=float))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 
 from agentd.analysis.evidence import Evidence
-from agentd.analysis.signals import nanmean
 from agentd.analysis.findings import Finding, gain_from_stall, severity_for
 
 # A GPU loses at least this share of its job time before an input cause is considered:
@@ -40,10 +39,7 @@ def trainer_alone(ev: Evidence, g: str) -> bool:
     """The GPU's process tree shows no data-loader workers: the trainer loads its batches
     itself, between steps (PyTorch's DataLoader with num_workers=0)."""
     ld = ev.loaders.get(g)
-    if ld is None:
-        return False
-    members = nanmean(ev.sig.get("proc.members", ld.pid))
-    return bool(members == members and members <= NO_WORKERS)
+    return ld is not None and ld.members == ld.members and ld.members <= NO_WORKERS
 
 
 def stall_of(ev: Evidence, gpus: list[str]) -> float:

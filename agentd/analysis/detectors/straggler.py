@@ -32,20 +32,21 @@ COMPUTE_POWER = 0.6  # computing draws at least this share of the power limit
 SPIN_SM = 0.3
 
 
-def _computing_power(ev: Evidence, gpus: list[str]) -> float | None:
+def _held_power(ev: Evidence, g: str) -> np.ndarray | None:
+    return held_forward(ev.sig.get("gpu.power", g), max(int(round(3.0 / ev.sig.resolution)), 1))
+
+
+def _computing_power(ev: Evidence, power: dict[str, np.ndarray | None]) -> float | None:
     """What the job's GPUs draw while they compute: the 90th percentile of their power while
     busy, at least COMPUTE_POWER of their limit (a job that spins all window long never shows
     its computing power)."""
-    sig = ev.sig
-    hold = max(int(round(3.0 / sig.resolution)), 1)
     drawn, limits = [], []
-    for g in gpus:
-        s = ev.gpus[g]
-        power = held_forward(sig.get("gpu.power", g), hold)
-        if power is None:
+    for g, p in power.items():
+        if p is None:
             continue
+        s = ev.gpus[g]
         busy = np.nan_to_num(s.busy) >= PEERS_BUSY
-        drawn += list(np.asarray(power, dtype=float)[busy & np.isfinite(power)])
+        drawn += list(np.asarray(p, dtype=float)[busy & np.isfinite(p)])
         if s.power_limit:
             limits.append(s.power_limit)
     level = float(np.percentile(drawn, 90)) if drawn else float("nan")
@@ -54,7 +55,8 @@ def _computing_power(ev: Evidence, gpus: list[str]) -> float | None:
     return float(ref) if ref == ref and ref > 0 else None
 
 
-def _spinning(ev: Evidence, g: str, computing_power: float | None) -> np.ndarray:
+def _spinning(ev: Evidence, g: str, power: np.ndarray | None,
+              computing_power: float | None) -> np.ndarray:
     """Per sample: busy for NVML, yet few SMs active (where SM activity is measured), or,
     without it, far less power drawn than the job's GPUs draw computing."""
     sig, s = ev.sig, ev.gpus[g]
@@ -66,7 +68,6 @@ def _spinning(ev: Evidence, g: str, computing_power: float | None) -> np.ndarray
         # light model computes at 40% of the limit).
         return busy & (np.nan_to_num(sm, nan=1.0) < SPIN_SM * np.maximum(
             np.nan_to_num(s.busy), 1e-3))
-    power = held_forward(sig.get("gpu.power", g), hold)
     if power is None or computing_power is None:
         return np.zeros(len(busy), dtype=bool)
     return busy & (np.nan_to_num(power, nan=np.inf) <= SPIN_POWER * computing_power)
@@ -76,8 +77,9 @@ def _blocked_rank(ev: Evidence, gpus: list[str]) -> Finding | None:
     """Episodes where one rank idles with its memory held while its peers spin."""
     sig = ev.sig
     hold = max(int(round(12.0 / sig.resolution)), 1)
-    computing = _computing_power(ev, gpus)
-    spin = {g: _spinning(ev, g, computing) for g in gpus}
+    power = {g: _held_power(ev, g) for g in gpus}
+    computing = _computing_power(ev, power)
+    spin = {g: _spinning(ev, g, power[g], computing) for g in gpus}
     best = None
     for g0 in gpus:
         s0 = ev.gpus[g0]
