@@ -84,6 +84,7 @@ MAX_NODES = 4096  # a file's jobs draw 2-64 nodes; a fleet benchmark may ask for
 MAX_GPUS = 8
 
 ScenarioError = node_scenarios.ScenarioError
+_table = node_scenarios._table  # a sub-table of a scenario document, or a one-line error
 
 _TOP = {"description", "cause", "duration_s", "onset_s", "nodes", "scheduler", "job_id",
         "namespace", "job_name", "host_prefix", "job", "network", "variation", "fault",
@@ -139,13 +140,6 @@ def _number(v, where: str, low: float = 0.0, high: float = float("inf")) -> floa
         raise ScenarioError(f"{where}: expected a number, got {v!r}")
     if not low <= v <= high:
         raise ScenarioError(f"{where}: {v!r} is outside [{low:g}, {high:g}]")
-    return v
-
-
-def _table(doc: dict, key: str, where: str) -> dict:
-    v = doc.get(key, {})
-    if not isinstance(v, dict):
-        raise ScenarioError(f"{where}.{key}: expected a table ([{key}])")
     return v
 
 
