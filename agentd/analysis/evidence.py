@@ -577,34 +577,41 @@ def _period(sig: Signals, g: str, busy: np.ndarray, coarse: bool,
     its first step to its last: not the idle before a job starts or after it ends)."""
     if coarse:
         return None, f"samples every {sig.resolution:g} s cannot resolve steps"
+    lo, hi = 0, len(sig.t)
     if span is not None and span.sum() >= 2:
-        idx = np.flatnonzero(span)  # the samples with a kernel: the first and the last
+        idx = np.flatnonzero(span)  # the samples with a kernel: after the first, to the last
         if idx[0] > 0 or idx[-1] < len(span) - 1:
-            sig = sig.slice(float(sig.t[idx[0]]), float(sig.t[idx[-1]]))
+            lo, hi = int(idx[0]) + 1, int(idx[-1]) + 1
+    times = sig.t[lo:hi]
+
+    def series(name: str) -> np.ndarray | None:  # this GPU's, over the span (a view)
+        x = sig.get(name, g)
+        return None if x is None else x[lo:hi]
+
     cands: list[P.Period | None] = []
     dts: dict[str, float] = {}
-    sample = sig.get("gpu.util_sample", g)
-    age = sig.get("gpu.util_sample_age", g)
+    sample = series("gpu.util_sample")
+    age = series("gpu.util_sample_age")
     if sample is not None and age is not None:
         ok = np.isfinite(sample) & np.isfinite(age)
         if ok.sum() >= 64:
-            t = sig.t[ok] - age[ok]
+            t = times[ok] - age[ok]
             dt = float(np.median(np.diff(np.sort(t)))) if ok.sum() > 1 else sig.resolution
             dts["driver samples"] = dt
             cands.append(P.find_period(t, sample[ok], "driver samples"))
-    rx = sig.get("gpu.pcie_rx", g)
+    rx = series("gpu.pcie_rx")
     if rx is not None and np.isfinite(rx).mean() > 0.9:
         bursts = P.period_from_bursts(rx, sig.resolution)
         if bursts is not None and bursts.rel_width <= P.MAX_REL_WIDTH:
             return bursts, ""
         ok = np.isfinite(rx)
         dts["pcie"] = sig.resolution
-        cands.append(P.find_period(sig.t[ok], rx[ok], "pcie"))
-    sm = sig.get("gpu.sm_active", g)
+        cands.append(P.find_period(times[ok], rx[ok], "pcie"))
+    sm = series("gpu.sm_active")
     if sm is not None:
         ok = np.isfinite(sm)
         if ok.sum() >= 64:
-            t = sig.t[ok]
+            t = times[ok]
             dts["sm activity"] = float(np.median(np.diff(t)))
             cands.append(P.find_period(t, sm[ok], "sm activity"))
     if not dts:
