@@ -2,9 +2,10 @@
 
 A periodic counter sampled every dt shows any period shorter than 2 dt at a false, longer
 one (aliasing): a 0.2 s step read through NVML's 1/6 s samples looks like a 1.0 s step. So:
-- each series is searched with a Lomb-Scargle periodogram on its own sample times (the
-  driver's utilization samples carry their own timestamps; ticks are slightly irregular),
-  only at frequencies well inside its Nyquist band, with a false-alarm test, a check that
+- each series is searched with a periodogram (the driver's utilization samples carry their
+  own timestamps; ticks are slightly irregular: an FFT on their usual grid where they only
+  jitter, Lomb-Scargle on their own times where they have holes), only at frequencies well
+  inside its Nyquist band, with a false-alarm test, a check that
   the peak is the fundamental and not a harmonic, and a width that bounds the estimate;
 - a period is reported only when two series sampled at different rates agree on it (their
   aliases of a faster true period would differ), or, with one series, when it spans many
@@ -39,23 +40,30 @@ class Period:
 
 
 MAX_SPAN = 300.0  # seconds of the most recent samples searched (periods are local)
-LOMB_SCARGLE_WORK = 2_000_000  # samples x frequencies beyond which irregular series go FFT
+LOMB_SCARGLE_WORK = 2_000_000  # samples x frequencies beyond which gappy series go FFT too
+JITTER = 0.5  # spacings within this share of the usual one: jitter, not gaps ...
+GAPS = 0.1  # ... and series whose longer spacings add up to less than this share of their span
 
 
 def periodogram(t: np.ndarray, y: np.ndarray, freqs: np.ndarray) -> np.ndarray:
     """Normalized power (share of the variance a sinusoid at each frequency explains).
-    Lomb-Scargle on irregular sample times; on a regular grid the same quantity from a
-    zero-padded FFT, which costs N log N instead of N x frequencies."""
+    On a regular grid, from a zero-padded FFT (N log N). Samples that only jitter around
+    their usual spacing (a daemon's ticks on a loaded node, the driver's sample times, a
+    GPM sample missed now and then) are put on that grid by linear interpolation first: the
+    peaks searched lie far below its Nyquist frequency, where interpolation changes next to
+    nothing, and Lomb-Scargle costs N x frequencies (0.2-0.3 s of CPU per minute of 8 GPUs,
+    every 10 s in the daemon). Series with real holes (a sampler down for seconds, which a
+    straight line would fill with a ramp) are searched by Lomb-Scargle on their own times,
+    up to a budget."""
     y = y - y.mean()
     if not np.any(y):
         return np.zeros(len(freqs))
     dt = np.diff(t)
     step = float(np.median(dt))
     regular = step > 0 and np.all(np.abs(dt - step) <= 0.02 * step)
-    if not regular and step > 0 and len(t) * len(freqs) > LOMB_SCARGLE_WORK:
-        # Many irregular samples (a few missing or merged): on the regular grid of their
-        # usual spacing, by linear interpolation; the peaks searched are far below its
-        # Nyquist frequency, where that interpolation changes next to nothing.
+    gaps = np.abs(dt - step) > JITTER * step
+    jitter = step > 0 and float(dt[gaps].sum()) <= GAPS * float(t[-1] - t[0])
+    if not regular and step > 0 and (jitter or len(t) * len(freqs) > LOMB_SCARGLE_WORK):
         grid = np.arange(t[0], t[-1] + step / 2, step)
         y = np.interp(grid, t, y)
         t = grid
