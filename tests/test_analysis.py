@@ -144,6 +144,32 @@ def test_cpu_heavy_but_fed_loader_is_not_input_cpu():
     assert "input_cpu" not in kinds(analyze(sig))
 
 
+def test_saturated_node_is_not_input_cpu_when_the_loader_has_headroom():
+    """A node whose cores other work keeps busy (this VM under a test run; a neighbour's job)
+    while the GPUs' own loaders idle at 20% of their workers' cores: saturation is not the
+    loader's, so the GPUs' 19% gap is unexplained (at info, naming the saturation), never
+    input_cpu. Without the process trees the node-wide evidence is all there is."""
+    sig, _ = healthy_window()
+    for pid in sig.subjects("proc.cpu"):
+        members = sig.get("proc.members", pid)
+        sig.channels[f"proc.cpu:{pid}"] = (members - 1) * 0.2 + 0.3
+        if sig.has("proc.root_cpu"):
+            sig.channels[f"proc.root_cpu:{pid}"] = np.full_like(members, 0.3)
+    sig.channels["cpu.busy:"] = sig.channels["cpu.count:"] * 0.99
+    sig.channels["psi.cpu:"] = np.where(np.isfinite(sig.get("psi.cpu")), 0.85, np.nan)
+    for g in sig.gpus():
+        for key in ("gpu.busy", "gpu.busy_time"):
+            sig.channels[f"{key}:{g}"] = sig.channels[f"{key}:{g}"] * 0.81
+    r = analyze(sig)
+    assert kinds(r, "warning") == [], [f.headline() for f in r.findings]
+    assert kinds(r) == ["unexplained_idle"]
+    assert "crowds out the loader" in r.findings[0].advice[0]
+    for k in [k for k in sig.channels if k.startswith("proc.")]:
+        del sig.channels[k]
+    sig.meta["processes"] = {}
+    assert kinds(analyze(sig), "warning") == ["input_cpu"]
+
+
 def test_refaults_of_48_kib_per_second_are_not_memory_pressure():
     sig, _ = healthy_window()
     n = len(sig.t)

@@ -18,6 +18,7 @@ import numpy as np
 
 from agentd.analysis import detectors as D
 from agentd.analysis.detectors import common as C
+from agentd.analysis.detectors import input_cpu
 from agentd.analysis.evidence import Evidence, measure
 from agentd.analysis.findings import SEVERITIES, Finding, gain_from_stall, json_safe, \
     worst_severity
@@ -118,6 +119,12 @@ def _unexplained(ev: Evidence, gpus: list[str]) -> Finding:
         tell.append("a profile of the step (PyTorch profiler, nsys): the gap is not in the "
                     "reads, the loader's CPU, the copies or the collectives that agentd sees")
     loaders = [ev.loaders[g] for g in gpus if g in ev.loaders]
+    node_sat, psi = input_cpu.node_saturated(ev)
+    if loaders and node_sat >= input_cpu.NODE_SATURATED and psi >= input_cpu.PSI_CPU:
+        tell.append(f"whether the other work that keeps the node's cores {node_sat * 100:.0f}% "
+                    f"busy (tasks waiting for a CPU {psi * 100:.0f}% of the time) crowds out "
+                    "the loader: its workers have headroom, so they are not what is "
+                    "CPU-bound (their wait for a CPU: /proc/PID/schedstat)")
     if loaders and not ev.coarse and all(ld.saturation.mean < 0.7 for ld in loaders
                                          if ld.saturation.n):
         tell.append("whether batches are fetched on demand (no prefetch): the loader has "

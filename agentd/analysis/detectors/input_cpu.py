@@ -1,6 +1,9 @@
 """Input bound by CPU preprocessing: the starved GPU's data-loader workers use all the cores
-they can (their process tree, the trainer itself left out), or, without process trees, the
-node's cores are saturated with tasks waiting for CPU (pressure)."""
+they can (their process tree, the trainer itself left out), or, where the GPU's process tree
+is not seen (a source without agentd's process sampler), the node's cores are saturated with
+tasks waiting for CPU (pressure). A loader seen with headroom is not CPU-bound, however busy
+the rest of the node is: a saturated node whose GPUs' loaders have idle cores is other
+work's, and the GPUs' gaps stay unexplained (core.py says the node was saturated)."""
 
 from __future__ import annotations
 
@@ -35,6 +38,21 @@ def _workers_saturation(ev: Evidence, g: str) -> tuple[float, float, str]:
     return ld.cores.mean / members, (ld.cores.mean - 1.645 * ld.cores.se) / members, "tree"
 
 
+def tree_seen(ev: Evidence, g: str) -> bool:
+    """The GPU's process tree was sampled: its loader's CPU is known."""
+    ld = ev.loaders.get(g)
+    return ld is not None and bool(ld.saturation.n)
+
+
+def node_saturated(ev: Evidence) -> tuple[float, float]:
+    """(share of the node's cores busy, share of time tasks waited for a CPU); nan where
+    not measured."""
+    node_cap = ev.cpu_limit.value
+    node_sat = ev.cpu_busy.mean / node_cap if ev.cpu_busy.n and node_cap else float("nan")
+    psi = ev.psi_cpu.mean if ev.psi_cpu.n else float("nan")
+    return node_sat, psi
+
+
 def detect(ev: Evidence, starved: list[str]) -> list[Finding]:
     if not starved:
         return []
@@ -44,9 +62,7 @@ def detect(ev: Evidence, starved: list[str]) -> list[Finding]:
         threshold = WORKERS_SATURATED if how == "workers" else WORKERS_SATURATED - 0.05
         if sat == sat and lo >= threshold - 0.05 and sat >= threshold:
             hits[g] = (sat, how)
-    node_cap = ev.cpu_limit.value
-    node_sat = ev.cpu_busy.mean / node_cap if ev.cpu_busy.n and node_cap else float("nan")
-    psi = ev.psi_cpu.mean if ev.psi_cpu.n else float("nan")
+    node_sat, psi = node_saturated(ev)
     if hits:
         gpus = sorted(hits, key=lambda g: (len(g), g))
         g0 = gpus[0]
@@ -73,8 +89,9 @@ def detect(ev: Evidence, starved: list[str]) -> list[Finding]:
              "loader_cores": ld.cores.mean, "node_cpu_saturation": node_sat,
              "psi_cpu": psi}, advice)]
     # A trainer without workers loads its own batches, between steps: that serial loop is
-    # the mechanism (io_h2d_serialized), whoever else keeps the node's cores busy.
-    loaded_by_workers = [g for g in starved if not trainer_alone(ev, g)]
+    # the mechanism (io_h2d_serialized), whoever else keeps the node's cores busy. A loader
+    # whose workers were measured, with headroom, is not what the saturation starves.
+    loaded_by_workers = [g for g in starved if not trainer_alone(ev, g) and not tree_seen(ev, g)]
     if loaded_by_workers and node_sat == node_sat and node_sat >= NODE_SATURATED and \
             psi == psi and psi >= PSI_CPU:
         conf = 0.65 * margin(node_sat, NODE_SATURATED, 0.04)
