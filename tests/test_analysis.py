@@ -563,6 +563,47 @@ def test_jittered_samples_are_searched_on_a_grid_and_holes_by_lomb_scargle(monke
     assert calls and p is not None and p.seconds == pytest.approx(1.3, rel=0.02)
 
 
+def test_step_period_is_the_typical_step_and_throughput_counts_the_pauses():
+    """Steps of 0.43 s whose batches arrive three at a time (a 0.9 s wait after every third
+    step) and an evaluation pause of 6 s every 20 s: the step period is the step's own 0.43 s
+    (the robustness suite's median interval; the mean interval is 0.9 s), and steps per
+    second count every step over the whole time, pauses included."""
+    from agentd.analysis import periodicity as P
+
+    res = 0.1
+    times, t = [], 0.0
+    while t < 120:
+        for _ in range(3):
+            times.append(t)
+            t += 0.43
+        t += 0.9
+        if int(t / 20) != int((t - 2.19) / 20):
+            t += 6.0
+    times = np.array([x for x in times if x < 120])
+    rx = np.zeros(int(120 / res))
+    np.add.at(rx, (times / res).astype(int), 2e8 / res)  # 200 MB copied each step
+    p = P.period_from_bursts(rx, res)
+    assert p is not None and p.seconds == pytest.approx(0.43, rel=0.05), p
+    assert p.steps_per_second == pytest.approx(len(times) / 120, rel=0.02)
+    # Steps too irregular to have a typical interval have no period from the copies.
+    rng = np.random.default_rng(1)
+    rx = np.zeros(1200)
+    rx[np.cumsum(rng.integers(2, 40, 60))[:55]] = 1e9
+    assert P.period_from_bursts(rx, res) is None
+
+
+def test_one_weak_series_alone_gives_no_period():
+    """A single series whose peak explains a quarter of its variance (an evaluation rhythm
+    seen through the driver's samples while the 0.16 s steps alias away) is not a step
+    period: it was the robustness suite's main source of wrong periods."""
+    from agentd.analysis import periodicity as P
+
+    weak = P.Period(5.95, 0.02, 0.27, "driver samples")
+    assert P.resolve([weak], {"driver samples": 1 / 6})[0] is None
+    strong = P.Period(5.95, 0.02, 0.6, "driver samples")
+    assert P.resolve([strong], {"driver samples": 1 / 6})[0] is strong
+
+
 def test_20ms_steps_are_not_given_a_period_by_aliasing():
     report, _, _ = diagnose("healthy-1gpu-20ms", seed=0)
     assert all(g.step_period_seconds is None for g in report.gpus)

@@ -233,11 +233,11 @@ def _report(ev: Evidence, sig: Signals, findings: list[Finding], options: Option
             s.spin.mean if s.spin is not None else None,
             s.idle.mean if s.idle.n else float("nan"), s.idle.se if s.idle.n else None,
             s.seconds, p.seconds if p else None, list(p.interval) if p else None,
-            s.period_note, 1.0 / p.seconds if p else None, lost=s.lost))
-    periods = [x.step_period_seconds for x in gpus if x.step_period_seconds]
+            s.period_note, p.steps_per_second if p else None, lost=s.lost))
+    rates = [x.steps_per_second for x in gpus if x.steps_per_second]
     throughput: dict = {}
-    if periods:
-        steps = 1.0 / float(np.median(periods))
+    if rates:
+        steps = float(np.median(rates))
         throughput["steps_per_second"] = steps
         if options.samples_per_step:
             throughput["samples_per_second"] = steps * options.samples_per_step

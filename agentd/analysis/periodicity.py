@@ -23,6 +23,7 @@ MAX_REL_WIDTH = 0.10  # report a period only when known to within 10%
 MIN_POWER = 0.15  # normalized Lomb-Scargle power (share of the variance) of the peak
 MAX_FAP = 1e-3  # false-alarm probability of the peak
 SINGLE_SERIES_MIN_SAMPLES = 10.0  # one series alone: the period spans this many samples
+SINGLE_SERIES_MIN_POWER = 0.35  # ... and its peak explains this share of the variance
 AGREE = 0.10  # two series agree when their periods differ by less than this
 
 
@@ -32,6 +33,13 @@ class Period:
     rel_width: float  # half-width of the peak over its frequency: the interval, relative
     power: float
     series: str  # which series found it
+    # Seconds per step over the whole span, pauses included (1 / steps completed per second),
+    # where steps were counted; a periodogram's period is both.
+    mean_seconds: float | None = None
+
+    @property
+    def steps_per_second(self) -> float:
+        return 1.0 / (self.mean_seconds or self.seconds)
 
     @property
     def interval(self) -> tuple[float, float]:
@@ -167,17 +175,27 @@ def resolve(periods: list[Period], sample_dt: dict[str, float]) -> tuple[Period 
                               for p in found):
         a = found[0]
         if a.seconds >= SINGLE_SERIES_MIN_SAMPLES * sample_dt[a.series] and \
-                a.rel_width <= MAX_REL_WIDTH:
+                a.rel_width <= MAX_REL_WIDTH and a.power >= SINGLE_SERIES_MIN_POWER:
             return a, ""
         return None, (f"one series suggests {a.seconds:.3g} s, too few samples per step to "
                       "rule out aliasing")
     return None, "the series disagree (aliasing at this resolution)"
 
 
+BAND = 0.5  # intervals within +-50% of the median one are the steps' own ...
+TYPICAL = 0.5  # ... and at least this share of them must be, for a typical step to exist,
+SPREAD = 0.2  # spread by no more than this share of their mean (and half a tick)
+
+
 def period_from_bursts(rx: np.ndarray, resolution: float) -> Period | None:
     """Step period from host-to-device copies when each step's copy is one short, isolated
-    burst (steps longer than a tick, copies shorter): the window's length over the number
-    of copies. Exact where a periodogram aliases."""
+    burst (steps longer than a tick, copies shorter). Exact where a periodogram aliases.
+
+    The period is the typical interval between consecutive copies: the mean of the intervals
+    within BAND of their median (and a tick). A tick-quantized interval is unbiased on average (a step's
+    phase against the ticks drifts), and pauses (evaluation, a checkpoint, a wait for data
+    when prefetched batches arrive together) are not steps: they count in `mean_seconds`,
+    the window's length over the number of copies, from which throughput comes."""
     x = np.nan_to_num(np.asarray(rx, dtype=float)) * resolution  # bytes per sample
     if len(x) < 50 or x.max() <= 0:
         return None
@@ -194,6 +212,15 @@ def period_from_bursts(rx: np.ndarray, resolution: float) -> Period | None:
     copies = float(x.sum()) / per_copy
     if copies < 10:
         return None
-    # Copies of unequal size make the count uncertain by their spread.
-    rel = float(np.std(sizes) / per_copy / math.sqrt(len(sizes))) + 1.0 / copies
-    return Period(len(x) * resolution / copies, rel, 1.0, "pcie bursts")
+    gaps = np.diff(idx) * resolution
+    # The band takes in a tick each side: a 0.25 s step reads as 0.2 and 0.3 s intervals.
+    med = float(np.median(gaps))
+    typical = gaps[np.abs(gaps - med) <= BAND * med + 1.01 * resolution]
+    if len(typical) < max(TYPICAL * len(gaps), 9):
+        return None  # no typical interval: steps too irregular to have one period
+    seconds = float(typical.mean())
+    if typical.std() > SPREAD * seconds + 0.5 * resolution:
+        return None  # intervals spread over the band: no period, however many there are
+    # The mean's standard error, and the ambiguity of a count: copies of unequal size.
+    rel = float(typical.std() / math.sqrt(len(typical)) / seconds) + 1.0 / len(typical)
+    return Period(seconds, rel, 1.0, "pcie bursts", mean_seconds=len(x) * resolution / copies)
