@@ -118,6 +118,32 @@ def test_ordinary_gaps_between_steps_are_info_at_most():
     assert "What would tell it apart" in r.findings[0].advice[0]
 
 
+def test_slow_copies_without_a_measured_ceiling_are_named_in_what_would_tell_apart():
+    """Copies from pageable memory that never pass 9 GB/s on a 31.5 GB/s link, 20% of the
+    time, while the GPUs idle 17% (the robustness suite's h2d-pageable node): with nominal
+    ceilings that is no finding (a copy shorter than a sample reads slow too), but the
+    unexplained gap says what would tell it apart; with `agentd probe`'s pageable ceiling
+    it is h2d_pcie."""
+    sig, _ = healthy_window()
+    measured = sig.meta["ceilings"].pop("h2d")
+    n = len(sig.t)
+    rng = np.random.default_rng(5)
+    for g in sig.gpus():
+        copying = (np.arange(n) % 5) == 0  # one 0.1 s sample in five: 20% of the time
+        sig.channels[f"gpu.pcie_rx:{g}"] = np.where(copying, 9e9 * rng.uniform(0.9, 1.0, n),
+                                                    0.0)
+        for key in ("gpu.busy", "gpu.busy_time"):
+            sig.channels[f"{key}:{g}"] = sig.channels[f"{key}:{g}"] * 0.83
+    r = analyze(sig)
+    assert kinds(r, "warning") == [] and kinds(r) == ["unexplained_idle"]
+    assert "never passed 9.0 GB/s" in r.findings[0].advice[0], r.findings[0].advice[0]
+    sig.meta["ceilings"]["h2d"] = {
+        g: {**measured[g], "pageable_bytes_per_second": 9.5e9} for g in measured}
+    r = analyze(sig)
+    assert kinds(r, "warning") == ["h2d_pcie"], [f.headline() for f in r.findings]
+    assert r.findings[0].evidence["mode"] == "pageable"
+
+
 def test_nvme_busy_at_59_percent_of_its_ceiling_is_not_input_storage():
     """NVMe reads ~100% busy with requests queued at any load: busy is no limit."""
     sig, _ = healthy_window()

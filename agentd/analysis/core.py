@@ -118,6 +118,9 @@ def _unexplained(ev: Evidence, gpus: list[str]) -> Finding:
     if not tell:
         tell.append("a profile of the step (PyTorch profiler, nsys): the gap is not in the "
                     "reads, the loader's CPU, the copies or the collectives that agentd sees")
+    slow = _slow_copies(ev, gpus)
+    if slow:
+        tell.append(slow)
     loaders = [ev.loaders[g] for g in gpus if g in ev.loaders]
     node_sat, psi = input_cpu.node_saturated(ev)
     if loaders and node_sat >= input_cpu.NODE_SATURATED and psi >= input_cpu.PSI_CPU:
@@ -145,6 +148,37 @@ def _unexplained(ev: Evidence, gpus: list[str]) -> Finding:
                 "(logging, metrics, .item() syncs), evaluation phases, the optimizer step on "
                 "the CPU."],
         stall_fraction=stall)
+
+
+SLOW_COPY = 0.5  # copies that never pass this share of the pinned ceiling in a sample ...
+SLOW_COPY_MIN = 0.1  # ... but do reach this share (below it: copies shorter than a sample)
+
+
+def _slow_copies(ev: Evidence, gpus: list[str]) -> str:
+    """What would tell slow (pageable) copies apart, where the copy ceilings are not measured:
+    copies that never run faster than a fraction of the link in any sample, and at that
+    rate would take a material share of the time. Without `agentd probe`'s pageable
+    ceiling this is no finding: a copy shorter than a sample reads slow in it too."""
+    for g in gpus:
+        link = ev.links.get(g)
+        if link is None or link.pageable.source == "measured" or link.rx_series is None or \
+                not link.pinned.known or not link.rx.n:
+            continue
+        rx = link.rx_series[np.isfinite(link.rx_series)]
+        on = rx[rx > 0.02 * rx.max()] if len(rx) and rx.max() > 0 else rx[:0]
+        if len(on) < 20:
+            continue
+        peak = float(np.percentile(on, 99))
+        share = link.rx.mean / peak if peak > 0 else 0.0
+        if SLOW_COPY_MIN * link.pinned.value <= peak < SLOW_COPY * link.pinned.value and \
+                share >= C.MIN_STALL:
+            return (f"the host-to-device copy rates (`agentd probe` measures pinned and "
+                    f"pageable ones): copies never passed {peak / 1e9:.1f} GB/s in a sample "
+                    f"({peak / link.pinned.value * 100:.0f}% of the {link.pinned.value / 1e9:.0f}"
+                    f" GB/s pinned ceiling, {link.pinned.source}); at that rate they would take "
+                    f"{share * 100:.0f}% of the time, as copies from pageable memory (or through a "
+                    "link shared with other devices) do")
+    return ""
 
 
 def _without_input_symptoms(ev: Evidence, device: list[Finding],
