@@ -692,6 +692,22 @@ def test_coarse_healthy_runs_are_silent(name):
 # --- robustness of the data path ----------------------------------------------------------------
 
 
+def test_reads_through_an_uplink_below_its_ceiling_are_the_drives_not_the_links():
+    """A drive at its ceiling behind a PCIe switch whose uplink its reads use 11% of (the
+    robustness suite's storage-bound nodes): the reads take the drive's time, not the
+    uplink's, so this is input_storage and never shared_link, however the uplink's share
+    compares with the GPUs' idle time. Host-to-device copies through it still can be."""
+    sig, _ = simulate(S.load("input-storage", seed=3), seconds=90)
+    sig = sig.slice(sig.t[0] + 30, sig.t[-1])
+    reads = float(np.nanmean(sig.get("disk.read", "nvme0n1")))
+    idle = 0.634  # the GPUs' stall in this run
+    sig.meta["shared_uplinks"] = [{"switch": "0000:16:00.0", "gpus": ["0", "1"],
+                                   "disks": ["nvme0n1"],
+                                   "uplink_bytes_per_second": reads / (0.9 * idle)}]
+    r = analyze(sig)
+    assert kinds(r, "warning") == ["input_storage"], [f.headline() for f in r.findings]
+
+
 def test_a_drive_in_the_topology_without_disk_columns_degrades_not_crashes():
     sig, _ = simulate(S.load("shared-link", seed=0), seconds=60)
     for k in [k for k in sig.channels if k.startswith("disk.")]:

@@ -1,7 +1,10 @@
 """GPUs and NVMe drives behind one PCIe switch share its uplink, per direction: NVMe reads
 (and device-to-host copies) flow upstream, host-to-device copies (and writes) downstream.
-A direction whose summed bytes need nearly all the uplink's time, or about the time the GPUs
-behind it idle (when their own links alone would not), holds them back."""
+A direction whose summed bytes need nearly all the uplink's time holds the GPUs behind it
+back; so do host-to-device copies that need about the time the GPUs idle (when their own
+links alone would not): a data-parallel job's ranks copy their batches at once, through the
+one uplink. Reads need the time the drive takes, not the uplink's: an uplink below its
+ceiling upstream is never why a drive is slow (input_storage judges the drive)."""
 
 from __future__ import annotations
 
@@ -28,8 +31,8 @@ def detect(ev: Evidence, starved: list[str]) -> list[Finding]:
             explained = share / idle if idle > 0 else 0.0
             if share >= SATURATED and lo >= SATURATED - 0.05:
                 cand = (direction, share, 0.85 * margin(share, SATURATED, 0.1))
-            elif EXPLAINS_LO <= explained <= EXPLAINS_HI and not any(
-                    own_link(ev, g) for g in gpus):
+            elif direction == "downstream" and EXPLAINS_LO <= explained <= EXPLAINS_HI and \
+                    not any(own_link(ev, g) for g in gpus):
                 cand = (direction, share, 0.7)
             else:
                 continue
