@@ -118,6 +118,28 @@ def test_ordinary_gaps_between_steps_are_info_at_most():
     assert "What would tell it apart" in r.findings[0].advice[0]
 
 
+def test_two_jobs_without_job_labels_are_not_a_straggler():
+    """Two 4-GPU jobs on one node, one using 18% more SMs per busy second than the other, seen
+    through exporter series without process or pod labels (the robustness suite's
+    healthy-two-jobs from Prometheus at 1-30 s): no one GPU stands out from identical peers,
+    so there is no straggler. One GPU alone that far above the rest still is one."""
+    sig, _ = healthy_window()
+    for g in sig.gpus():
+        sm = sig.get("gpu.sm_active", g)
+        assert sm is not None
+        if int(g) < 4:
+            sig.channels[f"gpu.sm_active:{g}"] = np.minimum(sm * 1.18, 1.0)
+    sig.meta["processes"] = {}
+    for k in [k for k in sig.channels if k.startswith("proc.")]:
+        del sig.channels[k]
+    assert "straggler" not in kinds(analyze(sig)), [f.headline() for f in analyze(sig).findings]
+    for g in ("1", "2", "3"):
+        sig.channels[f"gpu.sm_active:{g}"] = sig.get("gpu.sm_active", "5")
+    r = analyze(sig)
+    assert kinds(r, "warning")[:1] == ["straggler"] and r.findings[0].gpus == ["0"], \
+        [f.headline() for f in r.findings]
+
+
 def test_slow_copies_without_a_measured_ceiling_are_named_in_what_would_tell_apart():
     """Copies from pageable memory that never pass 9 GB/s on a 31.5 GB/s link, 20% of the
     time, while the GPUs idle 17% (the robustness suite's h2d-pageable node): with nominal

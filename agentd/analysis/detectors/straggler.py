@@ -173,6 +173,12 @@ def _slowest(ev: Evidence, gpus: list[str]) -> list[Finding]:
     gap = (comp[slowest] - peers.median) / max(comp[slowest], 1e-3)
     if gap < margin or peers.z(comp[slowest]) < Z:
         return []
+    # One GPU stands out, not a group: a second GPU closer to it than to the rest means two
+    # kinds of work (two jobs on the node that no job label separates, a model split unevenly
+    # across its ranks), not one rank that holds back identical peers.
+    second = max(comp[g] for g in others)
+    if (comp[slowest] - second) / max(comp[slowest], 1e-3) < gap / 2:
+        return []
     s = ev.gpus[slowest]
     # A GPU that computes slower never waits: idling more than its peers, it waits for
     # something of its own (its input), and the harder work per busy second is its peers'
