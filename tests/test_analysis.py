@@ -703,6 +703,17 @@ def test_coarse_15s_data_still_classifies_and_says_what_it_cannot_see(name):
     assert all(g.step_period_seconds is None for g in r.gpus)
 
 
+def test_one_second_scrapes_give_no_aliased_period():
+    """Every exporter series at one 1 s scrape interval: a 0.33 s step aliases into a false
+    13 s period that all the series agree on (seen from dcgm-exporter at 1 s in the
+    robustness suite: 23 wrong periods). Only copies counted one per step give a period."""
+    sig, tr = simulate(S.load("input-cpu", seed=0), seconds=300)
+    r = analyze(coarsen(sig.slice(sig.t[0] + 30, sig.t[-1]), 1.0))
+    assert all(g.step_period_seconds is None for g in r.gpus), \
+        [g.step_period_seconds for g in r.gpus]
+    assert "alias" in r.gpus[0].step_period_note
+
+
 @pytest.mark.parametrize("name", HEALTHY)
 def test_coarse_healthy_runs_are_silent(name):
     sig, _ = simulate(S.load(name, seed=0), seconds=300)

@@ -571,6 +571,9 @@ def _unmix(sm: np.ndarray, busy: np.ndarray, m: np.ndarray
     return comp, estimate(busy[ok] - c, floor_se=QUANT_SE)
 
 
+SCRAPED = 0.5  # seconds between samples from which only counted copies give a period
+
+
 def _period(sig: Signals, g: str, busy: np.ndarray, coarse: bool,
             span: np.ndarray | None = None) -> tuple[P.Period | None, str]:
     """The GPU's step period from every series that carries it, over the job's span (from
@@ -604,6 +607,11 @@ def _period(sig: Signals, g: str, busy: np.ndarray, coarse: bool,
         bursts = P.period_from_bursts(rx, sig.resolution)
         if bursts is not None and bursts.rel_width <= P.MAX_REL_WIDTH:
             return bursts, ""
+    if sig.resolution >= SCRAPED and "driver samples" not in dts:
+        # Every series at one scrape interval: steps under two intervals (most steps, at
+        # 1 s) alias into false, longer periods that all the series agree on.
+        return None, (f"samples every {sig.resolution:g} s: a step shorter than two of them "
+                      "would alias into a false, longer period")
         ok = np.isfinite(rx)
         dts["pcie"] = sig.resolution
         cands.append(P.find_period(times[ok], rx[ok], "pcie"))
