@@ -612,6 +612,7 @@ def _period(sig: Signals, g: str, busy: np.ndarray, coarse: bool,
         # 1 s) alias into false, longer periods that all the series agree on.
         return None, (f"samples every {sig.resolution:g} s: a step shorter than two of them "
                       "would alias into a false, longer period")
+    if rx is not None and np.isfinite(rx).mean() > 0.9:
         ok = np.isfinite(rx)
         dts["pcie"] = sig.resolution
         cands.append(P.find_period(times[ok], rx[ok], "pcie"))
