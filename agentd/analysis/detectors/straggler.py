@@ -21,6 +21,12 @@ MIN_SPIN = 0.05  # the peers wait at least this share of their time
 IDLE_MARGIN = 0.02  # the straggler idles no more than its peers (it is never waiting)
 POWER_MARGIN = 0.15  # without SM activity: draws this much (relative) more per busy second
 POWER_SPREAD = 0.05  # ... the natural spread of peers' power at the same work (MAD floor)
+# ... or 10% more, beyond a 3% spread, where its power is also steady while every peer's
+# swings: it computes throughout, they alternate between computing and spinning each step
+# (a hotter, leakier GPU at the same work draws more, but swings as its peers do).
+STEADY_MARGIN = 0.10
+STEADY_SPREAD = 0.03
+STEADY = 0.6  # its power's standard deviation at most this share of the peers' (median)
 SPIN_SHARE = 0.3  # a GPU spinning in a collective draws about this share of its computing
 #                   power (an H100: ~155 W spinning, ~550 W computing)
 BLOCKED_IDLE = 0.1  # the blocked rank's utilization while it holds the others back
@@ -148,6 +154,30 @@ def detect(ev: Evidence) -> list[Finding]:
     return out
 
 
+def _power_swing(ev: Evidence, g: str) -> float:
+    """Standard deviation of the GPU's power readings over its job time (nan: none)."""
+    p = ev.sig.get("gpu.power", g)
+    if p is None:
+        return float("nan")
+    s = ev.gpus[g]
+    x = np.asarray(p, dtype=float)[s.present & ~s.benign]
+    x = x[np.isfinite(x)]
+    return float(np.std(x)) if len(x) >= 30 else float("nan")
+
+
+def _steady_above(ev: Evidence, slowest: str, others: list[str], gap: float,
+                  z: float) -> bool:
+    """Without SM activity, a smaller power gap still names the straggler when its power is
+    steady while every peer's swings (each step they compute, then spin waiting for it)."""
+    if gap < STEADY_MARGIN or z < Z:
+        return False
+    mine = _power_swing(ev, slowest)
+    theirs = [_power_swing(ev, g) for g in others]
+    if mine != mine or any(x != x for x in theirs):
+        return False
+    return mine <= STEADY * float(np.median(theirs)) and mine < min(theirs)
+
+
 def _slowest(ev: Evidence, gpus: list[str]) -> list[Finding]:
     # How hard each GPU works while NVML calls it busy: SM activity per busy second. Ranks
     # of one data-parallel job run the same kernels, so they match unless some wait in a
@@ -168,11 +198,15 @@ def _slowest(ev: Evidence, gpus: list[str]) -> list[Finding]:
         return []
     slowest = max(comp, key=comp.get)
     others = [g for g in comp if g != slowest]
-    peers = robust([comp[g] for g in others],
-                   spread * max(float(np.median([comp[g] for g in others])), 0.05))
+    level = max(float(np.median([comp[g] for g in others])), 0.05)
+    peers = robust([comp[g] for g in others], spread * level)
     gap = (comp[slowest] - peers.median) / max(comp[slowest], 1e-3)
     if gap < margin or peers.z(comp[slowest]) < Z:
-        return []
+        if basis != "power per busy second" or not _steady_above(
+                ev, slowest, others, gap, robust([comp[g] for g in others],
+                                                 STEADY_SPREAD * level).z(comp[slowest])):
+            return []
+        basis = "power per busy second, steady while its peers' swings"
     # One GPU stands out, not a group: a second GPU closer to it than to the rest means two
     # kinds of work (two jobs on the node that no job label separates, a model split unevenly
     # across its ranks), not one rank that holds back identical peers.
