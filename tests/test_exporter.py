@@ -17,7 +17,7 @@ from agentd.gpu.fake import install, library_from_dict
 from agentd.paths import Paths
 from agentd.daemon.runner import SamplerState
 from agentd.samplers import registry
-from agentd.samplers.base import Context
+from agentd.samplers.base import Context, SeriesStore
 from conftest import fixture_path, need
 
 GOLDEN = fixture_path("e2e-output.txt")
@@ -163,3 +163,17 @@ def test_findings_export_one_series_per_kind_and_gpu():
     for name, labels, _ in before + after:
         assert len(labels) == len(METRICS_BY_NAME[name].labels)
         assert not any("," in v for v in labels)
+
+
+def test_series_store_checks_every_series_against_the_catalog():
+    """Checked (name, label count) pairs are remembered; another count or an unknown name
+    is still refused."""
+    store = SeriesStore()
+    for value in (2.0, 3.0):
+        store.replace_gauges("cpu", [("agentd_cpu_online", (), value)])
+    assert store.items() == [("agentd_cpu_online", (), 3.0)]
+    with pytest.raises(ValueError):
+        store.replace_gauges("cpu", [("agentd_cpu_online", ("0",), 1.0)])
+    with pytest.raises(KeyError):
+        store.add("agentd_no_such_metric_total", (), 1.0)
+    assert store.items() == [("agentd_cpu_online", (), 3.0)]

@@ -219,6 +219,52 @@ def test_parse_mountstats_without_nfs():
     assert parse_mountstats(read_text(os.path.join(VM_PROC, "self", "mountstats"))) == []
 
 
+def test_storage_reads_mountstats_every_tick_only_while_nfs_is_mounted(tmp_path):
+    """Without an NFS mount, mountstats is read on the first and on slow ticks only; a mount
+    that appears is found at the next slow tick and then read, with its rate, every tick."""
+    (tmp_path / "self").mkdir()
+    (tmp_path / "diskstats").write_text("259 0 nvme0n1" + " 0" * 17 + "\n")
+    mountstats = tmp_path / "self" / "mountstats"
+    plain = read_text(os.path.join(VM_PROC, "self", "mountstats"))
+    nfs = read_text(fixture_path("dgx-like", "proc", "self", "mountstats"))
+    mountstats.write_text(plain)
+    s = StorageSampler(ctx(str(tmp_path), str(tmp_path / "nosys")))
+    s.open()
+    reads = []
+
+    class Counted:
+        def __init__(self, f):
+            self.f = f
+
+        def read_optional(self):
+            reads.append(1)
+            return self.f.read_optional()
+
+        def close(self):
+            self.f.close()
+
+    s._mountstats_file = Counted(s._mountstats_file)
+    s.sample(10.0, False)  # the first tick reads it
+    assert len(reads) == 1
+    mountstats.write_text(nfs)
+    for i in range(1, 10):
+        assert not any(k.startswith("nfs.") for k in s.sample(10.0 + i * 0.1, False))
+    assert len(reads) == 1  # no NFS at the last look: fast ticks leave the file alone
+    s.sample(11.0, True)  # a slow tick finds the mount
+    assert len(reads) == 2
+    assert ("agentd_nfs_read_bytes_total", ("/mnt/datasets", "10.0.0.5:/datasets"),
+            81300000000) in s.series()
+    mountstats.write_text(nfs.replace("81300000000", "81400000000"))
+    row = s.sample(11.1, False)  # and from then on every tick
+    assert len(reads) == 3
+    assert row["nfs.read:/mnt/datasets"] == pytest.approx(100000000 / 0.1)
+    mountstats.write_text(plain)
+    s.sample(11.2, False)  # unmounted: seen on this tick, then slow ticks only again
+    s.sample(11.3, False)
+    assert len(reads) == 4
+    assert not any(name.startswith("agentd_nfs_") for name, _, _ in s.series())
+
+
 # --- network ----------------------------------------------------------------------------------
 
 

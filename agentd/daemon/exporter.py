@@ -66,13 +66,13 @@ class Exporter:
             rows = series.pop(spec.name, None)
             if not rows:
                 continue
-            seen: set = set()
-            unique = []
+            # Two samplers must not export one series: keep the first (one dict operation
+            # per series; the writer converts values to float).
+            unique: dict = {}
+            setdefault = unique.setdefault
             for labels, value in rows:
-                if labels not in seen:  # two samplers must not export one series; keep the first
-                    seen.add(labels)
-                    unique.append((labels, float(value)))
-            out.append((spec, unique))
+                setdefault(labels, value)
+            out.append((spec, list(unique.items())))
         for name in series:
             if name not in self._unknown_logged:
                 self._unknown_logged.add(name)

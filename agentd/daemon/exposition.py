@@ -8,7 +8,6 @@ is formatted once and cached. That keeps a scrape of ~600 series near 1 ms.
 
 from __future__ import annotations
 
-import math
 from typing import Iterable
 
 from agentd.catalog import MetricSpec
@@ -24,12 +23,13 @@ def _escape_value(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+_SPECIAL = {"nan": "NaN", "inf": "+Inf", "-inf": "-Inf"}
+
+
 def format_value(v: float) -> str:
-    if v != v:
-        return "NaN"
-    if math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    return repr(float(v))
+    text = repr(float(v))
+    # Only NaN and the infinities end in a letter ("1e+20" ends in a digit).
+    return _SPECIAL[text] if text[-1] in "nf" else text
 
 
 class TextWriter:
@@ -62,9 +62,17 @@ class TextWriter:
 
     def render(self, families: Iterable[tuple[MetricSpec, list]]) -> list[str]:
         out: list[str] = []
+        prefixes = self._prefixes
         for spec, rows in families:
             out.append(self._header(spec))
+            name = spec.name
             for labels, value in rows:
-                out.append(self._prefix(spec, labels) + format_value(value) + "\n")
+                # The cached prefix looked up here, and the value formatted inline: this runs
+                # for every series of every scrape.
+                p = prefixes.get((name, labels)) or self._prefix(spec, labels)
+                text = repr(float(value))
+                if text[-1] in "nf":
+                    text = _SPECIAL[text]
+                out.append(f"{p}{text}\n")
         return out
 

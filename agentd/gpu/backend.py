@@ -52,7 +52,7 @@ class GpuIdentity:
     utilization_source: str = "samples"
 
 
-@dataclass
+@dataclass(slots=True)  # one per GPU per tick
 class FastReading:
     """Changes since the previous fast reading of one GPU."""
 
@@ -89,7 +89,7 @@ class GpuProcessUse:
     sm_utilization: float | None  # 0..1
 
 
-@dataclass
+@dataclass(slots=True)
 class SlowReading:
     memory_used: int | None = None
     sm_clock_hz: float | None = None

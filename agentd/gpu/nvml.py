@@ -156,7 +156,10 @@ class _Device:
     field_buf: object = None  # nvmlFieldValue_t[n] with the field ids set once
     field_ref: object = None  # byref(field_buf), as pynvml passes it
     field_count: object = None  # n, as a c_int
+    field_view: object = None  # the buffer's bytes, as one memoryview kept for unpacking
+    field_call: object = None  # the nvmlDeviceGetFieldValues call on it, made once
     samples: object = None  # nvmlDeviceGetSamples' buffer and arguments, kept
+    samples_call: object = None  # the nvmlDeviceGetSamples call on it, made once
     gpm_samples: list = field(default_factory=list)
     gpm_request: object = None
     gpm_prev_t: float | None = None
@@ -191,6 +194,9 @@ class NvmlBackend:
         self._fallback_stop = threading.Event()
         self._fallback_thread: threading.Thread | None = None
         self._reasons = clock_event_reason_bits(self.N)
+        self._counter_ids = (N.NVML_FI_DEV_PCIE_COUNT_TX_BYTES, N.NVML_FI_DEV_PCIE_COUNT_RX_BYTES,
+                             N.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX,
+                             N.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX)
         if ctypes.sizeof(N.c_nvmlFieldValue_t) != _FIELD.size or \
                 ctypes.sizeof(N.c_nvmlSample_t) != _SAMPLE.size:
             raise RuntimeError("pynvml's structure layouts differ from nvml.h's")
@@ -270,20 +276,19 @@ class NvmlBackend:
         off) or missing from the driver; GpuLost when the GPU is lost."""
         if capability in dev.absent or (dev.failing and self._backoff(dev, capability)):
             return None
-        fn_name = getattr(fn, "__name__", capability)
         try:
             value = fn(*args)
         except self.NotSupported as e:
-            self._absent(dev, capability, fn_name, e)
+            self._absent(dev, capability, getattr(fn, "__name__", capability), e)
             return None
         except self.Lost:
             dev.lost = True
             raise GpuLost(dev.index, "NVML_ERROR_GPU_IS_LOST") from None
         except Exception as e:  # one call's failure costs that value only
-            self._failed(dev, capability, fn_name, e)
+            self._failed(dev, capability, getattr(fn, "__name__", capability), e)
             return None
         if dev.failing:
-            self._succeeded(dev, capability, fn_name)
+            self._succeeded(dev, capability, getattr(fn, "__name__", capability))
         return value
 
     def _identify(self, dev: _Device) -> GpuIdentity:
@@ -369,10 +374,15 @@ class NvmlBackend:
             _set(buf[i], "scopeId", scope)
         dev.field_buf, dev.field_ref = buf, ctypes.byref(buf)
         dev.field_count = ctypes.c_int32(len(fields))
+        dev.field_view = memoryview(buf).cast("B")
 
     def _field_values(self, dev: _Device):
         """nvmlDeviceGetFieldValues on the device's buffer, as a call for _call(): one
-        7-tuple per field (id, scope, timestamp, latency, value type, return, raw value)."""
+        7-tuple per field (id, scope, timestamp, latency, value type, return, raw value).
+        Made once per device (it reads the buffer the device holds at the time of a call):
+        a closure made on every tick of every GPU was a measurable part of a tick."""
+        if dev.field_call is not None:
+            return dev.field_call
         N = self.N
 
         def nvmlDeviceGetFieldValues():
@@ -380,10 +390,9 @@ class NvmlBackend:
                 dev.handle, dev.field_count, dev.field_ref)
             if ret != N.NVML_SUCCESS:
                 raise N.NVMLError(ret)
-            n = dev.field_count.value
-            return list(_FIELD.iter_unpack(
-                memoryview(dev.field_buf).cast("B")[:n * _FIELD.size]))
+            return list(_FIELD.iter_unpack(dev.field_view))
 
+        dev.field_call = nvmlDeviceGetFieldValues
         return nvmlDeviceGetFieldValues
 
     def _utilization_samples(self, dev: _Device) -> list[tuple[int, int]]:
@@ -405,6 +414,21 @@ class NvmlBackend:
         n = min(count.value, SAMPLE_CAPACITY)
         raw = memoryview(buf).cast("B")[:n * _SAMPLE.size]
         return sorted((ts, value & 0xFFFFFFFF) for ts, value in _SAMPLE.iter_unpack(raw))
+
+    def _samples_call(self, dev: _Device):
+        """_utilization_samples as a call for _call(), an answer of NVML_ERROR_NOT_FOUND (no
+        sample newer than the last one) being no samples; made once per device."""
+        if dev.samples_call is not None:
+            return dev.samples_call
+
+        def nvmlDeviceGetSamples():
+            try:
+                return self._utilization_samples(dev)
+            except self.NotFound:
+                return []
+
+        dev.samples_call = nvmlDeviceGetSamples
+        return nvmlDeviceGetSamples
 
     def _open_events(self) -> None:
         N = self.N
@@ -437,7 +461,8 @@ class NvmlBackend:
             self._read_counters(dev, r)
             self._read_gpm(dev, r)
         finally:
-            r.errors, dev.errors = dev.errors, []
+            if dev.errors:
+                r.errors, dev.errors = dev.errors, []
             r.pcie_counter_source = dev.pcie_source
         return r
 
@@ -449,7 +474,6 @@ class NvmlBackend:
         r.utilization_source = dev.util_source
 
     def _read_samples(self, dev: _Device, r: FastReading) -> None:
-        N = self.N
         now = self.clock()
         if dev.util_primed and dev.util_period_s and \
                 0 <= now - dev.util_last_seen < 0.9 * dev.util_period_s:
@@ -457,15 +481,7 @@ class NvmlBackend:
             r.seconds_since_sample = now - dev.util_last_seen
             r.busy_valid = True
             return
-
-        def get_samples():
-            try:
-                return self._utilization_samples(dev)
-            except self.NotFound:
-                return []  # no sample newer than the last one
-
-        get_samples.__name__ = "nvmlDeviceGetSamples"
-        pts = self._call(dev, "utilization", get_samples)
+        pts = self._call(dev, "utilization", self._samples_call(dev))
         if pts is None:
             # No sample buffer on this GPU: the driver's utilization rates instead.
             if not self._source_gone(dev, "utilization", "rates", "no utilization samples; "
@@ -554,7 +570,6 @@ class NvmlBackend:
         r.seconds_since_sample = 0.0
 
     def _read_counters(self, dev: _Device, r: FastReading) -> None:
-        N = self.N
         if dev.counter_fields is None:
             # The probe failed at start: probe again (with the call's back-off); its first
             # answer primes the counters, or hands PCIe to the throughput helper.
@@ -568,12 +583,16 @@ class NvmlBackend:
                 return
             deltas: dict[int, int] = {}
             seconds = None
+            counter_prev = dev.counter_prev
             for fid, _, ts, _, vtype, rc, raw in values:
-                if rc != N.NVML_SUCCESS:
+                if rc:  # not NVML_SUCCESS (0)
                     continue
-                cur = (_value(raw, vtype), 32 if vtype in _INT32 else 64, ts)
-                prev = dev.counter_prev.get(fid)
-                dev.counter_prev[fid] = cur
+                if vtype == 3 or vtype == 2:  # 64-bit unsigned: the usual counter, as it is
+                    cur = (raw, 64, ts)
+                else:
+                    cur = (_value(raw, vtype), 32 if vtype in _INT32 else 64, ts)
+                prev = counter_prev.get(fid)
+                counter_prev[fid] = cur
                 if prev is None:
                     continue
                 delta = counter_delta(prev[0], cur[0], cur[1])
@@ -583,19 +602,21 @@ class NvmlBackend:
                 if ts > prev[2]:
                     seconds = (ts - prev[2]) / 1e6
             r.counter_seconds = seconds
-            r.pcie_tx_bytes = deltas.get(N.NVML_FI_DEV_PCIE_COUNT_TX_BYTES)
-            r.pcie_rx_bytes = deltas.get(N.NVML_FI_DEV_PCIE_COUNT_RX_BYTES)
-            kib_tx = deltas.get(N.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX)
-            kib_rx = deltas.get(N.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX)
+            pcie_tx, pcie_rx, nvlink_tx, nvlink_rx = self._counter_ids
+            r.pcie_tx_bytes = deltas.get(pcie_tx)
+            r.pcie_rx_bytes = deltas.get(pcie_rx)
+            kib_tx = deltas.get(nvlink_tx)
+            kib_rx = deltas.get(nvlink_rx)
             r.nvlink_tx_bytes = kib_tx * 1024 if kib_tx is not None else None
             r.nvlink_rx_bytes = kib_rx * 1024 if kib_rx is not None else None
-        with self._fallback_lock:
-            acc = self._fallback.get(dev.index)
-            if acc is not None:
-                tx, rx = int(acc[0]), int(acc[1])
-                acc[0] -= tx
-                acc[1] -= rx
-                r.pcie_tx_bytes, r.pcie_rx_bytes = tx, rx
+        if self._fallback:  # only GPUs without PCIe counters have an entry (rarely any)
+            with self._fallback_lock:
+                acc = self._fallback.get(dev.index)
+                if acc is not None:
+                    tx, rx = int(acc[0]), int(acc[1])
+                    acc[0] -= tx
+                    acc[1] -= rx
+                    r.pcie_tx_bytes, r.pcie_rx_bytes = tx, rx
 
     def _read_gpm(self, dev: _Device, r: FastReading) -> None:
         N = self.N

@@ -112,13 +112,20 @@ class SeriesStore:
         self._counters: dict[tuple[str, Labels], float] = {}
         self._gauges: dict[str, dict[tuple[str, Labels], float]] = {}
 
-    @staticmethod
-    def _check(name: str, labels: Labels) -> None:
+    # (name, number of labels) pairs checked already: gauges are replaced every slow tick,
+    # and the same few hundred series need not be looked up in the catalog each time.
+    _checked: set[tuple[str, int]] = set()
+
+    @classmethod
+    def _check(cls, name: str, labels: Labels) -> None:
+        if (name, len(labels)) in cls._checked:
+            return
         spec = METRICS_BY_NAME.get(name)
         if spec is None:
             raise KeyError(f"metric {name} is not in agentd/catalog.py")
         if len(labels) != len(spec.labels):
             raise ValueError(f"metric {name} takes labels {spec.labels}, got {labels!r}")
+        cls._checked.add((name, len(labels)))
 
     def add(self, name: str, labels: Labels, delta: float) -> None:
         """Advance an integrated counter."""

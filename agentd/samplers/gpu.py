@@ -28,6 +28,14 @@ _ACTIVITY_COUNTERS = {
     "tensor_active": "agentd_gpu_tensor_active_seconds_total",
     "dram_active": "agentd_gpu_dram_active_seconds_total",
 }
+# The counters the fast path advances, each GPU's kept in a list in this order (see
+# GpuSampler._totals); the positions of the activity counters by GPM metric.
+_FAST_COUNTERS = ("agentd_gpu_busy_seconds_total",
+                  "agentd_gpu_pcie_rx_bytes_total", "agentd_gpu_pcie_tx_bytes_total",
+                  "agentd_gpu_nvlink_rx_bytes_total", "agentd_gpu_nvlink_tx_bytes_total",
+                  *_ACTIVITY_COUNTERS.values())
+_BUSY, _PCIE, _NVLINK = 0, 1, 3  # positions in _FAST_COUNTERS (rx, then tx)
+_ACTIVITY_POSITION = {key: _FAST_COUNTERS.index(name) for key, name in _ACTIVITY_COUNTERS.items()}
 
 
 class XidLog:
@@ -72,10 +80,8 @@ class _Keys:
         self.busy_time = f"gpu.busy_time:{i}"
         self.util_sample = f"gpu.util_sample:{i}"
         self.util_sample_age = f"gpu.util_sample_age:{i}"
-        self.pcie = ("agentd_gpu_pcie_rx_bytes_total", "agentd_gpu_pcie_tx_bytes_total",
-                     f"gpu.pcie_rx:{i}", f"gpu.pcie_tx:{i}")
-        self.nvlink = ("agentd_gpu_nvlink_rx_bytes_total", "agentd_gpu_nvlink_tx_bytes_total",
-                       f"gpu.nvlink_rx:{i}", f"gpu.nvlink_tx:{i}")
+        self.pcie = (_PCIE, f"gpu.pcie_rx:{i}", f"gpu.pcie_tx:{i}")
+        self.nvlink = (_NVLINK, f"gpu.nvlink_rx:{i}", f"gpu.nvlink_tx:{i}")
         self.activity = {key: f"gpu.{key}:{i}" for key in _ACTIVITY_COUNTERS}
 
 
@@ -105,6 +111,11 @@ class GpuSampler(Sampler):
         self._last_fast: float | None = None
         self._xids = XidLog(self.log)
         self._jobs = JobResolver(self.ctx.paths)
+        # The fast path's counters (_FAST_COUNTERS) per GPU, None until first advanced: a
+        # list per GPU, added to in place, instead of one (name, labels, delta) per counter
+        # per GPU per tick through the SeriesStore. Made here for every GPU, so the scrape
+        # thread reads a dict that never changes size; a float in a list is read whole.
+        self._totals: dict[int, list] = {g.index: [None] * len(_FAST_COUNTERS) for g in gpus}
         self.log.info("%d GPU(s), driver %s: %s", len(self.backend.devices),
                       self.backend.driver_version,
                       ", ".join(f"{g.index}:{g.name or '?'}" + (" (lost)" if g.index in self.lost
@@ -175,11 +186,11 @@ class GpuSampler(Sampler):
 
     def sample(self, now: float, slow: bool) -> Row:
         row: Row = {}
-        deltas: list = []
         tick = now - self._last_fast if self._last_fast is not None else None
         self._last_fast = now
+        lost = self.lost
         for index, g in self.gpus.items():
-            if index in self.lost:
+            if index in lost:
                 continue
             try:
                 r = self.backend.read_fast(index)
@@ -189,21 +200,30 @@ class GpuSampler(Sampler):
             except Exception as e:  # one GPU's fault must not cost the others their sample
                 self._unexpected(g, "fast reading", e)
                 continue
-            self._count_errors(g, r.errors)
-            if (r.utilization_source, r.pcie_counter_source) != (g.utilization_source,
-                                                                 g.pcie_counter_source):
+            if r.errors:
+                self._count_errors(g, r.errors)
+            if r.utilization_source != g.utilization_source or \
+                    r.pcie_counter_source != g.pcie_counter_source:
                 self.gpus[index] = g = replace(g, utilization_source=r.utilization_source,
                                                pcie_counter_source=r.pcie_counter_source)
                 self._export_info()
-            self._account_fast(g, r, row, deltas)
+            k = self._keys(g)
+            self._account_fast(g, r, row, k)
             if tick and tick > 0 and r.busy_valid:
                 # The driver's samples credited in this tick, per second of tick: unlike the
                 # held utilization, its mean over a window is exact (aliasing-free).
-                row[self._keys(g).busy_time] = r.busy_seconds / tick
-        self.out.add_many(deltas)  # one lock for every GPU's counters
+                row[k.busy_time] = r.busy_seconds / tick
         if slow:
             self._sample_slow(now, row)
         return row
+
+    def series(self) -> list[Series]:
+        out = self.out.items()
+        for index, totals in self._totals.items():
+            labels = self._labels(self.gpus[index])
+            out += [(name, labels, v) for name, v in zip(_FAST_COUNTERS, totals)
+                    if v is not None]
+        return out
 
     def _keys(self, g: GpuIdentity) -> _Keys:
         keys = self._key_cache.get(g.index)
@@ -211,12 +231,12 @@ class GpuSampler(Sampler):
             keys = self._key_cache[g.index] = _Keys(g)
         return keys
 
-    def _account_fast(self, g: GpuIdentity, r: FastReading, row: Row, deltas: list) -> None:
-        k = self._keys(g)
-        lab = k.labels
+    def _account_fast(self, g: GpuIdentity, r: FastReading, row: Row, k: _Keys) -> None:
         i = g.index
+        totals = self._totals[i]
         if r.busy_valid:
-            deltas.append(("agentd_gpu_busy_seconds_total", lab, r.busy_seconds))
+            t = totals[_BUSY]
+            totals[_BUSY] = (0.0 if t is None else t) + r.busy_seconds
             if r.covered_seconds > 0:
                 busy = r.busy_seconds / r.covered_seconds
             elif r.seconds_since_sample is not None and r.seconds_since_sample > 2.0:
@@ -231,19 +251,23 @@ class GpuSampler(Sampler):
         if r.new_samples_mean is not None:
             row[k.util_sample] = r.new_samples_mean
             row[k.util_sample_age] = r.new_samples_age
-        for (rx_name, tx_name, rx_key, tx_key), rx, tx in (
+        for (at, rx_key, tx_key), rx, tx in (
                 (k.pcie, r.pcie_rx_bytes, r.pcie_tx_bytes),
                 (k.nvlink, r.nvlink_rx_bytes, r.nvlink_tx_bytes)):
             if rx is None:
                 continue
-            deltas.append((rx_name, lab, rx))
-            deltas.append((tx_name, lab, tx or 0))
+            tx = tx or 0
+            t_rx, t_tx = totals[at], totals[at + 1]
+            totals[at] = (0.0 if t_rx is None else t_rx) + rx
+            totals[at + 1] = (0.0 if t_tx is None else t_tx) + tx
             if r.counter_seconds:
                 row[rx_key] = rx / r.counter_seconds
-                row[tx_key] = (tx or 0) / r.counter_seconds
+                row[tx_key] = tx / r.counter_seconds
         if r.activity is not None and r.activity_seconds > 0:
             for key, value in r.activity.items():
-                deltas.append((_ACTIVITY_COUNTERS[key], lab, value * r.activity_seconds))
+                at = _ACTIVITY_POSITION[key]
+                t = totals[at]
+                totals[at] = (0.0 if t is None else t) + value * r.activity_seconds
                 row[k.activity[key]] = value
 
     def _sample_slow(self, now: float, row: Row) -> None:

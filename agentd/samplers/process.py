@@ -18,6 +18,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from agentd.jobs import JOB_LABELS, Attribution, JobResolver
 from agentd.paths import ProcFile, read_optional
@@ -30,8 +31,11 @@ JOB_RETENTION = 300.0  # seconds a job's counters outlive its last tree (a resta
 _COUNTERS = ("cpu_seconds", "root_cpu_seconds", "read_bytes", "rchar", "write_bytes")
 
 
-@dataclass(frozen=True)
-class ProcStat:
+class ProcStat(NamedTuple):
+    """One /proc/PID/stat. A NamedTuple, not a frozen dataclass: every member of every
+    watched tree is parsed ten times a second, and a frozen dataclass' __init__ costs
+    several times a tuple's."""
+
     comm: str
     state: str
     ppid: int
@@ -50,15 +54,9 @@ def parse_proc_stat(text: str) -> ProcStat:
     if left < 0 or right < left or len(f) < 22:
         raise Malformed(f"/proc/PID/stat: {len(f)} fields after the name, expected at least 22")
     try:
-        return ProcStat(
-            comm=text[left + 1:right],
-            state=f[0],
-            ppid=int(f[1]),
-            cpu_ticks=int(f[11]) + int(f[12]),
-            threads=int(f[17]),
-            start_ticks=int(f[19]),
-            rss_bytes=int(f[21]) * PAGE_SIZE,
-        )
+        # comm, state, ppid, cpu ticks (utime + stime), threads, start ticks, rss bytes
+        return ProcStat(text[left + 1:right], f[0], int(f[1]), int(f[11]) + int(f[12]),
+                        int(f[17]), int(f[19]), int(f[21]) * PAGE_SIZE)
     except ValueError:
         raise Malformed(f"/proc/PID/stat: not a number where one belongs: {text[:80]!r}") \
             from None
@@ -73,7 +71,7 @@ def parse_proc_io(text: str) -> dict[str, int]:
     return out
 
 
-@dataclass
+@dataclass(slots=True)
 class _Member:
     start_ticks: int
     cpu_ticks: int
@@ -98,6 +96,11 @@ class _Tree:
     blocked: int = 0
     rss_bytes: int = 0
     io_t: float = 0.0  # when /proc/PID/io was last read (slow ticks)
+    keys: tuple[str, ...] = ()  # its window channels, formatted once
+
+    def __post_init__(self) -> None:
+        self.keys = tuple(f"proc.{k}:{self.root}" for k in (
+            "cpu", "max_member_cpu", "root_cpu", "members", "blocked", "read", "rchar"))
 
 
 class ProcessSampler(Sampler):
@@ -262,6 +265,7 @@ class ProcessSampler(Sampler):
 
     def _read_tree(self, tree: _Tree, dt: float, with_io: bool) -> Row:
         first = not tree.members
+        members = tree.members
         live: dict[int, _Member] = {}
         cpu_delta = 0
         max_member = 0
@@ -271,7 +275,7 @@ class ProcessSampler(Sampler):
         rss = 0
         for pid in tree.pids:
             st = self._stat(pid, keep_open=True)  # every tick: kept open (paths.ProcFile)
-            prev = tree.members.get(pid)
+            prev = members.get(pid)
             if st is None:
                 if prev is not None and os.path.exists(self.ctx.paths.proc(str(pid))):
                     # Alive but unreadable this time: keep its last reading, so that it is
@@ -288,21 +292,27 @@ class ProcessSampler(Sampler):
                 io = parse_proc_io(io_text) if io_text else None
             else:
                 io = None  # read on slow ticks: attribution needs no 10 Hz resolution
-            m = _Member(st.start_ticks, st.cpu_ticks, io if io is not None else
-                        (prev.io if prev is not None else None))
             if prev is not None and prev.start_ticks == st.start_ticks:
                 d = max(st.cpu_ticks - prev.cpu_ticks, 0)
                 if io is not None and prev.io:
                     for k in io_delta:
                         io_delta[k] += max(io.get(k, 0) - prev.io.get(k, 0), 0)
-            elif not first:
-                # Born since the last tick (a new worker): all its work is new.
-                d = st.cpu_ticks
-                if io:
-                    for k in io_delta:
-                        io_delta[k] += io.get(k, 0)
+                # The same process: its record is updated, not made again every tick.
+                prev.cpu_ticks = st.cpu_ticks
+                if io is not None:
+                    prev.io = io
+                m = prev
             else:
-                d = 0
+                m = _Member(st.start_ticks, st.cpu_ticks, io if io is not None else
+                            (prev.io if prev is not None else None))
+                if not first:
+                    # Born since the last tick (a new worker): all its work is new.
+                    d = st.cpu_ticks
+                    if io:
+                        for k in io_delta:
+                            io_delta[k] += io.get(k, 0)
+                else:
+                    d = 0
             cpu_delta += d
             max_member = max(max_member, d)
             if pid == tree.root:
@@ -322,20 +332,20 @@ class ProcessSampler(Sampler):
             if with_io:
                 tree.io_t = self._last_t
             return {}
-        r = tree.root
+        k = tree.keys
         row = {
-            f"proc.cpu:{r}": cpu_delta / CLK_TCK / dt,
-            f"proc.max_member_cpu:{r}": max_member / CLK_TCK / dt,
-            f"proc.root_cpu:{r}": root_delta / CLK_TCK / dt,
-            f"proc.members:{r}": float(len(live)),
-            f"proc.blocked:{r}": float(blocked),
+            k[0]: cpu_delta / CLK_TCK / dt,
+            k[1]: max_member / CLK_TCK / dt,
+            k[2]: root_delta / CLK_TCK / dt,
+            k[3]: float(len(live)),
+            k[4]: float(blocked),
         }
         if with_io:
             io_dt = self._last_t - tree.io_t if tree.io_t else 0.0
             tree.io_t = self._last_t
             if io_dt > 0:
-                row[f"proc.read:{r}"] = io_delta["read_bytes"] / io_dt
-                row[f"proc.rchar:{r}"] = io_delta["rchar"] / io_dt
+                row[k[5]] = io_delta["read_bytes"] / io_dt
+                row[k[6]] = io_delta["rchar"] / io_dt
         return row
 
     def meta(self) -> dict:

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from agentd.paths import ProcFile, read_optional
 from agentd.samplers.base import (Malformed, Option, Row, Sampler, Series, Unavailable, complete,
@@ -21,8 +22,11 @@ SECTOR = 512  # /proc/diskstats counts 512-byte sectors whatever the device's bl
 _PARTITION = re.compile(r"^(?:(?:[hsv]|xv)d[a-z]+\d+|nvme\d+n\d+p\d+|mmcblk\d+p\d+)$")
 
 
-@dataclass(frozen=True)
-class DiskStat:
+class DiskStat(NamedTuple):
+    """One line of /proc/diskstats. A NamedTuple, not a frozen dataclass: every line is
+    parsed ten times a second, and a frozen dataclass' __init__ costs several times a
+    tuple's."""
+
     reads: int
     read_bytes: int
     read_ms: int
@@ -45,28 +49,20 @@ def parse_diskstats(text: str, path: str = "/proc/diskstats") -> dict[str, DiskS
         if len(f) < 14:
             raise Malformed(f"{path} line {n}: {len(f)} fields, expected at least 14")
         v = ints(f[3:14], path, n)
-        out[f[2]] = DiskStat(
-            reads=v[0],
-            read_bytes=v[2] * SECTOR,
-            read_ms=v[3],
-            writes=v[4],
-            write_bytes=v[6] * SECTOR,
-            write_ms=v[7],
-            in_flight=v[8],
-            io_ms=v[9],
-            weighted_ms=v[10],
-        )
+        # reads, read bytes, read ms, writes, written bytes, write ms, in flight, io ms,
+        # weighted ms (positional: this runs for every line ten times a second)
+        out[f[2]] = DiskStat(v[0], v[2] * SECTOR, v[3], v[4], v[6] * SECTOR, v[7], v[8], v[9],
+                             v[10])
     return out
-
-
-_COUNTERS = ("reads", "read_bytes", "read_ms", "writes", "write_bytes", "write_ms", "io_ms",
-             "weighted_ms")
 
 
 def went_back(prev: DiskStat, cur: DiskStat) -> bool:
     """A counter that decreased: the device was reset or replaced (or the counters wrapped,
-    on 32-bit kernels). Its rates are unknown for that tick."""
-    return any(getattr(cur, k) < getattr(prev, k) for k in _COUNTERS)
+    on 32-bit kernels). Its rates are unknown for that tick. (in_flight is a gauge.)"""
+    return (cur.reads < prev.reads or cur.read_bytes < prev.read_bytes
+            or cur.read_ms < prev.read_ms or cur.writes < prev.writes
+            or cur.write_bytes < prev.write_bytes or cur.write_ms < prev.write_ms
+            or cur.io_ms < prev.io_ms or cur.weighted_ms < prev.weighted_ms)
 
 
 @dataclass(frozen=True)
@@ -150,6 +146,7 @@ class StorageSampler(Sampler):
         self._last_t: float | None = None  # the first tick sets the time base
         self._last_nfs: dict[str, tuple[float, int]] = {}
         self._nfs: list[NfsMount] = []
+        self._keys: dict[str, tuple[str, ...]] = {}  # device -> its window channels
         self._devices = self._whole_devices(stats)
         self._export_info()
 
@@ -190,28 +187,37 @@ class StorageSampler(Sampler):
             self._devices = self._whole_devices(stats)
             self._export_info()
         row: Row = {}
-        dt = now - self._last_t if self._last_t is not None else 0.0
-        for dev in self._devices:
+        first = self._last_t is None
+        dt = now - self._last_t if not first else 0.0
+        last = self._last
+        for dev in self._devices if dt > 0 else ():
             s = stats.get(dev)
-            p = self._last.get(dev)
-            if s is None or p is None or dt <= 0:
+            p = last.get(dev)
+            if s is None or p is None:
                 continue
             if went_back(p, s):
                 self.log_once(logging.INFO, ("reset", dev), "%s: counters went backwards "
                               "(device reset or replaced); counting again from here", dev)
                 continue
+            keys = self._keys.get(dev)
+            if keys is None:  # the channel names, formatted once per device
+                keys = self._keys[dev] = tuple(f"disk.{k}:{dev}" for k in (
+                    "read", "write", "read_ops", "busy", "queue", "await"))
             ops = (s.reads - p.reads) + (s.writes - p.writes)
-            row[f"disk.read:{dev}"] = (s.read_bytes - p.read_bytes) / dt
-            row[f"disk.write:{dev}"] = (s.write_bytes - p.write_bytes) / dt
-            row[f"disk.read_ops:{dev}"] = (s.reads - p.reads) / dt
-            row[f"disk.busy:{dev}"] = min((s.io_ms - p.io_ms) / 1e3 / dt, 1.0)
-            row[f"disk.queue:{dev}"] = (s.weighted_ms - p.weighted_ms) / 1e3 / dt
+            row[keys[0]] = (s.read_bytes - p.read_bytes) / dt
+            row[keys[1]] = (s.write_bytes - p.write_bytes) / dt
+            row[keys[2]] = (s.reads - p.reads) / dt
+            row[keys[3]] = min((s.io_ms - p.io_ms) / 1e3 / dt, 1.0)
+            row[keys[4]] = (s.weighted_ms - p.weighted_ms) / 1e3 / dt
             if ops > 0:
                 busy_ms = (s.read_ms - p.read_ms) + (s.write_ms - p.write_ms)
-                row[f"disk.await:{dev}"] = busy_ms / 1e3 / ops
+                row[keys[5]] = busy_ms / 1e3 / ops
         self._last = stats
         self._last_t = now
-        if self.opts["nfs"]:
+        # mountstats is as long as the mount table and mostly not NFS: while no NFS mount
+        # is there it is read on slow ticks only (and the first), which finds a new mount
+        # within one slow interval; once there is one, every tick.
+        if self.opts["nfs"] and (slow or first or self._nfs):
             row.update(self._sample_nfs(now))
         return row
 
