@@ -6,12 +6,30 @@ time the GPU idles (copies serialized with compute fill its gaps)."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from agentd.analysis.detectors.common import (EXPLAINS_HI, EXPLAINS_LO, SATURATED, confidence,
                                               fmt_rate, input_finding, margin)
 from agentd.analysis.evidence import Evidence
 from agentd.analysis.findings import Finding
 
 GAP_RATE = 0.25  # pageable without a measured ceiling: rx through the gaps >= this x link
+
+
+FASTER = 1.15  # a sample's copy rate this far above the pageable ceiling: pinned copies
+
+
+def peak_rate(link) -> float:
+    """The fastest copying seen in a sample (99th percentile of the samples that copy)."""
+    rx = link.rx_series
+    if rx is None:
+        return float("nan")
+    rx = np.asarray(rx, dtype=float)
+    rx = rx[np.isfinite(rx)]
+    if not len(rx) or rx.max() <= 0:
+        return float("nan")
+    on = rx[rx > 0.02 * rx.max()]
+    return float(np.percentile(on, 99)) if len(on) >= 20 else float("nan")
 
 
 def judge(ev: Evidence, g: str) -> tuple[str, float, float, dict] | None:
@@ -41,7 +59,11 @@ def judge(ev: Evidence, g: str) -> tuple[str, float, float, dict] | None:
             link.rx_in_gaps == link.rx_in_gaps else float("nan")
         measured = link.pageable.source == "measured"
         seen = measured or (gap_rate == gap_rate and gap_rate >= GAP_RATE)
-        if seen and (pageable >= SATURATED or EXPLAINS_LO <= explained <= EXPLAINS_HI):
+        # A sample's rate never exceeds the copy's own: copies seen faster than pageable
+        # memory allows are pinned (their gaps are some other limit's, a shared uplink's).
+        faster = peak_rate(link) > FASTER * link.pageable.value
+        if seen and not faster and (pageable >= SATURATED or
+                                    EXPLAINS_LO <= explained <= EXPLAINS_HI):
             ev_out.update(pageable_ceiling_bytes_per_second=link.pageable.value,
                           pageable_copy_time_share=pageable)
             return "pageable", min(explained, 1.0), (0.8 if measured else 0.6), ev_out
