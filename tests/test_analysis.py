@@ -191,6 +191,27 @@ def test_slow_copies_without_a_measured_ceiling_are_named_in_what_would_tell_apa
     assert r.findings[0].evidence["mode"] == "pageable"
 
 
+def test_copies_seen_faster_than_pageable_memory_allows_are_not_pageable():
+    """The pageable ceiling is measured at 9.5 GB/s and the copies' bytes at that rate would
+    fill the GPUs' 17% gaps, but samples show the copies running at 15 GB/s: they are pinned,
+    and their gaps are some other limit's (in the robustness suite, a shared uplink's)."""
+    sig, _ = healthy_window()
+    n = len(sig.t)
+    for g in sig.gpus():
+        sig.channels[f"gpu.pcie_rx:{g}"] = np.where(np.arange(n) % 10 == 0, 15e9, 0.0)
+        for key in ("gpu.busy", "gpu.busy_time"):
+            sig.channels[f"{key}:{g}"] = sig.channels[f"{key}:{g}"] * 0.83
+    h2d = sig.meta["ceilings"]["h2d"]
+    sig.meta["ceilings"]["h2d"] = {g: {**h2d[g], "pageable_bytes_per_second": 9.5e9}
+                                   for g in h2d}
+    r = analyze(sig)
+    assert "h2d_pcie" not in kinds(r), [f.headline() for f in r.findings]
+    # Copies that never pass the pageable rate do fill the gaps at it.
+    for g in sig.gpus():
+        sig.channels[f"gpu.pcie_rx:{g}"] = np.where(np.arange(n) % 6 == 0, 9.4e9, 0.0)
+    assert kinds(analyze(sig), "warning") == ["h2d_pcie"]
+
+
 def test_nvme_busy_at_59_percent_of_its_ceiling_is_not_input_storage():
     """NVMe reads ~100% busy with requests queued at any load: busy is no limit."""
     sig, _ = healthy_window()
@@ -675,6 +696,25 @@ def test_one_weak_series_alone_gives_no_period():
     assert P.resolve([weak], {"driver samples": 1 / 6})[0] is None
     strong = P.Period(5.95, 0.02, 0.6, "driver samples")
     assert P.resolve([strong], {"driver samples": 1 / 6})[0] is strong
+
+
+def test_irregular_copies_and_weak_agreement_give_no_period():
+    """Copies whose intervals are mostly (but only 60%) near their median, the rest spread to
+    three times it (one rank of a CPU-bound data-parallel job: its copies follow its own
+    batches, not the steps), have no typical step; nor do two series that agree on a peak
+    neither of which explains a quarter of its variance."""
+    from agentd.analysis import periodicity as P
+
+    rng = np.random.default_rng(4)
+    gaps = np.where(rng.random(400) < 0.6, 7, rng.integers(9, 31, 400))
+    rx = np.zeros(int(gaps.sum()) + 10)
+    rx[np.cumsum(gaps)] = 1.2e9
+    assert P.period_from_bursts(rx, 0.1) is None
+    a = P.Period(0.87, 0.02, 0.21, "sm activity")
+    b = P.Period(0.87, 0.02, 0.17, "driver samples")
+    assert P.resolve([a, b], {"sm activity": 0.2, "driver samples": 1 / 6})[0] is None
+    a = P.Period(0.87, 0.02, 0.45, "sm activity")
+    assert P.resolve([a, b], {"sm activity": 0.2, "driver samples": 1 / 6})[0] is not None
 
 
 def test_20ms_steps_are_not_given_a_period_by_aliasing():

@@ -25,6 +25,7 @@ MAX_FAP = 1e-3  # false-alarm probability of the peak
 SINGLE_SERIES_MIN_SAMPLES = 10.0  # one series alone: the period spans this many samples
 SINGLE_SERIES_MIN_POWER = 0.35  # ... and its peak explains this share of the variance
 AGREE = 0.10  # two series agree when their periods differ by less than this
+AGREE_MIN_POWER = 0.25  # ... and the stronger peak explains this share of its variance
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ def resolve(periods: list[Period], sample_dt: dict[str, float]) -> tuple[Period 
             if b is a or abs(math.log(sample_dt[a.series] / sample_dt[b.series])) < 0.05:
                 continue  # same sampling rate: the same aliases
             k = b.seconds / a.seconds
-            if abs(k - 1) <= AGREE:
+            if abs(k - 1) <= AGREE and max(a.power, b.power) >= AGREE_MIN_POWER:
                 best = a if a.rel_width <= b.rel_width else b
                 if best.rel_width <= MAX_REL_WIDTH:
                     return best, ""
@@ -183,7 +184,7 @@ def resolve(periods: list[Period], sample_dt: dict[str, float]) -> tuple[Period 
 
 
 BAND = 0.5  # intervals within +-50% of the median one are the steps' own ...
-TYPICAL = 0.5  # ... and at least this share of them must be, for a typical step to exist,
+TYPICAL = 0.7  # ... and at least this share of them must be, for a typical step to exist,
 SPREAD = 0.2  # spread by no more than this share of their mean (and half a tick)
 
 
