@@ -635,7 +635,8 @@ def test_jittered_samples_are_searched_on_a_grid_and_holes_by_lomb_scargle(monke
 
     rng = np.random.default_rng(3)
     dt = 0.2 * (1 + rng.uniform(-0.3, 0.3, 300))
-    dt[[40, 150, 260]] = 0.5  # missed samples
+    dt[[40, 150, 260]] = 0.5  # missed samples ...
+    dt[np.arange(5, 300, 9)] = 0.4  # ... one in ten, as GPM's on a loaded node
     t = np.cumsum(dt)
     y = _pulses(t, 1.3, 0.7) + rng.normal(0, 0.05, len(t))
     calls = []
@@ -644,7 +645,7 @@ def test_jittered_samples_are_searched_on_a_grid_and_holes_by_lomb_scargle(monke
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     p = P.find_period(t, y, "sm activity")
     assert calls == [] and p is not None and p.seconds == pytest.approx(1.3, rel=0.02)
-    monkeypatch.setattr(P, "JITTER", -1.0)  # force Lomb-Scargle: the same answer
+    monkeypatch.setattr(P, "GAPS", -1.0)  # force Lomb-Scargle: the same answer
     ls = P.find_period(t, y, "sm activity")
     assert calls and ls.seconds == pytest.approx(p.seconds, rel=0.01)
     monkeypatch.undo()
@@ -658,27 +659,34 @@ def test_jittered_samples_are_searched_on_a_grid_and_holes_by_lomb_scargle(monke
 
 
 def test_step_period_is_the_typical_step_and_throughput_counts_the_pauses():
-    """Steps of 0.43 s whose batches arrive three at a time (a 0.9 s wait after every third
+    """Steps of 0.43 s whose batches arrive four at a time (a 0.9 s wait after every fourth
     step) and an evaluation pause of 6 s every 20 s: the step period is the step's own 0.43 s
-    (the robustness suite's median interval; the mean interval is 0.9 s), and steps per
-    second count every step over the whole time, pauses included."""
+    (the robustness suite's median interval; the mean interval is 0.8 s), and steps per
+    second count every step over the whole time, pauses included. Batches in pairs leave no
+    typical interval (half the intervals are waits): no period from the copies."""
     from agentd.analysis import periodicity as P
 
     res = 0.1
-    times, t = [], 0.0
-    while t < 120:
-        for _ in range(3):
-            times.append(t)
-            t += 0.43
-        t += 0.9
-        if int(t / 20) != int((t - 2.19) / 20):
-            t += 6.0
-    times = np.array([x for x in times if x < 120])
-    rx = np.zeros(int(120 / res))
-    np.add.at(rx, (times / res).astype(int), 2e8 / res)  # 200 MB copied each step
+
+    def copies(per_batch: int) -> tuple[np.ndarray, int]:
+        times, t = [], 0.0
+        while t < 120:
+            for _ in range(per_batch):
+                times.append(t)
+                t += 0.43
+            t += 0.9
+            if int(t / 20) != int((t - 0.43 * per_batch - 0.9) / 20):
+                t += 6.0
+        times = np.array([x for x in times if x < 120])
+        rx = np.zeros(int(120 / res))
+        np.add.at(rx, (times / res).astype(int), 2e8 / res)  # 200 MB copied each step
+        return rx, len(times)
+
+    rx, steps = copies(4)
     p = P.period_from_bursts(rx, res)
     assert p is not None and p.seconds == pytest.approx(0.43, rel=0.05), p
-    assert p.steps_per_second == pytest.approx(len(times) / 120, rel=0.02)
+    assert p.steps_per_second == pytest.approx(steps / 120, rel=0.02)
+    assert P.period_from_bursts(copies(2)[0], res) is None
     # Steps too irregular to have a typical interval have no period from the copies.
     rng = np.random.default_rng(1)
     rx = np.zeros(1200)
@@ -1029,3 +1037,24 @@ def test_healthy_simulated_node_sampled_live_is_silent():
     assert r.returncode == 0, r.stdout + r.stderr
     doc = json.loads(r.stdout)
     assert [f for f in doc["findings"] if f["severity"] != "info"] == []
+
+
+def test_rolling_analysis_does_not_repeat_a_finding_whose_gpus_come_in_another_order(
+        monkeypatch):
+    """The daemon's recent pass (the last 20 s) adds only what the whole window does not
+    show: the same kind on the same GPUs, listed in another order (findings list GPUs by
+    their stall), is the window's finding, not a fresh one."""
+    from agentd.analysis import core
+
+    sig, _ = healthy_window()
+    whole, recent = analyze(sig), analyze(sig)
+    make = lambda gpus: core.Finding(  # noqa: E731
+        kind="comm_wait", subject={"node": "n", "gpus": gpus}, t0=0.0, t1=1.0,
+        confidence=0.8, severity="critical", summary="s", mechanism="m", evidence={},
+        gain={}, advice=[], stall_fraction=0.4)
+    whole.findings = [make([0, 1, 2, 3])]
+    recent.findings = [make([2, 0, 3, 1])]
+    reports = iter([whole, recent])
+    monkeypatch.setattr(core, "analyze", lambda *a, **k: next(reports))
+    r = core.analyze_rolling(sig)
+    assert [f.kind for f in r.findings] == ["comm_wait"]

@@ -327,8 +327,9 @@ def analyze_rolling(sig: Signals, options: Options | None = None, node: str = ""
     if len(sig.t) == 0 or sig.duration <= recent * 1.5:
         return report
     short = analyze(sig.slice(sig.t[-1] - recent, sig.t[-1]), options, node)
-    known = {(f.kind, tuple(f.gpus)) for f in report.findings}
-    fresh = [f for f in short.findings if (f.kind, tuple(f.gpus)) not in known
+    # The same GPUs in another order (a finding lists them by stall) are the same finding.
+    known = {(f.kind, frozenset(f.gpus)) for f in report.findings}
+    fresh = [f for f in short.findings if (f.kind, frozenset(f.gpus)) not in known
              and f.kind not in ("idle_allocated", "unexplained_idle")
              and f.severity != "info"]
     for f in fresh:

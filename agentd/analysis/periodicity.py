@@ -50,15 +50,15 @@ class Period:
 
 MAX_SPAN = 300.0  # seconds of the most recent samples searched (periods are local)
 LOMB_SCARGLE_WORK = 2_000_000  # samples x frequencies beyond which gappy series go FFT too
-JITTER = 0.5  # spacings within this share of the usual one: jitter, not gaps ...
-GAPS = 0.1  # ... and series whose longer spacings add up to less than this share of their span
+HOLE = 2.5  # a spacing this many times the usual one is a hole (two samples or more missed) ...
+GAPS = 0.1  # ... and series whose holes add up to less than this share of their span go FFT
 
 
 def periodogram(t: np.ndarray, y: np.ndarray, freqs: np.ndarray) -> np.ndarray:
     """Normalized power (share of the variance a sinusoid at each frequency explains).
     On a regular grid, from a zero-padded FFT (N log N). Samples that only jitter around
-    their usual spacing (a daemon's ticks on a loaded node, the driver's sample times, a
-    GPM sample missed now and then) are put on that grid by linear interpolation first: the
+    their usual spacing (a daemon's ticks on a loaded node, the driver's sample times, GPM
+    samples missed one or two at a time: a tenth of them on a loaded node) are put on that grid by linear interpolation first: the
     peaks searched lie far below its Nyquist frequency, where interpolation changes next to
     nothing, and Lomb-Scargle costs N x frequencies (0.2-0.3 s of CPU per minute of 8 GPUs,
     every 10 s in the daemon). Series with real holes (a sampler down for seconds, which a
@@ -70,8 +70,8 @@ def periodogram(t: np.ndarray, y: np.ndarray, freqs: np.ndarray) -> np.ndarray:
     dt = np.diff(t)
     step = float(np.median(dt))
     regular = step > 0 and np.all(np.abs(dt - step) <= 0.02 * step)
-    gaps = np.abs(dt - step) > JITTER * step
-    jitter = step > 0 and float(dt[gaps].sum()) <= GAPS * float(t[-1] - t[0])
+    holes = dt > HOLE * step
+    jitter = step > 0 and float(dt[holes].sum()) <= GAPS * float(t[-1] - t[0])
     if not regular and step > 0 and (jitter or len(t) * len(freqs) > LOMB_SCARGLE_WORK):
         grid = np.arange(t[0], t[-1] + step / 2, step)
         y = np.interp(grid, t, y)
