@@ -12,10 +12,12 @@ from agentd.analysis.detectors.common import (EXPLAINS_HI, EXPLAINS_LO, SATURATE
                                               fmt_rate, input_finding, margin)
 from agentd.analysis.evidence import Evidence
 from agentd.analysis.findings import Finding
+from agentd.analysis.stats import correlation
 
 GAP_RATE = 0.25  # pageable without a measured ceiling: rx through the gaps >= this x link
 
 
+GAPS_P = 0.01  # the copies' coincidence with idle samples, one-sided enough
 FASTER = 1.15  # a sample's copy rate this far above the pageable ceiling: pinned copies
 
 
@@ -30,6 +32,18 @@ def peak_rate(link) -> float:
         return float("nan")
     on = rx[rx > 0.02 * rx.max()]
     return float(np.percentile(on, 99)) if len(on) >= 20 else float("nan")
+
+
+def in_gaps(ev: Evidence, g: str, link) -> bool:
+    """The copies coincide with the GPU's idle time: at fine resolution, a significant positive
+    correlation of the bytes per sample with the idle share per sample (on the driver's own
+    sample times); at coarse resolution nothing can show it, and the byte count stands."""
+    if ev.coarse or link.rx_series is None:
+        return True
+    s = ev.gpus[g]
+    idle = np.where(s.present & ~s.benign, s.idle_aligned, np.nan)
+    c = correlation(idle, link.rx_series)
+    return c.r == c.r and c.r > 0 and c.p < GAPS_P
 
 
 def judge(ev: Evidence, g: str) -> tuple[str, float, float, dict] | None:
@@ -62,8 +76,12 @@ def judge(ev: Evidence, g: str) -> tuple[str, float, float, dict] | None:
         # A sample's rate never exceeds the copy's own: copies seen faster than pageable
         # memory allows are pinned (their gaps are some other limit's, a shared uplink's).
         faster = peak_rate(link) > FASTER * link.pageable.value
-        if seen and not faster and (pageable >= SATURATED or
-                                    EXPLAINS_LO <= explained <= EXPLAINS_HI):
+        # Copies slow enough (pageable) to need about the GPU's idle time explain it only if
+        # they happen in it: a batch prefetched on a side stream is copied while the GPU
+        # computes, and its bytes at pageable speed may match the ordinary gaps between steps
+        # by coincidence. (Copies at the pageable rate nearly all the time need no such sign.)
+        fills = EXPLAINS_LO <= explained <= EXPLAINS_HI and in_gaps(ev, g, link)
+        if seen and not faster and (pageable >= SATURATED or fills):
             ev_out.update(pageable_ceiling_bytes_per_second=link.pageable.value,
                           pageable_copy_time_share=pageable)
             return "pageable", min(explained, 1.0), (0.8 if measured else 0.6), ev_out
