@@ -755,6 +755,23 @@ def test_irregular_copies_and_weak_agreement_give_no_period():
     assert P.resolve([a, b], {"sm activity": 0.2, "driver samples": 1 / 6})[0] is not None
 
 
+def test_rates_one_a_multiple_of_the_other_do_not_confirm_a_period():
+    """0.11 s steps: PCIe bytes every 0.1 s and SM activity every 0.2 s (the daemon's GPM
+    interval) both alias them to 1.1 s, and 0.2 s being twice 0.1 s, every alias at the
+    finer rate is one at the coarser: their agreement is no evidence (an adversarial check
+    got a 1.1 s period and 0.91 steps per second for 9.1). The driver's 1/6 s samples are
+    independent of both."""
+    from agentd.analysis import periodicity as P
+
+    assert P.commensurate(0.1, 0.2) and P.commensurate(0.2, 0.1) and P.commensurate(0.1, 0.1)
+    assert not P.commensurate(0.1, 1 / 6) and not P.commensurate(0.2, 1 / 6)
+    sig, tr = healthy_window(compute_s=0.101, compute_jitter=0.0)
+    r = analyze(sig)
+    assert all(g.step_period_seconds is None or g.step_period_seconds < 0.125
+               for g in r.gpus), [g.step_period_seconds for g in r.gpus]
+    assert "steps_per_second" not in r.throughput or r.throughput["steps_per_second"] > 8
+
+
 def test_20ms_steps_are_not_given_a_period_by_aliasing():
     report, _, _ = diagnose("healthy-1gpu-20ms", seed=0)
     assert all(g.step_period_seconds is None for g in report.gpus)

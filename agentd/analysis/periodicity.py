@@ -157,6 +157,14 @@ def find_period(t: np.ndarray, y: np.ndarray, name: str, min_s: float = 0.05,
     return Period(1.0 / f, half / f, peak, name)
 
 
+def commensurate(dt_a: float, dt_b: float) -> bool:
+    """One sampling interval is (within 5%) a whole multiple of the other: every alias of a
+    fast step at the finer rate is one at the coarser rate too (0.1 s PCIe ticks and 0.2 s
+    GPM samples agree on the same false period), so their agreement proves nothing."""
+    k = max(dt_a, dt_b) / max(min(dt_a, dt_b), 1e-9)
+    return abs(k - round(k)) <= 0.05 * k
+
+
 def resolve(periods: list[Period], sample_dt: dict[str, float]) -> tuple[Period | None, str]:
     """One period from the series' candidates, or None with the reason."""
     found = [p for p in periods if p is not None]
@@ -165,14 +173,14 @@ def resolve(periods: list[Period], sample_dt: dict[str, float]) -> tuple[Period 
     found.sort(key=lambda p: -p.power)
     for a in found:
         for b in found:
-            if b is a or abs(math.log(sample_dt[a.series] / sample_dt[b.series])) < 0.05:
-                continue  # same sampling rate: the same aliases
+            if b is a or commensurate(sample_dt[a.series], sample_dt[b.series]):
+                continue  # one rate a multiple of the other: the coarser has the same aliases
             k = b.seconds / a.seconds
             if abs(k - 1) <= AGREE and max(a.power, b.power) >= AGREE_MIN_POWER:
                 best = a if a.rel_width <= b.rel_width else b
                 if best.rel_width <= MAX_REL_WIDTH:
                     return best, ""
-    if len(found) == 1 or all(sample_dt[p.series] == sample_dt[found[0].series]
+    if len(found) == 1 or all(commensurate(sample_dt[p.series], sample_dt[found[0].series])
                               for p in found):
         a = found[0]
         if a.seconds >= SINGLE_SERIES_MIN_SAMPLES * sample_dt[a.series] and \
