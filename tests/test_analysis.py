@@ -161,6 +161,12 @@ def test_straggler_without_sm_activity_from_steady_power_against_swinging_peers(
     assert kinds(r, "warning") == ["straggler"] and r.findings[0].gpus == ["0"], \
         [f.headline() for f in r.findings]
     assert "steady" in r.findings[0].mechanism
+    # GPU 0 moving no collective traffic while its peers do is another job (a single-GPU one
+    # beside a data-parallel one, unlabelled: an adversarial check), not their straggler.
+    assert float(np.nanmean(sig.get("gpu.nvlink_rx", "1"))) > 1e8
+    sig.channels["gpu.nvlink_rx:0"] = np.zeros(n)
+    assert "straggler" not in kinds(analyze(sig))
+    sig.channels["gpu.nvlink_rx:0"] = sig.get("gpu.nvlink_rx", "1")
     sig.channels["gpu.power:0"] = 300.0 * (swing + rng.normal(0, 0.01, n))
     assert "straggler" not in kinds(analyze(sig))
 
@@ -1105,3 +1111,23 @@ def test_rolling_analysis_does_not_repeat_a_finding_whose_gpus_come_in_another_o
     monkeypatch.setattr(core, "analyze", lambda *a, **k: next(reports))
     r = core.analyze_rolling(sig)
     assert [f.kind for f in r.findings] == ["comm_wait"]
+
+
+def test_an_idle_gpu_outside_its_peers_collective_holds_no_one_back():
+    """GPU 0 holds 65 GiB and runs nothing (a notebook) while the seven others of the node,
+    unlabelled, run a data-parallel job at low power and move NVLink bytes among themselves:
+    they do not wait for GPU 0, which takes no part in their collective. It is an idle
+    allocation, not a blocked rank holding the job back (an adversarial check's 1+7 split)."""
+    sig, _ = healthy_window()
+    for k in [k for k in sig.channels if k.startswith(("gpu.sm_active", "gpu.tensor_active",
+                                                       "gpu.dram_active", "gpu.util_sample"))]:
+        del sig.channels[k]
+    n = len(sig.t)
+    for g in sig.gpus():
+        sig.channels[f"gpu.power:{g}"] = np.full(n, 150.0)
+    for key in ("gpu.busy", "gpu.busy_time", "gpu.pcie_rx", "gpu.nvlink_rx"):
+        sig.channels[f"{key}:0"] = np.zeros(n)
+    sig.channels["gpu.power:0"] = np.full(n, 80.0)
+    r = analyze(sig)
+    assert "straggler" not in kinds(r) and kinds(r) == ["idle_allocated"], \
+        [f.headline() for f in r.findings]

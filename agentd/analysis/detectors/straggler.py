@@ -95,6 +95,8 @@ def _blocked_rank(ev: Evidence, gpus: list[str]) -> Finding | None:
         idle = s0.present & (np.nan_to_num(s0.busy, nan=1.0) < BLOCKED_IDLE) & \
             (np.nan_to_num(mem) >= IDLE_MEMORY)
         peers = [g for g in gpus if g != g0]
+        if outside_collective(ev, g0, peers):
+            continue  # idle in a job of its own (a notebook), not holding theirs back
         waiting = np.sum([spin[g] for g in peers], axis=0)
         blocked = idle & (waiting >= max(2, int(np.ceil(0.75 * len(peers)))))
         job = np.zeros(len(idle), dtype=bool)
@@ -178,6 +180,22 @@ def _steady_above(ev: Evidence, slowest: str, others: list[str], gap: float,
     return mine <= STEADY * float(np.median(theirs)) and mine < min(theirs)
 
 
+OWN_TRAFFIC = 0.1  # a rank moves at least this share of its peers' collective traffic
+
+
+def outside_collective(ev: Evidence, g: str, others: list[str]) -> bool:
+    """The GPU takes no part in its peers' collective: where NVLink traffic is measured, its
+    peers move bytes and it moves next to none (a single-GPU job beside a data-parallel
+    one, on a node whose jobs no label separates). A straggler holds back a collective it
+    is in."""
+    mine = ev.nvlink_rx.get(g)
+    theirs = [ev.nvlink_rx[o] for o in others if o in ev.nvlink_rx]
+    if mine is None or mine != mine or len(theirs) < len(others) / 2:
+        return False
+    peers = float(np.median(theirs))
+    return peers > 1e8 and mine < OWN_TRAFFIC * peers
+
+
 def _slowest(ev: Evidence, gpus: list[str]) -> list[Finding]:
     # How hard each GPU works while NVML calls it busy: SM activity per busy second. Ranks
     # of one data-parallel job run the same kernels, so they match unless some wait in a
@@ -198,6 +216,8 @@ def _slowest(ev: Evidence, gpus: list[str]) -> list[Finding]:
         return []
     slowest = max(comp, key=comp.get)
     others = [g for g in comp if g != slowest]
+    if outside_collective(ev, slowest, others):
+        return []
     level = max(float(np.median([comp[g] for g in others])), 0.05)
     peers = robust([comp[g] for g in others], spread * level)
     gap = (comp[slowest] - peers.median) / max(comp[slowest], 1e-3)
