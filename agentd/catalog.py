@@ -285,8 +285,9 @@ METRICS: list[MetricSpec] = [
        "Share of the analysis window the GPU computed, from SM activity (collective waits "
        "excluded).", _GPU, "analysis"),
     _M("agentd_gpu_step_period_seconds", "gauge", "seconds",
-       "Typical interval between two training steps, found in the GPU's activity (copies counted or a periodogram; pauses such as evaluation excluded); absent where it cannot be resolved.", _GPU,
-       "analysis"),
+       "Typical interval between two training steps, found in the GPU's activity (copies "
+       "counted or a periodogram; pauses such as evaluation excluded); absent where it "
+       "cannot be resolved.", _GPU, "analysis"),
     _M("agentd_analysis_runs_total", "counter", "", "Runs of the rolling analysis.", (),
        "analysis"),
     _M("agentd_analysis_errors_total", "counter", "",

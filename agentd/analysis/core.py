@@ -18,7 +18,7 @@ import numpy as np
 
 from agentd.analysis import detectors as D
 from agentd.analysis.detectors import common as C
-from agentd.analysis.detectors import input_cpu
+from agentd.analysis.detectors import h2d_pcie, input_cpu
 from agentd.analysis.evidence import Evidence, measure
 from agentd.analysis.findings import SEVERITIES, Finding, gain_from_stall, json_safe, \
     worst_severity
@@ -161,15 +161,13 @@ def _slow_copies(ev: Evidence, gpus: list[str]) -> str:
     ceiling this is no finding: a copy shorter than a sample reads slow in it too."""
     for g in gpus:
         link = ev.links.get(g)
-        if link is None or link.pageable.source == "measured" or link.rx_series is None or \
+        if link is None or link.pageable.source == "measured" or \
                 not link.pinned.known or not link.rx.n:
             continue
-        rx = link.rx_series[np.isfinite(link.rx_series)]
-        on = rx[rx > 0.02 * rx.max()] if len(rx) and rx.max() > 0 else rx[:0]
-        if len(on) < 20:
+        peak = h2d_pcie.peak_rate(link)
+        if not peak > 0:
             continue
-        peak = float(np.percentile(on, 99))
-        share = link.rx.mean / peak if peak > 0 else 0.0
+        share = link.rx.mean / peak
         if SLOW_COPY_MIN * link.pinned.value <= peak < SLOW_COPY * link.pinned.value and \
                 share >= C.MIN_STALL:
             return (f"the host-to-device copy rates (`agentd probe` measures pinned and "

@@ -603,7 +603,9 @@ def _period(sig: Signals, g: str, busy: np.ndarray, coarse: bool,
             dts["driver samples"] = dt
             cands.append(P.find_period(t, sample[ok], "driver samples"))
     rx = series("gpu.pcie_rx")
-    if rx is not None and np.isfinite(rx).mean() > 0.9:
+    if rx is not None and np.isfinite(rx).mean() <= 0.9:
+        rx = None  # too few ticks to count copies or search them
+    if rx is not None:
         bursts = P.period_from_bursts(rx, sig.resolution)
         if bursts is not None and bursts.rel_width <= P.MAX_REL_WIDTH:
             return bursts, ""
@@ -612,7 +614,7 @@ def _period(sig: Signals, g: str, busy: np.ndarray, coarse: bool,
         # 1 s) alias into false, longer periods that all the series agree on.
         return None, (f"samples every {sig.resolution:g} s: a step shorter than two of them "
                       "would alias into a false, longer period")
-    if rx is not None and np.isfinite(rx).mean() > 0.9:
+    if rx is not None:
         ok = np.isfinite(rx)
         dts["pcie"] = sig.resolution
         cands.append(P.find_period(times[ok], rx[ok], "pcie"))

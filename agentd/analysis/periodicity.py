@@ -58,9 +58,9 @@ def periodogram(t: np.ndarray, y: np.ndarray, freqs: np.ndarray) -> np.ndarray:
     """Normalized power (share of the variance a sinusoid at each frequency explains).
     On a regular grid, from a zero-padded FFT (N log N). Samples that only jitter around
     their usual spacing (a daemon's ticks on a loaded node, the driver's sample times, GPM
-    samples missed one or two at a time: a tenth of them on a loaded node) are put on that grid by linear interpolation first: the
-    peaks searched lie far below its Nyquist frequency, where interpolation changes next to
-    nothing, and Lomb-Scargle costs N x frequencies (0.2-0.3 s of CPU per minute of 8 GPUs,
+    samples missed one or two at a time: a tenth of them on a loaded node) are put on that
+    grid by linear interpolation first: the peaks searched lie far below its Nyquist
+    frequency, where interpolation changes next to nothing, and Lomb-Scargle costs N x frequencies (0.2-0.3 s of CPU per minute of 8 GPUs,
     every 10 s in the daemon). Series with real holes (a sampler down for seconds, which a
     straight line would fill with a ramp) are searched by Lomb-Scargle on their own times,
     up to a budget."""
@@ -201,8 +201,8 @@ def period_from_bursts(rx: np.ndarray, resolution: float) -> Period | None:
     burst (steps longer than a tick, copies shorter). Exact where a periodogram aliases.
 
     The period is the typical interval between consecutive copies: the mean of the intervals
-    within BAND of their median (and a tick). A tick-quantized interval is unbiased on average (a step's
-    phase against the ticks drifts), and pauses (evaluation, a checkpoint, a wait for data
+    within BAND of their median (and a tick). A tick-quantized interval is unbiased on
+    average (a step's phase against the ticks drifts), and pauses (evaluation, a checkpoint, a wait for data
     when prefetched batches arrive together) are not steps: they count in `mean_seconds`,
     the window's length over the number of copies, from which throughput comes."""
     x = np.nan_to_num(np.asarray(rx, dtype=float)) * resolution  # bytes per sample
