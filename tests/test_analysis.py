@@ -456,6 +456,23 @@ def light_job(n: int = 900, idle_rank: int | None = None, sm: bool = True) -> Si
     return Signals(t, ch, 1.0, "dcgm-exporter", "node-b", meta)
 
 
+def test_a_rank_held_back_in_many_short_waits_points_at_its_input():
+    """One rank idles 6 s in every 30 with its memory held while its peers spin (few SMs,
+    155 W): it holds the job back, and 30 short waits (not one long checkpoint) point at its
+    own input, which dcgm-exporter series cannot show."""
+    sig = light_job(n=900)
+    n = len(sig.t)
+    waits = (np.arange(n) % 30) < 6
+    sig.channels["gpu.busy:1"] = np.where(waits, 0.0, sig.get("gpu.busy", "1"))
+    sig.channels["gpu.sm_active:1"] = 0.44 * sig.get("gpu.busy", "1")
+    for g in (0, 2, 3, 4, 5, 6, 7):
+        sig.channels[f"gpu.sm_active:{g}"] = np.where(waits, 0.02, sig.get("gpu.sm_active", g))
+        sig.channels[f"gpu.power:{g}"] = np.where(waits, 155.0, sig.get("gpu.power", g))
+    top = analyze(sig).findings[0]
+    assert (top.kind, top.subject["gpus"]) == ("straggler", [1])
+    assert top.mechanism.startswith("one rank idles")
+    assert "30 short waits (6 s each) point at that rank's input" in " ".join(top.advice)
+
 @pytest.mark.parametrize("sm", [True, False])
 def test_a_light_model_computing_at_300_watts_is_not_spinning(sm):
     """A rank idling for its own input while its peers compute a light model (300 W of
@@ -611,6 +628,78 @@ def test_throttling_without_clock_event_reasons_from_clocks_and_power():
     top = r.findings[0]
     assert top.kind == "throttled" and top.subject["gpus"] == [2, 5]
 
+
+
+def _without_reasons(sig: Signals, clock_share: float, watts: float) -> Signals:
+    """The window as dcgm-exporter's default counters give it: no clock-event reasons, no
+    enforced limit; the SM clock and power of every computing GPU set."""
+    for g in sig.gpus():
+        del sig.channels[f"gpu.throttle:{g}"]
+        sig.channels.pop(f"gpu.power_limit:{g}", None)
+        for key, value in (("gpu.sm_clock", 1980e6 * clock_share), ("gpu.power", watts)):
+            x = sig.get(key, g)
+            sig.channels[f"{key}:{g}"] = np.where(np.isfinite(x), value, np.nan)
+    return sig
+
+
+def test_clocks_held_down_well_under_the_board_power_are_a_power_limit():
+    """An operator's power cap (nvidia-smi -pl) where no reason or limit is exported: H100s
+    computing at 90% of their maximum clock while drawing 390 W of the board's 700 W (GPU
+    Boost runs a cool, unconstrained GPU at its maximum). At the board's own power the same
+    clocks are the ordinary behaviour of a GPU at its rated power; at the maximum clock low
+    power is only a light workload."""
+    sig, _ = healthy_window()
+    top = analyze(_without_reasons(sig, 0.90, 390.0)).findings[0]
+    assert top.kind == "throttled" and top.severity == "warning"
+    assert top.evidence["reasons"] == "power_limit_below_board"
+    assert top.evidence["board_power_watts"] == 700
+    assert "390 W of the board's 700 W" in top.mechanism
+    sig, _ = healthy_window()
+    assert "throttled" not in kinds(analyze(_without_reasons(sig, 0.93, 660.0)))
+    sig, _ = healthy_window()
+    assert "throttled" not in kinds(analyze(_without_reasons(sig, 1.0, 390.0)))
+    # A limit the source does export: named when the GPUs draw it and it is under the board's.
+    sig = _without_reasons(healthy_window()[0], 0.90, 390.0)
+    for g in sig.gpus():
+        sig.channels[f"gpu.power_limit:{g}"] = np.full(len(sig.t), 400.0)
+    assert kinds(analyze(sig), "warning")[0] == "throttled"
+    for g in sig.gpus():
+        sig.channels[f"gpu.power_limit:{g}"] = np.full(len(sig.t), 700.0)
+    assert "throttled" not in kinds(analyze(sig))
+    # GPUs that idle 40% of the time draw 440 W on average, but 680 W while they compute:
+    # at their board's power, not under a lower limit.
+    sig = light_job(n=600)
+    n = len(sig.t)
+    gaps = (np.arange(n) % 5) < 2
+    for g in sig.gpus():
+        sig.channels[f"gpu.busy:{g}"] = np.where(gaps, 0.0, 0.97)
+        sig.channels[f"gpu.power:{g}"] = np.where(gaps, 80.0, 680.0)
+        sig.channels[f"gpu.sm_clock:{g}"] = np.where(gaps, 345e6, 0.93 * 1980e6)
+        sig.channels[f"gpu.sm_clock_max:{g}"] = np.full(n, 1980e6)
+    # As the exporters' source fills them: the model table's maximum clock and board power.
+    sig.meta["from_model_table"] = ["gpu.sm_clock_max", "gpu.power_limit"]
+    assert 400 < np.nanmean(sig.get("gpu.power", "0")) < 0.8 * 700
+    assert "throttled" not in kinds(analyze(sig))
+
+
+def test_memory_pressure_without_refault_counts_from_reclaim_stalls():
+    """node_exporter's default vmstat fields carry no refaults: tasks stalled on memory
+    reclaim much of the time while the GPUs starve is memory pressure, with the refault share
+    said to be unknown; a little reclaim on a storage-bound node is not."""
+    sig, _ = simulate(S.load("memory-pressure", seed=0), seconds=90)
+    sig = sig.slice(sig.t[0] + 30, sig.t[-1])
+    del sig.channels["mem.refault:"]
+    top = analyze(sig).findings[0]
+    assert top.kind == "memory_pressure" and top.severity in ("warning", "critical")
+    assert "counts no refaults" in top.mechanism
+    assert any("workingset_refault" in a for a in top.advice)
+    sig.channels["psi.memory:"] = np.where(np.isfinite(sig.get("psi.memory")), 0.03, np.nan)
+    assert "memory_pressure" not in kinds(analyze(sig))
+    # Not starved: no finding, however much reclaim.
+    sig, _ = healthy_window()
+    del sig.channels["mem.refault:"]
+    sig.channels["psi.memory:"] = np.where(np.isfinite(sig.get("psi.memory")), 0.5, np.nan)
+    assert kinds(analyze(sig)) == []
 
 # --- sub-sample bursts, periods, significance -----------------------------------------------------
 

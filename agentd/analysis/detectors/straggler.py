@@ -32,6 +32,9 @@ SPIN_SHARE = 0.3  # a GPU spinning in a collective draws about this share of its
 BLOCKED_IDLE = 0.1  # the blocked rank's utilization while it holds the others back
 BLOCKED_SHARE = 0.05  # ... for this share of the job's time
 BLOCKED_SECONDS = 20.0  # ... and at least this long
+# Many short waits (a checkpoint or an evaluation is one long one) point at the rank's input.
+SHORT_WAITS = 10
+SHORT_WAIT_SECONDS = 15.0
 PEERS_BUSY = 0.8
 SPIN_POWER = 0.6  # spinning peers draw at most this share of what they draw computing
 COMPUTE_POWER = 0.6  # computing draws at least this share of the power limit
@@ -141,7 +144,11 @@ def _blocked_rank(ev: Evidence, gpus: list[str]) -> Finding | None:
                 "checkpoint or evaluation, logging or metric reduction on rank 0, host-side "
                 "work on one rank (py-spy dump on that process).",
                 "Make checkpoints asynchronous (torch.distributed.checkpoint async_save), "
-                "move logging off the critical path, and give every rank the same work."],
+                "move logging off the critical path, and give every rank the same work."]
+        + ([f"{episodes} short waits ({seconds / episodes:.0f} s each) point at that rank's "
+            "input: its data loader or its reads falling behind. Compare its loader's CPU "
+            "and reads with its peers' (agentd's process metrics carry both)."]
+           if episodes >= SHORT_WAITS and seconds / episodes <= SHORT_WAIT_SECONDS else []),
         stall_fraction=lost)
 
 

@@ -1,7 +1,10 @@
 """GPU clocks held down by power or heat. With clock-event reasons (agentd, or dcgm-exporter
 configured to export them): a power or thermal reason active with the SM clock below its
 maximum. Without them (dcgm-exporter's default set): the SM clock while busy well below the
-model's maximum with power at its limit or the die hot, or well below its peers'."""
+model's maximum with power at its limit or the die hot, or well below its peers'; or held
+down while the GPU draws well under its model's board power: a power limit set below the
+board's (`nvidia-smi -pl`) or locked clocks, since GPU Boost otherwise runs an unconstrained,
+cool GPU at its maximum clock."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from agentd.analysis.evidence import Evidence, held_forward
 from agentd.analysis.findings import Finding, gain_from_stall, severity_for
 from agentd.analysis.signals import nanmean
 from agentd.analysis.stats import robust
+from agentd.gpu import models
 
 THROTTLE_SHARE = 0.2  # reasons active this share of the busy time
 THROTTLE_CLOCK = 0.92  # and the SM clock below this share of its maximum meanwhile
@@ -21,6 +25,8 @@ NO_REASONS_CLOCK = 0.88  # without reasons: clock this far under the maximum ...
 POWER_AT_LIMIT = 0.95  # ... with power at its limit
 HOT = 85.0  # ... or the die this hot (celsius)
 PEER_GAP = 0.08  # or this far under the peers' median clock (and robustly so)
+CAPPED_CLOCK = 0.94  # clock under this share of the maximum while busy ...
+UNDER_BOARD = 0.8  # ... with power (or the enforced limit) under this share of the board's
 
 
 def _with_reasons(ev: Evidence, g: str):
@@ -65,9 +71,47 @@ def _without_reasons(ev: Evidence, g: str, peers):
         why.append("below_peers")
         if ratio != ratio:
             ratio = s.clock / peers.median
+    if not why and _capped_below_board(ev, g, ratio):
+        why.append("power_limit_below_board")
     if not why:
         return None
     return 1.0, ratio, why, "SM clock against " + ("its maximum" if cmax else "its peers")
+
+
+def board_power(ev: Evidence, g: str) -> float | None:
+    """The model's rated board power (agentd.gpu.models), whatever limit is enforced."""
+    ident = (ev.sig.meta.get("gpus") or {}).get(g) or {}
+    model = models.lookup(ident.get("name") or ident.get("modelName"))
+    return model.power_limit_watts if model else None
+
+
+def _capped_below_board(ev: Evidence, g: str, ratio: float) -> bool:
+    """The clock held down while the GPU draws well under its board's rated power and runs
+    cool: an enforced power limit under the board's (a lower limit reached, or, where the
+    source exports no limit, power that never nears the board's while it computes) or locked
+    clocks. Power is read in the busiest samples: a GPU that idles part of the time draws
+    less on average whatever limits its compute."""
+    s = ev.gpus[g]
+    board = board_power(ev, g)
+    if not (ratio == ratio and ratio < CAPPED_CLOCK) or not board:
+        return False
+    temp = nanmean(ev.sig.get("gpu.temperature", g))
+    if temp == temp and temp >= HOT:
+        return False  # the thermal path's to judge
+    power = ev.sig.get("gpu.power", g)
+    if power is None:
+        return False
+    power = np.asarray(power, dtype=float)
+    computing = s.present & (np.nan_to_num(s.busy) >= 0.9) & np.isfinite(power)
+    if computing.sum() < 5:
+        return False
+    drawn = float(np.quantile(power[computing], 0.9))  # what it reaches while computing
+    enforced = float("nan")
+    if "gpu.power_limit" not in (ev.sig.meta.get("from_model_table") or ()):
+        enforced = nanmean(ev.sig.get("gpu.power_limit", g))  # the source's own reading
+    if enforced == enforced and enforced > 0:
+        return enforced <= UNDER_BOARD * board and drawn >= POWER_AT_LIMIT * enforced
+    return drawn <= UNDER_BOARD * board
 
 
 def detect(ev: Evidence) -> list[Finding]:
@@ -93,6 +137,13 @@ def detect(ev: Evidence) -> list[Finding]:
     # Compute at full clocks would take `ratio` of the time it takes now.
     recovered = computing * share * (1 - ratio)
     conf = 0.9 if basis == "clock-event reasons" else 0.7
+    power = float(np.mean([ev.gpus[g].power or np.nan for g in gpus]))
+    board = board_power(ev, gpus[0])
+    if reasons == ["power_limit_below_board"]:
+        # Read against the model table's board power, not a reason the driver gave.
+        conf = 0.6
+        basis += (f", drawing {power:.0f} W of the board's {board:.0f} W: a power limit set "
+                  "under the board's, or locked clocks")
     return [Finding(
         kind="throttled", subject=ev.subject(gpus), t0=ev.t0, t1=ev.t1, confidence=conf,
         severity=severity_for(recovered, conf),
@@ -100,7 +151,7 @@ def detect(ev: Evidence) -> list[Finding]:
                 f"busy time ({', '.join(reasons)})",
         mechanism=f"clocks held down ({basis})",
         evidence={"throttled_share": share, "clock_ratio": ratio, "reasons": ",".join(reasons),
-                  "power_watts": float(np.mean([ev.gpus[g].power or np.nan for g in gpus])),
+                  "power_watts": power, **({"board_power_watts": board} if board else {}),
                   "temperature_celsius": float(np.mean(
                       [nanmean(ev.sig.get("gpu.temperature", g)) for g in gpus])),
                   "basis": basis},
