@@ -85,6 +85,15 @@ class Report:
         })
 
 
+def _root_rank(f: Finding) -> int:
+    """ROOT_ORDER's rank; memory pressure judged from reclaim stalls alone (no refault
+    counts, the storage not at its limit) explains nothing another detector measured."""
+    if f.kind == "memory_pressure" and "refault_share" not in f.evidence and \
+            not f.evidence.get("storage_at_limit"):
+        return max(ROOT_ORDER.values()) + 1
+    return ROOT_ORDER.get(f.kind, 9)
+
+
 def _input_findings(ev: Evidence, starved: list[str]) -> list[Finding]:
     """For starved GPUs, the best-evidenced input cause each; GPUs with the same cause form
     one finding."""
@@ -93,7 +102,7 @@ def _input_findings(ev: Evidence, starved: list[str]) -> list[Finding]:
     by_gpu: dict[str, tuple] = {}
     for det in D.INPUT:
         for f in det.detect(ev, starved):
-            key = (ROOT_ORDER.get(f.kind, 9), -f.confidence)
+            key = (_root_rank(f), -f.confidence)
             for g in f.gpus:
                 if g in starved and (g not in by_gpu or key < by_gpu[g][0]):
                     by_gpu[g] = (key, det, f.kind)

@@ -223,7 +223,8 @@ class ClusterSource:
                 if fam == "power_max" and not self._power_limit:
                     # dcgm-exporter's default set has no power limit: the model's.
                     gm = models.lookup(self._model_of.get(key[0]))
-                    arr = arr / gm.power_limit_watts if gm else arr * np.nan
+                    arr = arr / gm.power_limit_watts if gm and gm.power_limit_watts \
+                        else arr * np.nan
                 if fam not in fleet.gpu:
                     fleet.gpu[fam] = np.full((len(fleet.members), len(fleet.t)), np.nan)
                 row = fleet.gpu[fam][i]

@@ -6,7 +6,10 @@ Ratios of near-zero rates never make a finding (REFAULT_FLOOR).
 Where the source has no refault counter (node_exporter's default vmstat fields drop
 `workingset_refault_*`), memory pressure is named only from what PSI measures directly: tasks
 stalled on memory reclaim a large share of the time (PSI_STALLING, significantly) while the
-GPUs starve; the share of reads that re-fetch evicted pages is then said to be unknown."""
+GPUs starve; the share of reads that re-fetch evicted pages is then said to be unknown. It
+is a warning only with the storage at its limit too (then it outranks that symptom, as
+refaults would); alone it is info, and ranks after any cause another detector measured.
+"""
 
 from __future__ import annotations
 
@@ -33,7 +36,9 @@ def _stalling(ev: Evidence, starved: list[str]) -> list[Finding]:
     if not psi.n or psi.mean < PSI_STALLING or psi.mean - 2 * psi.se < PSI_MEMORY:
         return []
     storage_bound = bool(ev.read_total.n and input_storage.detect(ev, starved))
-    conf = 0.5 + 0.15 * min(psi.mean / 0.5, 1.0) + (0.1 if storage_bound else 0.0)
+    # Stalls on reclaim alone may be another tenant's cgroup at its own limit: info. With
+    # the storage at its limit too, the likely story is a page cache too small for the data.
+    conf = 0.6 + 0.15 * min(psi.mean / 0.5, 1.0) if storage_bound else 0.45
     return [input_finding(
         ev, "memory_pressure", starved, confidence(conf, ev),
         f"tasks stall on memory reclaim {psi.mean * 100:.0f}% of the time"

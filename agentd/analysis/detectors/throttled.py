@@ -86,32 +86,43 @@ def board_power(ev: Evidence, g: str) -> float | None:
 
 
 def _capped_below_board(ev: Evidence, g: str, ratio: float) -> bool:
-    """The clock held down while the GPU draws well under its board's rated power and runs
-    cool: an enforced power limit under the board's (a lower limit reached, or, where the
-    source exports no limit, power that never nears the board's while it computes) or locked
-    clocks. Power is read in the busiest samples: a GPU that idles part of the time draws
-    less on average whatever limits its compute."""
+    """The clock held down while the GPU computes, draws well under its board's rated power
+    and runs cool: an enforced power limit under the board's (a lower limit reached, or,
+    where the source exports no limit, power that never nears the board's) or locked clocks.
+    Clock, power and temperature are read in the samples where the GPU computes (busy >=
+    0.9): a GPU that idles part of the time reads lower clocks and power, and a cooler die,
+    on average, whatever limits its compute. Without a temperature reading, heat cannot be
+    ruled out: nothing is claimed."""
     s = ev.gpus[g]
+    sig = ev.sig
     board = board_power(ev, g)
-    if not (ratio == ratio and ratio < CAPPED_CLOCK) or not board:
+    cmax = s.clock_max
+    if not (ratio == ratio and ratio < CAPPED_CLOCK) or not board or not cmax:
         return False
-    temp = nanmean(ev.sig.get("gpu.temperature", g))
-    if temp == temp and temp >= HOT:
-        return False  # the thermal path's to judge
-    power = ev.sig.get("gpu.power", g)
-    if power is None:
+    series = [sig.get(k, g) for k in ("gpu.power", "gpu.sm_clock", "gpu.temperature")]
+    if any(x is None for x in series):
         return False
-    power = np.asarray(power, dtype=float)
-    computing = s.present & (np.nan_to_num(s.busy) >= 0.9) & np.isfinite(power)
-    if computing.sum() < 5:
+    power, clock, temp = (np.asarray(x, dtype=float) for x in series)
+    computing = s.present & (np.nan_to_num(s.busy) >= 0.9)
+    ok = computing & np.isfinite(power) & np.isfinite(clock) & np.isfinite(temp)
+    if ok.sum() < 5:
         return False
-    drawn = float(np.quantile(power[computing], 0.9))  # what it reaches while computing
+    if float(np.median(clock[ok])) >= CAPPED_CLOCK * cmax:
+        return False  # at its maximum whenever it computes: low readings were gaps
+    if float(np.quantile(temp[ok], 0.9)) >= HOT:
+        return False  # hot while computing: the thermal path's to judge
+    drawn = float(np.quantile(power[ok], 0.9))  # what it reaches while computing
     enforced = float("nan")
-    if "gpu.power_limit" not in (ev.sig.meta.get("from_model_table") or ()):
-        enforced = nanmean(ev.sig.get("gpu.power_limit", g))  # the source's own reading
+    if "gpu.power_limit" not in (sig.meta.get("from_model_table") or ()):
+        enforced = nanmean(sig.get("gpu.power_limit", g))  # the source's own reading
     if enforced == enforced and enforced > 0:
         return enforced <= UNDER_BOARD * board and drawn >= POWER_AT_LIMIT * enforced
     return drawn <= UNDER_BOARD * board
+
+
+def _exported_limit(ev: Evidence, g: str) -> bool:
+    return "gpu.power_limit" not in (ev.sig.meta.get("from_model_table") or ()) and \
+        ev.sig.get("gpu.power_limit", g) is not None
 
 
 def detect(ev: Evidence) -> list[Finding]:
@@ -139,11 +150,21 @@ def detect(ev: Evidence) -> list[Finding]:
     conf = 0.9 if basis == "clock-event reasons" else 0.7
     power = float(np.mean([ev.gpus[g].power or np.nan for g in gpus]))
     board = board_power(ev, gpus[0])
+    advice = ["Power cap or heat slows these GPUs: check cooling and airflow, fan and inlet "
+              "temperatures, and power limits (nvidia-smi -q -d PERFORMANCE,POWER).",
+              "A throttled GPU also slows every peer that synchronises with it: compare "
+              "with its peers and open a hardware ticket if one node runs hot."]
     if reasons == ["power_limit_below_board"]:
-        # Read against the model table's board power, not a reason the driver gave.
-        conf = 0.6
-        basis += (f", drawing {power:.0f} W of the board's {board:.0f} W: a power limit set "
-                  "under the board's, or locked clocks")
+        # Judged against the model table's board power, not a reason the driver gave: a
+        # card the table takes for a larger one would read as capped. Only an exported
+        # limit under the board's makes it a warning.
+        conf = 0.6 if all(_exported_limit(ev, g) for g in gpus) else 0.45
+        basis += (f", drawing {power:.0f} W of the board's {board:.0f} W (model table): a "
+                  "power limit set under the board's, or locked clocks")
+        advice = ["Read the enforced and default power limits and any locked clocks: "
+                  "nvidia-smi -q -d POWER,CLOCK (Enforced / Default Power Limit, Applications "
+                  "and locked clocks). If the cap was not meant, restore the default limit "
+                  "(nvidia-smi -pl) or unlock clocks (nvidia-smi -rgc).", advice[1]]
     return [Finding(
         kind="throttled", subject=ev.subject(gpus), t0=ev.t0, t1=ev.t1, confidence=conf,
         severity=severity_for(recovered, conf),
@@ -156,8 +177,5 @@ def detect(ev: Evidence) -> list[Finding]:
                       [nanmean(ev.sig.get("gpu.temperature", g)) for g in gpus])),
                   "basis": basis},
         gain=gain_from_stall(busy, recovered),
-        advice=["Power cap or heat slows these GPUs: check cooling and airflow, fan and inlet "
-                "temperatures, and power limits (nvidia-smi -q -d PERFORMANCE,POWER).",
-                "A throttled GPU also slows every peer that synchronises with it: compare "
-                "with its peers and open a hardware ticket if one node runs hot."],
+        advice=advice,
         stall_fraction=recovered)]
