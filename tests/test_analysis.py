@@ -471,6 +471,24 @@ def test_the_model_table_tells_the_cards_apart(name, watts, clock):
     assert (m.power_limit_watts, m.sm_clock_max_hz) == (watts, clock)
 
 
+def test_independent_jobs_whose_periods_chain_are_not_peers():
+    """Ranks of one data-parallel job step together (periods within ~2%); single-GPU jobs at
+    0.50, 0.55, 0.56 and 0.60 s are not one job because each is within 15% of the next (a
+    straggler was named among such jobs, their 'peers' said to wait in collectives)."""
+    from types import SimpleNamespace
+
+    from agentd.analysis.evidence import job_groups
+
+    def gpus(periods):
+        return {str(i): SimpleNamespace(period=SimpleNamespace(seconds=p) if p else None)
+                for i, p in enumerate(periods)}
+
+    groups = job_groups({}, gpus([0.497, 0.553, 0.557, 0.598, 0.22, 0.211]))
+    assert sorted(map(sorted, groups)) == [["0"], ["1", "2"], ["3"], ["4", "5"]]
+    # One job: periods within 2%, and a GPU without a period joins the largest group.
+    groups = job_groups({}, gpus([0.400, 0.404, 0.407, 0.401, None]))
+    assert sorted(map(sorted, groups)) == [["0", "1", "2", "3", "4"]]
+
 def test_a_rank_held_back_in_many_short_waits_points_at_its_input():
     """One rank idles 6 s in every 30 with its memory held while its peers spin (few SMs,
     155 W): it holds the job back, and 30 short waits (not one long checkpoint) point at its

@@ -364,16 +364,23 @@ def job_groups(meta: dict, gpus: dict[str, GpuState]) -> list[list[str]]:
     return out
 
 
+SAME_JOB_PERIOD = 1.05
+
+
 def _split_by_period(members: list[str], gpus: dict[str, GpuState]) -> list[list[str]]:
     timed = sorted((gpus[g].period.seconds, g) for g in members if gpus[g].period is not None)
     untimed = [g for g in members if gpus[g].period is None]
     if len(timed) < 2:
         return [members]
-    parts, cur = [], [timed[0][1]]
-    for (p0, _), (p1, g) in zip(timed, timed[1:]):
-        if p1 > p0 * 1.15:
+    # Ranks of one data-parallel job step together: their periods agree within ~2% (the
+    # robustness suite's jobs: at most 1.8%). A group spans at most SAME_JOB_PERIOD from its
+    # shortest period, so independent jobs whose periods merely chain (0.50, 0.55, 0.60 s)
+    # are never peers.
+    parts, cur, first = [], [timed[0][1]], timed[0][0]
+    for p1, g in timed[1:]:
+        if p1 > first * SAME_JOB_PERIOD:
             parts.append(cur)
-            cur = []
+            cur, first = [], p1
         cur.append(g)
     parts.append(cur)
     parts.sort(key=len, reverse=True)
