@@ -34,6 +34,7 @@ BLOCKED_SHARE = 0.05  # ... for this share of the job's time
 BLOCKED_SECONDS = 20.0  # ... and at least this long
 # Many short waits (a checkpoint or an evaluation is one long one) point at the rank's input.
 SHORT_WAITS = 10
+TAKING_TURNS = 2.0  # a second rank blocked over half as long as the first: they take turns
 SHORT_WAIT_SECONDS = 15.0
 PEERS_BUSY = 0.8
 SPIN_POWER = 0.6  # spinning peers draw at most this share of what they draw computing
@@ -89,7 +90,7 @@ def _blocked_rank(ev: Evidence, gpus: list[str]) -> Finding | None:
     power = {g: _held_power(ev, g) for g in gpus}
     computing = _computing_power(ev, power)
     spin = {g: _spinning(ev, g, power[g], computing) for g in gpus}
-    best = None
+    found = []
     for g0 in gpus:
         s0 = ev.gpus[g0]
         mem = held_forward(sig.get("gpu.mem_used", g0), hold)
@@ -107,12 +108,16 @@ def _blocked_rank(ev: Evidence, gpus: list[str]) -> Finding | None:
             job |= ev.gpus[g].present
         share = float(blocked.sum() / max(job.sum(), 1))
         seconds = float(blocked.sum() * sig.resolution)
-        if share >= BLOCKED_SHARE and seconds >= BLOCKED_SECONDS and \
-                (best is None or share > best[1]):
-            best = (g0, share, seconds, blocked, peers)
-    if best is None:
+        if share >= BLOCKED_SHARE and seconds >= BLOCKED_SECONDS:
+            found.append((g0, share, seconds, blocked, peers))
+    if not found:
         return None
-    g0, share, seconds, blocked, peers = best
+    found.sort(key=lambda c: -c[1])
+    if len(found) > 1 and found[1][1] * TAKING_TURNS > found[0][1]:
+        # Ranks take turns idling while the rest wait (ranks starving on an input they
+        # share, such as one drive): no single rank holds the job back.
+        return None
+    g0, share, seconds, blocked, peers = found[0]
     s0 = ev.gpus[g0]
     spinning = [g for g in peers if spin[g][blocked].mean() >= 0.5]
     power = [nanmean(held_forward(sig.get("gpu.power", g), 30)[blocked]) for g in spinning
