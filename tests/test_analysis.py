@@ -506,36 +506,34 @@ def test_a_rank_held_back_in_many_short_waits_points_at_its_input():
     assert top.mechanism.startswith("one rank idles")
     assert "30 short waits (6 s each) point at that rank's input" in " ".join(top.advice)
 
+def _taking_turns(waits: dict[str, np.ndarray]) -> Signals:
+    """light_job's ranks, those in `waits` idling (memory held) when theirs is True while
+    every other rank spins (few SMs, 155 W)."""
+    sig = light_job(n=900)
+    n = len(sig.t)
+    anyone = np.any(list(waits.values()), axis=0)
+    for g in sig.gpus():
+        if g in waits:
+            sig.channels[f"gpu.busy:{g}"] = np.where(waits[g], 0.0, sig.get("gpu.busy", g))
+            sig.channels[f"gpu.sm_active:{g}"] = 0.44 * sig.get("gpu.busy", g)
+        spin = anyone & ~waits.get(g, np.zeros(n, dtype=bool))
+        sig.channels[f"gpu.sm_active:{g}"] = np.where(spin, 0.02, sig.get("gpu.sm_active", g))
+        sig.channels[f"gpu.power:{g}"] = np.where(spin, 155.0, sig.get("gpu.power", g))
+    return sig
+
+
 def test_ranks_taking_turns_to_wait_hold_nobody_back_alone():
     """Ranks 1 and 3 take turns idling (6 s in every 30 each) while the others spin: ranks
     starving on an input they share (one drive), seen from GPU series only. No single rank
     holds the job back: no straggler; the gap stays unexplained."""
-    sig = light_job(n=900)
-    n = len(sig.t)
-    phase = np.arange(n) % 30
-    waits = {"1": phase < 6, "3": (phase >= 15) & (phase < 21)}
-    anyone = waits["1"] | waits["3"]
-    for g in sig.gpus():
-        if g in waits:
-            sig.channels[f"gpu.busy:{g}"] = np.where(waits[g], 0.0, sig.get("gpu.busy", g))
-            sig.channels[f"gpu.sm_active:{g}"] = 0.44 * sig.get("gpu.busy", g)
-        spin = anyone & ~waits.get(g, np.zeros(n, dtype=bool))
-        sig.channels[f"gpu.sm_active:{g}"] = np.where(spin, 0.02, sig.get("gpu.sm_active", g))
-        sig.channels[f"gpu.power:{g}"] = np.where(spin, 155.0, sig.get("gpu.power", g))
+    phase = np.arange(900) % 30
+    sig = _taking_turns({"1": phase < 6, "3": (phase >= 15) & (phase < 21)})
     assert "straggler" not in kinds(analyze(sig))
     # Rank 3 waiting far less than rank 1 (2 s in 30): rank 1 holds the job back.
-    waits["3"] = (phase >= 15) & (phase < 17)
-    sig = light_job(n=900)
-    anyone = waits["1"] | waits["3"]
-    for g in sig.gpus():
-        if g in waits:
-            sig.channels[f"gpu.busy:{g}"] = np.where(waits[g], 0.0, sig.get("gpu.busy", g))
-            sig.channels[f"gpu.sm_active:{g}"] = 0.44 * sig.get("gpu.busy", g)
-        spin = anyone & ~waits.get(g, np.zeros(n, dtype=bool))
-        sig.channels[f"gpu.sm_active:{g}"] = np.where(spin, 0.02, sig.get("gpu.sm_active", g))
-        sig.channels[f"gpu.power:{g}"] = np.where(spin, 155.0, sig.get("gpu.power", g))
+    sig = _taking_turns({"1": phase < 6, "3": (phase >= 15) & (phase < 17)})
     top = analyze(sig).findings[0]
     assert (top.kind, top.subject["gpus"]) == ("straggler", [1])
+
 
 @pytest.mark.parametrize("sm", [True, False])
 def test_a_light_model_computing_at_300_watts_is_not_spinning(sm):
