@@ -189,6 +189,12 @@ def held_forward(x: np.ndarray | None, limit: int) -> np.ndarray | None:
     return np.where(age <= limit, out, np.nan)
 
 
+def gpu_model(sig: Signals, g: str) -> models.GpuModel | None:
+    """The GPU's model (agentd.gpu.models) from its name in the source's identities."""
+    ident = (sig.meta.get("gpus") or {}).get(g) or {}
+    return models.lookup(ident.get("name") or ident.get("modelName"))
+
+
 def _mean_where(x: np.ndarray | None, mask: np.ndarray) -> float:
     if x is None or not mask.any():
         return float("nan")
@@ -472,8 +478,7 @@ def _gpu_state(sig: Signals, g: str, ckpt: np.ndarray, hold: int, coarse: bool,
     power_mean = _mean_where(power, m) if power is not None else None
     limit = nanmean(sig.get("gpu.power_limit", g))
     if not limit == limit:
-        ident = (sig.meta.get("gpus") or {}).get(g) or {}
-        model = models.lookup(ident.get("name") or ident.get("modelName"))
+        model = gpu_model(sig, g)
         limit = model.power_limit_watts if model else float("nan")
     clock = held_forward(sig.get("gpu.sm_clock", g), hold)
     busy_m = m & (busy >= 0.5)

@@ -60,10 +60,10 @@ def periodogram(t: np.ndarray, y: np.ndarray, freqs: np.ndarray) -> np.ndarray:
     their usual spacing (a daemon's ticks on a loaded node, the driver's sample times, GPM
     samples missed one or two at a time: a tenth of them on a loaded node) are put on that
     grid by linear interpolation first: the peaks searched lie far below its Nyquist
-    frequency, where interpolation changes next to nothing, and Lomb-Scargle costs N x frequencies (0.2-0.3 s of CPU per minute of 8 GPUs,
-    every 10 s in the daemon). Series with real holes (a sampler down for seconds, which a
-    straight line would fill with a ramp) are searched by Lomb-Scargle on their own times,
-    up to a budget."""
+    frequency, where interpolation changes next to nothing, and Lomb-Scargle costs N x
+    frequencies (0.2-0.3 s of CPU per minute of 8 GPUs, every 10 s in the daemon). Series
+    with real holes (a sampler down for seconds, which a straight line would fill with a
+    ramp) are searched by Lomb-Scargle on their own times, up to a budget."""
     y = y - y.mean()
     if not np.any(y):
         return np.zeros(len(freqs))
@@ -202,9 +202,10 @@ def period_from_bursts(rx: np.ndarray, resolution: float) -> Period | None:
 
     The period is the typical interval between consecutive copies: the mean of the intervals
     within BAND of their median (and a tick). A tick-quantized interval is unbiased on
-    average (a step's phase against the ticks drifts), and pauses (evaluation, a checkpoint, a wait for data
-    when prefetched batches arrive together) are not steps: they count in `mean_seconds`,
-    the window's length over the number of copies, from which throughput comes."""
+    average (a step's phase against the ticks drifts), and pauses (evaluation, a checkpoint,
+    a wait for data when prefetched batches arrive together) are not steps: they count in
+    `mean_seconds`, the window's length over the number of copies, from which throughput
+    comes."""
     x = np.nan_to_num(np.asarray(rx, dtype=float)) * resolution  # bytes per sample
     if len(x) < 50 or x.max() <= 0:
         return None

@@ -34,8 +34,8 @@ BLOCKED_SHARE = 0.05  # ... for this share of the job's time
 BLOCKED_SECONDS = 20.0  # ... and at least this long
 # Many short waits (a checkpoint or an evaluation is one long one) point at the rank's input.
 SHORT_WAITS = 10
-TAKING_TURNS = 2.0  # a second rank blocked over half as long as the first: they take turns
 SHORT_WAIT_SECONDS = 15.0
+TAKING_TURNS = 2.0  # a second rank blocked over half as long as the first: they take turns
 PEERS_BUSY = 0.8
 SPIN_POWER = 0.6  # spinning peers draw at most this share of what they draw computing
 COMPUTE_POWER = 0.6  # computing draws at least this share of the power limit
@@ -90,6 +90,9 @@ def _blocked_rank(ev: Evidence, gpus: list[str]) -> Finding | None:
     power = {g: _held_power(ev, g) for g in gpus}
     computing = _computing_power(ev, power)
     spin = {g: _spinning(ev, g, power[g], computing) for g in gpus}
+    job = np.zeros(len(sig.t), dtype=bool)
+    for g in gpus:
+        job |= ev.gpus[g].present
     found = []
     for g0 in gpus:
         s0 = ev.gpus[g0]
@@ -103,9 +106,6 @@ def _blocked_rank(ev: Evidence, gpus: list[str]) -> Finding | None:
             continue  # idle in a job of its own (a notebook), not holding theirs back
         waiting = np.sum([spin[g] for g in peers], axis=0)
         blocked = idle & (waiting >= max(2, int(np.ceil(0.75 * len(peers)))))
-        job = np.zeros(len(idle), dtype=bool)
-        for g in gpus:
-            job |= ev.gpus[g].present
         share = float(blocked.sum() / max(job.sum(), 1))
         seconds = float(blocked.sum() * sig.resolution)
         if share >= BLOCKED_SHARE and seconds >= BLOCKED_SECONDS:

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from agentd.analysis.evidence import Evidence, held_forward
+from agentd.analysis.evidence import Evidence, gpu_model, held_forward
 from agentd.analysis.findings import Finding, gain_from_stall, severity_for
 from agentd.analysis.signals import nanmean
 from agentd.analysis.stats import robust
-from agentd.gpu import models
 
 THROTTLE_SHARE = 0.2  # reasons active this share of the busy time
 THROTTLE_CLOCK = 0.92  # and the SM clock below this share of its maximum meanwhile
@@ -80,8 +79,7 @@ def _without_reasons(ev: Evidence, g: str, peers):
 
 def board_power(ev: Evidence, g: str) -> float | None:
     """The model's rated board power (agentd.gpu.models), whatever limit is enforced."""
-    ident = (ev.sig.meta.get("gpus") or {}).get(g) or {}
-    model = models.lookup(ident.get("name") or ident.get("modelName"))
+    model = gpu_model(ev.sig, g)
     return model.power_limit_watts if model else None
 
 
@@ -112,15 +110,15 @@ def _capped_below_board(ev: Evidence, g: str, ratio: float) -> bool:
     if float(np.quantile(temp[ok], 0.9)) >= HOT:
         return False  # hot while computing: the thermal path's to judge
     drawn = float(np.quantile(power[ok], 0.9))  # what it reaches while computing
-    enforced = float("nan")
-    if "gpu.power_limit" not in (sig.meta.get("from_model_table") or ()):
-        enforced = nanmean(sig.get("gpu.power_limit", g))  # the source's own reading
+    enforced = nanmean(sig.get("gpu.power_limit", g)) if _exported_limit(ev, g) else \
+        float("nan")
     if enforced == enforced and enforced > 0:
         return enforced <= UNDER_BOARD * board and drawn >= POWER_AT_LIMIT * enforced
     return drawn <= UNDER_BOARD * board
 
 
 def _exported_limit(ev: Evidence, g: str) -> bool:
+    """The source reads the GPU's enforced power limit (not the model table's figure)."""
     return "gpu.power_limit" not in (ev.sig.meta.get("from_model_table") or ()) and \
         ev.sig.get("gpu.power_limit", g) is not None
 
