@@ -18,7 +18,12 @@ GAP_RATE = 0.25  # pageable without a measured ceiling: rx through the gaps >= t
 
 
 GAPS_P = 0.01  # the copies' coincidence with idle samples, one-sided enough
-FASTER = 1.15  # a sample's copy rate this far above the pageable ceiling: pinned copies
+# A sample's copy rate this far above the pageable ceiling: pinned copies. A measured
+# ceiling (`agentd probe`: the median of the rates within 5% of the best, on copies large
+# enough to amortise their start) leaves 5% for the probe's spread and 3% for a sample's
+# timing; the nominal one (half the pinned rate) is a guess, and leaves more.
+FASTER = 1.15
+FASTER_MEASURED = 1.08
 
 
 def peak_rate(link) -> float:
@@ -75,7 +80,8 @@ def judge(ev: Evidence, g: str) -> tuple[str, float, float, dict] | None:
         seen = measured or (gap_rate == gap_rate and gap_rate >= GAP_RATE)
         # A sample's rate never exceeds the copy's own: copies seen faster than pageable
         # memory allows are pinned (their gaps are some other limit's, a shared uplink's).
-        faster = peak_rate(link) > FASTER * link.pageable.value
+        faster = peak_rate(link) > (FASTER_MEASURED if measured else FASTER) * \
+            link.pageable.value
         # Copies slow enough (pageable) to need about the GPU's idle time explain it only if
         # they happen in it: a batch prefetched on a side stream is copied while the GPU
         # computes, and its bytes at pageable speed may match the ordinary gaps between steps
