@@ -1256,6 +1256,35 @@ def test_trainer_without_loader_workers_is_io_h2d_serialized():
     assert "io_h2d_serialized" not in kinds(analyze(sig), "warning")
 
 
+def test_reads_in_every_gap_of_a_job_without_process_trees_are_io_h2d_serialized():
+    """Eight ranks of one job, seen without process trees (a recording without the process
+    sampler), idle in the same samples; the node's drive reads in every one of those gaps
+    and rests while they compute: each step reads its batch only when it needs it (the
+    robustness suite's io-h2d-serialized node, unexplained before: the node's reads were
+    only compared with at most two starved GPUs). Reads in one gap of three (a prefetching
+    loader woken when a batch is taken, reading ahead) are no such evidence."""
+    sig, _ = healthy_window()
+    sig.meta["processes"] = {}
+    for k in [k for k in sig.channels if k.startswith("proc.")]:
+        del sig.channels[k]
+    disks = [k for k in sig.channels if k.startswith("disk.read:")]
+    assert disks
+    n = len(sig.t)
+    gaps = (np.arange(n) % 4) == 0
+    _copies_in_gaps(sig, 4, 0.0)
+    rng = np.random.default_rng(11)
+    for k in disks:
+        sig.channels[k] = np.where(gaps, 2e9 * rng.uniform(0.8, 1.2, n), 0.0)
+    r = analyze(sig)
+    assert kinds(r, "warning") == ["io_h2d_serialized"], [f.headline() for f in r.findings]
+    assert len(r.findings[0].gpus) == 8
+    assert r.findings[0].evidence["alternating"] == "storage reads"
+    for k in disks:
+        sig.channels[k] = np.where(gaps & ((np.arange(n) // 4) % 3 == 0), sig.channels[k], 0.0)
+    r = analyze(sig)
+    assert "io_h2d_serialized" not in kinds(r), [f.headline() for f in r.findings]
+
+
 def test_no_gpu_on_this_node_says_so_not_no_finding():
     r = run("diagnose", "--seconds", "3")
     assert r.returncode == 3, r.stdout + r.stderr

@@ -19,6 +19,9 @@ READING = 1e6  # bytes/s the node's data disks read while it trains
 
 REST = 0.5  # while the GPU computes, the activity runs at most at this share of its level
 #             in the gaps (a prefetching loader keeps working during compute)
+IN_GAPS = 2 / 3  # reads in at least this share of the gappiest samples: each step's batch is
+#                  read in its gap (a prefetching worker, woken when a batch is taken, reads
+#                  in some gaps, ahead, and not in the others)
 
 
 def _series(ev: Evidence, g: str, what: str, disk):
@@ -27,8 +30,9 @@ def _series(ev: Evidence, g: str, what: str, disk):
     return disk
 
 
-def _rests(idle: np.ndarray, activity: np.ndarray) -> bool:
-    """The activity rests while the GPU computes and works while it idles."""
+def _rests(idle: np.ndarray, activity: np.ndarray, every_gap: bool = False) -> bool:
+    """The activity rests while the GPU computes and works while it idles (with
+    `every_gap`: in nearly every gap)."""
     x = np.asarray(activity, dtype=float)
     ok = np.isfinite(idle) & np.isfinite(x)
     if ok.sum() < 40:
@@ -40,6 +44,8 @@ def _rests(idle: np.ndarray, activity: np.ndarray) -> bool:
     gap, work = ok & (idle >= hi), ok & (idle <= lo)
     in_gaps = np.nanmean(x[gap])
     during = np.nanmean(x[work])
+    if every_gap and np.mean(x[gap] > 0.05 * np.max(x[ok])) < IN_GAPS:
+        return False
     return bool(in_gaps > 0 and during <= REST * in_gaps)
 
 
@@ -65,6 +71,16 @@ def _no_workers(ev: Evidence, starved: list[str]) -> list[Finding]:
          "runs."])]
 
 
+def _reads_are_its_job(ev: Evidence, g: str, starved: list[str]) -> bool:
+    """The node's reads can stand for the GPU's own loading: at most two GPUs starve, or
+    every starved GPU is a rank of the GPU's job (its ranks step together, so their reads
+    do too). Starved GPUs of other jobs, stepping on their own, would mix their reads in."""
+    if len(starved) <= 2:
+        return True
+    job = next((grp for grp in ev.jobs if g in grp), [g])
+    return set(starved) <= set(job)
+
+
 def detect(ev: Evidence, starved: list[str]) -> list[Finding]:
     if ev.coarse or not starved:
         return []
@@ -81,12 +97,12 @@ def detect(ev: Evidence, starved: list[str]) -> list[Finding]:
         ld = ev.loaders.get(g)
         if ld is not None and ld.cpu is not None:
             tests["loader CPU"] = correlation(idle, ld.cpu)
-        if disk is not None and len(ev.disks) and len(starved) <= 2:
+        if disk is not None and len(ev.disks) and _reads_are_its_job(ev, g, starved):
             tests["storage reads"] = correlation(idle, disk)
         # (Copies are no evidence: in any input-bound pipeline a batch is copied when it is
         # ready, i.e. while the GPU waits for it.)
         good = {k: c for k, c in tests.items() if c.significant(+1) and
-                _rests(idle, _series(ev, g, k, disk))}
+                _rests(idle, _series(ev, g, k, disk), every_gap=k == "storage reads")}
         if good:
             best = max(good.items(), key=lambda kv: kv[1].r)
             hits[g] = best
@@ -101,7 +117,7 @@ def detect(ev: Evidence, starved: list[str]) -> list[Finding]:
         f"{what} runs while the GPU idles and rests while it computes "
         f"(correlation {r:+.2f}, effective samples {corr.n_eff:.0f})",
         "the next batch is fetched only when the step needs it: loading alternates with "
-        f"compute instead of overlapping it ({what} follows the GPU's gaps, r={r:+.2f})",
+        f"compute instead of overlapping it ({what}: in the GPU's gaps, r={r:+.2f})",
         {"alternation_correlation": r, "alternating": what, "p_value": corr.p},
         ["Overlap loading with compute: DataLoader(num_workers=N, prefetch_factor=2, "
          "pin_memory=True, persistent_workers=True) and copies with non_blocking=True; "
