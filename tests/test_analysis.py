@@ -214,6 +214,38 @@ def test_slow_copies_without_a_measured_ceiling_are_named_in_what_would_tell_apa
     assert r.findings[0].evidence["mode"] == "pageable"
 
 
+def test_copies_sustained_at_a_fraction_of_the_link_filling_the_gaps_are_h2d_pcie():
+    """No probe ceilings. Each step the GPUs idle 0.4 s while a copy runs at 30% of the
+    link throughout it (four samples, the middle two read the copy's own rate): slow copies
+    (pageable memory) fill the gaps, h2d_pcie, where before they were unexplained (the
+    robustness suite's h2d-pageable nodes with nominal ceilings). The same copies while the
+    GPUs compute explain no gap."""
+    from agentd.analysis.evidence import measure
+
+    sig, _ = healthy_window()
+    sig.meta["ceilings"].pop("h2d")
+    pinned = measure(sig).links["0"].pinned.value
+    n = len(sig.t)
+    copying = (np.arange(n) % 16) < 4
+    rng = np.random.default_rng(12)
+    for g in sig.gpus():
+        sig.channels[f"gpu.pcie_rx:{g}"] = np.where(
+            copying, 0.3 * pinned * rng.uniform(0.95, 1.05, n), 0.0)
+        for key in ("gpu.busy", "gpu.busy_time"):
+            sig.channels[f"{key}:{g}"] = np.where(copying, 0.0, sig.channels[f"{key}:{g}"])
+    for k in [k for k in sig.channels if k.startswith("gpu.util_sample")]:
+        del sig.channels[k]
+    r = analyze(sig)
+    assert kinds(r, "warning") == ["h2d_pcie"], [f.headline() for f in r.findings]
+    f = r.findings[0]
+    assert f.evidence["mode"] == "slow" and len(f.gpus) == 8
+    assert 0.25 * pinned < f.evidence["sustained_copy_bytes_per_second"] < 0.35 * pinned
+    assert "pin_memory=True" in f.advice[0]
+    for g in sig.gpus():  # the same copies on a side stream, while the GPUs compute
+        sig.channels[f"gpu.pcie_rx:{g}"] = np.roll(sig.channels[f"gpu.pcie_rx:{g}"], 8)
+    assert "h2d_pcie" not in kinds(analyze(sig))
+
+
 def test_copies_seen_faster_than_pageable_memory_allows_are_not_pageable():
     """The pageable ceiling is measured at 9.5 GB/s and the copies' bytes at that rate would
     fill the GPUs' gaps, but samples show the copies running at 15 GB/s: they are pinned,

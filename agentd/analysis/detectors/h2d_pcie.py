@@ -39,6 +39,40 @@ def peak_rate(link) -> float:
     return float(np.percentile(on, 99)) if len(on) >= 20 else float("nan")
 
 
+SUSTAINED_SAMPLES = 50  # samples wholly inside copies, for their rate to be read from them
+SLOW = (0.1, 0.5)  # sustained copies at this share of the pinned ceiling are slow copies
+
+
+def sustained_rate(link) -> tuple[float, int]:
+    """(median rate, number of samples) of the samples wholly inside a copy: a copy spanning
+    three samples or more fills its middle ones, which read its own rate (a sample at a
+    copy's end, or holding a copy shorter than itself, averages it with an idle link)."""
+    rx = link.rx_series
+    if rx is None:
+        return float("nan"), 0
+    rx = np.nan_to_num(np.asarray(rx, dtype=float))
+    if len(rx) < 3 or rx.max() <= 0:
+        return float("nan"), 0
+    on = rx > 0.02 * rx.max()
+    inner = rx[1:-1][on[1:-1] & on[:-2] & on[2:]]
+    return (float(np.median(inner)) if len(inner) else float("nan")), len(inner)
+
+
+def _slow_sustained(ev: Evidence, g: str, link, idle: float) -> tuple | None:
+    """Without a measured pageable ceiling: copies seen running slow throughout (pageable
+    memory, or a link shared with other devices), at a rate at which they need about the
+    time the GPU idles, and in its gaps."""
+    rate, n = sustained_rate(link)
+    if n < SUSTAINED_SAMPLES or not SLOW[0] * link.pinned.value <= rate <= \
+            SLOW[1] * link.pinned.value:
+        return None
+    share = link.rx.mean / rate
+    explained = share / idle if idle > 0 else 0.0
+    if not (EXPLAINS_LO <= explained <= EXPLAINS_HI and in_gaps(ev, g, link)):
+        return None
+    return share, explained, rate, n
+
+
 def in_gaps(ev: Evidence, g: str, link) -> bool:
     """The copies coincide with the GPU's idle time: at fine resolution, a significant positive
     correlation of the bytes per sample with the idle share per sample (on the driver's own
@@ -91,6 +125,11 @@ def judge(ev: Evidence, g: str) -> tuple[str, float, float, dict] | None:
             ev_out.update(pageable_ceiling_bytes_per_second=link.pageable.value,
                           pageable_copy_time_share=pageable)
             return "pageable", min(explained, 1.0), (0.8 if measured else 0.6), ev_out
+        if not measured and (slow := _slow_sustained(ev, g, link, idle)) is not None:
+            share, explained, rate, n = slow
+            ev_out.update(sustained_copy_bytes_per_second=rate, sustained_samples=n,
+                          slow_copy_time_share=share)
+            return "slow", min(explained, 1.0), 0.6, ev_out
     return None
 
 
@@ -109,13 +148,21 @@ def detect(ev: Evidence, starved: list[str]) -> list[Finding]:
     if how == "pageable":
         advice.insert(0, "Copies run at pageable-memory speed: use pinned memory (DataLoader "
                          "pin_memory=True) and non_blocking copies.")
+    if how == "slow":
+        advice.insert(0, "Copies run at a fraction of the link's rate, as copies from pageable "
+                         "memory do: use pinned memory (DataLoader pin_memory=True) and "
+                         "non_blocking copies; if they already are, look for other devices "
+                         "sharing the GPU's PCIe switch (nvidia-smi topo -m). `agentd probe` "
+                         "measures the pinned and pageable rates.")
     if how == "serialized":
         advice.insert(0, "Copies take the GPU's gaps: overlap them with compute "
                          "(pin_memory=True, .to(device, non_blocking=True), prefetch the next "
                          "batch on a side stream).")
     mech = {"saturated": "the link carries copies nearly all the time at its achievable rate",
             "serialized": "copies at link rate need about the time the GPU idles",
-            "pageable": "copies at pageable-memory speed fill the GPU's gaps"}[how]
+            "pageable": "copies at pageable-memory speed fill the GPU's gaps",
+            "slow": "copies sustained at a fraction of the link's rate fill the GPU's "
+                    "gaps"}[how]
     return [input_finding(
         ev, "h2d_pcie", gpus, confidence(conf, ev), mech,
         f"host-to-device copies bound by PCIe: {fmt_rate(link.rx.mean)} needs "
