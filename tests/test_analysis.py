@@ -944,6 +944,40 @@ def test_step_period_is_the_typical_step_and_throughput_counts_the_pauses():
     assert P.period_from_bursts(rx, res) is None
 
 
+def test_activity_repeating_every_few_steps_is_no_step_period():
+    """Two steps back to back, then a 2.4 s wait, every 3.7 s (one rank's loader with two
+    workers: its batches come two at a time; the robustness suite's input-cpu-one-rank). The
+    GPUs' activity repeats every 3.7 s, and the driver's samples and SM activity agree on it,
+    but each cycle holds two copies, two steps: 3.7 s had been printed as the step period
+    (the truth, 1.85 s a step on average, is no step's length either). With one copy per
+    cycle, 3.7 s is the step."""
+    sig, _ = healthy_window()
+    n = len(sig.t)
+    phase = np.arange(n) % 37
+    for k in [k for k in sig.channels if k.startswith("gpu.util_sample")]:
+        del sig.channels[k]
+
+    def steps(copy_at: tuple[int, ...]) -> None:
+        compute = phase < 13
+        for g in sig.gpus():
+            for key in ("gpu.busy", "gpu.busy_time"):
+                sig.channels[f"{key}:{g}"] = np.where(compute, 1.0, 0.0)
+            sm = sig.channels[f"gpu.sm_active:{g}"]
+            sig.channels[f"gpu.sm_active:{g}"] = np.where(np.isfinite(sm),
+                                                          np.where(compute, 0.7, 0.01), sm)
+            sig.channels[f"gpu.pcie_rx:{g}"] = np.where(np.isin(phase, copy_at), 2e9, 0.0)
+
+    steps((0, 7))
+    r = analyze(sig)
+    assert all(g.step_period_seconds is None for g in r.gpus), \
+        [g.step_period_seconds for g in r.gpus]
+    assert "2.0 host-to-device copies" in r.gpus[0].step_period_note, r.gpus[0].step_period_note
+    steps((0,))
+    r = analyze(sig)
+    assert all(g.step_period_seconds == pytest.approx(3.7, rel=0.05) for g in r.gpus), \
+        [(g.step_period_seconds, g.step_period_note) for g in r.gpus]
+
+
 def test_one_weak_series_alone_gives_no_period():
     """A single series whose peak explains a quarter of its variance (an evaluation rhythm
     seen through the driver's samples while the 0.16 s steps alias away) is not a step

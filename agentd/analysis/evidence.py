@@ -640,6 +640,14 @@ def _period(sig: Signals, g: str, busy: np.ndarray, coarse: bool,
     if not dts:
         return None, "no series with its own timing (driver samples, PCIe, SM activity)"
     period, why = P.resolve([c for c in cands if c is not None], dts)
+    if period is not None and rx is not None:
+        copies = P.copies_per_cycle(rx, sig.resolution, period.seconds)
+        if copies is not None and copies >= P.STEPS_PER_CYCLE:
+            # Steps bunched by waits (two batches ready at once, then a long wait): the
+            # activity repeats, but each cycle holds several steps of unequal length.
+            return None, (f"the activity repeats every {period.seconds:.3g} s with about "
+                          f"{copies:.1f} host-to-device copies in each: steps of unequal "
+                          "length, no one step period")
     return period, why
 
 

@@ -9,7 +9,9 @@ one (aliasing): a 0.2 s step read through NVML's 1/6 s samples looks like a 1.0 
   the peak is the fundamental and not a harmonic, and a width that bounds the estimate;
 - a period is reported only when two series sampled at different rates agree on it (their
   aliases of a faster true period would differ), or, with one series, when it spans many
-  samples; and only when its interval is within 10% (MAX_REL_WIDTH).
+  samples; and only when its interval is within 10% (MAX_REL_WIDTH);
+- a period holding several host-to-device copies (copies_per_cycle) is a cycle of several
+  steps bunched by waits, not a step: evidence.py does not report it.
 """
 
 from __future__ import annotations
@@ -189,6 +191,24 @@ def resolve(periods: list[Period], sample_dt: dict[str, float]) -> tuple[Period 
         return None, (f"one series suggests {a.seconds:.3g} s, too few samples per step to "
                       "rule out aliasing")
     return None, "the series disagree (aliasing at this resolution)"
+
+
+STEPS_PER_CYCLE = 1.5  # a period holding this many copies on average holds several steps
+
+
+def copies_per_cycle(rx: np.ndarray, resolution: float, seconds: float) -> float | None:
+    """How many host-to-device copies (runs of samples that copy) a period of `seconds`
+    holds on average: about one where it is the step's (a copy spanning samples is one run;
+    steps shorter than a sample merge theirs), two or more where the activity repeats
+    every few steps. None with fewer than 10 copies to count."""
+    x = np.nan_to_num(np.asarray(rx, dtype=float))
+    if not len(x) or x.max() <= 0:
+        return None
+    on = x > 0.02 * x.max()
+    runs = int((np.diff(np.concatenate(([0], on.astype(np.int8)))) == 1).sum())
+    if runs < 10:
+        return None
+    return seconds * runs / (len(x) * resolution)
 
 
 BAND = 0.5  # intervals within +-50% of the median one are the steps' own ...
