@@ -1144,6 +1144,32 @@ def test_recording_with_a_time_gap_costs_memory_for_its_rows_only():
     assert r.covered_seconds < 100
 
 
+def test_rows_late_under_load_cover_the_time_they_were_late_for():
+    """A 10 Hz ring whose rows come 0.3 s apart while the GPU computes (the trainer's CPU
+    use delays the sampler: tests/test_workloads.py's healthy case read 0.946 busy against
+    the trainer's own 0.992) and 0.1 s apart while it idles. Each row holds the rate since
+    the row before it, so the grid's mean is the time-weighted one: holding the previous
+    row across the late ones had given the idle rows three times their weight."""
+    t, v, now = [], [], 1.7e9
+    for k in range(300):
+        busy = k % 4 != 3
+        now += 0.3 if busy else 0.1
+        t.append(now)
+        v.append(1.0 if busy else 0.0)
+    groups = {"gpu": {"interval": 0.1, "t": np.array(t), "columns": ["gpu.busy_time:0"],
+                      "values": np.array(v, np.float32).reshape(-1, 1)}}
+    sig = from_groups(groups, step=0.1)
+    truth = 0.9 / 1.0  # 0.9 s busy in every 1.0 s
+    assert float(np.nanmean(sig.get("gpu.busy_time", "0"))) == pytest.approx(truth, abs=0.01)
+    # On-time rows map one to one.
+    on_time = 1.7e9 + 0.037 + np.arange(50) * 0.1
+    groups["gpu"].update(t=on_time, values=np.arange(50, dtype=np.float32).reshape(-1, 1))
+    sig = from_groups(groups, step=0.1)
+    got = sig.get("gpu.busy_time", "0")
+    assert list(got[np.isfinite(got)]) == list(range(1, 50)) or \
+        list(got[np.isfinite(got)]) == list(range(50)), got
+
+
 def test_unsorted_and_duplicate_rows_are_ordered():
     t = 1.7e9 + np.array([0.3, 0.1, 0.2, 0.2, 0.4])
     groups = {"gpu": {"interval": 0.1, "t": t, "columns": ["gpu.busy:0"],

@@ -93,12 +93,24 @@ def from_groups(groups: dict[str, dict], step: float | None = None, source: str 
     for g in groups.values():
         t, values = g["t"], g["values"]
         interval = float(g["interval"] or step)
-        # Each grid point takes the latest row at or before it (a row holds the interval
-        # that ends at its time); rows finer than the grid are averaged into it.
-        idx = np.searchsorted(t, grid + step * 1e-3, side="right") - 1
-        valid = (idx >= 0) & (grid - t[np.clip(idx, 0, None)] <= max(
-            interval * 2.5, step * 1.5))
         fine = interval < step * 0.75
+        if interval <= step * 1.25:
+            # A ring at the grid's rate: a row holds what happened since the row before it
+            # (rates over the tick), so each grid point takes the row whose interval covers
+            # it, the first at or after it. A row late under load covers the points it was
+            # late for: holding the row before across them would give the late rows' values
+            # (the busy phases whose CPU use delayed the sampler) too little weight. A first
+            # row reaches back one interval; no row covers more than 2.5.
+            idx = np.searchsorted(t, grid - step * 1e-3, side="left")
+            at = t[np.clip(idx, 0, len(t) - 1)]
+            valid = (idx < len(t)) & (at - grid <= np.where(
+                idx == 0, interval, max(interval * 2.5, step * 1.5)) + step * 1e-3)
+            idx = np.clip(idx, 0, len(t) - 1)
+        else:
+            # Slower rings (gauges read once a second, held): the latest row at or before.
+            idx = np.searchsorted(t, grid + step * 1e-3, side="right") - 1
+            valid = (idx >= 0) & (grid - t[np.clip(idx, 0, None)] <= max(
+                interval * 2.5, step * 1.5))
         for j, col in enumerate(g["columns"]):
             v = values[:, j]
             if fine:
