@@ -22,7 +22,8 @@ import statistics
 import subprocess
 import time
 
-from harness import Node, cpu_seconds, free_port, metric, rss_bytes, write_json
+from harness import (Node, cpu_seconds, free_port, metric, rss_bytes, thread_cpu_seconds,
+                     write_json)
 
 
 class Scraper:
@@ -43,6 +44,7 @@ def measure(node: Node, ne_pid: int, agentd: Scraper, ne: Scraper, seconds: floa
     pids = {**node.processes(), "node_exporter": ne_pid}
     fake0 = metric(agentd(), "agentd_fake_nvml_cpu_seconds_total")
     c0 = {n: cpu_seconds(p) for n, p in pids.items()}
+    th0 = thread_cpu_seconds(node.pid)
     t0 = time.monotonic()
     next_agentd = t0 + interval
     agentd.latencies.clear()
@@ -56,10 +58,13 @@ def measure(node: Node, ne_pid: int, agentd: Scraper, ne: Scraper, seconds: floa
         time.sleep(max(1.0 - (time.monotonic() - t0) % 1.0, 0.0))
     elapsed = time.monotonic() - t0
     cpu = {n: (cpu_seconds(p) - c0[n]) / elapsed for n, p in pids.items()}
+    threads = {n: (v - th0.get(n, 0.0)) / elapsed
+               for n, v in thread_cpu_seconds(node.pid).items()}
     fake = (metric(agentd(), "agentd_fake_nvml_cpu_seconds_total") - fake0) / elapsed
     own = sum(v for n, v in cpu.items() if n != "node_exporter") - fake
     lat = sorted(agentd.latencies[:-1] or agentd.latencies)
     return {"agentd_scrape_interval": interval, "seconds": elapsed, "cpu_cores": cpu,
+            "sampling_threads_cpu_cores": threads,
             "fake_driver_cpu_cores": fake, "agentd_own_cpu_cores": own,
             "node_exporter_cpu_cores": cpu["node_exporter"],
             "ratio": own / cpu["node_exporter"] if cpu["node_exporter"] else None,
@@ -112,6 +117,12 @@ def main() -> int:
               f"{p['node_exporter_cpu_cores'] * 100:8.2f}% {p['ratio']:6.2f}  "
               f"{p['scrape_p50_ms']:.1f} ms")
     print("  (% of one core; goal: own <= 1.0 % and ratio <= 1)")
+    for p in phases:
+        top = sorted(p["sampling_threads_cpu_cores"].items(), key=lambda kv: -kv[1])
+        print(f"  sampling process by thread, scraped every {p['agentd_scrape_interval']:g} s: "
+              + ", ".join(f"{n} {v * 100:.2f}%" for n, v in top if v >= 0.0005)
+              + f" (the fake driver's {p['fake_driver_cpu_cores'] * 100:.2f}% is in the "
+              "thread that calls it, loop-gpu-*)")
     print("  RSS peak MiB: " + ", ".join(f"{n} {v / 2**20:.1f}" for n, v in peak.items())
           + "  (goal: sampling process <= 80)")
     write_json(args.json, {"series": series, "phases": phases,

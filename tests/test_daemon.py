@@ -62,6 +62,29 @@ def test_sigterm_stops_within_two_seconds(spawn, scenario):
     assert "Traceback" not in proc.output()
 
 
+def test_threads_carry_their_names_for_top(spawn, scenario):
+    """`top -H` and /proc/PID/task/TID/comm tell the sampling loops, the analysis and the
+    server's channel apart (bench/daemon_overhead.py reports CPU per thread by these
+    names); the main thread keeps the process' name."""
+    proc, url, _ = start(spawn, "--fake-nvml", scenario)
+    wait_http(url + "/metrics")
+    pid = proc.p.pid
+    before = open(f"/proc/{pid}/comm").read().strip()
+    deadline = time.monotonic() + 10
+    names: set[str] = set()
+    want = {"loop-gpu-0.1", "loop-host-0.1", "loop-host-1.0", "analysis", "web-channel"}
+    while time.monotonic() < deadline and not want <= names:
+        names = set()
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                names.add(open(f"/proc/{pid}/task/{tid}/comm").read().strip())
+            except OSError:
+                pass
+        time.sleep(0.2)
+    assert want <= names, names
+    assert open(f"/proc/{pid}/comm").read().strip() == before not in want
+
+
 def test_sigint_stops_cleanly(spawn, scenario):
     proc, url, _ = start(spawn, "--fake-nvml", scenario)
     wait_http(url + "/metrics")

@@ -24,7 +24,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from agentd.daemon.child import Backoff, Child, ChildGone, child_series
+from agentd.daemon.child import Backoff, Child, ChildGone, child_series, name_os_thread
 from agentd.daemon.window import groups_to_npz
 
 if TYPE_CHECKING:
@@ -253,6 +253,7 @@ class RollingAnalysis:
         return report
 
     def _loop(self) -> None:
+        name_os_thread("analysis")
         cfg = self.daemon.config
         # The first run waits for half a window of data.
         if self._stop.wait(min(cfg.analysis_window / 2, 30.0)):

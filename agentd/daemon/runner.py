@@ -22,6 +22,7 @@ import threading
 import time
 from typing import Callable
 
+from agentd.daemon.child import name_os_thread
 from agentd.samplers.base import Sampler, Unavailable
 from agentd.daemon.window import Ring
 
@@ -152,6 +153,7 @@ class Loop:
         return self._thread.is_alive()
 
     def _main(self) -> None:
+        name_os_thread(self._thread.name)
         now = time.monotonic()
         for s in self.states:
             s.try_open(now)

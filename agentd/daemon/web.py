@@ -20,7 +20,8 @@ import time
 from typing import Callable
 from urllib.parse import parse_qs
 
-from agentd.daemon.child import Backoff, Channel, Child, ChildGone, child_series
+from agentd.daemon.child import (Backoff, Channel, Child, ChildGone, child_series,
+                                 name_os_thread)
 from agentd.daemon.exposition import CONTENT_TYPE
 
 log = logging.getLogger("agentd.web")
@@ -191,6 +192,7 @@ class WebServer:
     # --- answering it -----------------------------------------------------------------------------
 
     def _serve(self, child: Child, channel: Channel, ready: threading.Event) -> None:
+        name_os_thread("web-channel")
         try:
             self._serve_channel(child, channel, ready)
         finally:
