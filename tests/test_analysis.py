@@ -526,6 +526,11 @@ def test_independent_jobs_whose_periods_chain_are_not_peers():
     # One job: periods within 2%, and a GPU without a period joins the largest group.
     groups = job_groups({}, gpus([0.400, 0.404, 0.407, 0.401, None]))
     assert sorted(map(sorted, groups)) == [["0", "1", "2", "3", "4"]]
+    # Several jobs told apart by their periods: a GPU without one is nobody's peer (seed
+    # 4765155's healthy-single-jobs, no process trees: GPU 6 had joined GPUs 2 and 4, single
+    # jobs 3.9% apart, and the three made a straggler warning).
+    groups = job_groups({}, gpus([0.249, 0.276, 0.388, 0.753, 0.403, 0.586, None, 0.723]))
+    assert ["6"] in groups and ["2", "4"] in map(sorted, groups), groups
 
 def test_a_rank_held_back_in_many_short_waits_points_at_its_input():
     """One rank idles 6 s in every 30 with its memory held while its peers spin (few SMs,

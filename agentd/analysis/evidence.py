@@ -390,7 +390,12 @@ def _split_by_period(members: list[str], gpus: dict[str, GpuState]) -> list[list
         cur.append(g)
     parts.append(cur)
     parts.sort(key=len, reverse=True)
-    parts[0] += untimed
+    if len(parts) == 1:
+        parts[0] += untimed
+    else:
+        # Several jobs, told apart by their periods: a GPU without one could belong to any
+        # (or to none: a job of its own). It is nobody's peer.
+        parts += [[g] for g in untimed]
     return parts
 
 
