@@ -241,6 +241,12 @@ def test_copies_sustained_at_a_fraction_of_the_link_filling_the_gaps_are_h2d_pci
     assert f.evidence["mode"] == "slow" and len(f.gpus) == 8
     assert 0.25 * pinned < f.evidence["sustained_copy_bytes_per_second"] < 0.35 * pinned
     assert "pin_memory=True" in f.advice[0]
+    # A scrape's sample averages many copies with the link's rests: no copy rate at all.
+    from dataclasses import replace as _replace
+
+    from agentd.analysis.detectors.h2d_pcie import judge
+    ev = measure(sig)
+    assert judge(ev, "0")[0] == "slow" and judge(_replace(ev, coarse=True), "0") is None
     for g in sig.gpus():  # the same copies on a side stream, while the GPUs compute
         sig.channels[f"gpu.pcie_rx:{g}"] = np.roll(sig.channels[f"gpu.pcie_rx:{g}"], 8)
     assert "h2d_pcie" not in kinds(analyze(sig))

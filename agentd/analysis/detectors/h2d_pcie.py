@@ -61,7 +61,10 @@ def sustained_rate(link) -> tuple[float, int]:
 def _slow_sustained(ev: Evidence, g: str, link, idle: float) -> tuple | None:
     """Without a measured pageable ceiling: copies seen running slow throughout (pageable
     memory, or a link shared with other devices), at a rate at which they need about the
-    time the GPU idles, and in its gaps."""
+    time the GPU idles, and in its gaps. Only at fine resolution: a scrape's sample averages
+    many copies with the link's rests, so its rate is no copy's."""
+    if ev.coarse:
+        return None
     rate, n = sustained_rate(link)
     if n < SUSTAINED_SAMPLES or not SLOW[0] * link.pinned.value <= rate <= \
             SLOW[1] * link.pinned.value:
