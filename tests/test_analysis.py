@@ -989,6 +989,24 @@ def test_activity_repeating_every_few_steps_is_no_step_period():
         [(g.step_period_seconds, g.step_period_note) for g in r.gpus]
 
 
+def test_a_late_row_spread_over_the_points_it_covers_is_one_copy():
+    """Each 0.6 s step copies its batch in one burst; one row in eight came late and covers
+    the grid points it was late for with one rate (signals.from_groups): those equal values
+    are one reading, so the copies still mark the steps."""
+    from agentd.analysis import periodicity as P
+
+    rng = np.random.default_rng(3)
+    rx = np.zeros(1200)
+    for i in range(3, 1195, 6):
+        if rng.random() < 0.125:
+            rx[i - 2:i + 1] = 1.2e9 / 3  # a row 0.2 s late: its bytes over three points
+        else:
+            rx[i] = 1.2e9
+    p = P.period_from_bursts(rx, 0.1)
+    assert p is not None and p.seconds == pytest.approx(0.6, rel=0.02), p
+    assert p.steps_per_second == pytest.approx(1 / 0.6, rel=0.03)
+
+
 def test_one_weak_series_alone_gives_no_period():
     """A single series whose peak explains a quarter of its variance (an evaluation rhythm
     seen through the driver's samples while the 0.16 s steps alias away) is not a step

@@ -216,6 +216,22 @@ TYPICAL = 0.7  # ... and at least this share of them must be, for a typical step
 SPREAD = 0.2  # spread by no more than this share of their mean (and half a tick)
 
 
+def _one_reading_per_row(x: np.ndarray) -> np.ndarray:
+    """A row that came late covers several grid points with one rate (signals.from_groups):
+    its bytes are one reading, not one copy per point. Runs of exactly equal non-zero values
+    (two readings of a byte counter never are) are summed into the run's last point."""
+    same = np.zeros(len(x), dtype=bool)
+    same[1:] = (x[1:] == x[:-1]) & (x[1:] > 0)
+    if not same.any():
+        return x
+    out = x.copy()
+    edges = np.diff(np.concatenate(([0], same.astype(np.int8), [0])))
+    for first, last in zip(np.flatnonzero(edges == 1) - 1, np.flatnonzero(edges == -1) - 1):
+        out[first:last] = 0.0
+        out[last] = x[first] * (last - first + 1)
+    return out
+
+
 def period_from_bursts(rx: np.ndarray, resolution: float) -> Period | None:
     """Step period from host-to-device copies when each step's copy is one short, isolated
     burst (steps longer than a tick, copies shorter). Exact where a periodogram aliases.
@@ -229,6 +245,7 @@ def period_from_bursts(rx: np.ndarray, resolution: float) -> Period | None:
     x = np.nan_to_num(np.asarray(rx, dtype=float)) * resolution  # bytes per sample
     if len(x) < 50 or x.max() <= 0:
         return None
+    x = _one_reading_per_row(x)
     on = x > 0.02 * x.max()
     if on.sum() < 10:
         return None
