@@ -204,7 +204,7 @@ def test_slow_copies_without_a_measured_ceiling_are_named_in_what_would_tell_apa
             sig.channels[f"{key}:{g}"] = sig.channels[f"{key}:{g}"] * 0.83
     r = analyze(sig)
     assert kinds(r, "warning") == [] and kinds(r) == ["unexplained_idle"]
-    assert "never passed 9.0 GB/s" in r.findings[0].advice[0], r.findings[0].advice[0]
+    assert "up to 8.9 GB/s in a sample" in r.findings[0].advice[0], r.findings[0].advice[0]
     sig, _ = healthy_window()  # ... and where the GPU is seen idle while they run
     sig.meta["ceilings"]["h2d"] = {
         g: {**measured[g], "pageable_bytes_per_second": 9.5e9} for g in measured}
@@ -247,8 +247,16 @@ def test_copies_sustained_at_a_fraction_of_the_link_filling_the_gaps_are_h2d_pci
     from agentd.analysis.detectors.h2d_pcie import judge
     ev = measure(sig)
     assert judge(ev, "0")[0] == "slow" and judge(_replace(ev, coarse=True), "0") is None
-    for g in sig.gpus():  # the same copies on a side stream, while the GPUs compute
-        sig.channels[f"gpu.pcie_rx:{g}"] = np.roll(sig.channels[f"gpu.pcie_rx:{g}"], 8)
+    # A copy on a side stream of five samples from the middle of each gap on: the GPU
+    # computes through most of it (an adversarial check), however its bytes add up.
+    phase = np.arange(n) % 16
+    late = (phase >= 2) & (phase < 7)
+    for g in sig.gpus():
+        sig.channels[f"gpu.pcie_rx:{g}"] = np.where(late, 0.3 * pinned, 0.0)
+    r = analyze(sig)
+    assert "h2d_pcie" not in kinds(r), [f.headline() for f in r.findings]
+    for g in sig.gpus():  # ... or wholly while the GPUs compute
+        sig.channels[f"gpu.pcie_rx:{g}"] = np.roll(sig.channels[f"gpu.pcie_rx:{g}"], 6)
     assert "h2d_pcie" not in kinds(analyze(sig))
 
 
@@ -269,9 +277,18 @@ def test_copies_seen_faster_than_pageable_memory_allows_are_not_pageable():
     _copies_in_gaps(sig, 6, 1.12 * 9.5e9)
     r = analyze(sig)
     assert "h2d_pcie" not in kinds(r), [f.headline() for f in r.findings]
-    # Copies that never pass the pageable rate do fill the gaps at it.
+    # Copies that never pass the pageable rate do fill the gaps at it ...
     _copies_in_gaps(sig, 6, 9.4e9)
     assert kinds(analyze(sig), "warning") == ["h2d_pcie"]
+    # ... also with 4% of timing noise in each sample's rate (an adversarial check: the 99th
+    # percentile of a hundred noisy samples had passed 1.08x the ceiling on some GPUs).
+    rng = np.random.default_rng(21)
+    for g in sig.gpus():
+        rx = sig.channels[f"gpu.pcie_rx:{g}"]
+        sig.channels[f"gpu.pcie_rx:{g}"] = rx * rng.normal(1.0, 0.04, len(rx))
+    r = analyze(sig)
+    assert kinds(r, "warning") == ["h2d_pcie"] and len(r.findings[0].gpus) == 8, \
+        [f.headline() for f in r.findings]
 
 
 def test_prefetched_copies_matching_the_ordinary_gaps_are_no_finding():
@@ -1383,7 +1400,8 @@ def test_reads_in_every_gap_of_a_job_without_process_trees_are_io_h2d_serialized
     and rests while they compute: each step reads its batch only when it needs it (the
     robustness suite's io-h2d-serialized node, unexplained before: the node's reads were
     only compared with at most two starved GPUs). Reads in one gap of three (a prefetching
-    loader woken when a batch is taken, reading ahead) are no such evidence."""
+    loader woken when a batch is taken, reading ahead) are no such evidence, nor are reads
+    too short, at the drive's ceiling, to fill a real part of the gaps."""
     sig, _ = healthy_window()
     sig.meta["processes"] = {}
     for k in [k for k in sig.channels if k.startswith("proc.")]:
@@ -1402,6 +1420,15 @@ def test_reads_in_every_gap_of_a_job_without_process_trees_are_io_h2d_serialized
     assert r.findings[0].evidence["alternating"] == "storage reads"
     for k in disks:
         sig.channels[k] = np.where(gaps & ((np.arange(n) // 4) % 3 == 0), sig.channels[k], 0.0)
+    r = analyze(sig)
+    assert "io_h2d_serialized" not in kinds(r), [f.headline() for f in r.findings]
+    # A prefetching worker woken when a batch is taken reads the batch after next in nearly
+    # every gap: 5 MB in 128 KiB requests from a 5 GB/s drive, a millisecond of each 100 ms
+    # gap (an adversarial check): reads that short cannot be what the GPUs wait for.
+    for k in disks:
+        sig.channels[k] = np.where(gaps & (rng.random(n) < 0.85), 5e7 * rng.uniform(0.8, 1.2, n),
+                                   0.0)
+        sig.channels[k.replace("disk.read:", "disk.read_ops:")] = sig.channels[k] / 131072
     r = analyze(sig)
     assert "io_h2d_serialized" not in kinds(r), [f.headline() for f in r.findings]
 

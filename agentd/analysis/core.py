@@ -165,8 +165,8 @@ SLOW_COPY_MIN = 0.1  # ... but do reach this share (below it: copies shorter tha
 
 def _slow_copies(ev: Evidence, gpus: list[str]) -> str:
     """What would tell slow (pageable) copies apart, where the copy ceilings are not measured:
-    copies that never run faster than a fraction of the link in any sample, and at that
-    rate would take a material share of the time. Without `agentd probe`'s pageable
+    copies that never run faster than a fraction of the link in a sample (95th percentile),
+    and at that rate would take a material share of the time. Without `agentd probe`'s pageable
     ceiling this is no finding: a copy shorter than a sample reads slow in it too."""
     for g in gpus:
         link = ev.links.get(g)
@@ -180,7 +180,7 @@ def _slow_copies(ev: Evidence, gpus: list[str]) -> str:
         if SLOW_COPY_MIN * link.pinned.value <= peak < SLOW_COPY * link.pinned.value and \
                 share >= C.MIN_STALL:
             return (f"the host-to-device copy rates (`agentd probe` measures pinned and "
-                    f"pageable ones): copies never passed {peak / 1e9:.1f} GB/s in a sample "
+                    f"pageable ones): copies ran at up to {peak / 1e9:.1f} GB/s in a sample "
                     f"({peak / link.pinned.value * 100:.0f}% of the {link.pinned.value / 1e9:.0f}"
                     f" GB/s pinned ceiling, {link.pinned.source}); at that rate they would take "
                     f"{share * 100:.0f}% of the time, as copies from pageable memory (or through a "

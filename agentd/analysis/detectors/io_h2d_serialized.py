@@ -19,6 +19,9 @@ READING = 1e6  # bytes/s the node's data disks read while it trains
 
 REST = 0.5  # while the GPU computes, the activity runs at most at this share of its level
 #             in the gaps (a prefetching loader keeps working during compute)
+READS_EXPLAIN = 0.25  # the reads, at the drives' ceiling, need at least this share of the
+#                       time the GPU waits (serialized loaders: 45-77% in the robustness
+#                       suite; a prefetching worker reading the batch after next: ~3%)
 IN_GAPS = 2 / 3  # reads in at least this share of the gappiest samples: each step's batch is
 #                  read in its gap (a prefetching worker, woken when a batch is taken, reads
 #                  in some gaps, ahead, and not in the others)
@@ -71,6 +74,18 @@ def _no_workers(ev: Evidence, starved: list[str]) -> list[Finding]:
          "runs."])]
 
 
+def _reads_take_time(ev: Evidence, g: str) -> bool:
+    """The node's reads could fill a real part of the GPU's gaps: at the drives' ceiling
+    (the fastest they can be) they need at least READS_EXPLAIN of its idle time. Reads that
+    take a millisecond of a 30 ms gap are a prefetching worker's, whenever they happen; with
+    no ceiling known, nothing says how long they take."""
+    cap = sum(d.limit.value for d in ev.disks.values() if d.limit.known)
+    idle = ev.gpus[g].idle.mean
+    if not cap or not ev.read_total.n or not idle > 0:
+        return False
+    return ev.read_total.mean / cap >= READS_EXPLAIN * idle
+
+
 def _reads_are_its_job(ev: Evidence, g: str, starved: list[str]) -> bool:
     """The node's reads can stand for the GPU's own loading: at most two GPUs starve, or
     every starved GPU is a rank of the GPU's job (its ranks step together, so their reads
@@ -97,7 +112,8 @@ def detect(ev: Evidence, starved: list[str]) -> list[Finding]:
         ld = ev.loaders.get(g)
         if ld is not None and ld.cpu is not None:
             tests["loader CPU"] = correlation(idle, ld.cpu)
-        if disk is not None and len(ev.disks) and _reads_are_its_job(ev, g, starved):
+        if disk is not None and len(ev.disks) and _reads_are_its_job(ev, g, starved) and \
+                _reads_take_time(ev, g):
             tests["storage reads"] = correlation(idle, disk)
         # (Copies are no evidence: in any input-bound pipeline a batch is copied when it is
         # ready, i.e. while the GPU waits for it.)
