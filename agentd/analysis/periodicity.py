@@ -194,6 +194,16 @@ def resolve(periods: list[Period], sample_dt: dict[str, float]) -> tuple[Period 
 
 
 STEPS_PER_CYCLE = 1.5  # a period holding this many copies on average holds several steps
+COPYING = 0.02  # a sample moving this share of the busiest sample's bytes is copying
+
+
+def copying(x: np.ndarray) -> np.ndarray:
+    """The samples of a PCIe byte series that copy: over COPYING of the busiest one (a NaN
+    copies nothing)."""
+    x = np.nan_to_num(np.asarray(x, dtype=float))
+    if not len(x) or x.max() <= 0:
+        return np.zeros(len(x), dtype=bool)
+    return x > COPYING * x.max()
 
 
 def copies_per_cycle(rx: np.ndarray, resolution: float, seconds: float) -> float | None:
@@ -201,14 +211,11 @@ def copies_per_cycle(rx: np.ndarray, resolution: float, seconds: float) -> float
     holds on average: about one where it is the step's (a copy spanning samples is one run;
     steps shorter than a sample merge theirs), two or more where the activity repeats
     every few steps. None with fewer than 10 copies to count."""
-    x = np.nan_to_num(np.asarray(rx, dtype=float))
-    if not len(x) or x.max() <= 0:
-        return None
-    on = x > 0.02 * x.max()
+    on = copying(rx)
     runs = int((np.diff(np.concatenate(([0], on.astype(np.int8)))) == 1).sum())
     if runs < 10:
         return None
-    return seconds * runs / (len(x) * resolution)
+    return seconds * runs / (len(on) * resolution)
 
 
 BAND = 0.5  # intervals within +-50% of the median one are the steps' own ...
@@ -246,7 +253,7 @@ def period_from_bursts(rx: np.ndarray, resolution: float) -> Period | None:
     if len(x) < 50 or x.max() <= 0:
         return None
     x = _one_reading_per_row(x)
-    on = x > 0.02 * x.max()
+    on = copying(x)
     if on.sum() < 10:
         return None
     idx = np.flatnonzero(on)

@@ -12,6 +12,7 @@ from agentd.analysis.detectors.common import (EXPLAINS_HI, EXPLAINS_LO, SATURATE
                                               fmt_rate, input_finding, margin)
 from agentd.analysis.evidence import Evidence
 from agentd.analysis.findings import Finding
+from agentd.analysis.periodicity import copying
 from agentd.analysis.stats import correlation
 
 GAP_RATE = 0.25  # pageable without a measured ceiling: rx through the gaps >= this x link
@@ -37,7 +38,7 @@ def peak_rate(link) -> float:
     rx = rx[np.isfinite(rx)]
     if not len(rx) or rx.max() <= 0:
         return float("nan")
-    on = rx[rx > 0.02 * rx.max()]
+    on = rx[copying(rx)]
     return float(np.percentile(on, 95)) if len(on) >= 20 else float("nan")
 
 
@@ -60,9 +61,9 @@ def sustained_rate(link) -> tuple[float, np.ndarray]:
         return float("nan"), np.zeros(0, dtype=bool)
     rx = np.nan_to_num(np.asarray(rx, dtype=float))
     inside = np.zeros(len(rx), dtype=bool)
-    if len(rx) < 3 or rx.max() <= 0:
+    if len(rx) < 3:
         return float("nan"), inside
-    on = rx > 0.02 * rx.max()
+    on = copying(rx)
     inside[1:-1] = on[1:-1] & on[:-2] & on[2:]
     return (float(np.median(rx[inside])) if inside.any() else float("nan")), inside
 
