@@ -30,11 +30,17 @@ processes = [{{ pid = {pid}, memory_bytes = 6.0e10, sm_util = 0.7 }}]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def _stat(path: str) -> tuple[str, float]:
+    """(name, user + system CPU seconds) from a /proc/.../stat file."""
+    with open(path) as f:
+        text = f.read()
+    fields = text.rsplit(")", 1)[1].split()
+    return text[text.find("(") + 1:text.rfind(")")], (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of one process (its threads included)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return _stat(f"/proc/{pid}/stat")[1]
 
 
 def thread_cpu_seconds(pid: int) -> dict[str, float]:
@@ -48,13 +54,10 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
         return out
     for tid in tids:
         try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                text = f.read()
+            name, seconds = _stat(f"/proc/{pid}/task/{tid}/stat")
         except OSError:
             continue  # the thread ended meanwhile
-        name = text[text.find("(") + 1:text.rfind(")")]
-        fields = text.rsplit(")", 1)[1].split()
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLK_TCK
+        out[name] = out.get(name, 0.0) + seconds
     return out
 
 

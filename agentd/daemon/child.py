@@ -52,16 +52,16 @@ def tune_malloc() -> None:
 PR_SET_NAME = 15
 
 
-def name_os_thread(name: str) -> None:
-    """Give the calling thread its name at the OS level too (prctl PR_SET_NAME, 15 bytes), so
-    that `top -H`, `ps -L` and /proc/PID/task/TID/comm tell agentd's threads apart (CPython
-    names its threads for Python only). Never call it from the main thread: its name is the
-    process'."""
+def name_os_thread() -> None:
+    """Give the calling thread its Python name at the OS level too (prctl PR_SET_NAME, 15
+    bytes), so that `top -H`, `ps -L` and /proc/PID/task/TID/comm tell agentd's threads
+    apart (CPython names its threads for Python only). Never call it from the main thread:
+    its name is the process'."""
     import ctypes
 
     try:
         libc = ctypes.CDLL(None)
-        libc.prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+        libc.prctl(PR_SET_NAME, threading.current_thread().name.encode()[:15], 0, 0, 0)
     except (OSError, AttributeError):
         pass  # not Linux
 

@@ -253,7 +253,7 @@ class RollingAnalysis:
         return report
 
     def _loop(self) -> None:
-        name_os_thread("analysis")
+        name_os_thread()
         cfg = self.daemon.config
         # The first run waits for half a window of data.
         if self._stop.wait(min(cfg.analysis_window / 2, 30.0)):

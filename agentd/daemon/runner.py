@@ -153,7 +153,7 @@ class Loop:
         return self._thread.is_alive()
 
     def _main(self) -> None:
-        name_os_thread(self._thread.name)
+        name_os_thread()
         now = time.monotonic()
         for s in self.states:
             s.try_open(now)

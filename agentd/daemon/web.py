@@ -192,7 +192,7 @@ class WebServer:
     # --- answering it -----------------------------------------------------------------------------
 
     def _serve(self, child: Child, channel: Channel, ready: threading.Event) -> None:
-        name_os_thread("web-channel")
+        name_os_thread()
         try:
             self._serve_channel(child, channel, ready)
         finally:
