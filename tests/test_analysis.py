@@ -98,6 +98,13 @@ def test_mild_storage_stall_of_5_to_8_percent_is_found():
 # --- silence: the held-out failure modes -------------------------------------------------------
 
 
+def _drop(sig: Signals, *prefixes: str) -> None:
+    """Take every channel whose name starts with one of `prefixes` out of the window (a
+    source without those signals)."""
+    for k in [k for k in sig.channels if k.startswith(prefixes)]:
+        del sig.channels[k]
+
+
 def healthy_window(seconds: float = 60, **job) -> tuple[Signals, object]:
     sc = S.load("healthy-8gpu-250ms", seed=0)
     sc = replace(sc, job=replace(sc.job, **job)) if job else sc
@@ -130,8 +137,7 @@ def test_two_jobs_without_job_labels_are_not_a_straggler():
         if int(g) < 4:
             sig.channels[f"gpu.sm_active:{g}"] = np.minimum(sm * 1.18, 1.0)
     sig.meta["processes"] = {}
-    for k in [k for k in sig.channels if k.startswith("proc.")]:
-        del sig.channels[k]
+    _drop(sig, "proc.")
     assert "straggler" not in kinds(analyze(sig)), [f.headline() for f in analyze(sig).findings]
     for g in ("1", "2", "3"):
         sig.channels[f"gpu.sm_active:{g}"] = sig.get("gpu.sm_active", "5")
@@ -147,9 +153,7 @@ def test_straggler_without_sm_activity_from_steady_power_against_swinging_peers(
     margin). A GPU that draws as much more but swings as its peers do is a hotter, leakier
     chip at the same work: no straggler."""
     sig, _ = healthy_window()
-    for k in [k for k in sig.channels if k.startswith(("gpu.sm_active", "gpu.tensor_active",
-                                                       "gpu.dram_active"))]:
-        del sig.channels[k]
+    _drop(sig, "gpu.sm_active", "gpu.tensor_active", "gpu.dram_active")
     n = len(sig.t)
     rng = np.random.default_rng(2)
     swing = np.where(np.arange(n) % 2 == 0, 1.12, 0.88)
@@ -177,8 +181,7 @@ def _copies_in_gaps(sig: Signals, every: int, rate: float) -> None:
     is the busy series'."""
     n = len(sig.t)
     copying = (np.arange(n) % every) == 0
-    for k in [k for k in sig.channels if k.startswith("gpu.util_sample")]:
-        del sig.channels[k]
+    _drop(sig, "gpu.util_sample")
     for g in sig.gpus():
         sig.channels[f"gpu.pcie_rx:{g}"] = np.where(copying, rate, 0.0)
         for key in ("gpu.busy", "gpu.busy_time"):
@@ -233,8 +236,7 @@ def test_copies_sustained_at_a_fraction_of_the_link_filling_the_gaps_are_h2d_pci
             copying, 0.3 * pinned * rng.uniform(0.95, 1.05, n), 0.0)
         for key in ("gpu.busy", "gpu.busy_time"):
             sig.channels[f"{key}:{g}"] = np.where(copying, 0.0, sig.channels[f"{key}:{g}"])
-    for k in [k for k in sig.channels if k.startswith("gpu.util_sample")]:
-        del sig.channels[k]
+    _drop(sig, "gpu.util_sample")
     r = analyze(sig)
     assert kinds(r, "warning") == ["h2d_pcie"], [f.headline() for f in r.findings]
     f = r.findings[0]
@@ -355,8 +357,7 @@ def test_saturated_node_is_not_input_cpu_when_the_loader_has_headroom():
     assert kinds(r, "warning") == [], [f.headline() for f in r.findings]
     assert kinds(r) == ["unexplained_idle"]
     assert "crowds out the loader" in r.findings[0].advice[0]
-    for k in [k for k in sig.channels if k.startswith("proc.")]:
-        del sig.channels[k]
+    _drop(sig, "proc.")
     sig.meta["processes"] = {}
     assert kinds(analyze(sig), "warning") == ["input_cpu"]
 
@@ -982,8 +983,7 @@ def test_activity_repeating_every_few_steps_is_no_step_period():
     sig, _ = healthy_window()
     n = len(sig.t)
     phase = np.arange(n) % 37
-    for k in [k for k in sig.channels if k.startswith("gpu.util_sample")]:
-        del sig.channels[k]
+    _drop(sig, "gpu.util_sample")
 
     def steps(copy_at: tuple[int, ...]) -> None:
         compute = phase < 13
@@ -1163,8 +1163,7 @@ def test_reads_through_an_uplink_below_its_ceiling_are_the_drives_not_the_links(
 
 def test_a_drive_in_the_topology_without_disk_columns_degrades_not_crashes():
     sig, _ = simulate(S.load("shared-link", seed=0), seconds=60)
-    for k in [k for k in sig.channels if k.startswith("disk.")]:
-        del sig.channels[k]
+    _drop(sig, "disk.")
     r = analyze(sig)
     json.dumps(r.to_json(), allow_nan=False)
     assert r.findings
@@ -1404,8 +1403,7 @@ def test_reads_in_every_gap_of_a_job_without_process_trees_are_io_h2d_serialized
     too short, at the drive's ceiling, to fill a real part of the gaps."""
     sig, _ = healthy_window()
     sig.meta["processes"] = {}
-    for k in [k for k in sig.channels if k.startswith("proc.")]:
-        del sig.channels[k]
+    _drop(sig, "proc.")
     disks = [k for k in sig.channels if k.startswith("disk.read:")]
     assert disks
     n = len(sig.t)
@@ -1478,9 +1476,7 @@ def test_an_idle_gpu_outside_its_peers_collective_holds_no_one_back():
     they do not wait for GPU 0, which takes no part in their collective. It is an idle
     allocation, not a blocked rank holding the job back (an adversarial check's 1+7 split)."""
     sig, _ = healthy_window()
-    for k in [k for k in sig.channels if k.startswith(("gpu.sm_active", "gpu.tensor_active",
-                                                       "gpu.dram_active", "gpu.util_sample"))]:
-        del sig.channels[k]
+    _drop(sig, "gpu.sm_active", "gpu.tensor_active", "gpu.dram_active", "gpu.util_sample")
     n = len(sig.t)
     for g in sig.gpus():
         sig.channels[f"gpu.power:{g}"] = np.full(n, 150.0)
