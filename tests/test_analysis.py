@@ -698,6 +698,40 @@ def test_idle_gpu_without_memory_or_process_is_not_idle_allocated():
     assert kinds(analyze(sig)) == []
 
 
+def test_instantaneous_zeros_are_not_idle_when_the_exact_mean_shows_kernels():
+    """dcgm-exporter at 30 s: DCGM_FI_DEV_GPU_UTIL reads a 1/6 s window at the scrape, and a
+    rank computing half of every step read 0 at five scrapes in a row (its step aliased with
+    the scrape), while GR_ENGINE_ACTIVE, the exact mean, read 0.49 throughout (robustness seed
+    197105721, memory-pressure). Kernels ran: that GPU is not an idle allocation."""
+    n = 20
+    t = 1.7e9 + np.arange(n) * 30.0
+    ch = {}
+    for g in range(8):
+        util = np.ones(n)
+        if g == 4:
+            util[-5:] = 0.0
+        ch[f"gpu.busy:{g}"] = util
+        ch[f"gpu.busy_time:{g}"] = np.full(n, 0.49 if g == 4 else 0.95)
+        ch[f"gpu.sm_active:{g}"] = np.full(n, 0.38)
+        ch[f"gpu.mem_used:{g}"] = np.full(n, 55e9)
+    meta = {"gpus": {str(g): {"name": "NVIDIA H100 80GB HBM3"} for g in range(8)}}
+    r = analyze(Signals(t, ch, 30.0, "dcgm-exporter", "node-c", meta))
+    assert "idle_allocated" not in kinds(r), [f.headline() for f in r.findings]
+    # Without the profiling fields (DCGM's default set on some cards), the power tells: the
+    # rank drew 420 W of 700, an idle H100 holding memory draws 70-130 W.
+    gpu_only = {k: v for k, v in ch.items() if not k.startswith(("gpu.busy_time",
+                                                                 "gpu.sm_active"))}
+    for g in range(8):
+        gpu_only[f"gpu.power:{g}"] = np.full(n, 420.0)
+    r = analyze(Signals(t, gpu_only, 30.0, "dcgm-exporter", "node-c", meta))
+    assert "idle_allocated" not in kinds(r), [f.headline() for f in r.findings]
+    for key in ("gpu.busy_time:4", "gpu.sm_active:4"):  # no kernel in any series: idle
+        ch[key][-5:] = 0.0
+    ch["gpu.power:4"] = np.where(np.arange(n) < n - 5, 420.0, 95.0)
+    r = analyze(Signals(t, ch, 30.0, "dcgm-exporter", "node-c", meta))
+    assert "idle_allocated" in kinds(r), [f.headline() for f in r.findings]
+
+
 def test_single_gpu_cannot_straggle():
     report, _, _ = diagnose("straggler", seed=None, gpus=1, straggler_gpu=0)
     assert "straggler" not in kinds(report)

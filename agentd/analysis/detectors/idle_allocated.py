@@ -12,6 +12,9 @@ from agentd.analysis.findings import Finding
 IDLE_BUSY = 0.02  # utilization under which a held GPU counts as idle
 IDLE_MIN_SECONDS = 30.0
 WARN_SECONDS, CRITICAL_SECONDS = 120.0, 600.0
+# Share of the board's power limit over which a GPU is doing work: idle with memory held,
+# an H100 SXM draws 70-130 W of 700 W and a PCIe card ~50 W of 350 W (10-19%).
+ACTIVE_POWER = 0.3
 
 
 def _current_run(mask: np.ndarray, known: np.ndarray) -> tuple[int, int]:
@@ -25,6 +28,23 @@ def _current_run(mask: np.ndarray, known: np.ndarray) -> tuple[int, int]:
     before = np.flatnonzero(~mask[:end] & known[:end])
     start = int(before[-1]) + 1 if len(before) else int(last[0])
     return start, end - start
+
+
+def _kernels(sig, g: str, power_limit: float | None) -> np.ndarray:
+    """Samples where a series other than the held utilization shows kernels: the busy time
+    the driver credited (exact; dcgm-exporter's GR_ENGINE_ACTIVE), SM activity, or power
+    over ACTIVE_POWER of the board's limit. The held utilization is one reading of the
+    driver's last 1/6 s: a GPU computing half of every step can read 0 at several scrapes in
+    a row when its step aliases with the scrape."""
+    out = np.zeros(len(sig.t), dtype=bool)
+    for name in ("gpu.busy_time", "gpu.sm_active"):
+        x = sig.get(name, g)
+        if x is not None:
+            out |= np.nan_to_num(np.asarray(x, dtype=float)) >= IDLE_BUSY
+    power = sig.get("gpu.power", g)
+    if power is not None and power_limit:
+        out |= np.nan_to_num(np.asarray(power, dtype=float)) >= ACTIVE_POWER * power_limit
+    return out
 
 
 def detect(ev: Evidence) -> list[Finding]:
@@ -43,7 +63,7 @@ def detect(ev: Evidence) -> list[Finding]:
             held = np.isfinite(s.busy)
         else:
             continue  # no evidence a job holds it: spare, not allocated
-        idle = held & np.isfinite(s.busy) & (s.busy < IDLE_BUSY)
+        idle = held & np.isfinite(s.busy) & (s.busy < IDLE_BUSY) & ~_kernels(sig, g, s.power_limit)
         start, length = _current_run(idle, np.isfinite(s.busy))
         seconds = length * sig.resolution
         if seconds >= IDLE_MIN_SECONDS and length >= 3:
