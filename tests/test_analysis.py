@@ -1040,6 +1040,39 @@ def test_activity_repeating_every_few_steps_is_no_step_period():
         [(g.step_period_seconds, g.step_period_note) for g in r.gpus]
 
 
+def test_without_pcie_a_cycle_of_several_gaps_is_no_step_period():
+    """Without PCIe counters the copies cannot be counted; the gaps between kernels can.
+    Storage-bound ranks bunch their steps: four 0.5 s steps, each ending in a short gap (the
+    held utilization reads 70%), then a 2 s wait, every 4 s. SM activity repeats every 4 s
+    and 4 s had been printed as the step period (robustness input-storage and
+    memory-pressure without PCIe: every GPU wrong, 0.3-0.6 s steps read as 3-13 s). With one
+    gap per cycle, 4 s is the step."""
+    sig, _ = healthy_window()
+    n = len(sig.t)
+    phase = np.arange(n) % 40
+    _drop(sig, "gpu.util_sample", "gpu.pcie")
+
+    def steps(gap_at: tuple[int, ...]) -> None:
+        compute = phase < 20
+        level = np.where(compute, 1.0, 0.0)
+        level[np.isin(phase, gap_at)] = 0.7
+        for g in sig.gpus():
+            for key in ("gpu.busy", "gpu.busy_time"):
+                sig.channels[f"{key}:{g}"] = level.copy()
+            sm = sig.channels[f"gpu.sm_active:{g}"]
+            sig.channels[f"gpu.sm_active:{g}"] = np.where(np.isfinite(sm), 0.7 * level, sm)
+
+    steps((4, 9, 14))
+    r = analyze(sig)
+    assert all(g.step_period_seconds is None for g in r.gpus), \
+        [g.step_period_seconds for g in r.gpus]
+    assert "gaps between kernels" in r.gpus[0].step_period_note, r.gpus[0].step_period_note
+    steps(())
+    r = analyze(sig)
+    assert all(g.step_period_seconds == pytest.approx(4.0, rel=0.05) for g in r.gpus), \
+        [(g.step_period_seconds, g.step_period_note) for g in r.gpus]
+
+
 def test_a_late_row_spread_over_the_points_it_covers_is_one_copy():
     """Each 0.6 s step copies its batch in one burst; one row in eight came late and covers
     the grid points it was late for with one rate (signals.from_groups): those equal values

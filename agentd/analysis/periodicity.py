@@ -218,6 +218,25 @@ def copies_per_cycle(rx: np.ndarray, resolution: float, seconds: float) -> float
     return seconds * runs / (len(on) * resolution)
 
 
+GAP_LEVEL = 0.95  # a held utilization under this shows a gap in the driver's window
+
+
+def gaps_per_cycle(level: np.ndarray, resolution: float, seconds: float) -> float | None:
+    """How many gaps between kernels (a held utilization dipping under GAP_LEVEL after a
+    sample at or over it) a period of `seconds` holds on average: a step has one, the wait
+    for its batch and launch; where the activity repeats every few steps (steps bunched by
+    stalls) a cycle holds several. The counterpart of copies_per_cycle for sources without
+    PCIe counters. None with fewer than 10 gaps to count."""
+    x = np.asarray(level, dtype=float)
+    ok = np.isfinite(x)
+    high = ok & (x >= GAP_LEVEL)
+    low = ok & (x < GAP_LEVEL)
+    gaps = int((low[1:] & high[:-1]).sum())
+    if gaps < 10:
+        return None
+    return seconds * gaps / (len(x) * resolution)
+
+
 BAND = 0.5  # intervals within +-50% of the median one are the steps' own ...
 TYPICAL = 0.7  # ... and at least this share of them must be, for a typical step to exist,
 SPREAD = 0.2  # spread by no more than this share of their mean (and half a tick)
