@@ -520,6 +520,73 @@ def gpu_lost(rng, i, w0, span):
                 list(range(8)), [k])
 
 
+# --- healthy variants added after the first 33 (appended, so that every earlier case keeps
+# its index and a seed reproduces it) --------------------------------------------------------
+
+def healthy_rank0_logging(rng, i, w0, span):
+    node = _node(rng, i)
+    step = rng.uniform(0.2, 1.0)
+    job = train(rng, node, list(range(8)), step, log_every=int(rng.integers(10, 30)),
+                log_seconds=step * rng.uniform(0.2, 0.5))
+    return Case("healthy-rank0-logging", "healthy", "rank 0 pauses to log every 10-30 steps "
+                "(1-3% of the job's time); its peers wait in the next all-reduce", node, [job],
+                (w0, w0 + span))
+
+
+def healthy_async_checkpoints(rng, i, w0, span):
+    node = _node(rng, i, "h100")
+    step = rng.uniform(0.3, 1.2)
+    job = train(rng, node, list(range(8)), step, ckpt_every=rng.uniform(60, 120),
+                ckpt_first=LEAD + rng.uniform(10, 50), ckpt_bytes=rng.uniform(2, 6) * GB)
+    return Case("healthy-async-checkpoints", "healthy", "asynchronous checkpoints every 1-2 "
+                "minutes: device-to-host copies, then drive writes, while training goes on",
+                node, [job], (w0, w0 + span))
+
+
+def healthy_streamed_shards(rng, i, w0, span):
+    node = _node(rng, i, drives=1)
+    step = rng.uniform(0.2, 0.6)
+    rho = rng.uniform(0.2, 0.45)
+    per_rank = rho * node.drives[0].read_ceiling(1 << 20) * step / 8
+    job = train(rng, node, list(range(8)), step, workers=int(rng.integers(6, 10)),
+                util=rng.uniform(0.2, 0.4), batch_bytes=per_rank, cache_hit=0.0)
+    for ld in job.loaders.values():
+        ld.request = 1 << 20
+    return Case("healthy-streamed-shards", "healthy", "large shards streamed uncached in 1 MiB "
+                "reads at 20-45% of the drive's ceiling, loaders fed", node, [job],
+                (w0, w0 + span), ceilings=bool(rng.random() < 0.5))
+
+
+def healthy_part_of_node(rng, i, w0, span):
+    node = _node(rng, i)
+    gpus = sorted(int(g) for g in rng.choice(8, size=int(rng.integers(2, 5)), replace=False))
+    job = train(rng, node, gpus, rng.uniform(0.1, 1.0))
+    return Case("healthy-part-of-node", "healthy", "a 2-4 GPU job; the node's other GPUs hold "
+                "no memory (spare capacity)", node, [job], (w0, w0 + span))
+
+
+def healthy_large_multinode(rng, i, w0, span):
+    node = _node(rng, i, "h100")
+    step = rng.uniform(0.3, 1.5)
+    job = train(rng, node, list(range(8)), step, nodes=int(rng.integers(16, 65)),
+                net_rate=node.nic_rate * rng.uniform(0.5, 0.9),
+                remote_jitter=step * rng.uniform(0.01, 0.03))
+    job.grad_bytes = rng.uniform(1, 4) * GB
+    job.overlap = rng.uniform(0.85, 0.95)
+    return Case("healthy-large-multinode", "healthy", "one node of a 16-64 node job, the "
+                "all-reduce 85-95% hidden under backward, remote ranks 1-3% late", node, [job],
+                (w0, w0 + span))
+
+
+def healthy_partly_cached(rng, i, w0, span):
+    node = _node(rng, i, drives=1)
+    step = rng.uniform(0.1, 0.5)
+    job = train(rng, node, list(range(8)), step, workers=int(rng.integers(4, 10)),
+                batch_bytes=rng.uniform(20, 80) * MB, cache_hit=rng.uniform(0.6, 0.9))
+    return Case("healthy-partly-cached", "healthy", "the page cache serves 60-90% of the reads, "
+                "the drive the rest; loaders fed", node, [job], (w0, w0 + span))
+
+
 BUILDERS: dict[str, Callable] = {f.__name__.replace("_", "-"): f for f in (
     healthy_llm, healthy_short_steps, healthy_nvme_busy, healthy_cpu_heavy, healthy_pcie_bursts,
     healthy_power_at_limit, healthy_multinode, healthy_single_jobs, healthy_two_jobs,
@@ -528,7 +595,8 @@ BUILDERS: dict[str, Callable] = {f.__name__.replace("_", "-"): f for f in (
     input_storage_eval, input_cpu_1gpu, input_cpu_dp, input_cpu_one_rank,
     input_cpu_short_steps, h2d_pageable, h2d_bursts, io_h2d_serialized, shared_link, comm_wait,
     throttled_power, throttled_thermal, straggler, straggler_sync_checkpoint, memory_pressure,
-    gpu_lost)}
+    gpu_lost, healthy_rank0_logging, healthy_async_checkpoints, healthy_streamed_shards,
+    healthy_part_of_node, healthy_large_multinode, healthy_partly_cached)}
 
 
 def build(name: str, seed: int, index: int, w0: float, span: float) -> tuple[Case, Timeline]:
