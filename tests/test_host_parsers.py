@@ -56,6 +56,61 @@ def test_usage_row_in_cores():
     assert row["cpu.count:"] == 2
 
 
+def test_per_cpu_lines_once_a_second():
+    """A GPU node has 100-200 CPUs: their lines are parsed on slow ticks only (the busiest
+    core over the last second, the per-core series), the aggregate line and the task
+    counts every tick, whatever the CPU count (bench/sampler_cost.py)."""
+    def stat(busy: dict[int, int] | None, cpus) -> str:  # None: nothing counted yet
+        lines = [f"cpu  {sum((busy or {}).values())} 0 0 0 0 0 0 0 0 0"]
+        lines += [f"cpu{i} {busy.get(i, 0)} 0 0 {1000 - busy.get(i, 0)} 0 0 0 0 0 0"
+                  if busy is not None else f"cpu{i} 0 0 0 0 0 0 0 0 0 0" for i in cpus]
+        return "\n".join(lines + ["intr 5 0 0", "ctxt 7", "procs_running 4",
+                                  "procs_blocked 2"]) + "\n"
+
+    fast = parse_stat(stat({7: 300}, range(192)), per_cpu=False)
+    assert fast.per_cpu is None and fast.cpus == 192
+    assert (fast.context_switches, fast.procs_running, fast.procs_blocked) == (7, 4, 2)
+    a = parse_stat(stat(None, range(192)))
+    b = parse_stat(stat({7: 300, 150: 900}, range(192)))
+    assert b.per_cpu["150"][:4] == (900, 0, 0, 100)
+    assert usage_row(a, b)["cpu.max_core:"] == pytest.approx(0.9)
+    assert "cpu.max_core:" not in usage_row(a, fast)  # a fast tick: no per-CPU figures
+    # cpu150 went offline: the busiest of the CPUs in both readings is cpu7.
+    c = parse_stat(stat({7: 300, 150: 900}, [i for i in range(192) if i != 150]))
+    assert usage_row(a, c)["cpu.max_core:"] == pytest.approx(0.3)
+    with pytest.raises(Malformed, match="not a number"):
+        parse_stat(stat(None, range(4)).replace("cpu2 0", "cpu2 x"))
+    with pytest.raises(Malformed, match="procs_blocked"):
+        parse_stat(stat(None, range(4)).replace("procs_blocked 2", "procs_blocked 2 3"),
+                   per_cpu=False)
+
+
+def test_cpu_sampler_busiest_core_on_slow_ticks(tmp_path):
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    text = read_text(os.path.join(VM_PROC, "stat"))
+    (proc / "stat").write_text(text)
+    ctx = Context(paths=Paths(str(proc), str(tmp_path), str(tmp_path)), fast_interval=0.1,
+                  slow_interval=1.0)
+    s = CpuSampler(ctx, {})
+    s.open()
+    cpu0 = next(line for line in text.splitlines() if line.startswith("cpu0 "))
+    f = cpu0.split()
+    f[1] = str(int(f[1]) + 40)  # cpu0 busy for 40 jiffies
+    agg = text.splitlines()[0].split()
+    agg[1] = str(int(agg[1]) + 40)
+    agg[4] = str(int(agg[4]) + 60)
+    (proc / "stat").write_text(text.replace(cpu0, " ".join(f)).replace(
+        text.splitlines()[0], " ".join(agg)))
+    row = s.sample(1.0, False)
+    assert "cpu.max_core:" not in row and row["cpu.busy:"] > 0
+    agg[4] = str(int(agg[4]) + 10)  # the aggregate ticks on; cpu0 did since the open
+    (proc / "stat").write_text(text.replace(cpu0, " ".join(f)).replace(
+        text.splitlines()[0], " ".join(agg)))
+    row = s.sample(2.0, True)
+    assert row["cpu.max_core:"] == pytest.approx(1.0, abs=0.01)
+
+
 def test_cpu_against_psutil():
     """Our per-mode seconds agree with psutil's reading of the live /proc/stat, per core only
     on request (node_exporter exports per-core time; a 96-core node makes it 768 series)."""
