@@ -90,15 +90,16 @@ SIGNALS: dict[str, Signal] = {
         Signal("net.tx", "bytes/s", "bytes sent by a network interface", "slow"),
         Signal("rdma.rx", "bytes/s", "bytes received by an RDMA port", "slow"),
         Signal("rdma.tx", "bytes/s", "bytes sent by an RDMA port", "slow"),
-        Signal("proc.cpu", "cores", "CPU of a GPU process and its descendants", "fast"),
-        Signal("proc.max_member_cpu", "cores", "CPU of the busiest process in the tree", "fast"),
+        # A tree's members are read on slow ticks (every tick while it is its root alone).
+        Signal("proc.cpu", "cores", "CPU of a GPU process and its descendants", "slow"),
+        Signal("proc.max_member_cpu", "cores", "CPU of the busiest process in the tree", "slow"),
         Signal("proc.root_cpu", "cores",
                "CPU of the tree's root (the trainer): the rest is its data-loader workers'",
                "fast"),
-        Signal("proc.members", "processes", "processes in the tree (trainer and workers)", "fast"),
-        Signal("proc.read", "bytes/s", "bytes the tree caused to be read from storage", "fast"),
-        Signal("proc.rchar", "bytes/s", "bytes the tree read through read() and friends", "fast"),
-        Signal("proc.blocked", "processes", "processes of the tree in D state", "fast"),
+        Signal("proc.members", "processes", "processes in the tree (trainer and workers)", "slow"),
+        Signal("proc.read", "bytes/s", "bytes the tree caused to be read from storage", "slow"),
+        Signal("proc.rchar", "bytes/s", "bytes the tree read through read() and friends", "slow"),
+        Signal("proc.blocked", "processes", "processes of the tree in D state", "slow"),
     ]
 }
 

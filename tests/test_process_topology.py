@@ -239,11 +239,62 @@ def test_malformed_proc_stat_skips_that_process_only(tmp_path, caplog):
     write(101, 100, 1000 + 50)
     write(102, 100, 0, text="102 (worker) S 100 102 102 0 -1 42")  # truncated
     with caplog.at_level("WARNING", logger="agentd"):
-        row = s.sample(11.0, False)
-        s.sample(12.0, False)
+        row = s.sample(11.0, True)  # every member is read on slow ticks
+        s.sample(12.0, True)
     hz = os.sysconf("SC_CLK_TCK")
     assert row["proc.cpu:100"] == pytest.approx(50 / hz)  # 101's work; 102 skipped
     assert row["proc.members:100"] == 3.0  # 102 still exists
     assert len([r for r in caplog.records if "skipping process 102" in r.getMessage()]) == 1
     write(102, 100, 1000 + 20)  # readable again: only its new work counts, no burst
-    assert s.sample(13.0, False)["proc.cpu:100"] == pytest.approx(20 / hz)
+    assert s.sample(13.0, True)["proc.cpu:100"] == pytest.approx(20 / hz)
+
+
+def test_workers_are_read_once_a_second_the_trainer_every_tick(tmp_path):
+    """A node's 8 ranks with 12 workers each are ~100 processes: reading every one ten times
+    a second cost ~2% of a core (bench/sampler_cost.py). Fast ticks read the trainer alone
+    (proc.root_cpu); slow ticks read every member, and the tree's CPU, busiest member,
+    members and blocked cover the second since the last such read, so no work is lost."""
+    me = os.getpid()
+    stat = open(f"/proc/{me}/stat").read()
+    cgroup = open(f"/proc/{me}/cgroup").read()
+    proc = tmp_path / "proc"
+    pids = {100: 1, 101: 100, 102: 100}
+    ticks = {100: 1000, 101: 1000, 102: 1000}
+
+    def write(pid: int, state: str = "S") -> None:
+        d = proc / str(pid)
+        (d / "task" / str(pid)).mkdir(parents=True, exist_ok=True)
+        f = stat[stat.rindex(")") + 2:].split()
+        f[0], f[1], f[11], f[12] = state, str(pids[pid]), str(ticks[pid]), "0"
+        (d / "stat").write_text(f"{pid} (worker) " + " ".join(f) + "\n")
+        (d / "cgroup").write_text(cgroup)
+        kids = [str(k) for k, p in pids.items() if p == pid]
+        (d / "task" / str(pid) / "children").write_text(" ".join(kids) + (" " if kids else ""))
+
+    for pid in pids:
+        write(pid)
+    ctx = Context(Paths(str(proc), str(tmp_path)), 0.1, 1.0)
+    ctx.shared.gpu_processes = {100: (0,)}
+    s = ProcessSampler(ctx)
+    s.open()
+    s.sample(10.0, True)
+    hz = os.sysconf("SC_CLK_TCK")
+    for k in range(1, 10):  # nine fast ticks: the trainer 1 tick each, a worker 8
+        ticks[100] += 1
+        ticks[101] += 8
+        for pid in pids:
+            write(pid, "D" if pid == 102 else "S")
+        row = s.sample(10.0 + k / 10, False)
+        assert row == {"proc.root_cpu:100": pytest.approx(1 / hz / 0.1)}, row
+    ticks[100] += 1
+    ticks[101] += 8
+    for pid in pids:
+        write(pid, "D" if pid == 102 else "S")
+    row = s.sample(11.0, True)
+    assert row["proc.root_cpu:100"] == pytest.approx(1 / hz / 0.1)
+    assert row["proc.cpu:100"] == pytest.approx(90 / hz)  # 10 + 80 ticks over the second
+    assert row["proc.max_member_cpu:100"] == pytest.approx(80 / hz)
+    assert row["proc.members:100"] == 3.0 and row["proc.blocked:100"] == 1.0
+    cpu = next(v for (n, _), v in (((n, lab), v) for n, lab, v in s.series())
+               if n == "agentd_process_cpu_seconds_total")
+    assert cpu == pytest.approx(90 / hz)
