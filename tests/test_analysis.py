@@ -293,6 +293,36 @@ def test_copies_seen_faster_than_pageable_memory_allows_are_not_pageable():
         [f.headline() for f in r.findings]
 
 
+def test_copies_shorter_than_a_sample_are_not_seen_at_pageable_speed():
+    """Pinned copies at link rate, each a few ms, one per step in the step's ordinary gap
+    (fresh robustness seed 1041384343, healthy-pcie-bursts): a sample holding one reads a
+    quarter of the measured pageable rate, and the bytes at that rate happen to need about
+    the GPU's 5% of gaps. That had been named h2d_pcie "pageable" at warning: a coincidence
+    of byte counts. Copies are pageable only where samples show them running at about the
+    pageable rate (every pageable node of the suite's kept seeds: 1.00-1.02 of it)."""
+    sig, _ = healthy_window()
+    h2d = sig.meta["ceilings"]["h2d"]
+    sig.meta["ceilings"]["h2d"] = {g: {**h2d[g], "pageable_bytes_per_second": 9.5e9}
+                                   for g in h2d}
+    n = len(sig.t)
+    copying = (np.arange(n) % 4) == 0
+    _drop(sig, "gpu.util_sample")
+
+    def copies(rate: float, busy_while: float) -> None:
+        for g in sig.gpus():
+            sig.channels[f"gpu.pcie_rx:{g}"] = np.where(copying, rate, 0.0)
+            for key in ("gpu.busy", "gpu.busy_time"):
+                sig.channels[f"{key}:{g}"] = np.where(copying, busy_while, 1.0)
+
+    copies(0.25 * 9.5e9, 0.75)  # a short copy in a short gap of each sampled step
+    r = analyze(sig)
+    assert "h2d_pcie" not in kinds(r), [f.headline() for f in r.findings]
+    copies(9.4e9, 0.0)  # copies that fill their samples at the pageable rate: pageable
+    r = analyze(sig)
+    assert kinds(r, "warning") == ["h2d_pcie"], [f.headline() for f in r.findings]
+    assert r.findings[0].evidence["mode"] == "pageable"
+
+
 def test_prefetched_copies_matching_the_ordinary_gaps_are_no_finding():
     """A healthy job whose batches are copied on a side stream while the GPU computes, at a
     byte rate that at the measured pageable speed would need about its ordinary 7% of gaps
