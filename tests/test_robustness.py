@@ -234,3 +234,25 @@ def test_healthy_nodes_raise_no_warning(name, tmp_path):
     report = analyze(RecordingSource(str(path)).read()).to_json()
     warnings = [f for f in report["findings"] if f["severity"] in ("warning", "critical")]
     assert not warnings, [(f["kind"], f["summary"]) for f in warnings]
+
+
+def test_reuse_scores_the_kept_recordings_without_rewriting_them(tmp_path, capsys):
+    """--reuse diagnoses what an earlier run with the same seed kept in its workdir (to score
+    kept data with changed code); it rewrites nothing, and needs the seed and workdir."""
+    from bench.robustness import run
+
+    with pytest.raises(SystemExit) as e:
+        run.main(["--reuse"])
+    assert e.value.code == 2
+    args = ["--seed", "11", "--cases", "healthy-llm", "--sources", "recording",
+            "--duration", "120", "--workdir", str(tmp_path)]
+    assert run.main(args) == 0
+    first = capsys.readouterr().out
+    kept = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.rec")}
+    assert len(kept) == 4
+    assert run.main(args + ["--reuse"]) == 0
+    again = capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.rec")} == kept
+    table = [line for line in first.splitlines() if line.startswith("recording")]
+    assert table and table == [line for line in again.splitlines()
+                               if line.startswith("recording")]

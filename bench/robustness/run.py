@@ -1,7 +1,7 @@
 """Diagnose every case from every source and score agentd against the ground truth.
 
     python -m bench.robustness [--seed N] [--cases NAME,...] [--sources recording,prometheus]
-        [--resolutions 1,5,15,30] [--json FILE] [--workdir DIR] [--cli]
+        [--resolutions 1,5,15,30] [--json FILE] [--workdir DIR [--reuse]] [--cli]
 
 Sources: agentd recordings at 10 Hz (full, and with SM activity, PCIe counters or process
 trees removed), and dcgm-exporter + node_exporter series backfilled into a real Prometheus
@@ -226,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", help="keep recordings, OpenMetrics and the TSDB here")
     ap.add_argument("--cli", action="store_true",
                     help="diagnose through `agentd diagnose ... --json` subprocesses")
+    ap.add_argument("--reuse", action="store_true",
+                    help="diagnose the recordings and TSDB that an earlier run with the same "
+                         "--seed and --cases kept in --workdir (the truth is rebuilt, nothing "
+                         "is rewritten): the same data, scored with the code as it is now")
     args = ap.parse_args(argv)
     # The analysis' own numpy warnings (all-NaN slices) would bury the report.
     warnings.simplefilter("ignore", RuntimeWarning)
@@ -236,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in C.BUILDERS]
     if unknown:
         ap.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(C.BUILDERS)}")
+    if args.reuse and (args.seed is None or not args.workdir):
+        ap.error("--reuse needs the --seed and --workdir of the run that kept the data")
     sources = set(args.sources.split(","))
     resolutions = [float(x) for x in args.resolutions.split(",") if x]
     work = args.workdir or tempfile.mkdtemp(prefix="agentd-robust-")
@@ -257,7 +263,9 @@ def _suite(args, seed: int, names: list[str], sources: set, resolutions: list[fl
     results: list[Result] = []
     prom_jobs: list[tuple] = []
     tsdb = os.path.join(work, "tsdb")
-    shutil.rmtree(tsdb, ignore_errors=True)
+    reuse = bool(getattr(args, "reuse", False))
+    if not reuse:
+        shutil.rmtree(tsdb, ignore_errors=True)
     for i, name in enumerate(names):
         case, tl = C.build(name, seed, i, w0, args.duration)
         truth = C.measure(case, tl)
@@ -265,12 +273,15 @@ def _suite(args, seed: int, names: list[str], sources: set, resolutions: list[fl
         rng = np.random.default_rng([seed, i, 7])
         a, b = case.window
         if "recording" in sources:
-            groups = S.sample_groups(tl, rng, a, b)
-            meta = S.meta(tl, S.ceilings_for(tl) if case.ceilings else None)
+            groups = meta = None
+            if not reuse:
+                groups = S.sample_groups(tl, rng, a, b)
+                meta = S.meta(tl, S.ceilings_for(tl) if case.ceilings else None)
             for v in RECORDING_VARIANTS:
-                g, m = S.drop(groups, meta, v)
                 path = os.path.join(work, f"{i:02d}-{name}-{v}.rec")
-                S.write_recording(path, g, m)
+                if not reuse:
+                    g, m = S.drop(groups, meta, v)
+                    S.write_recording(path, g, m)
                 results.append(_run(Result(name, case.klass, "recording", 0.1, v),
                                     diagnose_recording, path, args.cli))
         if "prometheus" in sources:
@@ -278,15 +289,17 @@ def _suite(args, seed: int, names: list[str], sources: set, resolutions: list[fl
             for res in resolutions:
                 for v in PROM_MATRIX.get(int(res), ("full",)):
                     host = variant_host(case.node.host, res, v)
-                    # Generated from before the window so that rate() has its look-back.
-                    E.exporters_series(tl, a - C.LEAD + 5, b, res, v, rng, om, host)
+                    if not reuse:
+                        # Generated from before the window so that rate() has its look-back.
+                        E.exporters_series(tl, a - C.LEAD + 5, b, res, v, rng, om, host)
                     prom_jobs.append((name, case.klass, res, v, a, b, host))
-            path = os.path.join(work, f"{i:02d}-{name}.om")
-            with open(path, "w") as f:
-                om.write(f)
-                f.write("# EOF\n")
-            E.backfill(path, tsdb)
-            os.unlink(path)
+            if not reuse:
+                path = os.path.join(work, f"{i:02d}-{name}.om")
+                with open(path, "w") as f:
+                    om.write(f)
+                    f.write("# EOF\n")
+                E.backfill(path, tsdb)
+                os.unlink(path)
         print(f"  [{i + 1}/{len(names)}] {name}: {case.klass}, stall {truth.stall_fraction:.2f}",
               file=sys.stderr)
     if prom_jobs:
