@@ -123,17 +123,23 @@ def metric(text: str, prefix: str) -> float:
     raise KeyError(prefix)
 
 
+def trainer_tree(workers: int) -> subprocess.Popen:
+    """A stand-in trainer forking `workers` children that sleep (a fed loader's workers wait
+    on their queue most of the time), in a session of its own (os.killpg ends it whole)."""
+    return subprocess.Popen([sys.executable, "-c",
+                             "import os, time\n"
+                             f"for _ in range({workers}):\n"
+                             "    if os.fork() == 0:\n"
+                             "        time.sleep(3600); os._exit(0)\n"
+                             "time.sleep(3600)\n"], start_new_session=True)
+
+
 class Node:
     """A stand-in trainer with 8 data-loader workers (so the process sampler reads a real tree
     of 9 processes at 10 Hz) and `agentd run` with 8 fake GPUs that the trainer "uses"."""
 
     def __init__(self, *agentd_args: str):
-        self.trainer = subprocess.Popen([sys.executable, "-c",
-                                         "import os, time\n"
-                                         "for _ in range(8):\n"
-                                         "    if os.fork() == 0:\n"
-                                         "        time.sleep(3600); os._exit(0)\n"
-                                         "time.sleep(3600)\n"], start_new_session=True)
+        self.trainer = trainer_tree(8)
         tmp = tempfile.mkdtemp()
         self.scenario = os.path.join(tmp, "gpus.toml")
         with open(self.scenario, "w") as f:

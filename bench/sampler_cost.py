@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 
-from harness import write_json
+from harness import trainer_tree, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -68,15 +68,8 @@ def cpu_cost(cpus: int, ticks: int) -> float:
 
 
 def start_trees(trees: int, workers: int) -> list[subprocess.Popen]:
-    """`trees` trainer processes, each forking `workers` children that sleep (a fed loader's
-    workers wait on their queue most of the time)."""
-    code = ("import os, time\n"
-            f"for _ in range({workers}):\n"
-            "    if os.fork() == 0:\n"
-            "        time.sleep(3600); os._exit(0)\n"
-            "time.sleep(3600)\n")
-    procs = [subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
-             for _ in range(trees)]
+    """`trees` trainer processes, each with `workers` children."""
+    procs = [trainer_tree(workers) for _ in range(trees)]
     time.sleep(0.5 + 0.05 * trees * workers)  # the children are forked
     return procs
 

@@ -650,18 +650,16 @@ def _period(sig: Signals, g: str, busy: np.ndarray, coarse: bool,
     # Steps bunched by waits (two batches ready at once, then a long wait): the activity
     # repeats, but each cycle holds several steps of unequal length. Counted in copies, or,
     # without PCIe counters, in gaps of the held utilization.
-    copies = P.copies_per_cycle(rx, sig.resolution, period.seconds) if rx is not None \
-        else None
-    if copies is not None and copies >= P.STEPS_PER_CYCLE:
+    if rx is not None:
+        steps, what = P.copies_per_cycle(rx, sig.resolution, period.seconds), \
+            "host-to-device copies"
+    else:
+        steps, what = P.gaps_per_cycle(busy[lo:hi], sig.resolution, period.seconds), \
+            "gaps between kernels"
+    if steps is not None and steps >= P.STEPS_PER_CYCLE:
         return None, (f"the activity repeats every {period.seconds:.3g} s with about "
-                      f"{copies:.1f} host-to-device copies in each: steps of unequal "
-                      "length, no one step period")
-    gaps = P.gaps_per_cycle(busy[lo:hi], sig.resolution, period.seconds) if rx is None \
-        else None
-    if gaps is not None and gaps >= P.STEPS_PER_CYCLE:
-        return None, (f"the activity repeats every {period.seconds:.3g} s with about "
-                      f"{gaps:.1f} gaps between kernels in each: steps of unequal length, "
-                      "no one step period")
+                      f"{steps:.1f} {what} in each: steps of unequal length, no one step "
+                      "period")
     return period, why
 
 

@@ -160,7 +160,7 @@ class CpuSampler(Sampler):
         # The per-CPU lines (the busiest core, the per-core series) once a second: their
         # parse grows with the node's CPUs, the aggregate line's does not.
         cur = parse_stat(self._file.read(), self._path, per_cpu=slow)
-        row = usage_row(self._last, cur, self._last_cores if slow else None)
+        row = usage_row(self._last, cur, self._last_cores)  # busiest core: slow ticks
         self._last = cur
         if slow:
             self._last_cores = cur

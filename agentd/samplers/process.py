@@ -353,7 +353,8 @@ class ProcessSampler(Sampler):
         tree.cpu_seconds += cpu_delta / CLK_TCK
         tree.root_cpu_seconds += root_delta / CLK_TCK
         # Since the last full read: the workers' ticks are, the root's add its fast ticks'.
-        since = self._last_t - tree.full_t if tree.full_t else dt
+        since = self._last_t - tree.full_t if tree.full_t and self._last_t > tree.full_t \
+            else dt
         tree.full_t = self._last_t
         tree_delta = cpu_delta + tree.root_pending
         max_member = max(max_member, root_delta + tree.root_pending)
@@ -368,7 +369,6 @@ class ProcessSampler(Sampler):
                 tree.io_t = self._last_t
             return {}
         k = tree.keys
-        since = since if since > 0 else dt
         row = {
             k[0]: tree_delta / CLK_TCK / since,
             k[1]: max_member / CLK_TCK / since,

@@ -263,7 +263,7 @@ def _suite(args, seed: int, names: list[str], sources: set, resolutions: list[fl
     results: list[Result] = []
     prom_jobs: list[tuple] = []
     tsdb = os.path.join(work, "tsdb")
-    reuse = bool(getattr(args, "reuse", False))
+    reuse = args.reuse
     if not reuse:
         shutil.rmtree(tsdb, ignore_errors=True)
     for i, name in enumerate(names):
