@@ -19,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from bench.robustness import agentd_metrics as A  # noqa: E402
 from bench.robustness import cases as C  # noqa: E402
 from bench.robustness import exporters as E  # noqa: E402
 from bench.robustness import sampling as S  # noqa: E402
@@ -179,15 +180,14 @@ def test_agentd_reads_the_recordings(tmp_path):
     assert len(doc["gpus"]) >= case.node.gpus - 1
 
 
-@pytest.mark.prometheus
-def test_backfilled_exporter_series_are_queryable(tmp_path):
+def _busy_and_diagnosis(tmp_path, om: E.OpenMetrics, query: str, case, truth, host: str,
+                        source: str) -> None:
+    """Backfill `om` into a real Prometheus: `query` (an instant query at the window's end)
+    gives each GPU's busy share as the truth has it, and `agentd diagnose --prometheus`
+    reads the node's series as `source`."""
     need("promtool")
     need("prometheus")
-    case, tl, truth = build("input-cpu-dp")
     a, b = case.window
-    om = E.OpenMetrics()
-    host = "dgx-h100-007.rack2.cluster.example"
-    E.exporters_series(tl, a - C.LEAD + 5, b, 5.0, "full", np.random.default_rng(3), om, host)
     path = tmp_path / "node.om"
     with open(path, "w") as f:
         om.write(f)
@@ -195,10 +195,7 @@ def test_backfilled_exporter_series_are_queryable(tmp_path):
     E.backfill(str(path), str(tmp_path / "tsdb"))
     prom = E.Prometheus(str(tmp_path / "tsdb"), str(tmp_path))
     try:
-        q = urllib.parse.urlencode({
-            "query": f'avg by (gpu) (avg_over_time(DCGM_FI_PROF_GR_ENGINE_ACTIVE'
-                     f'{{hostname=~"{host}|",Hostname=~"{host}|"}}[{int(b - a)}s]))',
-            "time": f"{b:.3f}"})
+        q = urllib.parse.urlencode({"query": query, "time": f"{b:.3f}"})
         with urllib.request.urlopen(f"{prom.url}/api/v1/query?{q}", timeout=30) as resp:
             result = json.load(resp)["data"]["result"]
         assert len(result) == case.node.gpus
@@ -210,10 +207,52 @@ def test_backfilled_exporter_series_are_queryable(tmp_path):
                            capture_output=True, text=True, timeout=300)
         assert r.returncode in (0, 1), r.stderr
         doc = json.loads(r.stdout)
-        assert doc["source"] == "prometheus (dcgm-exporter + node_exporter)"
+        assert doc["source"] == source
         assert len(doc["gpus"]) == case.node.gpus
     finally:
         prom.stop()
+
+
+@pytest.mark.prometheus
+def test_backfilled_exporter_series_are_queryable(tmp_path):
+    case, tl, truth = build("input-cpu-dp")
+    a, b = case.window
+    om = E.OpenMetrics()
+    host = "dgx-h100-007.rack2.cluster.example"
+    E.exporters_series(tl, a - C.LEAD + 5, b, 5.0, "full", np.random.default_rng(3), om, host)
+    _busy_and_diagnosis(
+        tmp_path, om, f'avg by (gpu) (avg_over_time(DCGM_FI_PROF_GR_ENGINE_ACTIVE'
+                      f'{{hostname=~"{host}|",Hostname=~"{host}|"}}[{int(b - a)}s]))',
+        case, truth, host, "prometheus (dcgm-exporter + node_exporter)")
+
+
+def test_agentd_counters_integrate_each_reading_over_the_span_it_covers():
+    t = np.array([0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
+    # GPM-like: a mean every other tick, covering the 0.2 s since the previous one.
+    gpm = np.array([np.nan, np.nan, 0.5, np.nan, 1.0, np.nan])
+    assert A.integrate(t, gpm).tolist() == pytest.approx([0, 0, 0, 0, 0.2, 0.2])
+    busy = np.array([np.nan, 1.0, 1.0, 0.0, 0.5, 1.0])
+    assert A.integrate(t, busy)[-1] == pytest.approx(0.1 + 0 + 0.05 + 0.1)
+    # A scrape serves the value as of the last tick before it; gauges hold between readings.
+    assert A.at_scrapes(t, np.arange(6.0), np.array([-1, 0.25, 9])).tolist()[1:] == [2, 5]
+    assert A.held(np.array([np.nan, 3, np.nan, 4])).tolist()[1:] == [3, 3, 4]
+
+
+@pytest.mark.prometheus
+def test_backfilled_agentd_series_are_queryable(tmp_path):
+    """agentd's own /metrics, as the daemon would have served them: the busy counter's rate
+    is each GPU's busy share, and `agentd diagnose --prometheus` reads them as agentd's."""
+    case, tl, truth = build("shared-link")
+    a, b = case.window
+    rng = np.random.default_rng(5)
+    groups = S.sample_groups(tl, rng, a - C.LEAD + 5, b)
+    om = E.OpenMetrics()
+    host = "dgx-h100-008.rack2.cluster.example"
+    A.agentd_series(tl, groups, S.meta(tl, S.ceilings_for(tl)), a - C.LEAD + 5, b, 5.0, rng,
+                    om, host)
+    _busy_and_diagnosis(
+        tmp_path, om, f'rate(agentd_gpu_busy_seconds_total{{instance="{host}:9101"}}'
+                      f'[{int(b - a)}s])', case, truth, host, "prometheus (agentd)")
 
 
 HEALTHY = [n for n in C.BUILDERS if n.startswith(("healthy", "idle-between", "job-"))]

@@ -1,12 +1,15 @@
 """Diagnose every case from every source and score agentd against the ground truth.
 
-    python -m bench.robustness [--seed N] [--cases NAME,...] [--sources recording,prometheus]
-        [--resolutions 1,5,15,30] [--json FILE] [--workdir DIR [--reuse]] [--cli]
+    python -m bench.robustness [--seed N] [--cases NAME,...]
+        [--sources recording,prometheus,agentd] [--resolutions 1,5,15,30] [--json FILE]
+        [--workdir DIR [--reuse]] [--cli]
 
 Sources: agentd recordings at 10 Hz (full, and with SM activity, PCIe counters or process
-trees removed), and dcgm-exporter + node_exporter series backfilled into a real Prometheus
-at each scrape interval (full at every interval; without SM activity, without PCIe bytes,
-and GPU-only at 5 s; GPU-only also at 15 s). Fresh seeds each run unless --seed is given.
+trees removed); dcgm-exporter + node_exporter series backfilled into a real Prometheus at
+each scrape interval (full at every interval; without SM activity, without PCIe bytes, and
+GPU-only at 5 s; GPU-only also at 15 s); and agentd's own /metrics, as the daemon would have
+served them, backfilled into the same Prometheus at each scrape interval (source "agentd").
+Fresh seeds each run unless --seed is given.
 
 Scores per source and resolution: top-1 accuracy on starved cases (the report's first
 finding is of an accepted kind), healthy false alarms (any finding at warning or above; info
@@ -34,6 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from bench.robustness import agentd_metrics as A
 from bench.robustness import cases as C
 from bench.robustness import exporters as E
 from bench.robustness import sampling as S
@@ -48,7 +52,7 @@ WARN = ("warning", "critical", "error")
 class Result:
     case: str
     klass: str
-    source: str  # "recording" or "prometheus"
+    source: str  # "recording", "prometheus" (the exporters' series) or "agentd" (its /metrics)
     resolution: float
     variant: str
     findings: list = field(default_factory=list)
@@ -75,14 +79,19 @@ def diagnose_recording(path: str, cli: bool) -> dict:
     return analyze(sig).to_json()
 
 
-def diagnose_prometheus(url: str, host: str, start: float, end: float, cli: bool) -> dict:
+def diagnose_prometheus(url: str, host: str, start: float, end: float, cli: bool,
+                        flavour: str = "exporters") -> dict:
+    """`agentd diagnose --prometheus`: the exporters' series, or agentd's own ("agentd");
+    the command tells them apart itself."""
     if cli:
         return _cli(["diagnose", "--prometheus", url, "--node", host, "--start", f"{start:.3f}",
                      "--end", f"{end:.3f}", "--json"])
     from agentd.analysis.core import analyze
+    from agentd.diagnose.sources.prometheus_agentd import AgentdPrometheusSource
     from agentd.diagnose.sources.prometheus_exporters import ExportersPrometheusSource
 
-    sig = ExportersPrometheusSource(url, host, start, end).read()
+    cls = AgentdPrometheusSource if flavour == "agentd" else ExportersPrometheusSource
+    sig = cls(url, host, start, end).read()
     return analyze(sig).to_json()
 
 
@@ -151,8 +160,9 @@ def summarize(scores: list[dict]) -> list[dict]:
     for s in scores:
         groups.setdefault((s["source"], s["resolution"], s["variant"]), []).append(s)
     out = []
+    order = {"recording": 0, "agentd": 1, "prometheus": 2}
     for (source, res, variant), ss in sorted(groups.items(), key=lambda kv: (
-            kv[0][0] != "recording", kv[0][1], kv[0][2] != "full", kv[0][2])):
+            order.get(kv[0][0], 3), kv[0][1], kv[0][2] != "full", kv[0][2])):
         starved = [s for s in ss if s["class"] != "healthy"]
         healthy = [s for s in ss if s["class"] == "healthy"]
         errs = [s["stall_error"] for s in starved if s["stall_error"] is not None]
@@ -187,11 +197,13 @@ def render(summary: list[dict], scores: list[dict], truths: dict) -> str:
             f"  {s['errors']}")
     lines += ["", "per case (first finding, '*' when of an accepted kind; '!' marks a warning "
               "on a healthy case):"]
+    order = {"recording": 0, "agentd": 1, "prometheus": 2}
     cols = sorted({(s["source"], s["resolution"], s["variant"]) for s in scores},
-                  key=lambda c: (c[0] != "recording", c[1], c[2] != "full", c[2]))
+                  key=lambda c: (order.get(c[0], 3), c[1], c[2] != "full", c[2]))
     head = "case".ljust(34) + "class".ljust(18) + "stall  " + "  ".join(
-        (("rec" if c[0] == "recording" else f"{c[1]:g}s") + ("" if c[2] == "full" else
-                                                              "/" + c[2]))[:17].ljust(17)
+        (("rec" if c[0] == "recording" else f"{c[1]:g}s") +
+         ("/agentd" if c[0] == "agentd" else "") +
+         ("" if c[2] == "full" else "/" + c[2]))[:17].ljust(17)
         for c in cols)
     lines.append(head)
     by = {(s["case"], s["source"], s["resolution"], s["variant"]): s for s in scores}
@@ -218,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
                                  description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, help="reproduce a run (default: a fresh seed)")
     ap.add_argument("--cases", help="comma-separated case names (default: all)")
-    ap.add_argument("--sources", default="recording,prometheus")
+    ap.add_argument("--sources", default="recording,prometheus,agentd",
+                    help="recording (10 Hz), prometheus (dcgm-exporter + node_exporter "
+                         "series), agentd (agentd's /metrics in Prometheus)")
     ap.add_argument("--resolutions", default="1,5,15,30",
                     help="Prometheus scrape intervals in seconds")
     ap.add_argument("--duration", type=float, default=600.0, help="analysed window, seconds")
@@ -284,30 +298,43 @@ def _suite(args, seed: int, names: list[str], sources: set, resolutions: list[fl
                     S.write_recording(path, g, m)
                 results.append(_run(Result(name, case.klass, "recording", 0.1, v),
                                     diagnose_recording, path, args.cli))
+        om = E.OpenMetrics()
         if "prometheus" in sources:
-            om = E.OpenMetrics()
             for res in resolutions:
                 for v in PROM_MATRIX.get(int(res), ("full",)):
                     host = variant_host(case.node.host, res, v)
                     if not reuse:
                         # Generated from before the window so that rate() has its look-back.
                         E.exporters_series(tl, a - C.LEAD + 5, b, res, v, rng, om, host)
-                    prom_jobs.append((name, case.klass, res, v, a, b, host))
+                    prom_jobs.append((name, case.klass, res, v, a, b, host, "prometheus"))
+        if "agentd" in sources:
+            # Its own random stream, so that the other sources of a seed stay as they were.
+            arng = np.random.default_rng([seed, i, 11])
+            groups = meta = None
             if not reuse:
-                path = os.path.join(work, f"{i:02d}-{name}.om")
-                with open(path, "w") as f:
-                    om.write(f)
-                    f.write("# EOF\n")
-                E.backfill(path, tsdb)
-                os.unlink(path)
+                groups = S.sample_groups(tl, arng, a - C.LEAD + 5, b)
+                meta = S.meta(tl, S.ceilings_for(tl) if case.ceilings else None)
+            for res in resolutions:
+                host = variant_host(case.node.host, res, "agentd")
+                if not reuse:
+                    A.agentd_series(tl, groups, meta, a - C.LEAD + 5, b, res, arng, om, host)
+                prom_jobs.append((name, case.klass, res, "full", a, b, host, "agentd"))
+        if om.families and not reuse:
+            path = os.path.join(work, f"{i:02d}-{name}.om")
+            with open(path, "w") as f:
+                om.write(f)
+                f.write("# EOF\n")
+            E.backfill(path, tsdb)
+            os.unlink(path)
         print(f"  [{i + 1}/{len(names)}] {name}: {case.klass}, stall {truth.stall_fraction:.2f}",
               file=sys.stderr)
     if prom_jobs:
         prom = E.Prometheus(tsdb, work)
         try:
-            for name, klass, res, v, a, b, host in prom_jobs:
-                results.append(_run(Result(name, klass, "prometheus", res, v),
-                                    diagnose_prometheus, prom.url, host, a, b, args.cli))
+            for name, klass, res, v, a, b, host, src in prom_jobs:
+                results.append(_run(Result(name, klass, src, res, v), diagnose_prometheus,
+                                    prom.url, host, a, b, args.cli,
+                                    "agentd" if src == "agentd" else "exporters"))
         finally:
             prom.stop()
     scores = [score_one(r, truths[r.case]) for r in results]
