@@ -586,6 +586,42 @@ def test_independent_jobs_whose_periods_chain_are_not_peers():
     groups = job_groups({}, gpus([0.249, 0.276, 0.388, 0.753, 0.403, 0.586, None, 0.723]))
     assert ["6"] in groups and ["2", "4"] in map(sorted, groups), groups
 
+def test_gpus_that_compute_without_a_collective_are_not_peers():
+    """A sweep of single-GPU runs under one systemd unit (or one Slurm job) shares its job
+    labels, and at Prometheus resolution no step period tells the runs apart: they were
+    taken for one data-parallel job, and the run with the heaviest kernels for a straggler
+    its 'peers' waited for (agentd's own metrics at 1-30 s, seed 1314835125). Ranks of one
+    job exchange gradients over NVLink (GB/s); these move nothing while they compute. Ranks
+    that move nothing because they are all stuck in a collective do not compute, and stay
+    one job."""
+    from types import SimpleNamespace
+
+    from agentd.analysis.evidence import job_groups
+
+    meta = {"processes": {str(100 + g): {"gpus": [g], "systemd_unit": "sweep.service"}
+                          for g in range(4)}}
+
+    def gpus(sm):
+        return {str(g): SimpleNamespace(period=None, sm_mean=v, power=None, power_limit=None)
+                for g, v in enumerate(sm)}
+
+    computing = gpus([0.55, 0.62, 0.48, 0.7])
+    assert sorted(map(sorted, job_groups(meta, computing))) == [["0", "1", "2", "3"]]
+    assert sorted(map(sorted, job_groups(meta, computing, dict.fromkeys("0123", 0.0)))) == \
+        [["0"], ["1"], ["2"], ["3"]]
+    # A data-parallel job moves its gradients; one beside the sweep is told apart.
+    nv = {"0": 3.4e9, "1": 3.4e9, "2": 0.0, "3": 3.4e9}
+    assert sorted(map(sorted, job_groups(meta, computing, nv))) == [["0", "1", "3"], ["2"]]
+    # All ranks stuck in a collective: nothing moves, nothing computes; still one job.
+    stuck = gpus([0.03, 0.03, 0.02, 0.03])
+    assert sorted(map(sorted, job_groups(meta, stuck, dict.fromkeys("0123", 0.0)))) == \
+        [["0", "1", "2", "3"]]
+    # Without SM activity, power tells computing (>= 40% of the limit) from spinning.
+    hot = {str(g): SimpleNamespace(period=None, sm_mean=None, power=520.0, power_limit=700.0)
+           for g in range(4)}
+    assert len(job_groups(meta, hot, dict.fromkeys("0123", 0.0))) == 4
+
+
 def test_a_rank_held_back_in_many_short_waits_points_at_its_input():
     """One rank idles 6 s in every 30 with its memory held while its peers spin (few SMs,
     155 W): it holds the job back, and 30 short waits (not one long checkpoint) point at its

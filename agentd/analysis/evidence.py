@@ -341,16 +341,19 @@ def measure(sig: Signals, node: str = "") -> Evidence:
         missing=missing, notes=notes, lost_gpus=lost)
     if not any(s.compute is not None for s in gpus.values()) and gpus:
         ev.missing.append("SM activity resolving compute from collective waits")
-    ev.jobs = job_groups(meta, gpus)
+    ev.jobs = job_groups(meta, gpus, nv)
     return ev
 
 
 _POD_SUFFIX = re.compile(r"(-[0-9a-f]{8,10})?-[a-z0-9]{5}$|-\d+$")
 
 
-def job_groups(meta: dict, gpus: dict[str, GpuState]) -> list[list[str]]:
+def job_groups(meta: dict, gpus: dict[str, GpuState],
+               nvlink: dict[str, float] | None = None) -> list[list[str]]:
     """GPUs by the job that holds them: the process' Slurm job, pod, container or unit (or a
-    dcgm-exporter pod's owner); GPUs whose step periods clearly differ run different jobs."""
+    dcgm-exporter pod's owner); a GPU that computes without exchanging anything over NVLink
+    is in no collective with the others; GPUs whose step periods clearly differ run
+    different jobs."""
     key: dict[str, str] = {}
     for pid, info in (meta.get("processes") or {}).items():
         k = next((str(info[f]) for f in ("slurm_job_id", "pod_uid", "container_id",
@@ -366,8 +369,37 @@ def job_groups(meta: dict, gpus: dict[str, GpuState]) -> list[list[str]]:
         groups.setdefault(key.get(g, ""), []).append(g)
     out = []
     for members in groups.values():
-        out += _split_by_period(members, gpus)
+        for part in _split_by_collective(members, gpus, nvlink or {}):
+            out += _split_by_period(part, gpus)
     return out
+
+
+NO_COLLECTIVE = 10e6  # bytes/s over NVLink; a data-parallel rank moves its gradients (GB/s)
+COMPUTING_SM = 0.1  # SM activity of a GPU that computes (one spinning in NCCL: ~0.03)
+COMPUTING_POWER = 0.4  # without SM activity: power over its limit (spinning: ~0.2-0.25)
+
+
+def _computes(s: GpuState) -> bool:
+    if s.sm_mean is not None:
+        return s.sm_mean == s.sm_mean and s.sm_mean >= COMPUTING_SM
+    return bool(s.power and s.power_limit and s.power >= COMPUTING_POWER * s.power_limit)
+
+
+def _split_by_collective(members: list[str], gpus: dict[str, GpuState],
+                         nvlink: dict[str, float]) -> list[list[str]]:
+    """GPUs that one label groups (a sweep of single-GPU runs under one unit or Slurm job)
+    but that compute without moving a byte over NVLink, where NVLink is measured, take part
+    in no collective on this node: each is a job of its own, nobody's peer. Ranks of one
+    data-parallel job exchange their gradients every step (GB/s); ranks stuck together in a
+    collective move nothing but do not compute either, so they stay together."""
+    if len(members) < 2:
+        return [members]
+    alone = [g for g in members if g in nvlink and nvlink[g] == nvlink[g]
+             and nvlink[g] < NO_COLLECTIVE and _computes(gpus[g])]
+    if not alone:
+        return [members]
+    rest = [g for g in members if g not in alone]
+    return ([rest] if rest else []) + [[g] for g in alone]
 
 
 SAME_JOB_PERIOD = 1.05
