@@ -254,6 +254,14 @@ METRICS: list[MetricSpec] = [
     _M("agentd_gpu_process_memory_used_bytes", "gauge", "bytes",
        "Device memory used by a job's processes on the GPU (job labels: agentd/jobs.py); "
        "which jobs use which GPU.", _GPU + _JOB, "gpu"),
+    _M("agentd_gpu_process_cpu_seconds_total", "counter", "seconds",
+       "User and system CPU of a job's process trees on the GPU (its trainer and data-loader "
+       "workers; a tree holding several GPUs counts under its first): one rank's loader apart "
+       "from the job's others.", _GPU + _JOB, "process"),
+    _M("agentd_gpu_process_root_cpu_seconds_total", "counter", "seconds",
+       "User and system CPU of the trainers (tree roots) among them.", _GPU + _JOB, "process"),
+    _M("agentd_gpu_process_members", "gauge", "",
+       "Processes in a job's trees on the GPU (trainer and workers).", _GPU + _JOB, "process"),
     _M("agentd_gpu_process_sm_utilization_ratio", "gauge", "ratio",
        "SM utilization the driver attributes to a job's processes on the GPU.", _GPU + _JOB,
        "gpu"),

@@ -78,8 +78,9 @@ def test_kubernetes_names_from_the_kubelets_log_links(tmp_path):
 
 
 def test_trees_of_one_job_are_summed_and_its_counters_survive_a_tree(tmp_path):
-    """Two trainers of one Slurm job (each with a data-loader worker): one series per job;
-    when a trainer ends, the job's counters keep what it counted (no false reset)."""
+    """Two trainers of one Slurm job (each with a data-loader worker): one series per job,
+    and per GPU the job's tree there (one rank's loader apart from the others'); when a
+    trainer ends, the job's counters and its GPU's keep what it counted (no false reset)."""
     proc = str(tmp_path)
     slurm = "0::/system.slice/slurmstepd.scope/job_48213/step_0/user/task_0\n"
     for trainer, worker in ((100, 101), (200, 201)):
@@ -87,18 +88,24 @@ def test_trees_of_one_job_are_summed_and_its_counters_survive_a_tree(tmp_path):
         write_proc(proc, worker, "pt_data_worker", trainer, 0, slurm)
     ctx = Context(Paths(proc, "/sys"), 0.1, 1.0)
     ctx.shared.gpu_processes = {100: (0,), 200: (1,)}
+    ctx.shared.gpu_uuids = {0: "GPU-a", 1: "GPU-b"}
     s = ProcessSampler(ctx)
     s.open()
     s.sample(1000.0, True)
-    for trainer, worker in ((100, 101), (200, 201)):  # each worker used 3 s of CPU
-        write_proc(proc, worker, "pt_data_worker", trainer, 300, slurm, read_bytes=5000)
+    for trainer, worker, ticks in ((100, 101, 300), (200, 201, 500)):  # 3 s and 5 s of CPU
+        write_proc(proc, worker, "pt_data_worker", trainer, ticks, slurm, read_bytes=5000)
     s.sample(1001.0, True)
     job = labels(slurm_job_id="48213")
+    on0, on1 = ("0", "GPU-a") + job, ("1", "GPU-b") + job
     got = {(n, lab): v for n, lab, v in s.series()}
-    assert {lab for _, lab in got} == {job}
+    assert {lab for _, lab in got} == {job, on0, on1}
+    assert got[("agentd_gpu_process_cpu_seconds_total", on0)] == pytest.approx(3.0)
+    assert got[("agentd_gpu_process_cpu_seconds_total", on1)] == pytest.approx(5.0)
+    assert got[("agentd_gpu_process_members", on1)] == 2
+    assert got[("agentd_gpu_process_root_cpu_seconds_total", on1)] == pytest.approx(0.0)
     assert got[("agentd_process_trees", job)] == 2
     assert got[("agentd_process_members", job)] == 4
-    assert got[("agentd_process_cpu_seconds_total", job)] == pytest.approx(6.0)
+    assert got[("agentd_process_cpu_seconds_total", job)] == pytest.approx(8.0)
     assert got[("agentd_process_read_bytes_total", job)] == 10000
     # The trainers themselves used no CPU: all of it was their workers'.
     assert got[("agentd_process_root_cpu_seconds_total", job)] == pytest.approx(0.0)
@@ -106,13 +113,16 @@ def test_trees_of_one_job_are_summed_and_its_counters_survive_a_tree(tmp_path):
     s.sample(1002.0, True)
     got = {(n, lab): v for n, lab, v in s.series()}
     assert got[("agentd_process_trees", job)] == 1
-    assert got[("agentd_process_cpu_seconds_total", job)] == pytest.approx(6.0)
+    assert got[("agentd_process_cpu_seconds_total", job)] == pytest.approx(8.0)
+    assert got[("agentd_gpu_process_cpu_seconds_total", on0)] == pytest.approx(3.0)
+    assert ("agentd_gpu_process_members", on0) not in got
     ctx.shared.gpu_processes = {}  # the whole job ended: counters kept for a while, then gone
     s.sample(1003.0, True)
     assert {n for n, _, _ in s.series()} == {
         "agentd_process_cpu_seconds_total", "agentd_process_root_cpu_seconds_total",
         "agentd_process_read_bytes_total",
-        "agentd_process_read_chars_total", "agentd_process_written_bytes_total"}
+        "agentd_process_read_chars_total", "agentd_process_written_bytes_total",
+        "agentd_gpu_process_cpu_seconds_total", "agentd_gpu_process_root_cpu_seconds_total"}
     s.sample(1003.0 + JOB_RETENTION + 1, True)
     assert s.series() == []
 

@@ -116,9 +116,11 @@ def test_trainer_tree_cpu_and_cached_reads(trainer):
         rows.append(s.sample(time.time(), i % 10 == 0))
     after = tree_cpu()
     got = {(n, labels): v for n, labels, v in s.series()}
-    # Series are per job (here: this test's cgroup, or the name when the cgroup says nothing).
+    # Series are per job (here: this test's cgroup, or the name when the cgroup says nothing),
+    # and per GPU and job: a tree holding GPUs 0 and 1 counts under GPU 0.
     job = JobResolver(Paths()).labels(trainer.pid)
-    assert {labels for n, labels in got} == {job}
+    assert {labels for n, labels in got} == {job, ("0", "") + job}
+    assert got[("agentd_gpu_process_members", ("0", "") + job)] == 3
     assert got[("agentd_process_trees", job)] == 1
     assert got[("agentd_process_members", job)] == 3  # the trainer and its two workers
     cpu = got[("agentd_process_cpu_seconds_total", job)]
@@ -161,7 +163,8 @@ def test_exited_tree_disappears(trainer):
     assert {n for n, _, _ in s.series()} == {
         "agentd_process_cpu_seconds_total", "agentd_process_root_cpu_seconds_total",
         "agentd_process_read_bytes_total",
-        "agentd_process_read_chars_total", "agentd_process_written_bytes_total"}
+        "agentd_process_read_chars_total", "agentd_process_written_bytes_total",
+        "agentd_gpu_process_cpu_seconds_total", "agentd_gpu_process_root_cpu_seconds_total"}
     s.sample(time.time() + JOB_RETENTION + 1, True)
     assert not s.series()
 

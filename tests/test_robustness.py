@@ -181,7 +181,7 @@ def test_agentd_reads_the_recordings(tmp_path):
 
 
 def _busy_and_diagnosis(tmp_path, om: E.OpenMetrics, query: str, case, truth, host: str,
-                        source: str) -> None:
+                        source: str, check=None) -> None:
     """Backfill `om` into a real Prometheus: `query` (an instant query at the window's end)
     gives each GPU's busy share as the truth has it, and `agentd diagnose --prometheus`
     reads the node's series as `source`."""
@@ -209,6 +209,8 @@ def _busy_and_diagnosis(tmp_path, om: E.OpenMetrics, query: str, case, truth, ho
         doc = json.loads(r.stdout)
         assert doc["source"] == source
         assert len(doc["gpus"]) == case.node.gpus
+        if check is not None:
+            check(prom.url)
     finally:
         prom.stop()
 
@@ -242,7 +244,7 @@ def test_agentd_counters_integrate_each_reading_over_the_span_it_covers():
 def test_backfilled_agentd_series_are_queryable(tmp_path):
     """agentd's own /metrics, as the daemon would have served them: the busy counter's rate
     is each GPU's busy share, and `agentd diagnose --prometheus` reads them as agentd's."""
-    case, tl, truth = build("shared-link")
+    case, tl, truth = build("input-cpu-one-rank")
     a, b = case.window
     rng = np.random.default_rng(5)
     groups = S.sample_groups(tl, rng, a - C.LEAD + 5, b)
@@ -252,7 +254,25 @@ def test_backfilled_agentd_series_are_queryable(tmp_path):
                     om, host)
     _busy_and_diagnosis(
         tmp_path, om, f'rate(agentd_gpu_busy_seconds_total{{instance="{host}:9101"}}'
-                      f'[{int(b - a)}s])', case, truth, host, "prometheus (agentd)")
+                      f'[{int(b - a)}s])', case, truth, host, "prometheus (agentd)",
+        check=lambda url: _one_tree_per_rank(url, host, case))
+
+
+def _one_tree_per_rank(url: str, host: str, case) -> None:
+    """The job's trees per GPU (agentd_gpu_process_*) give each rank a tree of its own, and
+    the rank whose loader is the bottleneck stands out from the job's mean tree."""
+    from agentd.diagnose.sources.prometheus_agentd import AgentdPrometheusSource
+
+    sig = AgentdPrometheusSource(url, host, *case.window).read()
+    trees = sig.meta["processes"]
+    assert sorted(g for info in trees.values() for g in info["gpus"]) == \
+        list(range(case.node.gpus))
+    assert all(k.endswith(f",gpu={info['gpus'][0]}") for k, info in trees.items())
+    cpu = {info["gpus"][0]: float(np.nanmean(sig.get("proc.cpu", k)) /
+                                  max(float(np.nanmean(sig.get("proc.members", k))) - 1, 1))
+           for k, info in trees.items()}
+    slow = case.origin[0]
+    assert cpu[slow] > 1.5 * np.median([v for g, v in cpu.items() if g != slow]), cpu
 
 
 HEALTHY = [n for n in C.BUILDERS if n.startswith(("healthy", "idle-between", "job-"))]

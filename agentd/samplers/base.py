@@ -85,6 +85,8 @@ class SharedState:
     # pid -> indexes of the GPUs it holds memory on; written by the gpu sampler, read by the
     # process sampler. Replaced whole, never mutated, so readers need no lock.
     gpu_processes: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    # GPU index -> UUID (the gpu sampler's, at open), for series labelled by GPU elsewhere.
+    gpu_uuids: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass

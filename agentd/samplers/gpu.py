@@ -104,6 +104,7 @@ class GpuSampler(Sampler):
                                    pynvml_module=self.ctx.nvml)
         gpus = self.backend.open()  # raises Unavailable without a driver
         self.gpus: dict[int, GpuIdentity] = {g.index: g for g in gpus}
+        self.ctx.shared.gpu_uuids = {g.index: g.uuid for g in gpus}
         self.lost: set[int] = {d.index for d in self.backend.devices if d.lost}
         self._last_busy: dict[int, float] = {}
         self._key_cache: dict[int, _Keys] = {}

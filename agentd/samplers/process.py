@@ -109,6 +109,11 @@ class _Tree:
             "cpu", "max_member_cpu", "root_cpu", "members", "blocked", "read", "rchar"))
 
 
+def _gpu_of(tree: _Tree) -> int:
+    """The GPU a tree's per-GPU series are labelled with: its first (-1: none)."""
+    return min(tree.gpus) if tree.gpus else -1
+
+
 class ProcessSampler(Sampler):
     name = "process"
     help = "GPU processes and their trees: CPU, reads from storage vs cache, D state, cgroup"
@@ -131,9 +136,9 @@ class ProcessSampler(Sampler):
         self._matched: set[int] = set()
         self._last_t: float | None = None
         self._jobs = JobResolver(self.ctx.paths)
-        # job -> (counters of its ended trees, when its last tree ended); replaced, never
-        # mutated, so the scrape thread reads it without a lock.
-        self._retired: dict[tuple, tuple[dict[str, float], float | None]] = {}
+        # job -> (counters of its ended trees by GPU, when its last tree ended); replaced,
+        # never mutated, so the scrape thread reads it without a lock.
+        self._retired: dict[tuple, tuple[dict[int, dict[str, float]], float | None]] = {}
 
     def _stat(self, pid: int, keep_open: bool = False) -> ProcStat | None:
         """/proc/PID/stat parsed; None when the process has exited or its file is malformed
@@ -186,14 +191,16 @@ class ProcessSampler(Sampler):
 
     def _discover(self, roots: dict[int, tuple[int, ...]], now: float) -> None:
         parents: dict[int, list[int]] | None = None
-        retired = {job: (dict(c), t) for job, (c, t) in self._retired.items()}
+        retired = {job: ({g: dict(c) for g, c in by.items()}, t)
+                   for job, (by, t) in self._retired.items()}
         for root in list(self._trees):
             if root not in roots:
                 tree = self._trees.pop(root)
-                counters, _ = retired.get(tree.job, (dict.fromkeys(_COUNTERS, 0.0), None))
+                by, _ = retired.get(tree.job, ({}, None))
+                counters = by.setdefault(_gpu_of(tree), dict.fromkeys(_COUNTERS, 0.0))
                 for k in _COUNTERS:
                     counters[k] += getattr(tree, k)
-                retired[tree.job] = (counters, now)
+                retired[tree.job] = (by, now)
         for root in roots:
             if root not in self._trees:
                 st = self._stat(root)
@@ -394,9 +401,13 @@ class ProcessSampler(Sampler):
         return {"processes": procs}
 
     def series(self) -> list[Series]:
-        """Per job: the sums over its trees, counters including its ended trees."""
+        """Per job: the sums over its trees, counters including its ended trees. Per GPU and
+        job: the CPU and members of the job's trees on that GPU (a tree that holds several
+        GPUs counts under its first), so that one rank's loader is seen apart from the
+        job's mean tree."""
         retired = self._retired
         jobs: dict[tuple, dict[str, float]] = {}
+        per_gpu: dict[tuple, list[float]] = {}  # (gpu, job) -> [cpu, root cpu, members]
         for t in list(self._trees.values()):
             j = jobs.setdefault(t.job, dict.fromkeys(
                 _COUNTERS + ("trees", "members", "blocked", "rss_bytes"), 0.0))
@@ -404,10 +415,17 @@ class ProcessSampler(Sampler):
                 j[k] += getattr(t, k)
             j["trees"] += 1
             j["members"] += len(t.members)
+            pg = per_gpu.setdefault((_gpu_of(t), t.job), [0.0, 0.0, 0.0])
+            pg[0] += t.cpu_seconds
+            pg[1] += t.root_cpu_seconds
+            pg[2] += len(t.members)
         out: list[Series] = []
         for job in sorted(set(jobs) | set(retired)):
             j = jobs.get(job)
-            counters = dict(retired[job][0]) if job in retired else dict.fromkeys(_COUNTERS, 0.0)
+            counters = dict.fromkeys(_COUNTERS, 0.0)
+            for ended in (retired[job][0].values() if job in retired else ()):
+                for k in _COUNTERS:
+                    counters[k] += ended[k]
             if j is not None:
                 for k in _COUNTERS:
                     counters[k] += j[k]
@@ -425,4 +443,18 @@ class ProcessSampler(Sampler):
                     ("agentd_process_blocked", job, j["blocked"]),
                     ("agentd_process_resident_memory_bytes", job, j["rss_bytes"]),
                 ]
+        uuids = self.ctx.shared.gpu_uuids
+        keys = set(per_gpu) | {(g, job) for job, (by, _) in retired.items() for g in by}
+        for g, job in sorted(keys):
+            if g < 0:
+                continue  # a tree matched by name that holds no GPU
+            ended = retired[job][0].get(g) if job in retired else None
+            live = per_gpu.get((g, job))
+            cpu = (ended["cpu_seconds"] if ended else 0.0) + (live[0] if live else 0.0)
+            root = (ended["root_cpu_seconds"] if ended else 0.0) + (live[1] if live else 0.0)
+            labels = (str(g), uuids.get(g, "")) + job
+            out += [("agentd_gpu_process_cpu_seconds_total", labels, cpu),
+                    ("agentd_gpu_process_root_cpu_seconds_total", labels, root)]
+            if live is not None:
+                out.append(("agentd_gpu_process_members", labels, live[2]))
         return out

@@ -12,7 +12,8 @@ What is exported follows the catalog (agentd/catalog.py) and what `agentd diagno
 --prometheus` reads (agentd/diagnose/sources/prometheus_agentd.py): GPU busy, GPM activity,
 PCIe and NVLink bytes, memory, clocks, power, limit, temperature, clock-event seconds per
 reason; CPU seconds per mode and online CPUs; PSI; disks; network; memory; per-job process
-trees (agentd/jobs.py labels, counters including ended trees); GPU and disk identities, the
+trees (agentd/jobs.py labels, counters including ended trees) and, per GPU and job, the
+trees' CPU and members; GPU and disk identities, the
 PCIe switches GPUs share with drives, lost GPUs, and the ceilings `agentd probe` measured
 where the case has them. Nothing here is read from the analysis.
 """
@@ -165,37 +166,60 @@ def agentd_series(tl: Timeline, groups: dict[str, dict], meta: dict, a: float, b
         k8s = ("training", f"trainer-{a_.pod_uid[:8]}-0", "pytorch") if a_.pod_uid else None
         jobs.setdefault(job_labels(a_, p.get("comm", ""), k8s), []).append(pid)
     pg = groups.get("process")
+
+    def summed(key: str, pids: list[str]) -> np.ndarray:
+        """A counter of the trees' `proc.KEY` together (ended trees keep what they counted)."""
+        total = np.zeros(len(pg["t"]))
+        for pid in pids:
+            c = col("process", f"proc.{key}:{pid}")
+            if c is not None:
+                total += integrate(*c)
+        return total
+
+    def live_gauge(metric: str, labels: str, v: np.ndarray, live: np.ndarray) -> None:
+        """A gauge served only while one of its trees lives (the daemon drops it after)."""
+        s_ = at_scrapes(pg["t"], np.where(live, v, np.nan), ts)
+        ok = np.isfinite(s_)
+        om.add(metric, "gauge", metric, labels, ts[ok], s_[ok])
+
+    def members_of(pids: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(trees alive, their members, their blocked members) per process tick."""
+        alive, members, blocked = (np.zeros(len(pg["t"])) for _ in range(3))
+        for pid in pids:
+            c = col("process", f"proc.members:{pid}")
+            if c is None:
+                continue
+            alive += np.isfinite(c[1])
+            members += np.nan_to_num(c[1])
+            cb = col("process", f"proc.blocked:{pid}")
+            if cb is not None:
+                blocked += np.nan_to_num(cb[1])
+        return alive, members, blocked
+
     for job, pids in jobs.items():
         jl = _labels(dict(zip(JOB_LABELS, job))) + "," + base
         if pg is None:
             continue
         t = pg["t"]
         for key, metric in PROC_COUNTERS.items():
-            total = np.zeros(len(t))
-            for pid in pids:
-                c = col("process", f"proc.{key}:{pid}")
-                if c is not None:
-                    total += integrate(*c)
-            counter(metric, jl, t, total, np.inf, metric + jl)
-        alive = np.zeros(len(t))
-        members = np.zeros(len(t))
-        blocked = np.zeros(len(t))
-        for pid in pids:
-            c = col("process", f"proc.members:{pid}")
-            if c is None:
-                continue
-            seen = np.isfinite(c[1])
-            alive += seen
-            members += np.nan_to_num(c[1])
-            cb = col("process", f"proc.blocked:{pid}")
-            if cb is not None:
-                blocked += np.nan_to_num(cb[1])
-        # Gauges only while the job has a tree (the daemon stops exporting them after).
-        present = alive > 0
+            counter(metric, jl, t, summed(key, pids), np.inf, metric + jl)
+        alive, members, blocked = members_of(pids)
         for metric, v in (("agentd_process_trees", alive), ("agentd_process_members", members),
                           ("agentd_process_blocked", blocked)):
-            s = at_scrapes(t, np.where(present, v, np.nan), ts)
-            om.add(metric, "gauge", metric, jl, ts[np.isfinite(s)], s[np.isfinite(s)])
+            live_gauge(metric, jl, v, alive > 0)
+        # Per GPU and job: the CPU and members of the job's trees there (under each tree's
+        # first GPU), counters keeping ended trees, members while one lives.
+        on_gpu: dict[int, list[str]] = {}
+        for pid in pids:
+            if procs[pid].get("gpus"):
+                on_gpu.setdefault(min(procs[pid]["gpus"]), []).append(pid)
+        for gpu, gpids in sorted(on_gpu.items()):
+            lab = _labels({"gpu": str(gpu), "uuid": meta["gpus"][str(gpu)]["uuid"]}) + "," + jl
+            for key, metric in (("cpu", "agentd_gpu_process_cpu_seconds_total"),
+                                ("root_cpu", "agentd_gpu_process_root_cpu_seconds_total")):
+                counter(metric, lab, t, summed(key, gpids), np.inf, metric + lab)
+            alive, members, _ = members_of(gpids)
+            live_gauge("agentd_gpu_process_members", lab, members, alive > 0)
         # Device memory the job holds, per GPU, while one of its trees on that GPU lives
         # (one series per job and GPU, whichever of the job's processes holds it).
         live_on: dict[int, np.ndarray] = {}

@@ -7,7 +7,8 @@ shared PCIe uplinks) come from the info series at the range end.
 /metrics carries process trees summed per job (agentd/jobs.py), not per pid: each job becomes
 one "tree" of the analysis (subject "label=value,..."), its CPU, reads and members divided by
 its number of trees (the mean tree: a data-parallel job runs one alike tree per GPU), on the
-GPUs where the job holds memory.
+GPUs where the job holds memory. Where the daemon also exports the job's trees per GPU (CPU,
+the trainers' CPU, members), each of those GPUs gets its tree of its own ("JOB,gpu=N").
 """
 
 from __future__ import annotations
@@ -186,7 +187,48 @@ class AgentdPrometheusSource(PrometheusSource):
                     jobs[key(m)]["gpus"].append(int(g))
         for info in jobs.values():
             info["gpus"].sort()
+        self._per_gpu_trees(ch, jobs, nodes, grid, step, fn, win, key)
         return jobs
+
+    def _per_gpu_trees(self, ch, jobs, nodes, grid, step, fn, win, key) -> None:
+        """Where the daemon exports a job's trees per GPU (agentd_gpu_process_*), each GPU it
+        covers gets its own tree ("JOB,gpu=N"): one rank's loader is seen apart from the
+        job's mean tree, which keeps the GPUs no per-GPU series covers. Reads and blocked
+        members stay the job's mean tree's."""
+        sel = nodes.for_metric("agentd_gpu_process_cpu_seconds_total")
+        if sel is None:
+            return
+        by = f"by (gpu, {', '.join(JOB_LABELS)})"
+        gauge = f"[{max(int(round(step)), 1)}s]"
+        per: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+        for signal, metric, counter in (
+                ("proc.cpu", "agentd_gpu_process_cpu_seconds_total", True),
+                ("proc.root_cpu", "agentd_gpu_process_root_cpu_seconds_total", True),
+                ("proc.members", "agentd_gpu_process_members", False)):
+            inner = f"{fn}({metric}{sel}[{win}])" if counter else \
+                f"avg_over_time({metric}{sel}{gauge})"
+            for s in self.client.query_range(f"max {by} ({inner})", self.start, self.end,
+                                             step):
+                m = s["metric"]
+                per.setdefault((key(m), m.get("gpu", "")), {})[signal] = \
+                    grid.place(s.get("values", []))
+        for (job, g), series in sorted(per.items()):
+            info = jobs.get(job)
+            if info is None or not g.isdigit() or int(g) not in info["gpus"] or \
+                    "proc.cpu" not in series or "proc.members" not in series:
+                continue
+            tree = f"{job},gpu={g}"
+            for signal, values in series.items():
+                ch[f"{signal}:{tree}"] = values
+            for signal in ("proc.read", "proc.blocked"):
+                if f"{signal}:{job}" in ch:
+                    ch[f"{signal}:{tree}"] = ch[f"{signal}:{job}"]
+            jobs[tree] = {**info, "gpus": [int(g)]}
+            info["gpus"] = [x for x in info["gpus"] if x != int(g)]
+        for job in [j for j, info in jobs.items() if not info["gpus"]]:
+            del jobs[job]
+            for k in [k for k in ch if k.startswith("proc.") and k.split(":", 1)[1] == job]:
+                del ch[k]
 
     def _ceilings(self, nodes: NodeSelector) -> dict | None:
         """What `agentd probe` measured, from the ceiling gauges the daemon exported (their
