@@ -1603,6 +1603,63 @@ def test_rolling_analysis_does_not_repeat_a_finding_whose_gpus_come_in_another_o
     assert [f.kind for f in r.findings] == ["comm_wait"]
 
 
+def test_a_recent_input_finding_needs_the_recent_idle_to_have_risen(monkeypatch):
+    """The recent pass claims a problem that began in the last 20 s: its GPUs must idle
+    significantly more there than over the whole window. A healthy node idling 4.5-5.2%
+    from one 20 s to the next had warned in 18 of 54 rolling runs (the robustness suite's
+    streamed-shards node: io_h2d_serialized at 5.2% "within the last 20 s")."""
+    from agentd.analysis import core
+
+    sig, _ = healthy_window()
+
+    def report(stalls, se=0.004):
+        r = analyze(sig)
+        r.findings = []
+        for g in r.gpus:
+            g.stall, g.stall_standard_error = stalls, se
+        return r
+
+    def serialized():
+        return core.Finding(
+            kind="io_h2d_serialized", subject={"node": "n", "gpus": [0, 1]}, t0=0.0, t1=1.0,
+            confidence=0.8, severity="warning", summary="s", mechanism="m", evidence={},
+            gain={}, advice=[], stall_fraction=0.052)
+
+    for whole_stall, recent_stall, fresh in ((0.048, 0.052, False), (0.045, 0.15, True)):
+        whole, recent = report(whole_stall), report(recent_stall)
+        recent.findings = [serialized()]
+        reports = iter([whole, recent])
+        monkeypatch.setattr(core, "analyze", lambda *a, **k: next(reports))
+        r = core.analyze_rolling(sig)
+        assert [f.kind for f in r.findings] == (["io_h2d_serialized"] if fresh else [])
+        if fresh:
+            assert r.findings[0].evidence["onset"] == "within the last 20 s"
+
+
+def test_lighter_kernels_are_not_time_in_collectives():
+    """SM activity per busy second in two states is computing and waiting only if the lower
+    state is a collective's (a few SMs). Evaluation phases at 0.35 of the SMs per busy
+    second beside training at 0.92 were read as 30% of the time in collectives, and the
+    daemon's rolling analysis of a healthy node raised comm_wait at critical; a job that
+    waits at 0.05 is still seen waiting."""
+    sig, _ = simulate(S.load("comm-wait"), seconds=60)
+    n = len(sig.t)
+    eval_phase = (np.arange(n) % 200) < 60
+    for g in sig.gpus():
+        busy = np.full(n, 0.97)
+        sig.channels[f"gpu.busy:{g}"] = busy
+        sig.channels[f"gpu.busy_time:{g}"] = busy
+        sig.channels[f"gpu.sm_active:{g}"] = np.where(eval_phase, 0.35, 0.92) * busy
+    from agentd.analysis.evidence import measure
+
+    ev = measure(sig)
+    assert all(s.spin is None for s in ev.gpus.values())
+    assert "comm_wait" not in kinds(analyze(sig))
+    for g in sig.gpus():
+        sig.channels[f"gpu.sm_active:{g}"] = np.where(eval_phase, 0.05, 0.92) * 0.97
+    assert all(s.spin is not None and s.spin.mean > 0.25 for s in measure(sig).gpus.values())
+
+
 def test_an_idle_gpu_outside_its_peers_collective_holds_no_one_back():
     """GPU 0 holds 65 GiB and runs nothing (a notebook) while the seven others of the node,
     unlabelled, run a data-parallel job at low power and move NVLink bytes among themselves:

@@ -31,6 +31,12 @@ CHECKPOINT_D2H = 1e9
 # Computing vs waiting in a collective, from SM activity at fine resolution: the SM level
 # per unit of busy time must show two states this far apart to be told apart.
 TWO_STATES = 2.5
+# ... and the lower state must be a collective's: NCCL's kernels keep a few SMs (tens of
+# CTAs of an H100's 132) active while they move bytes or spin (0.03-0.12 of them in the
+# robustness suite's model). A lower state above this is lighter kernels (an evaluation
+# phase, an optimizer step), or samples that mix computing with waiting so evenly that
+# the waiting's own level is not seen: either way, how much is waiting cannot be read.
+COLLECTIVE_SM = 0.25
 QUANT_SE = 0.003  # NVML integer-percent samples: the resolution of a busy mean
 
 
@@ -611,9 +617,13 @@ def _unmix(sm: np.ndarray, busy: np.ndarray, m: np.ndarray
     lo = float(np.quantile(per, 0.05))
     if hi < 0.05:
         return None, None
-    if hi < TWO_STATES * max(lo, 0.01):
+    if hi < TWO_STATES * max(lo, 0.01) or lo > COLLECTIVE_SM:
         # One state: SM activity varies with the kernels, not between computing and
-        # waiting; how much is waiting cannot be read off it (peers may still tell).
+        # waiting; how much is waiting cannot be read off it (peers may still tell). Nor
+        # when the lower state keeps a third of the SMs busy: a healthy node's rolling
+        # analysis took its evaluation phases (0.35 of the SMs per busy second) and a
+        # healthy 64-node job's light per-step kernels (0.38) for 25-40% of the time in
+        # collectives, at critical.
         return None, None
     c = np.clip((sm[ok] - busy[ok] * lo) / (hi - lo), 0.0, busy[ok])
     comp = estimate(c, floor_se=QUANT_SE)
