@@ -315,3 +315,6 @@ def test_reuse_scores_the_kept_recordings_without_rewriting_them(tmp_path, capsy
     table = [line for line in first.splitlines() if line.startswith("recording")]
     assert table and table == [line for line in again.splitlines()
                                if line.startswith("recording")]
+    # The daemon's rolling analysis replayed over the full recording (every 10 s over the
+    # last 60 s of ~120 s: 6 runs), scored as the alerts would see it.
+    assert "  healthy: 0 of 6 runs warned, on 0 of 1 cases" in first.splitlines()

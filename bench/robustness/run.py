@@ -114,6 +114,55 @@ def _run(res: Result, fn, *args) -> Result:
     return res
 
 
+def rolling(path: str, truth: "C.Truth", case: str, every: float,
+            window: float = 60.0) -> dict:
+    """The daemon's rolling analysis replayed over a recording: analyze_rolling every `every`
+    seconds over the last `window` (and, within it, the last 20 s), as `agentd run` does for
+    agentd_finding_* and the alerts. Counts the runs that warn (warning or worse) and, on
+    starved cases, the runs whose first named finding is of an accepted kind."""
+    from agentd.analysis.core import analyze_rolling
+    from agentd.diagnose.sources.recording import RecordingSource
+
+    out = {"case": case, "class": truth.klass, "runs": 0, "warned": 0, "right": 0,
+           "warned_kinds": {}, "error": ""}
+    try:
+        sig = RecordingSource(path).read()
+        t = float(sig.t[0]) + window
+        while t <= float(sig.t[-1]):
+            r = analyze_rolling(sig.slice(t - window, t))
+            out["runs"] += 1
+            warned = [f.kind for f in r.findings if f.severity in WARN]
+            if warned:
+                out["warned"] += 1
+                for k in warned:
+                    out["warned_kinds"][k] = out["warned_kinds"].get(k, 0) + 1
+            named = [f.kind for f in r.findings if f.kind != "unexplained_idle"]
+            out["right"] += bool(named) and named[0] in truth.accept
+            t += every
+    except Exception as e:  # a crash on one case is a result, not the end of the run
+        out["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    return out
+
+
+def render_rolling(rows: list[dict], every: float) -> str:
+    healthy = [r for r in rows if r["class"] == "healthy"]
+    starved = [r for r in rows if r["class"] != "healthy"]
+    warned = [r for r in healthy if r["warned"]]
+    lines = [f"rolling analysis (the daemon's: every {every:g} s over the last 60 s, and its "
+             "last 20 s), full recordings:",
+             f"  healthy: {sum(r['warned'] for r in healthy)} of "
+             f"{sum(r['runs'] for r in healthy)} runs warned, on {len(warned)} of "
+             f"{len(healthy)} cases" + (": " + ", ".join(
+                 f"{r['case']} {r['warned']} {r['warned_kinds']}" for r in warned)
+                 if warned else ""),
+             f"  starved: {sum(r['right'] for r in starved)} of "
+             f"{sum(r['runs'] for r in starved)} runs named an accepted kind first"]
+    errors = [r for r in rows if r["error"]]
+    if errors:
+        lines.append("  errors: " + "; ".join(f"{r['case']}: {r['error']}" for r in errors))
+    return "\n".join(lines)
+
+
 # --- scoring -----------------------------------------------------------------------------------
 
 def score_one(res: Result, truth: C.Truth) -> dict:
@@ -240,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", help="keep recordings, OpenMetrics and the TSDB here")
     ap.add_argument("--cli", action="store_true",
                     help="diagnose through `agentd diagnose ... --json` subprocesses")
+    ap.add_argument("--rolling-every", type=float, default=10.0, metavar="SECONDS",
+                    help="replay the daemon's rolling analysis over each full recording "
+                         "every SECONDS (0: not at all)")
     ap.add_argument("--reuse", action="store_true",
                     help="diagnose the recordings and TSDB that an earlier run with the same "
                          "--seed and --cases kept in --workdir (the truth is rebuilt, nothing "
@@ -275,6 +327,7 @@ def _suite(args, seed: int, names: list[str], sources: set, resolutions: list[fl
     t_start = time.process_time()
     truths: dict[str, C.Truth] = {}
     results: list[Result] = []
+    rolls: list[dict] = []
     prom_jobs: list[tuple] = []
     tsdb = os.path.join(work, "tsdb")
     reuse = args.reuse
@@ -298,6 +351,8 @@ def _suite(args, seed: int, names: list[str], sources: set, resolutions: list[fl
                     S.write_recording(path, g, m)
                 results.append(_run(Result(name, case.klass, "recording", 0.1, v),
                                     diagnose_recording, path, args.cli))
+                if v == "full" and args.rolling_every > 0:
+                    rolls.append(rolling(path, truth, name, args.rolling_every))
         om = E.OpenMetrics()
         if "prometheus" in sources:
             for res in resolutions:
@@ -344,9 +399,13 @@ def _suite(args, seed: int, names: list[str], sources: set, resolutions: list[fl
           f"{args.duration:g} s windows; CPU {time.process_time() - t_start:.0f} s "
           "(this process; diagnoses in-process unless --cli)")
     print(render(summary, scores, truths))
+    if rolls:
+        print()
+        print(render_rolling(rolls, args.rolling_every))
     if args.json:
         doc = {"seed": seed, "date": datetime.datetime.now().isoformat(timespec="seconds"),
                "duration": args.duration, "summary": summary, "scores": scores,
+               "rolling": rolls,
                "truth": {n: {"class": t.klass, "accept": list(t.accept), "gpus": t.gpus,
                              "origin": t.origin, "stall_fraction": t.stall_fraction,
                              "idle_fraction": t.idle_fraction, "step_period": t.step_period}
