@@ -22,6 +22,10 @@ REST = 0.5  # while the GPU computes, the activity runs at most at this share of
 READS_EXPLAIN = 0.25  # the reads, at the drives' ceiling, need at least this share of the
 #                       time the GPU waits (serialized loaders: 45-77% in the robustness
 #                       suite; a prefetching worker reading the batch after next: ~3%)
+READS_FIT = 3.0  # ... and at most this multiple of it: reads that need more time than the
+#                 GPU idles, even at the drives' ceiling, run while it computes (a loader
+#                 streaming shards ahead: 7-12x in the robustness suite, against 0.5-0.8 for
+#                 serialized loaders; 3 leaves room for a nominal ceiling twice too low)
 IN_GAPS = 2 / 3  # reads in at least this share of the gappiest samples: each step's batch is
 #                  read in its gap (a prefetching worker, woken when a batch is taken, reads
 #                  in some gaps, ahead, and not in the others)
@@ -75,15 +79,16 @@ def _no_workers(ev: Evidence, starved: list[str]) -> list[Finding]:
 
 
 def _reads_take_time(ev: Evidence, g: str) -> bool:
-    """The node's reads could fill a real part of the GPU's gaps: at the drives' ceiling
-    (the fastest they can be) they need at least READS_EXPLAIN of its idle time. Reads that
-    take a millisecond of a 30 ms gap are a prefetching worker's, whenever they happen; with
-    no ceiling known, nothing says how long they take."""
+    """The node's reads could fill the GPU's gaps, and fit in them: at the drives' ceiling
+    (the fastest they can be) they need at least READS_EXPLAIN of its idle time and at most
+    READS_FIT times it. Reads that take a millisecond of a 30 ms gap are a prefetching
+    worker's, whenever they happen; reads that need several times the gaps run through the
+    compute, overlapping it. With no ceiling known, nothing says how long they take."""
     cap = sum(d.limit.value for d in ev.disks.values() if d.limit.known)
     idle = ev.gpus[g].idle.mean
     if not cap or not ev.read_total.n or not idle > 0:
         return False
-    return ev.read_total.mean / cap >= READS_EXPLAIN * idle
+    return READS_EXPLAIN * idle <= ev.read_total.mean / cap <= READS_FIT * idle
 
 
 def _reads_are_its_job(ev: Evidence, g: str, starved: list[str]) -> bool:
