@@ -741,6 +741,23 @@ def test_comm_wait_and_straggler_need_sm_activity():
     assert any("SM activity" in n for n in r.notes)
 
 
+def test_a_slow_fabric_needs_steps_the_samples_can_see_into():
+    """Within a node, comm_wait tells a slow fabric (bytes flowing through the time in
+    collectives) from waits for late peers (a spin, then a burst) sample by sample. With
+    several steps in each sample, or no step period seen, every sample holds computing,
+    waiting and the burst alike: eight ranks waiting for each other's CPU-bound loaders
+    (30-80 ms steps, no process trees) were named comm_wait at critical. No finding then."""
+    from agentd.analysis.detectors import comm_wait
+    from agentd.analysis.evidence import measure
+
+    sig, _ = simulate(S.load("comm-wait"), seconds=60)
+    ev = measure(sig)
+    assert [f.kind for f in comm_wait.detect(ev, set())] == ["comm_wait"]
+    for s in ev.gpus.values():
+        s.period = None
+    assert comm_wait.detect(ev, set()) == []
+
+
 def test_collective_wait_seen_on_two_of_eight_gpus_is_no_job_wide_finding():
     """comm_wait is a job's: most of its GPUs must be seen in the collective, not the two
     whose computing and collective states happened to be told apart."""

@@ -22,15 +22,24 @@ TRAFFIC_NETWORK = 1e7
 FLOWING = 0.5  # share of the collective time with bytes moving, for the fabric to be slow
 
 
+STEP_SAMPLES = 3  # samples a step must span for the per-sample test to see inside it
+
+
 def _flowing(ev: Evidence, g: str) -> float | None:
     """Share of a GPU's time in collectives during which NVLink bytes flow (at a tenth of
     their usual peak or more). A slow fabric moves bytes throughout; a wait for a late peer
-    spins idle, then moves them in a burst. None where NVLink is not sampled finely."""
+    spins idle, then moves them in a burst. None where NVLink is not sampled finely; nan
+    where the steps are not seen to span several samples: then each sample holds computing,
+    waiting and the burst alike, and reads "flowing" whatever holds the collective up
+    (ranks waiting for each other's CPU-bound loaders, 30-80 ms steps, read as a slow
+    fabric at critical)."""
     rx = ev.sig.get("gpu.nvlink_rx", g)
     sm = ev.sig.get("gpu.sm_active", g)
     s = ev.gpus[g]
     if rx is None or sm is None or s.compute is None:
         return None
+    if s.period is None or s.period.seconds < STEP_SAMPLES * ev.sig.resolution:
+        return float("nan")
     rx = np.asarray(rx, dtype=float)
     busy = np.nan_to_num(s.busy)
     ok = np.isfinite(rx) & np.isfinite(sm) & (busy >= 0.5) & s.present
@@ -74,6 +83,9 @@ def _job(ev: Evidence, gpus: list[str]) -> list[Finding]:
     # in the collective? (Across nodes the network is sampled once a second: not judged.)
     flowing = [f for g in waiting if (f := _flowing(ev, g)) is not None] \
         if ev.network_rx < TRAFFIC_NETWORK else []
+    if flowing and sum(f != f for f in flowing) * 2 > len(flowing):
+        return []  # steps too short to tell a slow fabric from a wait for late peers
+    flowing = [f for f in flowing if f == f]
     if flowing and float(np.median(flowing)) < FLOWING:
         # The GPUs wait in the collective for a late peer, the bytes then move in a burst:
         # the collective is not what is slow (a cause upstream of it went unseen).
