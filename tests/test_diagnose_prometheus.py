@@ -52,8 +52,9 @@ def test_diagnose_from_prometheus_scraping_agentd(tmp_path, spawn):
     assert doc["source"] == "prometheus (agentd)"
     assert doc["findings"][0]["kind"] == "input_cpu"
     assert len(doc["gpus"]) == 8
-    # /metrics has per-job series (no pids): the finding names the job that owns the GPUs.
-    assert {"systemd_unit": "train.service"} in doc["findings"][0]["subject"]["processes"]
+    # /metrics has per-job series (no pids): the finding names the job that owns the GPUs,
+    # once, though the job is read as one process tree per GPU (agentd_gpu_process_*).
+    assert doc["findings"][0]["subject"]["processes"] == [{"systemd_unit": "train.service"}]
 
 
 @pytest.mark.parametrize("scenario", ["input-storage", "idle-allocated"])

@@ -171,8 +171,10 @@ class Evidence:
                        **{k: v for k, v in info.items() if k != "gpus" and v})
                   for pid, info in procs.items()
                   if set(map(str, info.get("gpus", []))) & set(gpus)]
-        if owners:
-            sub["processes"] = owners
+        # One entry per owner: a job read from Prometheus as one tree per GPU is one job.
+        unique = [o for i, o in enumerate(owners) if o not in owners[:i]]
+        if unique:
+            sub["processes"] = unique
         idents = (self.sig.meta.get("gpus") or {})
         uuids = [idents.get(g, {}).get("uuid") or idents.get(g, {}).get("UUID") for g in gpus]
         if any(uuids):
