@@ -254,7 +254,9 @@ def _source(args: argparse.Namespace):
                                  flavour=args.flavour)
         flavour = args.flavour if args.flavour != "auto" else detect(client, args.node, end)
         cls = AgentdPrometheusSource if flavour == "agentd" else ExportersPrometheusSource
-        return cls(args.prometheus, args.node, start, end, step, client=client)
+        src = cls(args.prometheus, args.node, start, end, step, client=client)
+        src.auto = args.flavour == "auto"
+        return src
     from agentd.diagnose.sources.live import LiveSource, sampling_config
 
     seconds = args.seconds or 60.0

@@ -55,6 +55,12 @@ def test_diagnose_from_prometheus_scraping_agentd(tmp_path, spawn):
     # /metrics has per-job series (no pids): the finding names the job that owns the GPUs,
     # once, though the job is read as one process tree per GPU (agentd_gpu_process_*).
     assert doc["findings"][0]["subject"]["processes"] == [{"systemd_unit": "train.service"}]
+    # A node the server holds nothing for: one line, exit 3, naming both flavours it looked
+    # for (it said "no dcgm-exporter GPU series" of a server full of agentd's).
+    r = subprocess.run(agentd_cmd("diagnose", "--prometheus", prom, "--node", "gpu-node-9",
+                                  "--last", "35s"), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "neither agentd's nor dcgm-exporter's GPU series for node 'gpu-node-9'" in r.stderr
 
 
 @pytest.mark.parametrize("scenario", ["input-storage", "idle-allocated"])

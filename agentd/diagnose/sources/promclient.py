@@ -124,6 +124,9 @@ class PrometheusSource:
     """What both Prometheus sources take: the server, the node and the range."""
 
     name = "prometheus"
+    # Set when `--flavour auto` chose this source because the other held nothing for the
+    # node: a source that finds nothing either says that neither flavour was there.
+    auto = False
 
     def __init__(self, url: str, node: str, start: float, end: float, step: float | None = None,
                  opts: HttpOptions | None = None, client: PromClient | None = None):

@@ -58,8 +58,10 @@ class ExportersPrometheusSource(PrometheusSource):
         gsel = nodes.for_metric("DCGM_FI_DEV_GPU_UTIL") or \
             nodes.for_metric("DCGM_FI_PROF_GR_ENGINE_ACTIVE")
         if gsel is None:
-            raise SourceError(f"Prometheus at {c.url} holds no dcgm-exporter GPU series for "
-                              f"node {self.node!r} in the hour before the range end")
+            which = "neither agentd's nor dcgm-exporter's" if self.auto else \
+                "no dcgm-exporter"
+            raise SourceError(f"Prometheus at {c.url} holds {which} GPU series for node "
+                              f"{self.node!r} in the hour before the range end")
         scrape = scrape_interval(c, "DCGM_FI_DEV_GPU_UTIL", gsel, self.end) or \
             scrape_interval(c, "DCGM_FI_PROF_GR_ENGINE_ACTIVE", gsel, self.end)
         step = self.step or scrape or 15.0
