@@ -54,6 +54,14 @@ SERIES = (
 )
 
 
+def per_step(metric: str, sel: str, counter: bool, fn: str, win: str, step: float) -> str:
+    """The query of a series' value per step: a counter's rate (`fn` over `win`), a gauge's
+    mean over the step."""
+    if counter:
+        return f"{fn}({metric}{sel}[{win}])"
+    return f"avg_over_time({metric}{sel}[{max(int(round(step)), 1)}s])"
+
+
 class AgentdPrometheusSource(PrometheusSource):
     name = "prometheus (agentd)"
 
@@ -85,9 +93,8 @@ class AgentdPrometheusSource(PrometheusSource):
             if sel is None:
                 continue
             by = f" by ({label})" if label else ""
-            inner = f"{fn}({metric}{sel}[{win}])" if counter else \
-                f"avg_over_time({metric}{sel}[{max(int(round(step)), 1)}s])"
-            fetch(signal + ":{}", f"max{by} ({inner})", label)
+            fetch(signal + ":{}", f"max{by} ({per_step(metric, sel, counter, fn, win, step)})",
+                  label)
         # The held utilization: the busy rate is the exact mean; gpu.busy is the same here.
         for k in [k for k in ch if k.startswith("gpu.busy_time:")]:
             ch["gpu.busy:" + k.split(":", 1)[1]] = ch[k].copy()
@@ -159,16 +166,15 @@ class AgentdPrometheusSource(PrometheusSource):
             return {key(s["metric"]): grid.place(s.get("values", []))
                     for s in c.query_range(query, self.start, self.end, step)}
 
-        gauge = f"[{max(int(round(step)), 1)}s]"
-        trees = per_job(f"max {by} (avg_over_time(agentd_process_trees{sel}{gauge}))")
+        trees = per_job(f"max {by} "
+                        f"({per_step('agentd_process_trees', sel, False, fn, win, step)})")
         for signal, metric, counter in (
                 ("proc.cpu", "agentd_process_cpu_seconds_total", True),
                 ("proc.root_cpu", "agentd_process_root_cpu_seconds_total", True),
                 ("proc.read", "agentd_process_read_bytes_total", True),
                 ("proc.members", "agentd_process_members", False),
                 ("proc.blocked", "agentd_process_blocked", False)):
-            inner = f"{fn}({metric}{sel}[{win}])" if counter else \
-                f"avg_over_time({metric}{sel}{gauge})"
+            inner = per_step(metric, sel, counter, fn, win, step)
             for job, values in per_job(f"max {by} ({inner})").items():
                 if job in trees:
                     with np.errstate(invalid="ignore", divide="ignore"):
@@ -199,14 +205,12 @@ class AgentdPrometheusSource(PrometheusSource):
         if sel is None:
             return
         by = f"by (gpu, {', '.join(JOB_LABELS)})"
-        gauge = f"[{max(int(round(step)), 1)}s]"
         per: dict[tuple[str, str], dict[str, np.ndarray]] = {}
         for signal, metric, counter in (
                 ("proc.cpu", "agentd_gpu_process_cpu_seconds_total", True),
                 ("proc.root_cpu", "agentd_gpu_process_root_cpu_seconds_total", True),
                 ("proc.members", "agentd_gpu_process_members", False)):
-            inner = f"{fn}({metric}{sel}[{win}])" if counter else \
-                f"avg_over_time({metric}{sel}{gauge})"
+            inner = per_step(metric, sel, counter, fn, win, step)
             for s in self.client.query_range(f"max {by} ({inner})", self.start, self.end,
                                              step):
                 m = s["metric"]
