@@ -100,6 +100,14 @@ SIGNALS: dict[str, Signal] = {
         Signal("proc.read", "bytes/s", "bytes the tree caused to be read from storage", "slow"),
         Signal("proc.rchar", "bytes/s", "bytes the tree read through read() and friends", "slow"),
         Signal("proc.blocked", "processes", "processes of the tree in D state", "slow"),
+        # What the daemon's rolling analysis served (agentd_finding_*), read back from
+        # Prometheus; subject "KIND@GPU" (GPU "" for the node). agentd/analysis/daemon_view.py
+        Signal("daemon.finding", "severity",
+               "the daemon's finding of that kind on that GPU: 0 none, 1 info, 2 warning, "
+               "3 critical (NaN: no current report)", "slow"),
+        Signal("daemon.finding_stall", "ratio", "the share of the GPU's time it said the "
+               "finding cost", "slow"),
+        Signal("daemon.finding_confidence", "ratio", "the finding's confidence", "slow"),
     ]
 }
 

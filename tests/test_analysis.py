@@ -1292,6 +1292,97 @@ def test_coarse_healthy_runs_are_silent(name):
         assert kinds(r, "warning") == [], (step, [f.headline() for f in r.findings])
 
 
+# --- the daemon's own findings, read back from Prometheus -----------------------------------------
+
+
+def with_daemon(sig: Signals, kind: str, gpus: list[str], share: float, severity: int = 2,
+                stall: float = 0.3, covered: float = 1.0) -> Signals:
+    """`sig` plus what the daemon's rolling analysis served (daemon.finding*, as the
+    Prometheus source maps agentd_finding_*): `kind` on `gpus` in the first `share` of the
+    steps its analysis reported in, which are the last `covered` of the range."""
+    n = len(sig.t)
+    reported = np.arange(n) >= int(round(n * (1 - covered)))
+    first = np.flatnonzero(reported)[0]
+    on = reported & (np.arange(n) < first + int(round(reported.sum() * share)))
+    ch = dict(sig.channels)
+    for g in gpus:
+        ch[f"daemon.finding:{kind}@{g}"] = np.where(reported, np.where(on, severity, 0.0),
+                                                    np.nan)
+        ch[f"daemon.finding_stall:{kind}@{g}"] = np.where(on, stall, np.nan)
+        ch[f"daemon.finding_confidence:{kind}@{g}"] = np.where(on, 0.8, np.nan)
+    return Signals(sig.t, ch, sig.resolution, sig.source, sig.node, sig.meta)
+
+
+def coarse_of(name: str, step: float = 5.0) -> tuple[Signals, object]:
+    sc = S.load(name, seed=0)
+    sig, _ = simulate(sc, seconds=120)
+    return coarsen(sig.slice(sig.t[0] + 30, sig.t[-1]), step), sc
+
+
+def test_the_daemons_10hz_finding_names_what_coarse_series_cannot_see():
+    """Reads alternating with compute inside 5 s scrapes: the series show only idle time, but
+    the daemon, analysing its 10 Hz window every 10 s, named the mechanism; what it held for
+    most of the range is the range's finding, with its share of the runs as evidence."""
+    sig, _ = coarse_of("io-h2d-serialized")
+    before = analyze(sig).findings
+    assert [f.kind for f in before] == ["unexplained_idle"]
+    gpus = before[0].gpus
+    r = analyze(with_daemon(sig, "io_h2d_serialized", gpus, 0.8, severity=3, stall=0.4))
+    top = r.findings[0]
+    assert top.kind == "io_h2d_serialized" and top.severity == "critical"
+    assert top.gpus == gpus and "10 Hz" in top.summary
+    share = top.evidence["daemon_runs_share"]
+    assert share == pytest.approx(0.8, abs=0.05)  # of 17 steps
+    assert top.stall_fraction == pytest.approx(share * 0.4)  # 0 in the runs it said nothing
+    assert "unexplained_idle" not in [f.kind for f in r.findings]
+    assert r.to_json()["findings"][0]["evidence"]["daemon_stall_fraction"] == \
+        pytest.approx(0.4)
+
+
+def test_a_collective_wait_the_coarse_series_miss_comes_from_the_daemon():
+    sig, _ = coarse_of("comm-wait")
+    assert analyze(sig).findings == []
+    gpus = [str(g) for g in range(8)]
+    r = analyze(with_daemon(sig, "comm_wait", gpus, 1.0, stall=0.25))
+    assert [(f.kind, f.severity, f.gpus) for f in r.findings] == [("comm_wait", "warning", gpus)]
+
+
+def test_a_finding_the_daemon_raised_at_times_is_a_note_not_a_finding():
+    sig, _ = coarse_of("io-h2d-serialized")
+    r = analyze(with_daemon(sig, "io_h2d_serialized", ["0", "1", "2", "3"], 0.3))
+    assert [f.kind for f in r.findings] == ["unexplained_idle"]
+    assert any("named at times io_h2d_serialized on GPU 0,1,2,3 (29% of its runs)" in n
+               for n in r.notes), r.notes  # 5 of 17 steps
+    # Healthy series and a daemon that said only "unexplained" (info): nothing.
+    sig, _ = coarse_of("healthy-8gpu-250ms")
+    r = analyze(with_daemon(sig, "unexplained_idle", [str(g) for g in range(8)], 1.0, 1))
+    assert r.findings == []
+
+
+def test_the_daemons_findings_stand_only_where_its_analysis_covered_the_range():
+    """The daemon reported in the last 40% of the range only (it started late, its analysis
+    process restarted): what it said stands for too little of the range."""
+    sig, _ = coarse_of("io-h2d-serialized")
+    r = analyze(with_daemon(sig, "io_h2d_serialized", ["0", "1", "2", "3"], 1.0, covered=0.4))
+    assert [f.kind for f in r.findings] == ["unexplained_idle"]
+    assert any("reported for 41% of the range (io_h2d_serialized on GPU 0,1,2,3 (100% of "
+               "its runs)): too little" in n for n in r.notes), r.notes
+
+
+def test_a_cause_the_series_measure_outranks_the_daemons_other_view():
+    """Loaders at their CPU limit are measured over the whole range: the daemon's collective
+    wait on the same GPUs (the input's symptom) is a note, not a second finding."""
+    sig, _ = coarse_of("input-cpu")
+    gpus = [str(g) for g in range(8)]
+    r = analyze(with_daemon(sig, "comm_wait", gpus, 0.9))
+    assert [f.kind for f in r.findings] == ["input_cpu"]
+    assert any("held comm_wait on GPU 0,1,2,3,4,5,6,7" in n for n in r.notes), r.notes
+    # Agreement is evidence on the measured finding.
+    r = analyze(with_daemon(sig, "input_cpu", gpus, 0.9))
+    assert [f.kind for f in r.findings] == ["input_cpu"]
+    assert r.findings[0].evidence["daemon_runs_share"] == pytest.approx(0.9, abs=0.05)
+
+
 # --- robustness of the data path ----------------------------------------------------------------
 
 

@@ -52,6 +52,9 @@ def test_diagnose_from_prometheus_scraping_agentd(tmp_path, spawn):
     assert doc["source"] == "prometheus (agentd)"
     assert doc["findings"][0]["kind"] == "input_cpu"
     assert len(doc["gpus"]) == 8
+    # The daemon's own analysis (agentd_finding_*, from its 10 Hz window) said so too, in
+    # most of its runs over the range: read back and weighed with the series.
+    assert doc["findings"][0]["evidence"]["daemon_runs_share"] >= 0.5
     # /metrics has per-job series (no pids): the finding names the job that owns the GPUs,
     # once, though the job is read as one process tree per GPU (agentd_gpu_process_*).
     assert doc["findings"][0]["subject"]["processes"] == [{"systemd_unit": "train.service"}]

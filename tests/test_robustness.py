@@ -258,6 +258,45 @@ def test_backfilled_agentd_series_are_queryable(tmp_path):
         check=lambda url: _one_tree_per_rank(url, host, case))
 
 
+@pytest.mark.prometheus
+def test_the_daemons_findings_reach_diagnose_through_prometheus(tmp_path):
+    """The daemon's rolling analysis (every 10 s over the last minute of its 10 Hz window)
+    served as agentd_finding_*: read back at 5 s scrapes, it names the loading that
+    alternates with compute, which the 5 s series alone show only as idle time."""
+    from agentd.analysis.core import analyze
+    from agentd.diagnose.sources.prometheus_agentd import AgentdPrometheusSource
+
+    case, tl, truth = build("io-h2d-serialized")
+    a, b = case.window
+    rng = np.random.default_rng(6)
+    groups = S.sample_groups(tl, rng, a - C.LEAD + 5, b)
+    meta = S.meta(tl, S.ceilings_for(tl))
+    reports = A.daemon_reports(groups, meta, a - C.LEAD + 5, b)
+    # The runs as the daemon makes them: every 10 s from 30 s after its start.
+    assert np.diff([t for t, _ in reports]) == pytest.approx(10.0)
+    named = [r["findings"][0]["kind"] for t, r in reports if t > a and r["findings"]]
+    om = E.OpenMetrics()
+    host = "dgx-h100-009.rack2.cluster.example"
+    A.agentd_series(tl, groups, meta, a - C.LEAD + 5, b, 5.0, rng, om, host, reports)
+
+    def check(url: str) -> None:
+        sig = AgentdPrometheusSource(url, host, a, b).read()
+        level = sig.get("daemon.finding", f"io_h2d_serialized@{truth.gpus[0]}")
+        assert level is not None
+        # Served while current: every step of the range has a report, warning or worse in
+        # the share of runs that named it.
+        assert np.isfinite(level).mean() > 0.95
+        assert np.mean(level[np.isfinite(level)] >= 2) == pytest.approx(
+            named.count("io_h2d_serialized") / len(named), abs=0.15)
+        top = analyze(sig).findings[0]
+        assert top.kind in truth.accept and top.evidence["daemon_runs_share"] >= 0.5
+        assert "10 Hz" in top.summary
+
+    _busy_and_diagnosis(
+        tmp_path, om, f'rate(agentd_gpu_busy_seconds_total{{instance="{host}:9101"}}'
+                      f'[{int(b - a)}s])', case, truth, host, "prometheus (agentd)", check)
+
+
 def _one_tree_per_rank(url: str, host: str, case) -> None:
     """The job's trees per GPU (agentd_gpu_process_*) give each rank a tree of its own, and
     the rank whose loader is the bottleneck stands out from the job's mean tree."""

@@ -5,6 +5,8 @@
     -> the GPUs starved of input significantly above the source's noise (detectors/common.py)
     -> for each, the best-evidenced input mechanism, root causes before their symptoms
     -> collective waits, only where no input cause and no straggler explains them
+    -> from a coarse source that carries the daemon's own findings (daemon_view.py): what
+       its 10 Hz analysis held for most of the range, where these series measured no cause
     -> what is left: `unexplained_idle` at info, with what would tell it apart
 A healthy node (no GPU losing 5% of its job time significantly above noise, no device fault)
 gets no finding at all.
@@ -16,11 +18,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from agentd.analysis import daemon_view
 from agentd.analysis import detectors as D
 from agentd.analysis.detectors import common as C
 from agentd.analysis.detectors import h2d_pcie, input_cpu
 from agentd.analysis.evidence import Evidence, measure
-from agentd.analysis.findings import SEVERITIES, Finding, gain_from_stall, json_safe, \
+from agentd.analysis.findings import KINDS, SEVERITIES, Finding, gain_from_stall, json_safe, \
     worst_severity
 from agentd.analysis.signals import Signals
 
@@ -251,10 +254,83 @@ def analyze(sig: Signals, options: Options | None = None, node: str = "") -> Rep
         for det in D.COLLECTIVE:
             findings += det.detect(ev, idle | set(ev.lost_gpus))
     rest = [g for g in starved if g not in explained]
+    view = daemon_view.read(sig)
+    if view is not None:
+        findings, rest = _with_daemon_view(ev, view, findings, rest)
     if rest:
         findings.append(_unexplained(ev, rest))
     findings = _order(findings)
     return _report(ev, sig, findings, options)
+
+
+CAUSE_KINDS = {d.__name__.rsplit(".", 1)[-1] for d in D.INPUT}
+
+
+def _with_daemon_view(ev: Evidence, view: "daemon_view.View", findings: list[Finding],
+                      rest: list[str]) -> tuple[list[Finding], list[str]]:
+    """Findings the daemon's 10 Hz analysis held for most of the range, where this source's
+    series measured no cause on those GPUs: an input cause, or a collective wait where no
+    input cause or straggler is measured. What they measured stands (it covers the whole
+    range with its evidence); the daemon's agreement is added to it. Collective waits on the
+    GPUs of an input cause the daemon saw are that cause's symptom."""
+    measured = {g for f in findings if f.kind in CAUSE_KINDS | {"straggler"} for g in f.gpus}
+    adopted = []
+    for h in view.persistent:
+        gpus = [g for g in h.gpus if g in ev.gpus] if h.gpus != [""] else []
+        if h.gpus != [""] and not gpus:
+            continue
+        same = [f for f in findings if f.kind == h.kind and (set(f.gpus) & set(gpus)
+                                                             or not f.gpus and not gpus)]
+        for f in same:
+            f.evidence = {**f.evidence, "daemon_runs_share": h.share}
+        if same:
+            continue
+        if set(gpus) & measured and h.kind in CAUSE_KINDS | {"comm_wait", "straggler"}:
+            ev.notes.append("the daemon's analysis held " + daemon_view.describe(h) +
+                            "; these series measured another cause there")
+            continue
+        adopted.append(_daemon_finding(ev, h, gpus, view.covered))
+    if view.covered < daemon_view.COVERED:
+        if view.transient:
+            ev.notes.append(f"the daemon's analysis reported for {view.covered * 100:.0f}% of "
+                            "the range (" + "; ".join(map(daemon_view.describe, view.transient))
+                            + "): too little for its findings to stand for the range")
+    else:
+        for h in view.transient:
+            ev.notes.append("the daemon's analysis named at times " + daemon_view.describe(h))
+    if not adopted:
+        return findings, rest
+    inputs = [f for f in findings + adopted if f.kind in CAUSE_KINDS]
+    starved_inputs = {g for f in inputs for g in f.gpus}
+    device = [f for f in findings + adopted if f.kind not in CAUSE_KINDS and not (
+        f.kind == "comm_wait" and set(f.gpus) & starved_inputs)]
+    findings = _without_input_symptoms(ev, device, inputs) + inputs
+    explained = {g for f in adopted for g in f.gpus}
+    return findings, [g for g in rest if g not in explained]
+
+
+def _daemon_finding(ev: Evidence, h: "daemon_view.Held", gpus: list[str],
+                    covered: float) -> Finding:
+    busy = C.busy_of(ev, gpus) if gpus else float("nan")
+    res = ev.sig.resolution
+    conf = h.confidence if h.confidence == h.confidence else 0.5
+    return Finding(
+        kind=h.kind, subject=ev.subject(gpus), t0=ev.t0, t1=ev.t1,
+        confidence=round(conf * 0.9, 2), severity=h.severity,
+        summary=f"{KINDS.get(h.kind, h.kind)}: what agentd's own analysis of its 10 Hz "
+                f"samples said in {h.share * 100:.0f}% of its runs over this range (samples "
+                f"every {res:g} s here cannot show the mechanism)",
+        mechanism="seen by the daemon at 10 Hz (agentd_finding_active)",
+        evidence={"daemon_runs_share": h.share, "daemon_stall_fraction": h.stall_named,
+                  "daemon_confidence": h.confidence,
+                  "daemon_analysis_covered_share": covered,
+                  "stall_measured": C.stall_of(ev, gpus) if gpus else None},
+        gain=gain_from_stall(busy, h.stall),
+        advice=["The daemon's evidence in numbers: `agentd diagnose --daemon URL` (its "
+                "/api/v1/findings) while the problem lasts, or `agentd record --daemon URL` "
+                "for a recording to replay; docs/runbook.md has what to do for "
+                f"{h.kind}."],
+        stall_fraction=h.stall)
 
 
 def _report(ev: Evidence, sig: Signals, findings: list[Finding], options: Options) -> Report:

@@ -15,7 +15,13 @@ reason; CPU seconds per mode and online CPUs; PSI; disks; network; memory; per-j
 trees (agentd/jobs.py labels, counters including ended trees) and, per GPU and job, the
 trees' CPU and members; GPU and disk identities, the
 PCIe switches GPUs share with drives, lost GPUs, and the ceilings `agentd probe` measured
-where the case has them. Nothing here is read from the analysis.
+where the case has them.
+
+The daemon also serves its rolling analysis (agentd/daemon/rolling.py): every 10 s, the last
+60 s of its 10 Hz window analysed (agentd.analysis.core.analyze_rolling, run here on the same
+sampler model the counters integrate), exported as agentd_finding_* and agentd_gpu_stall_ratio
+by the daemon's own finding_series() while the report is current (three intervals).
+`daemon_reports` replays those runs once per case; `agentd_series` serves them at each scrape.
 """
 
 from __future__ import annotations
@@ -93,14 +99,79 @@ def held(values: np.ndarray) -> np.ndarray:
     return out
 
 
+ANALYSIS_EVERY = 10.0  # the daemon's defaults: agentd/daemon/config.py analysis_interval ...
+ANALYSIS_WINDOW = 60.0  # ... and analysis_window
+ANALYSIS_FIRST = 30.0  # its first run waits for half a window (rolling.py _loop)
+
+
+def daemon_reports(groups: dict[str, dict], meta: dict, start: float, end: float,
+                   every: float = ANALYSIS_EVERY, window: float = ANALYSIS_WINDOW
+                   ) -> list[tuple[float, dict]]:
+    """The daemon's rolling analysis over the sampler model's window, as `agentd run` started
+    at `start` runs it: (time of the run, Report.to_json()) for each run up to `end`."""
+    from agentd.analysis.core import analyze_rolling
+    from agentd.analysis.signals import from_groups
+
+    node = meta.get("node", "")
+    sig = from_groups(groups, step=0.1, source="window", node=node, meta=meta)
+    out = []
+    t = start + min(window / 2, ANALYSIS_FIRST)
+    while t <= end:
+        part = sig.slice(t - window, t)
+        if len(part.t) >= 10:  # rolling.MIN_ROWS
+            out.append((t, analyze_rolling(part, node=node).to_json()))
+        t += every
+    return out
+
+
+def _analysis_series(reports: list[tuple[float, dict]], meta: dict, ts: np.ndarray,
+                     every: float, om: OpenMetrics, base: str) -> None:
+    """What each scrape serves of the rolling analysis: the latest report while current (no
+    older than three intervals, rolling.STALE_RUNS), through the daemon's finding_series."""
+    from agentd.daemon.rolling import STALE_RUNS, finding_series
+
+    if not reports:
+        return
+    uuids = {g: info["uuid"] for g, info in meta["gpus"].items()}
+    runs = np.array([t for t, _ in reports])
+    served: dict[tuple[str, str], np.ndarray] = {}
+    cache: dict[int, list] = {}
+    for k, at in enumerate(ts):
+        i = int(np.searchsorted(runs, at, side="right")) - 1
+        if i < 0 or at - runs[i] > STALE_RUNS * every:
+            continue
+        if i not in cache:
+            r = reports[i][1]
+            rows = finding_series(r["findings"], uuids)
+            for g in r["gpus"]:
+                if isinstance(g.get("stall"), (int, float)):
+                    gid = str(g.get("gpu"))
+                    rows.append(("agentd_gpu_stall_ratio", (gid, uuids.get(gid, "")),
+                                 float(g["stall"])))
+            cache[i] = rows
+        for name, values, v in cache[i]:
+            keys = {"agentd_finding_active": ("kind", "severity", "gpu", "uuid"),
+                    "agentd_gpu_stall_ratio": ("gpu", "uuid")}.get(name, ("kind", "gpu", "uuid"))
+            lab = _labels(dict(zip(keys, values)))
+            served.setdefault((name, (lab + "," if lab else "") + base),
+                              np.full(len(ts), np.nan))[k] = v
+    for (name, labels), v in served.items():
+        om.add(name, "gauge", name, labels, ts, v)
+    om.add("agentd_analysis_runs_total", "counter", "runs", base, ts,
+           np.searchsorted(runs, ts, side="right").astype(float))
+
+
 def _labels(d: dict) -> str:
     return ",".join(f'{k}="{v}"' for k, v in d.items() if v != "")
 
 
 def agentd_series(tl: Timeline, groups: dict[str, dict], meta: dict, a: float, b: float,
-                  every: float, rng: np.random.Generator, om: OpenMetrics, host: str) -> None:
+                  every: float, rng: np.random.Generator, om: OpenMetrics, host: str,
+                  reports: list[tuple[float, dict]] | None = None) -> None:
     """Append one node's agentd /metrics samples over [a, b] to `om`; `groups` and `meta`
-    are the sampler model's window (sampling.sample_groups) and recording meta over it."""
+    are the sampler model's window (sampling.sample_groups) and recording meta over it;
+    `reports` the rolling analysis' runs (daemon_reports; None: no agentd_finding_* served,
+    as from a daemon whose analysis process keeps failing)."""
     from agentd.gpu.backend import CLOCK_EVENT_REASONS
     from agentd.jobs import JOB_LABELS, Attribution, job_labels
     from agentd.probe.state import series as ceiling_series
@@ -319,3 +390,6 @@ def agentd_series(tl: Timeline, groups: dict[str, dict], meta: dict, a: float, b
             lab = _labels(dict(zip(names[metric], values)))
             om.add(metric, "gauge", metric, (lab + "," if lab else "") + base, ts,
                    np.full(len(ts), v))
+    # --- the rolling analysis ---
+    if reports:
+        _analysis_series(reports, meta, ts, ANALYSIS_EVERY, om, base)

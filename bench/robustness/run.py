@@ -8,7 +8,8 @@ Sources: agentd recordings at 10 Hz (full, and with SM activity, PCIe counters o
 trees removed); dcgm-exporter + node_exporter series backfilled into a real Prometheus at
 each scrape interval (full at every interval; without SM activity, without PCIe bytes, and
 GPU-only at 5 s; GPU-only also at 15 s); and agentd's own /metrics, as the daemon would have
-served them, backfilled into the same Prometheus at each scrape interval (source "agentd").
+served them, backfilled into the same Prometheus at each scrape interval (source "agentd"):
+with the findings of its rolling analysis (full) and without them (no_analysis).
 Fresh seeds each run unless --seed is given.
 
 Scores per source and resolution: top-1 accuracy on starved cases (the report's first
@@ -45,6 +46,9 @@ from bench.robustness import sampling as S
 RECORDING_VARIANTS = ("full", "no_sm", "no_pcie", "no_proc")
 PROM_MATRIX = {1: ("full",), 5: ("full", "no_sm", "no_pcie", "gpu_only"),
                15: ("full", "gpu_only"), 30: ("full",)}
+# agentd's /metrics with the rolling analysis' agentd_finding_* ("full"), and without them
+# ("no_analysis": the counters and gauges alone, as from a daemon whose analysis failed).
+AGENTD_VARIANTS = ("full", "no_analysis")
 WARN = ("warning", "critical", "error")
 
 
@@ -369,11 +373,21 @@ def _suite(args, seed: int, names: list[str], sources: set, resolutions: list[fl
             if not reuse:
                 groups = S.sample_groups(tl, arng, a - C.LEAD + 5, b)
                 meta = S.meta(tl, S.ceilings_for(tl) if case.ceilings else None)
+            reports = None
+            if not reuse:
+                # The daemon's rolling analysis, once: what its agentd_finding_* say.
+                reports = A.daemon_reports(groups, meta, a - C.LEAD + 5, b)
             for res in resolutions:
-                host = variant_host(case.node.host, res, "agentd")
-                if not reuse:
-                    A.agentd_series(tl, groups, meta, a - C.LEAD + 5, b, res, arng, om, host)
-                prom_jobs.append((name, case.klass, res, "full", a, b, host, "agentd"))
+                # Each variant the same scrapes (the same draws): they differ in the findings.
+                state = arng.bit_generator.state
+                for v in AGENTD_VARIANTS:
+                    host = variant_host(case.node.host, res,
+                                        "agentd" if v == "full" else "agentd_" + v)
+                    if not reuse:
+                        arng.bit_generator.state = state
+                        A.agentd_series(tl, groups, meta, a - C.LEAD + 5, b, res, arng, om,
+                                        host, reports if v == "full" else None)
+                    prom_jobs.append((name, case.klass, res, v, a, b, host, "agentd"))
         if om.families and not reuse:
             path = os.path.join(work, f"{i:02d}-{name}.om")
             with open(path, "w") as f:

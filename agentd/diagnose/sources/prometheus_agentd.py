@@ -9,6 +9,10 @@ one "tree" of the analysis (subject "label=value,..."), its CPU, reads and membe
 its number of trees (the mean tree: a data-parallel job runs one alike tree per GPU), on the
 GPUs where the job holds memory. Where the daemon also exports the job's trees per GPU (CPU,
 the trainers' CPU, members), each of those GPUs gets its tree of its own ("JOB,gpu=N").
+
+The daemon's rolling analysis (agentd_finding_*, analysed at 10 Hz) becomes the daemon.finding*
+signals (agentd/analysis/daemon_view.py): what it said at each step, and where it served no
+current report (no agentd_gpu_stall_ratio then), that it said nothing.
 """
 
 from __future__ import annotations
@@ -114,6 +118,7 @@ class AgentdPrometheusSource(PrometheusSource):
                 fetch(f"psi.{res}:{{}}",
                       f"max({fn}(agentd_pressure_waiting_seconds_total{some}[{win}]))", None)
         self._throttle(ch, nodes, grid, step, fn, win)
+        self._findings(ch, nodes, grid, step)
         meta["processes"] = self._jobs(ch, nodes, grid, step, fn, win)
         meta["gpus"] = self._gpus(nodes)
         meta["shared_uplinks"] = self._shared_uplinks(nodes)
@@ -150,6 +155,50 @@ class AgentdPrometheusSource(PrometheusSource):
             bits += (np.nan_to_num(share) >= 0.5) * (1 << CLOCK_EVENT_REASONS.index(m["reason"]))
         for g, b in by_gpu.items():
             ch[f"gpu.throttle:{g}"] = b
+
+    def _findings(self, ch, nodes, grid, step) -> None:
+        """The daemon's findings per step, as daemon_view.py reads them."""
+        from agentd.analysis.findings import SEVERITIES
+
+        sel = nodes.for_metric("agentd_gpu_stall_ratio")
+        if sel is None:
+            return
+        c = self.client
+        win = f"{max(int(round(step)), 1)}s"
+        reported = np.zeros(len(grid.t), bool)
+        for s in c.query_range(f"max(max_over_time(agentd_gpu_stall_ratio{sel}[{win}]))",
+                               self.start, self.end, step):
+            reported |= np.isfinite(grid.place(s.get("values", [])))
+        if not reported.any():
+            return
+        fsel = nodes.for_metric("agentd_finding_active")
+        if fsel is None:
+            return
+        level: dict[str, np.ndarray] = {}
+        for s in c.query_range("max by (kind, gpu, severity) "
+                               f"(max_over_time(agentd_finding_active{fsel}[{win}]))",
+                               self.start, self.end, step):
+            m = s["metric"]
+            if m.get("severity") not in SEVERITIES or not m.get("kind"):
+                continue
+            sub = f"{m['kind']}@{m.get('gpu', '')}"
+            on = np.isfinite(grid.place(s.get("values", [])))
+            lev = level.setdefault(sub, np.where(reported, 0.0, np.nan))
+            lev[on & reported] = np.maximum(lev[on & reported],
+                                            SEVERITIES.index(m["severity"]) + 1)
+        for sub, lev in level.items():
+            ch[f"daemon.finding:{sub}"] = lev
+        for signal, metric in (("daemon.finding_stall", "agentd_finding_stall_ratio"),
+                               ("daemon.finding_confidence", "agentd_finding_confidence_ratio")):
+            msel = nodes.for_metric(metric)
+            if msel is None:
+                continue
+            for s in c.query_range(f"max by (kind, gpu) (avg_over_time({metric}{msel}[{win}]))",
+                                   self.start, self.end, step):
+                m = s["metric"]
+                sub = f"{m.get('kind', '')}@{m.get('gpu', '')}"
+                if sub in level:
+                    ch[f"{signal}:{sub}"] = grid.place(s.get("values", []))
 
     def _jobs(self, ch, nodes, grid, step, fn, win) -> dict:
         """Per job: the mean tree's signals (proc.*:JOB) and the job's GPUs (meta)."""
