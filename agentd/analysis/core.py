@@ -23,7 +23,7 @@ from agentd.analysis import detectors as D
 from agentd.analysis.detectors import common as C
 from agentd.analysis.detectors import h2d_pcie, input_cpu
 from agentd.analysis.evidence import Evidence, measure
-from agentd.analysis.findings import KINDS, SEVERITIES, Finding, gain_from_stall, json_safe, \
+from agentd.analysis.findings import SEVERITIES, Finding, gain_from_stall, json_safe, \
     worst_severity
 from agentd.analysis.signals import Signals
 
@@ -317,9 +317,9 @@ def _daemon_finding(ev: Evidence, h: "daemon_view.Held", gpus: list[str],
     return Finding(
         kind=h.kind, subject=ev.subject(gpus), t0=ev.t0, t1=ev.t1,
         confidence=round(conf * 0.9, 2), severity=h.severity,
-        summary=f"{KINDS.get(h.kind, h.kind)}: what agentd's own analysis of its 10 Hz "
-                f"samples said in {h.share * 100:.0f}% of its runs over this range (samples "
-                f"every {res:g} s here cannot show the mechanism)",
+        summary=f"agentd's own analysis of its 10 Hz samples named it in {h.share * 100:.0f}% "
+                f"of its runs over this range (samples every {res:g} s here cannot show the "
+                "mechanism)",
         mechanism="seen by the daemon at 10 Hz (agentd_finding_active)",
         evidence={"daemon_runs_share": h.share, "daemon_stall_fraction": h.stall_named,
                   "daemon_confidence": h.confidence,
