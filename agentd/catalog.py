@@ -103,11 +103,15 @@ SIGNALS: dict[str, Signal] = {
         # What the daemon's rolling analysis served (agentd_finding_*), read back from
         # Prometheus; subject "KIND@GPU" (GPU "" for the node). agentd/analysis/daemon_view.py
         Signal("daemon.finding", "severity",
-               "the daemon's finding of that kind on that GPU: 0 none, 1 info, 2 warning, "
-               "3 critical (NaN: no current report)", "slow"),
+               "the daemon's finding of that kind on that GPU, the severest served in the "
+               "step: 0 none, 1 info, 2 warning, 3 critical (NaN: no current report)", "slow"),
+        Signal("daemon.finding_share", "ratio", "the share of the step's reports that held "
+               "it at warning or worse", "slow"),
         Signal("daemon.finding_stall", "ratio", "the share of the GPU's time it said the "
-               "finding cost", "slow"),
-        Signal("daemon.finding_confidence", "ratio", "the finding's confidence", "slow"),
+               "finding cost, averaged over the step's reports (0 in those without it)",
+               "slow"),
+        Signal("daemon.finding_confidence", "ratio", "the finding's confidence, while named",
+               "slow"),
     ]
 }
 

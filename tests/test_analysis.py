@@ -1308,7 +1308,8 @@ def with_daemon(sig: Signals, kind: str, gpus: list[str], share: float, severity
     for g in gpus:
         ch[f"daemon.finding:{kind}@{g}"] = np.where(reported, np.where(on, severity, 0.0),
                                                     np.nan)
-        ch[f"daemon.finding_stall:{kind}@{g}"] = np.where(on, stall, np.nan)
+        ch[f"daemon.finding_share:{kind}@{g}"] = np.where(reported, on * 1.0, np.nan)
+        ch[f"daemon.finding_stall:{kind}@{g}"] = np.where(reported, on * stall, np.nan)
         ch[f"daemon.finding_confidence:{kind}@{g}"] = np.where(on, 0.8, np.nan)
     return Signals(sig.t, ch, sig.resolution, sig.source, sig.node, sig.meta)
 

@@ -280,17 +280,29 @@ def test_the_daemons_findings_reach_diagnose_through_prometheus(tmp_path):
     A.agentd_series(tl, groups, meta, a - C.LEAD + 5, b, 5.0, rng, om, host, reports)
 
     def check(url: str) -> None:
+        from agentd.analysis import daemon_view
+
         sig = AgentdPrometheusSource(url, host, a, b).read()
         level = sig.get("daemon.finding", f"io_h2d_serialized@{truth.gpus[0]}")
         assert level is not None
         # Served while current: every step of the range has a report, warning or worse in
-        # the share of runs that named it.
+        # the share of runs that named it ...
         assert np.isfinite(level).mean() > 0.95
-        assert np.mean(level[np.isfinite(level)] >= 2) == pytest.approx(
-            named.count("io_h2d_serialized") / len(named), abs=0.15)
+        share = named.count("io_h2d_serialized") / len(named)
+        assert np.mean(level[np.isfinite(level)] >= 2) == pytest.approx(share, abs=0.15)
         top = analyze(sig).findings[0]
         assert top.kind in truth.accept and top.evidence["daemon_runs_share"] >= 0.5
         assert "10 Hz" in top.summary
+        # ... and the same share and stall at a step of a minute (12 scrapes a step): what
+        # the step's scrapes served, not whether one of them served it.
+        view = {h.kind: h for h in daemon_view.read(sig).persistent}
+        coarse = AgentdPrometheusSource(url, host, a, b, step=60.0).read()
+        got = daemon_view.read(coarse)
+        assert "io_h2d_serialized" in {h.kind for h in got.persistent}
+        for h in got.persistent + got.transient:
+            assert h.kind in view, h
+            assert h.share == pytest.approx(view[h.kind].share, abs=0.1)
+            assert h.stall == pytest.approx(view[h.kind].stall, abs=0.05)
 
     _busy_and_diagnosis(
         tmp_path, om, f'rate(agentd_gpu_busy_seconds_total{{instance="{host}:9101"}}'

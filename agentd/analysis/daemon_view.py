@@ -7,10 +7,12 @@ slower than the link within a gap, the bytes of a collective flowing while the S
 The Prometheus source maps them into three signals per "KIND@GPU" subject (GPU "" for a
 finding about the node):
 
-    daemon.finding             the severity served at each step: 0 none, 1 info, 2 warning,
+    daemon.finding             the severest served in each step: 0 none, 1 info, 2 warning,
                                3 critical; NaN where the daemon served no current report
-    daemon.finding_stall       the share of the GPU's time the finding said it cost
-    daemon.finding_confidence  the finding's confidence
+    daemon.finding_share       the share of the step's reports that held it at warning or worse
+    daemon.finding_stall       the share of the GPU's time it said the finding cost, averaged
+                               over the step's reports (0 in those without the finding)
+    daemon.finding_confidence  its confidence, while named
 
 `persistent` names the findings the daemon held at warning or worse for most of the range
 its analysis covered: the range's diagnosis, seen at a resolution the source lacks. A
@@ -44,10 +46,10 @@ OWN_KINDS = ("gpu_lost", "idle_allocated", "unexplained_idle")
 class Held:
     kind: str
     gpus: list[str]  # "" alone: the node as a whole
-    share: float  # of the reported steps, at warning or worse (mean over its GPUs)
+    share: float  # of the daemon's reports, at warning or worse (mean over its GPUs)
     severity: str  # the median severity of the steps it warned in
-    stall: float  # the daemon's stall, averaged over the reported steps (0 while not named)
-    stall_named: float  # ... over the steps it was named in
+    stall: float  # the daemon's stall, averaged over its reports (0 in those without it)
+    stall_named: float  # ... over the reports that named it
     confidence: float  # its mean confidence while named
     persistent: bool = False  # named at warning or worse in PERSISTENT of the steps
 
@@ -88,25 +90,25 @@ def read(sig: Signals) -> View | None:
     n_range = int(with_data.sum()) or len(sig.t)
     covered = float((reported & with_data).sum() / n_range) if with_data.any() else \
         float(reported.mean())
-    n = int(reported.sum())
     held: list[Held] = []
     for kind, gpus in subjects.items():
         if kind in OWN_KINDS:
             continue
         rows = []
         for g in gpus:
-            s = np.where(reported, np.nan_to_num(sev[f"{kind}@{g}"]), np.nan)[reported]
-            warn = s >= 2
-            stall = sig.get("daemon.finding_stall", f"{kind}@{g}")
-            conf = sig.get("daemon.finding_confidence", f"{kind}@{g}")
-            st = np.zeros(n) if stall is None else np.nan_to_num(
-                np.where(sev[f"{kind}@{g}"] >= 1, stall, 0.0)[reported])
-            named = s >= 1
-            rows.append((g, float(warn.mean()), s[warn], float(st.mean()),
-                         float(st[named].mean()) if named.any() else 0.0,
-                         float(np.nanmean(conf[reported][named]))
-                         if conf is not None and named.any() and
-                         np.isfinite(conf[reported][named]).any() else float("nan")))
+            sub = f"{kind}@{g}"
+            level = sev[sub][reported]
+            share = sig.get("daemon.finding_share", sub)
+            warned = np.nan_to_num(share[reported]) if share is not None else \
+                (np.nan_to_num(level) >= 2).astype(float)
+            stall = sig.get("daemon.finding_stall", sub)
+            stall = np.zeros(len(level)) if stall is None else np.nan_to_num(stall[reported])
+            named = np.nan_to_num(level) >= 1
+            conf = sig.get("daemon.finding_confidence", sub)
+            conf = conf[reported][named] if conf is not None else np.array([])
+            rows.append((g, float(warned.mean()), level[warned > 0], float(stall.mean()),
+                         float(stall.mean() / named.mean()) if named.any() else 0.0,
+                         float(np.nanmean(conf)) if np.isfinite(conf).any() else float("nan")))
         rows = [r for r in rows if r[1] >= MENTIONED]
         if not rows:
             continue

@@ -157,48 +157,68 @@ class AgentdPrometheusSource(PrometheusSource):
             ch[f"gpu.throttle:{g}"] = b
 
     def _findings(self, ch, nodes, grid, step) -> None:
-        """The daemon's findings per step, as daemon_view.py reads them."""
+        """The daemon's findings per step, as daemon_view.py reads them. A step spans one
+        scrape at the default step, several at a longer one: shares and the stall are over
+        the scrapes in the step that served a current report (agentd_gpu_stall_ratio
+        present), so a longer step neither inflates a finding that came and went nor
+        dilutes one that held."""
         from agentd.analysis.findings import SEVERITIES
 
         sel = nodes.for_metric("agentd_gpu_stall_ratio")
-        if sel is None:
+        fsel = nodes.for_metric("agentd_finding_active")
+        if sel is None or fsel is None:
             return
         c = self.client
         win = f"{max(int(round(step)), 1)}s"
-        reported = np.zeros(len(grid.t), bool)
-        for s in c.query_range(f"max(max_over_time(agentd_gpu_stall_ratio{sel}[{win}]))",
-                               self.start, self.end, step):
-            reported |= np.isfinite(grid.place(s.get("values", [])))
+
+        def per(query: str) -> list[tuple[dict, np.ndarray]]:
+            return [(s["metric"], grid.place(s.get("values", [])))
+                    for s in c.query_range(query, self.start, self.end, step)]
+
+        reports = np.full(len(grid.t), np.nan)
+        for _, v in per(f"max(count_over_time(agentd_gpu_stall_ratio{sel}[{win}]))"):
+            reports = np.fmax(reports, v)
+        reported = np.isfinite(reports) & (reports > 0)
         if not reported.any():
             return
-        fsel = nodes.for_metric("agentd_finding_active")
-        if fsel is None:
-            return
         level: dict[str, np.ndarray] = {}
-        for s in c.query_range("max by (kind, gpu, severity) "
-                               f"(max_over_time(agentd_finding_active{fsel}[{win}]))",
-                               self.start, self.end, step):
-            m = s["metric"]
+        for m, v in per(f"max by (kind, gpu, severity) "
+                        f"(max_over_time(agentd_finding_active{fsel}[{win}]))"):
             if m.get("severity") not in SEVERITIES or not m.get("kind"):
                 continue
             sub = f"{m['kind']}@{m.get('gpu', '')}"
-            on = np.isfinite(grid.place(s.get("values", [])))
+            on = np.isfinite(v) & reported
             lev = level.setdefault(sub, np.where(reported, 0.0, np.nan))
-            lev[on & reported] = np.maximum(lev[on & reported],
-                                            SEVERITIES.index(m["severity"]) + 1)
+            lev[on] = np.maximum(lev[on], SEVERITIES.index(m["severity"]) + 1)
         for sub, lev in level.items():
             ch[f"daemon.finding:{sub}"] = lev
-        for signal, metric in (("daemon.finding_stall", "agentd_finding_stall_ratio"),
-                               ("daemon.finding_confidence", "agentd_finding_confidence_ratio")):
-            msel = nodes.for_metric(metric)
-            if msel is None:
-                continue
-            for s in c.query_range(f"max by (kind, gpu) (avg_over_time({metric}{msel}[{win}]))",
-                                   self.start, self.end, step):
-                m = s["metric"]
+        warn = with_matchers(fsel, 'severity=~"warning|critical"')
+        shares = {sub: np.where(reported, 0.0, np.nan) for sub in level}
+        for m, v in per(f"sum by (kind, gpu) (count_over_time(agentd_finding_active{warn}"
+                        f"[{win}]))"):
+            sub = f"{m.get('kind', '')}@{m.get('gpu', '')}"
+            ok = np.isfinite(v) & reported
+            if sub in shares:
+                shares[sub][ok] = np.minimum(v[ok] / reports[ok], 1.0)
+        for sub, v in shares.items():
+            ch[f"daemon.finding_share:{sub}"] = v
+        ssel = nodes.for_metric("agentd_finding_stall_ratio")
+        if ssel is not None:
+            for m, v in per(f"sum by (kind, gpu) (sum_over_time(agentd_finding_stall_ratio"
+                            f"{ssel}[{win}]))"):
                 sub = f"{m.get('kind', '')}@{m.get('gpu', '')}"
                 if sub in level:
-                    ch[f"{signal}:{sub}"] = grid.place(s.get("values", []))
+                    stall = np.where(reported, 0.0, np.nan)
+                    ok = np.isfinite(v) & reported
+                    stall[ok] = v[ok] / reports[ok]
+                    ch[f"daemon.finding_stall:{sub}"] = stall
+        csel = nodes.for_metric("agentd_finding_confidence_ratio")
+        if csel is not None:
+            for m, v in per(f"max by (kind, gpu) (avg_over_time("
+                            f"agentd_finding_confidence_ratio{csel}[{win}]))"):
+                sub = f"{m.get('kind', '')}@{m.get('gpu', '')}"
+                if sub in level:
+                    ch[f"daemon.finding_confidence:{sub}"] = v
 
     def _jobs(self, ch, nodes, grid, step, fn, win) -> dict:
         """Per job: the mean tree's signals (proc.*:JOB) and the job's GPUs (meta)."""
