@@ -192,26 +192,26 @@ class AgentdPrometheusSource(PrometheusSource):
             lev[on] = np.maximum(lev[on], SEVERITIES.index(m["severity"]) + 1)
         for sub, lev in level.items():
             ch[f"daemon.finding:{sub}"] = lev
-        warn = with_matchers(fsel, 'severity=~"warning|critical"')
-        shares = {sub: np.where(reported, 0.0, np.nan) for sub in level}
-        for m, v in per(f"sum by (kind, gpu) (count_over_time(agentd_finding_active{warn}"
-                        f"[{win}]))"):
-            sub = f"{m.get('kind', '')}@{m.get('gpu', '')}"
-            ok = np.isfinite(v) & reported
-            if sub in shares:
-                shares[sub][ok] = np.minimum(v[ok] / reports[ok], 1.0)
-        for sub, v in shares.items():
-            ch[f"daemon.finding_share:{sub}"] = v
-        ssel = nodes.for_metric("agentd_finding_stall_ratio")
-        if ssel is not None:
-            for m, v in per(f"sum by (kind, gpu) (sum_over_time(agentd_finding_stall_ratio"
-                            f"{ssel}[{win}]))"):
+        def per_report(signal: str, query: str, most: float) -> None:
+            """A sum over each step's scrapes per (kind, GPU), divided by the step's reports
+            (0 in those without the finding)."""
+            for m, v in per(query):
                 sub = f"{m.get('kind', '')}@{m.get('gpu', '')}"
                 if sub in level:
-                    stall = np.where(reported, 0.0, np.nan)
+                    out = np.where(reported, 0.0, np.nan)
                     ok = np.isfinite(v) & reported
-                    stall[ok] = v[ok] / reports[ok]
-                    ch[f"daemon.finding_stall:{sub}"] = stall
+                    out[ok] = np.minimum(v[ok] / reports[ok], most)
+                    ch[f"{signal}:{sub}"] = out
+
+        warn = with_matchers(fsel, 'severity=~"warning|critical"')
+        per_report("daemon.finding_share", "sum by (kind, gpu) (count_over_time("
+                   f"agentd_finding_active{warn}[{win}]))", 1.0)
+        for sub in level:  # a finding never at warning: in no report
+            ch.setdefault(f"daemon.finding_share:{sub}", np.where(reported, 0.0, np.nan))
+        ssel = nodes.for_metric("agentd_finding_stall_ratio")
+        if ssel is not None:
+            per_report("daemon.finding_stall", "sum by (kind, gpu) (sum_over_time("
+                       f"agentd_finding_stall_ratio{ssel}[{win}]))", np.inf)
         csel = nodes.for_metric("agentd_finding_confidence_ratio")
         if csel is not None:
             for m, v in per(f"max by (kind, gpu) (avg_over_time("
