@@ -101,15 +101,19 @@ SIGNALS: dict[str, Signal] = {
         Signal("proc.rchar", "bytes/s", "bytes the tree read through read() and friends", "slow"),
         Signal("proc.blocked", "processes", "processes of the tree in D state", "slow"),
         # What the daemon's rolling analysis served (agentd_finding_*), read back from
-        # Prometheus; subject "KIND@GPU" (GPU "" for the node). agentd/analysis/daemon_view.py
+        # Prometheus and counted per scrape in each step; subject "KIND@GPU".
+        # agentd/analysis/daemon_view.py
+        Signal("daemon.scrapes", "scrapes", "scrapes of the node's agentd", "slow"),
+        Signal("daemon.reports", "scrapes",
+               "those that served a current report of its rolling analysis", "slow"),
         Signal("daemon.finding", "severity",
-               "the daemon's finding of that kind on that GPU, the severest served in the "
-               "step: 0 none, 1 info, 2 warning, 3 critical (NaN: no current report)", "slow"),
-        Signal("daemon.finding_share", "ratio", "the share of the step's reports that held "
-               "it at warning or worse", "slow"),
-        Signal("daemon.finding_stall", "ratio", "the share of the GPU's time it said the "
-               "finding cost, averaged over the step's reports (0 in those without it)",
-               "slow"),
+               "the severest it served of that finding on that GPU: 0 none, 1 info, "
+               "2 warning, 3 critical (NaN: no report)", "slow"),
+        Signal("daemon.finding_warned", "scrapes",
+               "reports that held the finding at warning or worse", "slow"),
+        Signal("daemon.finding_named", "scrapes", "reports that named the finding", "slow"),
+        Signal("daemon.finding_stall", "ratio x scrapes",
+               "the share of the GPU's time they said the finding cost, summed", "slow"),
         Signal("daemon.finding_confidence", "ratio", "the finding's confidence, while named",
                "slow"),
     ]

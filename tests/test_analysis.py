@@ -1297,19 +1297,22 @@ def test_coarse_healthy_runs_are_silent(name):
 
 def with_daemon(sig: Signals, kind: str, gpus: list[str], share: float, severity: int = 2,
                 stall: float = 0.3, covered: float = 1.0) -> Signals:
-    """`sig` plus what the daemon's rolling analysis served (daemon.finding*, as the
-    Prometheus source maps agentd_finding_*): `kind` on `gpus` in the first `share` of the
-    steps its analysis reported in, which are the last `covered` of the range."""
+    """`sig` plus what the daemon's rolling analysis served (daemon.*, as the Prometheus
+    source counts agentd_finding_* per scrape: one a step here): `kind` on `gpus` in the
+    first `share` of its reports, which are the last `covered` of the scrapes."""
     n = len(sig.t)
     reported = np.arange(n) >= int(round(n * (1 - covered)))
     first = np.flatnonzero(reported)[0]
     on = reported & (np.arange(n) < first + int(round(reported.sum() * share)))
     ch = dict(sig.channels)
+    ch["daemon.scrapes:"] = np.ones(n)
+    ch["daemon.reports:"] = reported * 1.0
     for g in gpus:
         ch[f"daemon.finding:{kind}@{g}"] = np.where(reported, np.where(on, severity, 0.0),
                                                     np.nan)
-        ch[f"daemon.finding_share:{kind}@{g}"] = np.where(reported, on * 1.0, np.nan)
-        ch[f"daemon.finding_stall:{kind}@{g}"] = np.where(reported, on * stall, np.nan)
+        ch[f"daemon.finding_warned:{kind}@{g}"] = on * float(severity >= 2)
+        ch[f"daemon.finding_named:{kind}@{g}"] = on * 1.0
+        ch[f"daemon.finding_stall:{kind}@{g}"] = on * stall
         ch[f"daemon.finding_confidence:{kind}@{g}"] = np.where(on, 0.8, np.nan)
     return Signals(sig.t, ch, sig.resolution, sig.source, sig.node, sig.meta)
 
@@ -1328,16 +1331,45 @@ def test_the_daemons_10hz_finding_names_what_coarse_series_cannot_see():
     before = analyze(sig).findings
     assert [f.kind for f in before] == ["unexplained_idle"]
     gpus = before[0].gpus
-    r = analyze(with_daemon(sig, "io_h2d_serialized", gpus, 0.8, severity=3, stall=0.4))
+    r = analyze(with_daemon(sig, "io_h2d_serialized", gpus, 0.8, severity=3, stall=0.1))
     top = r.findings[0]
     assert top.kind == "io_h2d_serialized" and top.severity == "critical"
-    assert top.gpus == gpus and "10 Hz" in top.summary
+    assert top.gpus == gpus and "10 Hz" in top.summary and top.confidence == 0.8
     share = top.evidence["daemon_runs_share"]
-    assert share == pytest.approx(0.8, abs=0.05)  # of 17 steps
-    assert top.stall_fraction == pytest.approx(share * 0.4)  # 0 in the runs it said nothing
+    assert share == pytest.approx(0.8, abs=0.05)  # of 17 reports
+    assert top.stall_fraction == pytest.approx(share * 0.1)  # 0 in the reports without it
+    assert top.evidence["daemon_stall_fraction"] == pytest.approx(0.1)
     assert "unexplained_idle" not in [f.kind for f in r.findings]
-    assert r.to_json()["findings"][0]["evidence"]["daemon_stall_fraction"] == \
-        pytest.approx(0.4)
+    # An input cause costs no more than the idle time the series measured (10% here).
+    measured = before[0].stall_fraction
+    r = analyze(with_daemon(sig, "io_h2d_serialized", gpus, 1.0, stall=0.9))
+    assert r.findings[0].stall_fraction == pytest.approx(measured)
+
+
+def test_the_daemons_findings_name_only_what_the_series_leave_open():
+    """Per GPU: where the series measured the same cause, the daemon's agreement is evidence;
+    where another, a note; where they show no stall, a note; the rest is adopted. Weak
+    evidence (the daemon's confidence under 0.5) is info, as any finding's."""
+    fed, _ = coarse_of("healthy-8gpu-250ms")
+    r = analyze(with_daemon(fed, "io_h2d_serialized", ["0", "5"], 0.9))
+    assert r.findings == []
+    assert any("held io_h2d_serialized on GPU 0,5 (" in n and "no significant stall" in n
+               for n in r.notes), r.notes
+    sig, _ = coarse_of("io-h2d-serialized")
+    starved = analyze(sig).findings[0].gpus
+    daemon = with_daemon(sig, "io_h2d_serialized", starved, 0.9)
+    assert [(f.kind, f.gpus) for f in analyze(daemon).findings] == \
+        [("io_h2d_serialized", starved)]
+    for g in starved:
+        daemon.channels[f"daemon.finding_confidence:io_h2d_serialized@{g}"] = np.where(
+            np.isfinite(daemon.get("daemon.finding_confidence", f"io_h2d_serialized@{g}")),
+            0.45, np.nan)
+    weak = analyze(daemon).findings[0]
+    assert (weak.kind, weak.severity, weak.confidence) == ("io_h2d_serialized", "info", 0.45)
+    # A class agentd does not know, and a GPU the node does not have: nothing.
+    r = analyze(with_daemon(with_daemon(sig, "bogus", starved, 1.0), "comm_wait", ["99"], 1.0))
+    assert [f.kind for f in r.findings] == ["unexplained_idle"] and not any(
+        "bogus" in n or "GPU 99" in n for n in r.notes)
 
 
 def test_a_collective_wait_the_coarse_series_miss_comes_from_the_daemon():
@@ -1352,7 +1384,7 @@ def test_a_finding_the_daemon_raised_at_times_is_a_note_not_a_finding():
     sig, _ = coarse_of("io-h2d-serialized")
     r = analyze(with_daemon(sig, "io_h2d_serialized", ["0", "1", "2", "3"], 0.3))
     assert [f.kind for f in r.findings] == ["unexplained_idle"]
-    assert any("named at times io_h2d_serialized on GPU 0,1,2,3 (29% of its runs)" in n
+    assert any("named at times io_h2d_serialized on GPU 0,1,2,3 (29% of its reports)" in n
                for n in r.notes), r.notes  # 5 of 17 steps
     # Healthy series and a daemon that said only "unexplained" (info): nothing.
     sig, _ = coarse_of("healthy-8gpu-250ms")
@@ -1366,8 +1398,8 @@ def test_the_daemons_findings_stand_only_where_its_analysis_covered_the_range():
     sig, _ = coarse_of("io-h2d-serialized")
     r = analyze(with_daemon(sig, "io_h2d_serialized", ["0", "1", "2", "3"], 1.0, covered=0.4))
     assert [f.kind for f in r.findings] == ["unexplained_idle"]
-    assert any("reported for 41% of the range (io_h2d_serialized on GPU 0,1,2,3 (100% of "
-               "its runs)): too little" in n for n in r.notes), r.notes
+    assert any("reported in 41% of the scrapes (io_h2d_serialized on GPU 0,1,2,3 (100% of "
+               "its reports)): too few" in n for n in r.notes), r.notes
 
 
 def test_a_cause_the_series_measure_outranks_the_daemons_other_view():

@@ -160,3 +160,26 @@ def test_gpu_only_telemetry_at_5s_through_a_real_prometheus(tmp_path, spawn):
     assert code == 1 and (top["kind"], top["subject"]["gpus"], top["severity"]) == \
         ("straggler", [0], "critical")
     assert top["stall_fraction"] > 0.8
+
+
+def test_a_2_5_s_scrape_interval_loses_no_step(tmp_path, spawn):
+    """Windows were whole seconds: at a 2.5 s scrape a gauge was read over 2 s, and every
+    step missed its scrape whenever the range's end fell in the half second after one."""
+    from agentd.diagnose.sources.prometheus_exporters import ExportersPrometheusSource
+
+    promtool = need("promtool")
+    host = "gpu-b.rack-3"
+    t0 = 1.76e9
+    om = tmp_path / "dcgm.om"
+    om.write_text(_gpu_only_openmetrics(host, t0, [(300, [(90, 550, 41000)] * 8)], scrape=2.5))
+    tsdb = tmp_path / "tsdb"
+    r = subprocess.run([promtool, "tsdb", "create-blocks-from", "openmetrics", str(om),
+                        str(tsdb)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    prom = start_prometheus(spawn, tmp_path, str(tsdb))
+    for offset in (0.2, 0.7, 1.2, 1.7, 2.2):  # after a scrape at t0 + 2.5 k
+        end = t0 + 250 + offset
+        sig = ExportersPrometheusSource(prom, host, end - 100, end).read()
+        assert sig.resolution == 2.5
+        for key in ("gpu.mem_used:0", "gpu.busy:0", "gpu.power:0"):
+            assert np.isfinite(sig.channels[key][1:]).all(), (offset, key)

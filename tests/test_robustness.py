@@ -309,6 +309,63 @@ def test_the_daemons_findings_reach_diagnose_through_prometheus(tmp_path):
                       f'[{int(b - a)}s])', case, truth, host, "prometheus (agentd)", check)
 
 
+@pytest.mark.prometheus
+def test_hostile_finding_series_are_ignored_or_bounded(tmp_path):
+    """What the daemon's findings read back from is a server's data, not agentd's word: a
+    NaN or 0 value names nothing, an unknown class or GPU is ignored, a duplicate scrape
+    (two jobs) counts once, out-of-range figures are bounded, and a cause on GPUs the
+    series show fed is a note. On a healthy node."""
+    from agentd.analysis.core import analyze
+    from agentd.diagnose.sources.prometheus_agentd import AgentdPrometheusSource
+
+    case, tl, truth = build("healthy-cpu-heavy")  # every GPU idles 3%: fed
+    a, b = case.window
+    rng = np.random.default_rng(7)
+    groups = S.sample_groups(tl, rng, a - C.LEAD + 5, b)
+    om = E.OpenMetrics()
+    host = "dgx-h100-010.rack2.cluster.example"
+    A.agentd_series(tl, groups, S.meta(tl), a - C.LEAD + 5, b, 5.0, rng, om, host)
+    ts = np.arange(a - 60, b, 5.0) + 1.3
+    one = np.ones(len(ts))
+
+    def put(name: str, labels: str, v: np.ndarray, job: str = "agentd") -> None:
+        om.add(name, "gauge", name, f'{labels},instance="{host}:9101",job="{job}"', ts, v)
+
+    for g in range(case.node.gpus):
+        put("agentd_gpu_stall_ratio", f'gpu="{g}"', 0.02 * one)
+    active = "agentd_finding_active"
+    put(active, 'kind="io_h2d_serialized",severity="warning",gpu="0"', np.full(len(ts), np.nan))
+    put(active, 'kind="input_storage",severity="critical",gpu="1"', 0 * one)
+    put(active, 'kind="x\\"y",severity="warning",gpu="2"', one)
+    put(active, 'kind="comm_wait",severity="warning",gpu="99"', one)
+    fed = 3
+    put(active, f'kind="io_h2d_serialized",severity="warning",gpu="{fed}"', one)
+    put("agentd_finding_stall_ratio", f'kind="io_h2d_serialized",gpu="{fed}"', 1e300 * one)
+    put("agentd_finding_confidence_ratio", f'kind="io_h2d_serialized",gpu="{fed}"',
+        1000 * one)
+    for job in ("agentd", "agentd-dup"):
+        put(active, 'kind="comm_wait",severity="warning",gpu="4"', one, job)
+        put("agentd_finding_stall_ratio", 'kind="comm_wait",gpu="4"', 0.3 * one, job)
+        put("agentd_finding_confidence_ratio", 'kind="comm_wait",gpu="4"', 0.8 * one, job)
+
+    def check(url: str) -> None:
+        r = analyze(AgentdPrometheusSource(url, host, a, b).read())
+        warned = [(f.kind, f.gpus) for f in r.findings if f.severity != "info"]
+        assert warned == [("comm_wait", ["4"])], [f.headline() for f in r.findings]
+        assert r.findings[0].stall_fraction == pytest.approx(0.3, abs=0.01)
+        assert r.findings[0].confidence == pytest.approx(0.8)
+        notes = " ".join(r.notes)
+        assert f"held io_h2d_serialized on GPU {fed} (100% of its reports); these series show " \
+            "no significant stall" in notes, r.notes
+        for word in ("x\"y", "GPU 99", "input_storage", "GPU 0 "):
+            assert word not in notes
+        json.dumps(r.to_json(), allow_nan=False)
+
+    _busy_and_diagnosis(
+        tmp_path, om, f'rate(agentd_gpu_busy_seconds_total{{instance="{host}:9101"}}'
+                      f'[{int(b - a)}s])', case, truth, host, "prometheus (agentd)", check)
+
+
 def _one_tree_per_rank(url: str, host: str, case) -> None:
     """The job's trees per GPU (agentd_gpu_process_*) give each rank a tree of its own, and
     the rank whose loader is the bottleneck stands out from the job's mean tree."""

@@ -23,8 +23,8 @@ from agentd.analysis import detectors as D
 from agentd.analysis.detectors import common as C
 from agentd.analysis.detectors import h2d_pcie, input_cpu
 from agentd.analysis.evidence import Evidence, measure
-from agentd.analysis.findings import SEVERITIES, Finding, gain_from_stall, json_safe, \
-    worst_severity
+from agentd.analysis.findings import SEVERITIES, WARN_CONFIDENCE, Finding, gain_from_stall, \
+    json_safe, worst_severity
 from agentd.analysis.signals import Signals
 
 # Among input causes, a root cause outranks its symptom; then the clearer evidence wins.
@@ -256,7 +256,7 @@ def analyze(sig: Signals, options: Options | None = None, node: str = "") -> Rep
     rest = [g for g in starved if g not in explained]
     view = daemon_view.read(sig)
     if view is not None:
-        findings, rest = _with_daemon_view(ev, view, findings, rest)
+        findings, rest = _with_daemon_view(ev, view, findings, rest, starved)
     if rest:
         findings.append(_unexplained(ev, rest))
     findings = _order(findings)
@@ -267,34 +267,39 @@ CAUSE_KINDS = {d.__name__.rsplit(".", 1)[-1] for d in D.INPUT}
 
 
 def _with_daemon_view(ev: Evidence, view: "daemon_view.View", findings: list[Finding],
-                      rest: list[str]) -> tuple[list[Finding], list[str]]:
-    """Findings the daemon's 10 Hz analysis held for most of the range, where this source's
-    series measured no cause on those GPUs: an input cause, or a collective wait where no
-    input cause or straggler is measured. What they measured stands (it covers the whole
-    range with its evidence); the daemon's agreement is added to it. Collective waits on the
-    GPUs of an input cause the daemon saw are that cause's symptom."""
+                      rest: list[str], starved: list[str]) -> tuple[list[Finding], list[str]]:
+    """Findings the daemon's 10 Hz analysis held for most of the range, on the GPUs where
+    this source's series measured no cause: an input cause on GPUs they show starved, a
+    collective wait or straggler where no input cause or straggler is measured. What they
+    measured stands (it covers the whole range with its evidence), with the daemon's
+    agreement added where it is the same; another view of the daemon's is a note. Collective
+    waits on the GPUs of an input cause the daemon saw are that cause's symptom."""
     measured = {g for f in findings if f.kind in CAUSE_KINDS | {"straggler"} for g in f.gpus}
     adopted = []
     for h in view.persistent:
-        gpus = [g for g in h.gpus if g in ev.gpus] if h.gpus != [""] else []
-        if h.gpus != [""] and not gpus:
-            continue
-        same = [f for f in findings if f.kind == h.kind and (set(f.gpus) & set(gpus)
-                                                             or not f.gpus and not gpus)]
+        same = [f for f in findings if f.kind == h.kind and set(f.gpus) & set(h.gpus)]
         for f in same:
             f.evidence = {**f.evidence, "daemon_runs_share": h.share}
-        if same:
-            continue
-        if set(gpus) & measured and h.kind in CAUSE_KINDS | {"comm_wait", "straggler"}:
-            ev.notes.append("the daemon's analysis held " + daemon_view.describe(h) +
-                            "; these series measured another cause there")
-            continue
-        adopted.append(_daemon_finding(ev, h, gpus, view.covered))
+        agreed = {g for f in same for g in f.gpus}
+        other = [g for g in h.gpus if g not in agreed and g in measured]
+        fed = [g for g in h.gpus if g not in agreed and g not in measured and
+               h.kind in CAUSE_KINDS and g not in starved]
+        free = [g for g in h.gpus if g not in agreed and g not in other and g not in fed]
+        if other:
+            ev.notes.append(f"the daemon's analysis held {h.kind} on GPU {','.join(other)} "
+                            f"({h.share * 100:.0f}% of its reports); these series measured "
+                            "another cause there")
+        if fed:
+            ev.notes.append(f"the daemon's analysis held {h.kind} on GPU {','.join(fed)} "
+                            f"({h.share * 100:.0f}% of its reports); these series show no "
+                            "significant stall there over the range")
+        if free:
+            adopted.append(_daemon_finding(ev, h, free, view.covered))
     if view.covered < daemon_view.COVERED:
         if view.transient:
-            ev.notes.append(f"the daemon's analysis reported for {view.covered * 100:.0f}% of "
-                            "the range (" + "; ".join(map(daemon_view.describe, view.transient))
-                            + "): too little for its findings to stand for the range")
+            ev.notes.append(f"the daemon's analysis reported in {view.covered * 100:.0f}% of "
+                            "the scrapes (" + "; ".join(map(daemon_view.describe, view.transient))
+                            + "): too few for its findings to stand for the range")
     else:
         for h in view.transient:
             ev.notes.append("the daemon's analysis named at times " + daemon_view.describe(h))
@@ -311,26 +316,28 @@ def _with_daemon_view(ev: Evidence, view: "daemon_view.View", findings: list[Fin
 
 def _daemon_finding(ev: Evidence, h: "daemon_view.Held", gpus: list[str],
                     covered: float) -> Finding:
-    busy = C.busy_of(ev, gpus) if gpus else float("nan")
-    res = ev.sig.resolution
-    conf = h.confidence if h.confidence == h.confidence else 0.5
+    busy = C.busy_of(ev, gpus)
+    measured = C.stall_of(ev, gpus)
+    # An input cause costs no more than the idle time the series measured.
+    stall = min(h.stall, measured) if h.kind in CAUSE_KINDS else h.stall
+    conf = h.confidence if h.confidence == h.confidence else WARN_CONFIDENCE
     return Finding(
         kind=h.kind, subject=ev.subject(gpus), t0=ev.t0, t1=ev.t1,
-        confidence=round(conf * 0.9, 2), severity=h.severity,
+        confidence=round(conf, 2),
+        severity=h.severity if conf >= WARN_CONFIDENCE else "info",
         summary=f"agentd's own analysis of its 10 Hz samples named it in {h.share * 100:.0f}% "
-                f"of its runs over this range (samples every {res:g} s here cannot show the "
-                "mechanism)",
-        mechanism="seen by the daemon at 10 Hz (agentd_finding_active)",
+                f"of its reports over this range (samples every {ev.sig.resolution:g} s here "
+                "cannot show the mechanism)",
+        mechanism="named by the daemon's analysis of its 10 Hz window (agentd_finding_active)",
         evidence={"daemon_runs_share": h.share, "daemon_stall_fraction": h.stall_named,
                   "daemon_confidence": h.confidence,
-                  "daemon_analysis_covered_share": covered,
-                  "stall_measured": C.stall_of(ev, gpus) if gpus else None},
-        gain=gain_from_stall(busy, h.stall),
+                  "daemon_analysis_covered_share": covered, "stall_measured": measured},
+        gain=gain_from_stall(busy, stall),
         advice=["The daemon's evidence in numbers: `agentd diagnose --daemon URL` (its "
                 "/api/v1/findings) while the problem lasts, or `agentd record --daemon URL` "
                 "for a recording to replay; docs/runbook.md has what to do for "
                 f"{h.kind}."],
-        stall_fraction=h.stall)
+        stall_fraction=stall)
 
 
 def _report(ev: Evidence, sig: Signals, findings: list[Finding], options: Options) -> Report:

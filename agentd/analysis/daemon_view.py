@@ -4,20 +4,21 @@
 as agentd_finding_* (agentd/daemon/rolling.py). Read back from Prometheus, those series carry
 what 1-30 s scrapes cannot show: reads alternating with compute inside a step, copies
 slower than the link within a gap, the bytes of a collective flowing while the SMs wait.
-The Prometheus source maps them into three signals per "KIND@GPU" subject (GPU "" for a
-finding about the node):
+The Prometheus source maps them into signals counted per scrape in each step:
 
-    daemon.finding             the severest served in each step: 0 none, 1 info, 2 warning,
-                               3 critical; NaN where the daemon served no current report
-    daemon.finding_share       the share of the step's reports that held it at warning or worse
-    daemon.finding_stall       the share of the GPU's time it said the finding cost, averaged
-                               over the step's reports (0 in those without the finding)
+    daemon.scrapes:            the node's scrapes
+    daemon.reports:            those that served a current report
+    daemon.finding             per "KIND@GPU" (GPU "" for the node): the severest served,
+                               0 none, 1 info, 2 warning, 3 critical (NaN: no report)
+    daemon.finding_warned      the reports that held it at warning or worse
+    daemon.finding_named       the reports that named it at all
+    daemon.finding_stall       the stall they claimed, summed (a share of the GPU's time each)
     daemon.finding_confidence  its confidence, while named
 
-`persistent` names the findings the daemon held at warning or worse for most of the range
-its analysis covered: the range's diagnosis, seen at a resolution the source lacks. A
-finding it raised only at times is transient: said in a note, never a finding here. Pure:
-arrays in, summaries out.
+`read` sums them over the range: a finding the daemon held at warning or worse in most of
+its reports is persistent, the range's diagnosis seen at a resolution the source lacks; one
+named in fewer is transient, worth a note. Only the classes agentd knows, on GPUs the node
+has. Pure: arrays in, summaries out.
 """
 
 from __future__ import annotations
@@ -26,16 +27,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from agentd.analysis.findings import KINDS
 from agentd.analysis.signals import Signals
 
 SEVERITY = {1: "info", 2: "warning", 3: "critical"}
-# The daemon held the finding at warning or worse in at least this share of the steps its
-# analysis reported in: the range's finding, not an episode of it.
+# The daemon held the finding at warning or worse in at least this share of its reports over
+# the range: the range's finding, not an episode of it.
 PERSISTENT = 0.5
-# Its analysis reported in at least this share of the range's steps (with GPU data): less,
+# Its analysis reported in at least this share of the node's scrapes over the range: less,
 # and what it said describes too little of the range to stand for it.
 COVERED = 0.5
-# A finding warned in at least this share of the reported steps is mentioned in a note.
+# A finding held at warning or worse in at least this share of the reports is mentioned.
 MENTIONED = 0.1
 # Kinds the source's own series measure as well as the daemon (or better, over a longer
 # range), or that name no cause.
@@ -45,87 +47,84 @@ OWN_KINDS = ("gpu_lost", "idle_allocated", "unexplained_idle")
 @dataclass
 class Held:
     kind: str
-    gpus: list[str]  # "" alone: the node as a whole
+    gpus: list[str]
     share: float  # of the daemon's reports, at warning or worse (mean over its GPUs)
     severity: str  # the median severity of the steps it warned in
     stall: float  # the daemon's stall, averaged over its reports (0 in those without it)
     stall_named: float  # ... over the reports that named it
-    confidence: float  # its mean confidence while named
-    persistent: bool = False  # named at warning or worse in PERSISTENT of the steps
+    confidence: float  # its mean confidence while named (NaN: not exported)
+    persistent: bool = False  # held at warning or worse in PERSISTENT of the reports
 
 
 @dataclass
 class View:
-    covered: float  # share of the range's steps with a current report
+    covered: float  # share of the node's scrapes with a current report
     persistent: list[Held]
     transient: list[Held]
 
 
-def _subjects(sig: Signals) -> dict[str, list[str]]:
-    """kind -> GPUs the daemon named it on ("" for the node)."""
-    out: dict[str, list[str]] = {}
-    for sub in sig.subjects("daemon.finding"):
-        kind, _, gpu = sub.partition("@")
-        out.setdefault(kind, []).append(gpu)
-    return out
-
-
 def read(sig: Signals) -> View | None:
     """The daemon's findings over the range; None where the source carries none (not a
-    Prometheus with agentd's analysis, or it never reported)."""
-    subjects = _subjects(sig)
-    if not subjects:
+    Prometheus with agentd's analysis, or it never reported a finding)."""
+    reports = sig.get("daemon.reports")
+    subjects = sig.subjects("daemon.finding")
+    if reports is None or not subjects:
         return None
-    sev = {f"{k}@{g}": sig.get("daemon.finding", f"{k}@{g}")
-           for k, gpus in subjects.items() for g in gpus}
-    reported = np.zeros(len(sig.t), bool)
-    for v in sev.values():
-        reported |= np.isfinite(v)
-    if not reported.any():
-        return None
-    busy = [sig.get("gpu.busy", g) for g in sig.gpus()]
+    scrapes = sig.get("daemon.scrapes")
     with_data = np.zeros(len(sig.t), bool)
-    for b in busy:
-        with_data |= np.isfinite(b)
-    n_range = int(with_data.sum()) or len(sig.t)
-    covered = float((reported & with_data).sum() / n_range) if with_data.any() else \
-        float(reported.mean())
+    for g in sig.gpus():
+        with_data |= np.isfinite(sig.get("gpu.busy", g))
+    if not with_data.any():
+        with_data[:] = True
+    reports = np.nan_to_num(reports)[with_data]
+    total = float(reports.sum())
+    if total <= 0:
+        return None
+    seen = float(np.nan_to_num(scrapes)[with_data].sum()) if scrapes is not None else total
+    covered = min(total / seen, 1.0) if seen > 0 else 1.0
+    gpus_here = set(sig.gpus())
+    by_kind: dict[str, list[tuple]] = {}
+    for sub in subjects:
+        kind, _, g = sub.partition("@")
+        if kind not in KINDS or kind in OWN_KINDS or g not in gpus_here:
+            continue
+
+        def summed(signal: str) -> float:
+            v = sig.get(signal, sub)
+            return float(np.nan_to_num(v)[with_data].sum()) if v is not None else 0.0
+
+        warned, times, stall = (summed("daemon.finding_warned"),
+                                summed("daemon.finding_named"), summed("daemon.finding_stall"))
+        level = np.nan_to_num(sig.get("daemon.finding", sub))[with_data]
+        w = sig.get("daemon.finding_warned", sub)
+        steps = (np.nan_to_num(w)[with_data] > 0) if w is not None else level >= 2
+        conf = sig.get("daemon.finding_confidence", sub)
+        named = sig.get("daemon.finding_named", sub)
+        c = float("nan")
+        if conf is not None and named is not None:
+            weights = np.nan_to_num(named)[with_data] * np.isfinite(conf[with_data])
+            if weights.sum() > 0:
+                c = float(np.sum(np.nan_to_num(conf[with_data]) * weights) / weights.sum())
+        share = min(warned / total, 1.0)
+        if share >= MENTIONED:
+            by_kind.setdefault(kind, []).append(
+                (g, share, level[steps & (level >= 2)], min(stall / total, 1.0),
+                 min(stall / times, 1.0) if times > 0 else 0.0, c))
     held: list[Held] = []
-    for kind, gpus in subjects.items():
-        if kind in OWN_KINDS:
-            continue
-        rows = []
-        for g in gpus:
-            sub = f"{kind}@{g}"
-            level = sev[sub][reported]
-            share = sig.get("daemon.finding_share", sub)
-            warned = np.nan_to_num(share[reported]) if share is not None else \
-                (np.nan_to_num(level) >= 2).astype(float)
-            stall = sig.get("daemon.finding_stall", sub)
-            stall = np.zeros(len(level)) if stall is None else np.nan_to_num(stall[reported])
-            named = np.nan_to_num(level) >= 1
-            conf = sig.get("daemon.finding_confidence", sub)
-            conf = conf[reported][named] if conf is not None else np.array([])
-            rows.append((g, float(warned.mean()), level[warned > 0], float(stall.mean()),
-                         float(stall.mean() / named.mean()) if named.any() else 0.0,
-                         float(np.nanmean(conf)) if np.isfinite(conf).any() else float("nan")))
-        rows = [r for r in rows if r[1] >= MENTIONED]
-        if not rows:
-            continue
-        steady = [r for r in rows if r[1] >= PERSISTENT]
-        for group, persistent in ((steady, True),
-                                  ([r for r in rows if r[1] < PERSISTENT], False)):
+    for kind, rows in by_kind.items():
+        for persistent in (True, False):
+            group = [r for r in rows if (r[1] >= PERSISTENT) == persistent]
             if not group:
                 continue
             levels = np.concatenate([r[2] for r in group])
+            confs = [r[5] for r in group if r[5] == r[5]]
             held.append(Held(
                 kind=kind, gpus=sorted((r[0] for r in group), key=lambda g: (len(g), g)),
                 share=float(np.mean([r[1] for r in group])),
-                severity=SEVERITY[int(np.median(levels))] if len(levels) else "info",
+                severity=SEVERITY[int(np.median(levels))] if len(levels) else "warning",
                 stall=float(np.mean([r[3] for r in group])),
                 stall_named=float(np.mean([r[4] for r in group])),
-                confidence=float(np.nanmean([r[5] for r in group]))
-                if any(np.isfinite(r[5]) for r in group) else float("nan"),
+                confidence=float(np.mean(confs)) if confs else float("nan"),
                 persistent=persistent))
     persistent = [h for h in held if h.persistent] if covered >= COVERED else []
     transient = [h for h in held if h not in persistent]
@@ -133,5 +132,4 @@ def read(sig: Signals) -> View | None:
 
 
 def describe(h: Held) -> str:
-    where = "the node" if h.gpus == [""] else "GPU " + ",".join(h.gpus)
-    return f"{h.kind} on {where} ({h.share * 100:.0f}% of its runs)"
+    return f"{h.kind} on GPU {','.join(h.gpus)} ({h.share * 100:.0f}% of its reports)"

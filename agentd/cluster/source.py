@@ -46,7 +46,7 @@ from agentd.daemon.config import parse_duration
 from agentd.diagnose.sources import SourceError
 from agentd.diagnose.sources.http import redact
 from agentd.diagnose.sources.promclient import Grid, PromClient, promql_string, \
-    regex_escape, scrape_interval
+    regex_escape, scrape_interval, window
 from agentd.gpu import models
 from agentd.jobs import JOB_LABELS
 from agentd.rules import CLUSTER_JOB_LABELS
@@ -251,7 +251,7 @@ class ClusterSource:
         return scrape_interval(self.c, metric, "{" + self.sel + "}", self.end)
 
     def _win(self) -> str:
-        return f"{int(round(self.grid.step))}s"
+        return window(self.grid.step)
 
     def _over_range(self, fn: str, metric: str, extra: str = "") -> str:
         """fn over the whole range, per series."""

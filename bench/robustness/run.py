@@ -2,7 +2,7 @@
 
     python -m bench.robustness [--seed N] [--cases NAME,...]
         [--sources recording,prometheus,agentd] [--resolutions 1,5,15,30] [--json FILE]
-        [--workdir DIR [--reuse]] [--cli]
+        [--workdir DIR [--reuse]] [--cli] [--rolling-every S] [--rolling-variants V,...]
 
 Sources: agentd recordings at 10 Hz (full, and with SM activity, PCIe counters or process
 trees removed); dcgm-exporter + node_exporter series backfilled into a real Prometheus at
@@ -119,7 +119,7 @@ def _run(res: Result, fn, *args) -> Result:
 
 
 def rolling(path: str, truth: "C.Truth", case: str, every: float,
-            window: float = 60.0) -> dict:
+            window: float = 60.0, variant: str = "full") -> dict:
     """The daemon's rolling analysis replayed over a recording: analyze_rolling every `every`
     seconds over the last `window` (and, within it, the last 20 s), as `agentd run` does for
     agentd_finding_* and the alerts. Counts the runs that warn (warning or worse) and, on
@@ -127,8 +127,8 @@ def rolling(path: str, truth: "C.Truth", case: str, every: float,
     from agentd.analysis.core import analyze_rolling
     from agentd.diagnose.sources.recording import RecordingSource
 
-    out = {"case": case, "class": truth.klass, "runs": 0, "warned": 0, "right": 0,
-           "warned_kinds": {}, "error": ""}
+    out = {"case": case, "class": truth.klass, "variant": variant, "runs": 0, "warned": 0,
+           "right": 0, "warned_kinds": {}, "error": ""}
     try:
         sig = RecordingSource(path).read()
         t = float(sig.t[0]) + window
@@ -149,18 +149,22 @@ def rolling(path: str, truth: "C.Truth", case: str, every: float,
 
 
 def render_rolling(rows: list[dict], every: float) -> str:
-    healthy = [r for r in rows if r["class"] == "healthy"]
-    starved = [r for r in rows if r["class"] != "healthy"]
-    warned = [r for r in healthy if r["warned"]]
-    lines = [f"rolling analysis (the daemon's: every {every:g} s over the last 60 s, and its "
-             "last 20 s), full recordings:",
-             f"  healthy: {sum(r['warned'] for r in healthy)} of "
-             f"{sum(r['runs'] for r in healthy)} runs warned, on {len(warned)} of "
-             f"{len(healthy)} cases" + (": " + ", ".join(
-                 f"{r['case']} {r['warned']} {r['warned_kinds']}" for r in warned)
-                 if warned else ""),
-             f"  starved: {sum(r['right'] for r in starved)} of "
-             f"{sum(r['runs'] for r in starved)} runs named an accepted kind first"]
+    lines = []
+    variants = list(dict.fromkeys(r.get("variant", "full") for r in rows))
+    for v in variants:
+        mine = [r for r in rows if r.get("variant", "full") == v]
+        healthy = [r for r in mine if r["class"] == "healthy"]
+        starved = [r for r in mine if r["class"] != "healthy"]
+        warned = [r for r in healthy if r["warned"]]
+        lines += [f"rolling analysis (the daemon's: every {every:g} s over the last 60 s, and "
+                  f"its last 20 s), {v} recordings:",
+                  f"  healthy: {sum(r['warned'] for r in healthy)} of "
+                  f"{sum(r['runs'] for r in healthy)} runs warned, on {len(warned)} of "
+                  f"{len(healthy)} cases" + (": " + ", ".join(
+                      f"{r['case']} {r['warned']} {r['warned_kinds']}" for r in warned)
+                      if warned else ""),
+                  f"  starved: {sum(r['right'] for r in starved)} of "
+                  f"{sum(r['runs'] for r in starved)} runs named an accepted kind first"]
     errors = [r for r in rows if r["error"]]
     if errors:
         lines.append("  errors: " + "; ".join(f"{r['case']}: {r['error']}" for r in errors))
@@ -296,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rolling-every", type=float, default=10.0, metavar="SECONDS",
                     help="replay the daemon's rolling analysis over each full recording "
                          "every SECONDS (0: not at all)")
+    ap.add_argument("--rolling-variants", default="full", metavar="VARIANTS",
+                    help="the recording variants the rolling analysis is replayed over "
+                         f"(comma-separated, of {','.join(RECORDING_VARIANTS)})")
     ap.add_argument("--reuse", action="store_true",
                     help="diagnose the recordings and TSDB that an earlier run with the same "
                          "--seed and --cases kept in --workdir (the truth is rebuilt, nothing "
@@ -310,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in C.BUILDERS]
     if unknown:
         ap.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(C.BUILDERS)}")
+    bad = set(args.rolling_variants.split(",")) - set(RECORDING_VARIANTS)
+    if bad:
+        ap.error(f"unknown rolling variant(s) {', '.join(sorted(bad))}")
     if args.reuse and (args.seed is None or not args.workdir):
         ap.error("--reuse needs the --seed and --workdir of the run that kept the data")
     sources = set(args.sources.split(","))
@@ -329,6 +339,7 @@ def _suite(args, seed: int, names: list[str], sources: set, resolutions: list[fl
     print(f"robustness suite: seed {seed}, {len(names)} cases, window {args.duration:g} s, "
           f"work in {work}", file=sys.stderr)
     t_start = time.process_time()
+    rolling_variants = set(args.rolling_variants.split(","))
     truths: dict[str, C.Truth] = {}
     results: list[Result] = []
     rolls: list[dict] = []
@@ -355,8 +366,8 @@ def _suite(args, seed: int, names: list[str], sources: set, resolutions: list[fl
                     S.write_recording(path, g, m)
                 results.append(_run(Result(name, case.klass, "recording", 0.1, v),
                                     diagnose_recording, path, args.cli))
-                if v == "full" and args.rolling_every > 0:
-                    rolls.append(rolling(path, truth, name, args.rolling_every))
+                if v in rolling_variants and args.rolling_every > 0:
+                    rolls.append(rolling(path, truth, name, args.rolling_every, variant=v))
         om = E.OpenMetrics()
         if "prometheus" in sources:
             for res in resolutions:

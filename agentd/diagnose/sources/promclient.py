@@ -170,6 +170,13 @@ class NodeSelector:
         return found
 
 
+def window(seconds: float, least: float = 1.0) -> str:
+    """A PromQL range of `seconds`, at least `least`, in milliseconds: rounded to whole
+    seconds, a 2.5 s step read its gauges over 2 s windows that missed a scrape whenever
+    the scrape phase fell in the step's first half second."""
+    return f"{max(int(round(seconds * 1000)), int(round(least * 1000)))}ms"
+
+
 def with_matchers(selector: str, extra: str) -> str:
     """`{a="b"}` plus `c="d"` -> `{a="b",c="d"}`."""
     inner = selector.strip()[1:-1]

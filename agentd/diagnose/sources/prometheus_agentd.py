@@ -23,7 +23,7 @@ from agentd.analysis.signals import Signals
 from agentd.jobs import JOB_LABELS
 from agentd.diagnose.sources import SourceError
 from agentd.diagnose.sources.promclient import (Grid, NodeSelector, PromClient, PrometheusSource,
-                                                scrape_interval, with_matchers)
+                                                scrape_interval, window, with_matchers)
 
 # signal, metric, label of the subject, counter?
 SERIES = (
@@ -63,7 +63,7 @@ def per_step(metric: str, sel: str, counter: bool, fn: str, win: str, step: floa
     mean over the step."""
     if counter:
         return f"{fn}({metric}{sel}[{win}])"
-    return f"avg_over_time({metric}{sel}[{max(int(round(step)), 1)}s])"
+    return f"avg_over_time({metric}{sel}[{window(step)}])"
 
 
 class AgentdPrometheusSource(PrometheusSource):
@@ -82,7 +82,7 @@ class AgentdPrometheusSource(PrometheusSource):
         # irate over 3 steps: the rate between the last two samples (one scrape interval
         # at the default step). At a step longer than the scrape, rate() over the step.
         fine = scrape is not None and step <= scrape * 1.5
-        win = f"{max(int(round(step * (3 if fine else 1))), 1)}s"
+        win = window(step * (3 if fine else 1))
         fn = "irate" if fine else "rate"
         ch: dict[str, np.ndarray] = {}
         meta: dict = {"node": self.node, "scrape_interval_seconds": scrape, "missing": []}
@@ -157,68 +157,87 @@ class AgentdPrometheusSource(PrometheusSource):
             ch[f"gpu.throttle:{g}"] = b
 
     def _findings(self, ch, nodes, grid, step) -> None:
-        """The daemon's findings per step, as daemon_view.py reads them. A step spans one
-        scrape at the default step, several at a longer one: shares and the stall are over
-        the scrapes in the step that served a current report (agentd_gpu_stall_ratio
-        present), so a longer step neither inflates a finding that came and went nor
-        dilutes one that held."""
+        """The daemon's findings, counted per scrape in each step (daemon_view.py sums the
+        counts over the range, so a longer step changes nothing): the node's scrapes, those
+        that served a current report (agentd_gpu_stall_ratio present), and per (kind, GPU)
+        the severest served, the reports that named it (at warning or worse, and at all)
+        and the stall they claimed. A duplicate scrape (two jobs) counts once; a series'
+        value counts (0 or NaN: not named); counts and stalls are bounded by the reports.
+        The first step, whose window reaches back before the range, is left out."""
         from agentd.analysis.findings import SEVERITIES
 
         sel = nodes.for_metric("agentd_gpu_stall_ratio")
         fsel = nodes.for_metric("agentd_finding_active")
-        if sel is None or fsel is None:
+        base = nodes.for_metric("agentd_gpu_busy_seconds_total")
+        if sel is None or fsel is None or base is None:
             return
         c = self.client
-        win = f"{max(int(round(step)), 1)}s"
+        win = window(step)
+        inside = grid.t - step >= self.start - 1e-6
 
         def per(query: str) -> list[tuple[dict, np.ndarray]]:
-            return [(s["metric"], grid.place(s.get("values", [])))
+            return [(s["metric"], np.where(inside, grid.place(s.get("values", [])), np.nan))
                     for s in c.query_range(query, self.start, self.end, step)]
 
-        reports = np.full(len(grid.t), np.nan)
-        for _, v in per(f"max(count_over_time(agentd_gpu_stall_ratio{sel}[{win}]))"):
-            reports = np.fmax(reports, v)
-        reported = np.isfinite(reports) & (reports > 0)
-        if not reported.any():
+        def one(query: str) -> np.ndarray:
+            got = per(query)
+            return np.nan_to_num(got[0][1]) if got else np.zeros(len(grid.t))
+
+        scrapes = one(f"max(count_over_time(agentd_gpu_busy_seconds_total{base}[{win}]))")
+        reports = np.minimum(one(f"max(count_over_time(agentd_gpu_stall_ratio{sel}[{win}]))"),
+                             np.maximum(scrapes, 0))
+        if not reports.any():
             return
+        reported = reports > 0
         level: dict[str, np.ndarray] = {}
         for m, v in per(f"max by (kind, gpu, severity) "
-                        f"(max_over_time(agentd_finding_active{fsel}[{win}]))"):
+                        f"(max_over_time(agentd_finding_active{fsel}[{win}])) > 0"):
             if m.get("severity") not in SEVERITIES or not m.get("kind"):
                 continue
             sub = f"{m['kind']}@{m.get('gpu', '')}"
             on = np.isfinite(v) & reported
             lev = level.setdefault(sub, np.where(reported, 0.0, np.nan))
             lev[on] = np.maximum(lev[on], SEVERITIES.index(m["severity"]) + 1)
+        if not level:
+            return
+        ch["daemon.scrapes:"] = scrapes
+        ch["daemon.reports:"] = reports
         for sub, lev in level.items():
             ch[f"daemon.finding:{sub}"] = lev
-        def per_report(signal: str, query: str, most: float) -> None:
-            """A sum over each step's scrapes per (kind, GPU), divided by the step's reports
-            (0 in those without the finding)."""
+
+        def counted(signal: str, query: str, most: dict[str, np.ndarray] | None = None
+                    ) -> dict[str, np.ndarray]:
+            """Per (kind, GPU): the query's per-step sum, between 0 and the step's reports
+            (or `most`'s), 0 where none."""
+            out = {sub: np.zeros(len(grid.t)) for sub in level}
             for m, v in per(query):
                 sub = f"{m.get('kind', '')}@{m.get('gpu', '')}"
-                if sub in level:
-                    out = np.where(reported, 0.0, np.nan)
-                    ok = np.isfinite(v) & reported
-                    out[ok] = np.minimum(v[ok] / reports[ok], most)
-                    ch[f"{signal}:{sub}"] = out
+                if sub in out:
+                    cap = reports if most is None else most[sub]
+                    out[sub] = np.clip(np.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0),
+                                       0.0, cap)
+            for sub, v in out.items():
+                ch[f"{signal}:{sub}"] = v
+            return out
 
-        warn = with_matchers(fsel, 'severity=~"warning|critical"')
-        per_report("daemon.finding_share", "sum by (kind, gpu) (count_over_time("
-                   f"agentd_finding_active{warn}[{win}]))", 1.0)
-        for sub in level:  # a finding never at warning: in no report
-            ch.setdefault(f"daemon.finding_share:{sub}", np.where(reported, 0.0, np.nan))
+        def named(matchers: str) -> str:
+            sel_ = with_matchers(fsel, matchers) if matchers else fsel
+            return ("sum by (kind, gpu) (max by (kind, gpu, severity) "
+                    f"(sum_over_time(agentd_finding_active{sel_}[{win}])))")
+
+        counted("daemon.finding_warned", named('severity=~"warning|critical"'))
+        times = counted("daemon.finding_named", named(""))
         ssel = nodes.for_metric("agentd_finding_stall_ratio")
         if ssel is not None:
-            per_report("daemon.finding_stall", "sum by (kind, gpu) (sum_over_time("
-                       f"agentd_finding_stall_ratio{ssel}[{win}]))", np.inf)
+            counted("daemon.finding_stall", "max by (kind, gpu) (sum_over_time("
+                    f"agentd_finding_stall_ratio{ssel}[{win}]))", most=times)
         csel = nodes.for_metric("agentd_finding_confidence_ratio")
         if csel is not None:
             for m, v in per(f"max by (kind, gpu) (avg_over_time("
                             f"agentd_finding_confidence_ratio{csel}[{win}]))"):
                 sub = f"{m.get('kind', '')}@{m.get('gpu', '')}"
                 if sub in level:
-                    ch[f"daemon.finding_confidence:{sub}"] = v
+                    ch[f"daemon.finding_confidence:{sub}"] = np.clip(v, 0.0, 1.0)
 
     def _jobs(self, ch, nodes, grid, step, fn, win) -> dict:
         """Per job: the mean tree's signals (proc.*:JOB) and the job's GPUs (meta)."""

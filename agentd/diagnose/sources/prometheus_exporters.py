@@ -19,7 +19,7 @@ import numpy as np
 from agentd.analysis.signals import Signals
 from agentd.diagnose.sources import SourceError
 from agentd.diagnose.sources.promclient import (Grid, NodeSelector, PrometheusSource,
-                                                scrape_interval, with_matchers)
+                                                scrape_interval, window, with_matchers)
 from agentd.gpu import models
 from agentd.pcie import capacity as pcie_capacity
 
@@ -67,7 +67,7 @@ class ExportersPrometheusSource(PrometheusSource):
         step = self.step or scrape or 15.0
         grid = Grid(self.start, self.end, step)
         # A gauge's value in each step: the mean of the samples in it (one at the scrape step).
-        win = f"{max(int(round(step)), 1)}s"
+        win = window(step)
         ch: dict[str, np.ndarray] = {}
         meta: dict = {"node": self.node, "scrape_interval_seconds": scrape,
                       "gpus": {}, "missing": []}
@@ -141,7 +141,7 @@ class ExportersPrometheusSource(PrometheusSource):
     def _host(self, ch: dict, nodes: NodeSelector, grid: Grid, step: float) -> None:
         c = self.client
         s0, s1 = self.start, self.end
-        win = f"{max(int(round(step * 3)), 2)}s"  # irate: the last two samples in it
+        win = window(step * 3, least=2.0)  # irate: the last two samples in it
 
         def rate(key: str, metric: str, by: str | None, extra: str = "",
                  expr: str = "irate", agg: str = "sum") -> None:
@@ -160,7 +160,7 @@ class ExportersPrometheusSource(PrometheusSource):
             if sel is None:
                 return
             for s in c.query_range(f"max(avg_over_time({metric}{sel}"
-                                   f"[{max(int(round(step)), 1)}s]))", s0, s1, step):
+                                   f"[{window(step)}]))", s0, s1, step):
                 ch[key] = grid.place(s.get("values", [])) * scale
 
         rate("disk.read:{}", "node_disk_read_bytes_total", "device")
