@@ -75,6 +75,16 @@ def test_busy_seconds_equal_utilization(fake_gpus, clock, gpu, expected):
         assert busy == pytest.approx(expected, abs=0.015)
 
 
+def test_gpus_that_wait_are_shared_with_the_process_sampler(fake_gpus, clock):
+    """Each slow tick names the GPUs whose kernels ran under 95% of the second since the
+    last (from the busy counter), so their trees' workers are read every tick."""
+    s = make_sampler(clock, fake_gpus, {"gpus": [{"count": 1, "utilization": 0.99},
+                                                 {"count": 1, "utilization": 0.80}]})
+    assert s.ctx.shared.gpus_waiting == frozenset()
+    run(s, clock, 5.0)
+    assert s.ctx.shared.gpus_waiting == frozenset({1})
+
+
 def test_dry_buffer_counts_as_idle(fake_gpus, clock):
     """Drivers that stop adding samples while idle: the gap counts as idle, not as busy."""
     s = make_sampler(clock, fake_gpus, {"gpus": [{

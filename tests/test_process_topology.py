@@ -301,3 +301,18 @@ def test_workers_are_read_once_a_second_the_trainer_every_tick(tmp_path):
     cpu = next(v for (n, _), v in (((n, lab), v) for n, lab, v in s.series())
                if n == "agentd_process_cpu_seconds_total")
     assert cpu == pytest.approx(90 / hz)
+    # While its GPU waits (its kernels ran under 95% of the last second), the tree is read
+    # whole every tick: loading that alternates with compute shows at 10 Hz.
+    ctx.shared.gpus_waiting = frozenset({0})
+    ticks[100] += 1
+    ticks[101] += 8
+    for pid in pids:
+        write(pid)
+    row = s.sample(11.1, False)
+    assert row["proc.cpu:100"] == pytest.approx(9 / hz / 0.1)
+    assert row["proc.members:100"] == 3.0
+    ctx.shared.gpus_waiting = frozenset({3})  # another GPU waits: the trainer alone
+    ticks[100] += 1
+    for pid in pids:
+        write(pid)
+    assert s.sample(11.2, False) == {"proc.root_cpu:100": pytest.approx(1 / hz / 0.1)}

@@ -87,6 +87,10 @@ class SharedState:
     gpu_processes: dict[int, tuple[int, ...]] = field(default_factory=dict)
     # GPU index -> UUID (the gpu sampler's, at open), for series labelled by GPU elsewhere.
     gpu_uuids: dict[int, str] = field(default_factory=dict)
+    # GPUs that ran kernels under WAITING_BUSY of the last slow interval (the gpu sampler's,
+    # replaced whole each slow tick): the process sampler reads their trees' workers every
+    # tick, so loading that alternates with compute is seen at 10 Hz where GPUs wait.
+    gpus_waiting: frozenset = frozenset()
 
 
 @dataclass

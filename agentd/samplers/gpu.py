@@ -35,6 +35,10 @@ _FAST_COUNTERS = ("agentd_gpu_busy_seconds_total",
                   "agentd_gpu_nvlink_rx_bytes_total", "agentd_gpu_nvlink_tx_bytes_total",
                   *_ACTIVITY_COUNTERS.values())
 _BUSY, _PCIE, _NVLINK = 0, 1, 3  # positions in _FAST_COUNTERS (rx, then tx)
+# A GPU whose kernels ran under this share of the last slow interval waits for something:
+# its trees' workers are read every tick (SharedState.gpus_waiting). Steps' ordinary gaps
+# are 2-4%; the analysis' stall line is 5%.
+WAITING_BUSY = 0.95
 _ACTIVITY_POSITION = {key: _FAST_COUNTERS.index(name) for key, name in _ACTIVITY_COUNTERS.items()}
 
 
@@ -107,6 +111,7 @@ class GpuSampler(Sampler):
         self.ctx.shared.gpu_uuids = {g.index: g.uuid for g in gpus}
         self.lost: set[int] = {d.index for d in self.backend.devices if d.lost}
         self._last_busy: dict[int, float] = {}
+        self._busy_at_slow: dict[int, float | None] = {}  # the busy counter at the last slow tick
         self._key_cache: dict[int, _Keys] = {}
         self._last_slow_t: float | None = None
         self._last_fast: float | None = None
@@ -294,6 +299,7 @@ class GpuSampler(Sampler):
                 procs.setdefault(p.pid, []).append(index)
         self.out.replace_gauges("state", gauges)
         self.ctx.shared.gpu_processes = {pid: tuple(ix) for pid, ix in procs.items()}
+        self.ctx.shared.gpus_waiting = self._waiting(elapsed)
         self._jobs.retain(procs)
         try:
             events = self.backend.events()
@@ -313,6 +319,19 @@ class GpuSampler(Sampler):
         self._xids.flush(now)
         if events:
             self._export_last_xid()
+
+    def _waiting(self, elapsed: float) -> frozenset:
+        """The GPUs whose kernels ran under WAITING_BUSY of the `elapsed` seconds since the
+        last slow tick (from the busy counter: exact, whatever the tick rate)."""
+        waiting = set()
+        for i, totals in self._totals.items():
+            busy = totals[_BUSY]
+            before = self._busy_at_slow.get(i)
+            self._busy_at_slow[i] = busy
+            if busy is not None and before is not None and elapsed > 0 and \
+                    (busy - before) / elapsed < WAITING_BUSY:
+                waiting.add(i)
+        return frozenset(waiting)
 
     def _account_slow(self, g: GpuIdentity, s: SlowReading, elapsed: float, row: Row) -> list:
         lab = self._labels(g)

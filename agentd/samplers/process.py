@@ -5,7 +5,9 @@ Kubernetes pod, Slurm job) from their cgroup. Command lines are never read or ex
 
 Each tick reads the trees' roots (the trainers: proc.root_cpu); slow ticks read every member
 (proc.cpu, max_member_cpu, members, blocked over the second since): a node's 8 ranks with
-12 workers each are ~100 processes, each ~20 us a read.
+12 workers each are ~100 processes, each ~20 us a read. A tree on a GPU that waits (its
+kernels ran under 95% of the last second, SharedState.gpus_waiting) is read whole every
+tick: where GPUs starve, whether the workers load in the GPU's gaps is seen at 10 Hz.
 
 The window keeps each tree (by root pid); /metrics sums the trees of each job
 (agentd/jobs.py: Slurm job, Kubernetes container, container, systemd unit, else the root's
@@ -272,8 +274,10 @@ class ProcessSampler(Sampler):
         dt = now - self._last_t if self._last_t is not None else 0.0
         self._last_t = now
         row: Row = {}
+        waiting = self.ctx.shared.gpus_waiting
         for tree in self._trees.values():
-            if slow or not tree.members or len(tree.pids) == 1:
+            if slow or not tree.members or len(tree.pids) == 1 or \
+                    (waiting and not waiting.isdisjoint(tree.gpus)):
                 row.update(self._read_tree(tree, dt, with_io=slow))
             else:
                 row.update(self._read_root(tree, dt))
