@@ -348,7 +348,14 @@ def measure(sig: Signals, node: str = "") -> Evidence:
         checkpoint_share=float((ckpt & job_mask).sum() / max(job_mask.sum(), 1)),
         missing=missing, notes=notes, lost_gpus=lost)
     if not any(s.compute is not None for s in gpus.values()) and gpus:
-        ev.missing.append("SM activity resolving compute from collective waits")
+        if sig.has("gpu.sm_active") and coarse:
+            ev.notes.append(f"SM activity averaged over {sig.resolution:g} s cannot tell "
+                            "computing from waiting in collectives")
+        elif sig.has("gpu.sm_active"):
+            ev.notes.append("SM activity shows no level of its own for collective waits "
+                            "(computing and waiting not told apart)")
+        else:
+            ev.missing.append("SM activity resolving compute from collective waits")
     ev.jobs = job_groups(meta, gpus, nv)
     return ev
 
