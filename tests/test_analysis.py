@@ -463,6 +463,38 @@ def test_idle_node_between_jobs_is_spare_capacity_not_a_stall():
     assert len(r.spare_gpus) == 8 and any("spare capacity" in n for n in r.notes)
 
 
+def test_a_job_whose_first_step_ends_the_window_is_not_judged_yet():
+    """Start-up (memory held, the trainer busy on one core loading the model, its workers
+    idle) until the window's last second, then a first step: a second of job time says
+    nothing about the input (a rolling run called it input_cpu at 14%)."""
+    n = 600
+    t = 1.7e9 + np.arange(1, n + 1) * 0.1
+    first = n - 8
+    ch = {}
+    procs = {}
+    for g in range(8):
+        busy = np.zeros(n)
+        busy[first:] = [1, 1, 0, 1, 1, 0, 1, 1][: n - first]
+        ch[f"gpu.busy:{g}"] = busy
+        ch[f"gpu.busy_time:{g}"] = busy
+        ch[f"gpu.mem_used:{g}"] = np.where(np.arange(n) >= 100, 60e9, 0.5e9)
+        pid = str(1000 + g)
+        procs[pid] = {"gpus": [g], "comm": "pt_main_thread", "systemd_unit": "train.service"}
+        ch[f"proc.cpu:{pid}"] = np.where(np.arange(n) >= first, 5.0, 1.0)
+        ch[f"proc.root_cpu:{pid}"] = np.full(n, 1.0)
+        ch[f"proc.members:{pid}"] = np.full(n, 5.0)
+    ch["cpu.count:"] = np.full(n, 64.0)
+    ch["cpu.busy:"] = np.full(n, 8.0)
+    sig = Signals(t, ch, 0.1, "window", "node-s", {"processes": procs})
+    r = analyze(sig)
+    assert r.findings == [], [f.headline() for f in r.findings]
+    # Ten seconds on, the same stall is judged.
+    ch = {k: np.concatenate([v, np.tile(v[first:], 13)[:100]]) for k, v in ch.items()}
+    t = 1.7e9 + np.arange(1, n + 101) * 0.1
+    r = analyze(Signals(t, ch, 0.1, "window", "node-s", {"processes": procs}))
+    assert r.findings and r.findings[0].kind in ("input_cpu", "unexplained_idle")
+
+
 def test_a_job_starting_mid_window_is_judged_over_its_own_time():
     sig, _ = healthy_window(seconds=90)
     half = sig.t < sig.t[0] + 45
@@ -1153,6 +1185,36 @@ def test_without_pcie_a_cycle_of_several_gaps_is_no_step_period():
     steps(())
     r = analyze(sig)
     assert all(g.step_period_seconds == pytest.approx(4.0, rel=0.05) for g in r.gpus), \
+        [(g.step_period_seconds, g.step_period_note) for g in r.gpus]
+
+
+def test_without_pcie_busy_stretches_that_idle_hide_steps_and_give_no_period():
+    """An input-bound rank runs four 0.26 s steps on the four batches its workers delivered
+    together, then waits a second: the held utilization reads 96-98% through the busy
+    stretch (each step's short gap lies inside a driver sample) and one dip per 2.2 s cycle.
+    2.19 s was printed as the step period (robustness input-cpu-1gpu without PCIe, seed
+    673081053). A stretch reading 100% is one step: then the cycle is the period."""
+    sig, _ = healthy_window()
+    n = len(sig.t)
+    phase = np.arange(n) % 22
+    _drop(sig, "gpu.util_sample", "gpu.pcie")
+
+    def cycle(busy_level: float) -> None:
+        level = np.where(phase < 10, busy_level, 0.0)
+        for g in sig.gpus():
+            for key in ("gpu.busy", "gpu.busy_time"):
+                sig.channels[f"{key}:{g}"] = level.copy()
+            sm = sig.channels[f"gpu.sm_active:{g}"]
+            sig.channels[f"gpu.sm_active:{g}"] = np.where(np.isfinite(sm), 0.7 * level, sm)
+
+    cycle(0.97)
+    r = analyze(sig)
+    assert all(g.step_period_seconds is None for g in r.gpus), \
+        [g.step_period_seconds for g in r.gpus]
+    assert "a cycle may hold several steps" in r.gpus[0].step_period_note
+    cycle(1.0)
+    r = analyze(sig)
+    assert all(g.step_period_seconds == pytest.approx(2.2, rel=0.05) for g in r.gpus), \
         [(g.step_period_seconds, g.step_period_note) for g in r.gpus]
 
 

@@ -711,6 +711,12 @@ def _period(sig: Signals, g: str, busy: np.ndarray, coarse: bool,
         return None, (f"the activity repeats every {period.seconds:.3g} s with about "
                       f"{steps:.1f} {what} in each: steps of unequal length, no one step "
                       "period")
+    if rx is None:
+        hidden = P.hidden_gaps(busy[lo:hi])
+        if hidden is not None and hidden >= P.HIDDEN_GAPS:
+            return None, (f"the activity repeats every {period.seconds:.3g} s, but its busy "
+                          f"stretches idle {hidden * 100:.0f}% in gaps shorter than a sample: "
+                          "a cycle may hold several steps")
     return period, why
 
 

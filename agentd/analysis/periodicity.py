@@ -237,6 +237,24 @@ def gaps_per_cycle(level: np.ndarray, resolution: float, seconds: float) -> floa
     return seconds * gaps / (len(x) * resolution)
 
 
+HIDDEN_GAPS = 0.02  # busy stretches idling this share of their samples hide gaps
+
+
+def hidden_gaps(level: np.ndarray) -> float | None:
+    """The share of time the held utilization's busy samples (at or over GAP_LEVEL) still
+    idle: gaps shorter than the driver's sample, inside the stretches that look busy. A
+    step's kernels run back to back (NVML reads 100%) until its one gap; busy stretches
+    that read 96-98% hold more steps than the gaps counted between them (an input-bound
+    rank running four steps on the four batches its workers delivered together, then
+    waiting a second: one 'gap' per 2.2 s cycle, 0.26 s steps). None without 10 busy
+    samples."""
+    x = np.asarray(level, dtype=float)
+    high = np.isfinite(x) & (x >= GAP_LEVEL)
+    if high.sum() < 10:
+        return None
+    return float(np.mean(1.0 - np.minimum(x[high], 1.0)))
+
+
 BAND = 0.5  # intervals within +-50% of the median one are the steps' own ...
 TYPICAL = 0.7  # ... and at least this share of them must be, for a typical step to exist,
 SPREAD = 0.2  # spread by no more than this share of their mean (and half a tick)

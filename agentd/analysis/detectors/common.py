@@ -20,12 +20,22 @@ EXPLAINS_LO, EXPLAINS_HI = 0.6, 1.6
 SATURATED = 0.85  # a stage at 85% of its ceiling (lower 95% bound) is at capacity
 
 
+# A job is judged from its first step: it needs this long from there (and three samples)
+# to be judged at all. A job whose first step fell in the window's last second had its
+# whole stall read off a handful of samples (the robustness suite's job start, seed
+# 673081053: a rolling run warned input_cpu at "14%" from the step's first second).
+MIN_JUDGED_SECONDS = 10.0
+
+
 def starved(ev: Evidence, exclude: set[str] = frozenset()) -> list[str]:
-    """Job GPUs whose idle share is at least MIN_STALL and significantly above noise."""
+    """Job GPUs whose idle share is at least MIN_STALL and significantly above noise, over
+    at least MIN_JUDGED_SECONDS of job time from the first step."""
     out = []
+    res = ev.sig.resolution
     for g in ev.job_gpus():
         s = ev.gpus[g]
-        if g in exclude or s.idle.n == 0:
+        if g in exclude or s.idle.n == 0 or \
+                s.idle.n * res < max(MIN_JUDGED_SECONDS, 3 * res):
             continue
         if s.idle.mean >= MIN_STALL and s.idle.lo >= STALL_LO:
             out.append(g)
