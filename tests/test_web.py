@@ -578,6 +578,24 @@ def test_analysis_process_that_stops_reading_misses_its_deadline():
         ra.stop()
 
 
+def test_analysis_process_whose_parent_closes_the_channel_exits_quietly():
+    """The daemon closes the channel, then sends SIGTERM, when it stops or gives up on a
+    run: a child then importing or answering hit the closed socket and printed a traceback
+    the SIGTERM cut off (CI, tests/test_systemd_unit.py under load). Now it ends, exit 0,
+    with nothing on stderr."""
+    import subprocess
+    import sys
+
+    parent, child = socket.socketpair()
+    p = subprocess.Popen([sys.executable, "-m", "agentd.daemon.analyst", "--channel-fd",
+                          str(child.fileno()), "--parent-pid", str(os.getpid())],
+                         pass_fds=(child.fileno(),), stderr=subprocess.PIPE, text=True)
+    child.close()
+    parent.close()  # before its hello: the send fails
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0 and "Traceback" not in err, err
+
+
 @pytest.mark.slow
 def test_analysis_process_killed_or_hung_is_restarted(spawn, scenario):
     proc, url, port = start(spawn, "--fake-nvml", scenario, "--analysis.interval", "1s",

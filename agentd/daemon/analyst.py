@@ -46,12 +46,20 @@ def main(argv: list[str] | None = None) -> int:
     import agentd.analysis.core  # noqa: F401
     import agentd.analysis.signals  # noqa: F401
 
+    try:
+        serve(channel)
+    except ChildGone:
+        pass  # the parent closed the channel: it stops, or gave up on this run
+    return 0
+
+
+def serve(channel: Channel) -> None:
+    """Answer the parent's requests until it closes the channel (ChildGone, from a receive
+    or from a send: it may close while this child imports or runs, and stopping then is no
+    error to print)."""
     channel.send(0, {"op": "hello"})
     while True:
-        try:
-            rid, header, payload = channel.recv()
-        except ChildGone:
-            return 0
+        rid, header, payload = channel.recv()
         if header.get("op") != "analyze":
             channel.send(rid, {"error": f"unknown operation {header.get('op')!r}"})
             continue
