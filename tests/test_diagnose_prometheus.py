@@ -58,6 +58,13 @@ def test_diagnose_from_prometheus_scraping_agentd(tmp_path, spawn):
     # /metrics has per-job series (no pids): the finding names the job that owns the GPUs,
     # once, though the job is read as one process tree per GPU (agentd_gpu_process_*).
     assert doc["findings"][0]["subject"]["processes"] == [{"systemd_unit": "train.service"}]
+    # Too short a range for its step: one line, exit 3, saying what would do.
+    r = subprocess.run(agentd_cmd("diagnose", "--prometheus", prom, "--node", "127.0.0.1",
+                                  "--last", "30s", "--step", "10s"),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "at least 10 are needed (one every 10 s: a longer --last or a shorter --step)" \
+        in r.stderr, r.stderr
     # A node the server holds nothing for: one line, exit 3, naming both flavours it looked
     # for (it said "no dcgm-exporter GPU series" of a server full of agentd's).
     r = subprocess.run(agentd_cmd("diagnose", "--prometheus", prom, "--node", "gpu-node-9",

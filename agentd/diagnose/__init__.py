@@ -25,6 +25,9 @@ __all__ = ["EXIT_FINDINGS", "EXIT_OK", "EXIT_OUTPUT", "EXIT_SOURCE", "EXIT_USAGE
            "OutputError", "SourceError", "exit_status", "report_and_exit"]
 
 
+MIN_SAMPLES = 10  # fewer samples than this are no diagnosis
+
+
 def exit_status(r: Report, fail_on: str) -> int:
     worst = r.worst_severity()
     if worst is None or SEVERITIES.index(worst) < SEVERITIES.index(fail_on):
@@ -35,8 +38,11 @@ def exit_status(r: Report, fail_on: str) -> int:
 def report_and_exit(sig: Signals, args) -> int:
     from agentd.diagnose.render import render_text
 
-    if len(sig.t) < 10:
-        raise SourceError(f"{sig.source} holds {len(sig.t)} samples: too few to analyse")
+    if len(sig.t) < MIN_SAMPLES:
+        fix = (f" (one every {sig.resolution:g} s: a longer --last or a shorter --step)"
+               if sig.source.startswith("prometheus") else "")
+        raise SourceError(f"{sig.source} holds {len(sig.t)} samples: too few to analyse, "
+                          f"at least {MIN_SAMPLES} are needed{fix}")
     if not sig.gpus() and not sig.subjects("gpu.busy_time") and not any(
             (i or {}).get("lost") for i in (sig.meta.get("gpus") or {}).values()):
         samplers = sig.meta.get("samplers") or {}
