@@ -712,7 +712,11 @@ def _period(sig: Signals, g: str, busy: np.ndarray, coarse: bool,
                       f"{steps:.1f} {what} in each: steps of unequal length, no one step "
                       "period")
     if rx is None:
-        hidden = P.hidden_gaps(busy[lo:hi])
+        # Only a cycle that spans several of the driver's samples has busy samples clear of
+        # its gap: a step of two or three samples touches its gap in most of them.
+        sample = max(sig.resolution, dts.get("driver samples", 0.0))
+        hidden = P.hidden_gaps(busy[lo:hi]) if period.seconds >= P.CLEAR_SAMPLES * sample \
+            else None
         if hidden is not None and hidden >= P.HIDDEN_GAPS:
             return None, (f"the activity repeats every {period.seconds:.3g} s, but its busy "
                           f"stretches idle {hidden * 100:.0f}% in gaps shorter than a sample: "

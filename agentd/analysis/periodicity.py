@@ -237,22 +237,26 @@ def gaps_per_cycle(level: np.ndarray, resolution: float, seconds: float) -> floa
     return seconds * gaps / (len(x) * resolution)
 
 
-HIDDEN_GAPS = 0.02  # busy stretches idling this share of their samples hide gaps
+HIDDEN_GAPS = 0.02  # busy samples idling this share (their median) hide gaps ...
+CLEAR_SAMPLES = 4  # ... in a cycle of at least this many driver samples (a shorter step
+#                    touches its gap in most of its samples: 0.45-0.58 s steps of 0.2 s
+#                    samples read 3-16% idle in them, and their periods are right)
 
 
 def hidden_gaps(level: np.ndarray) -> float | None:
-    """The share of time the held utilization's busy samples (at or over GAP_LEVEL) still
-    idle: gaps shorter than the driver's sample, inside the stretches that look busy. A
-    step's kernels run back to back (NVML reads 100%) until its one gap; busy stretches
-    that read 96-98% hold more steps than the gaps counted between them (an input-bound
-    rank running four steps on the four batches its workers delivered together, then
-    waiting a second: one 'gap' per 2.2 s cycle, 0.26 s steps). None without 10 busy
-    samples."""
+    """How much the held utilization's busy samples (at or over half) still idle, their
+    median: gaps shorter than the driver's sample, inside the stretches that look busy. A
+    step's kernels run back to back (NVML reads 100%) until its one gap, so most busy
+    samples of steps longer than a sample read 100%. Where most read 96-98% (an input-bound
+    rank running four 0.26 s steps on the four batches its workers delivered together, then
+    waiting: one dip per 2.2 s cycle) or 80% (0.15 s steps, shorter than the 0.2 s driver
+    sample: every sample holds a gap), the cycles hold more steps than the dips counted.
+    None without 10 busy samples."""
     x = np.asarray(level, dtype=float)
-    high = np.isfinite(x) & (x >= GAP_LEVEL)
-    if high.sum() < 10:
+    busy = np.isfinite(x) & (x >= 0.5)
+    if busy.sum() < 10:
         return None
-    return float(np.mean(1.0 - np.minimum(x[high], 1.0)))
+    return float(np.median(1.0 - np.minimum(x[busy], 1.0)))
 
 
 BAND = 0.5  # intervals within +-50% of the median one are the steps' own ...
