@@ -30,6 +30,9 @@ from agentd.analysis.signals import Signals
 # Among input causes, a root cause outranks its symptom; then the clearer evidence wins.
 ROOT_ORDER = {"memory_pressure": 0, "shared_link": 1, "input_storage": 2, "input_cpu": 2,
               "h2d_pcie": 2, "io_h2d_serialized": 3}
+# The input causes' kinds (one detector each), and with the idle no cause explains.
+CAUSE_KINDS = {d.__name__.rsplit(".", 1)[-1] for d in D.INPUT}
+INPUT_KINDS = CAUSE_KINDS | {"unexplained_idle"}
 
 
 @dataclass
@@ -263,9 +266,6 @@ def analyze(sig: Signals, options: Options | None = None, node: str = "") -> Rep
     return _report(ev, sig, findings, options)
 
 
-CAUSE_KINDS = {d.__name__.rsplit(".", 1)[-1] for d in D.INPUT}
-
-
 def _with_daemon_view(ev: Evidence, view: "daemon_view.View", findings: list[Finding],
                       rest: list[str], starved: list[str]) -> tuple[list[Finding], list[str]]:
     """Findings the daemon's 10 Hz analysis held for most of the range, on the GPUs where
@@ -413,7 +413,6 @@ RECENT_SECONDS = 20.0
 # crossed the 5% line and raised warnings the whole window never showed (the robustness
 # suite's streamed-shards node: 18 of 54 rolling runs).
 ONSET_RISE = 0.02
-INPUT_KINDS = {d.__name__.rsplit(".", 1)[-1] for d in D.INPUT} | {"unexplained_idle"}
 
 
 def _began_recently(f: Finding, whole: Report, recent: Report) -> bool:

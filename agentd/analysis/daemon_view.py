@@ -89,22 +89,22 @@ def read(sig: Signals) -> View | None:
         if kind not in KINDS or kind in OWN_KINDS or g not in gpus_here:
             continue
 
-        def summed(signal: str) -> float:
+        def series(signal: str) -> np.ndarray | None:  # over the steps with GPU data
             v = sig.get(signal, sub)
-            return float(np.nan_to_num(v)[with_data].sum()) if v is not None else 0.0
+            return None if v is None else np.asarray(v, dtype=float)[with_data]
 
-        warned, times, stall = (summed("daemon.finding_warned"),
-                                summed("daemon.finding_named"), summed("daemon.finding_stall"))
-        level = np.nan_to_num(sig.get("daemon.finding", sub))[with_data]
-        w = sig.get("daemon.finding_warned", sub)
-        steps = (np.nan_to_num(w)[with_data] > 0) if w is not None else level >= 2
-        conf = sig.get("daemon.finding_confidence", sub)
-        named = sig.get("daemon.finding_named", sub)
+        w, named, st, conf = (series("daemon.finding_warned"), series("daemon.finding_named"),
+                              series("daemon.finding_stall"),
+                              series("daemon.finding_confidence"))
+        warned, times, stall = (float(np.nan_to_num(x).sum()) if x is not None else 0.0
+                                for x in (w, named, st))
+        level = np.nan_to_num(series("daemon.finding"))
+        steps = (np.nan_to_num(w) > 0) if w is not None else level >= 2
         c = float("nan")
         if conf is not None and named is not None:
-            weights = np.nan_to_num(named)[with_data] * np.isfinite(conf[with_data])
+            weights = np.nan_to_num(named) * np.isfinite(conf)
             if weights.sum() > 0:
-                c = float(np.sum(np.nan_to_num(conf[with_data]) * weights) / weights.sum())
+                c = float(np.sum(np.nan_to_num(conf) * weights) / weights.sum())
         share = min(warned / total, 1.0)
         if share >= MENTIONED:
             by_kind.setdefault(kind, []).append(
