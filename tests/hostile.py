@@ -173,6 +173,7 @@ CASES = [
     Case("idle-threshold-nan", [*RUN, "--sampling.idle-threshold", "nan"], 2,
          "must be in [0, 1)"),
     Case("analysis-interval-0", [*RUN, "--analysis.interval", "0"], 2, "positive duration"),
+    Case("analysis-max-interval-2h", [*RUN, "--analysis.max-interval", "2h"], 2, "between 1s and 1h"),
     Case("collector-interval-huge", [*RUN, "--collector.cpu.interval", "1y"], 2,
          "must be between 10ms and 1d"),
     Case("max-trees-negative", [*RUN, "--collector.process.max-trees", "-5"], 2,

@@ -686,6 +686,88 @@ def test_stale_findings_are_dropped(scenario):
         ra.stop()
 
 
+def test_schedule_runs_when_busy_moves_or_a_warning_is_held_and_else_waits():
+    """The rolling analysis' schedule: the first look runs; while every GPU's busy share
+    stays within 2 points of the last run's and no finding is held at warning, the report
+    stands until max_interval has passed; a move of 2 points, a GPU appearing or going
+    silent (nan), or a warning runs it at once."""
+    from agentd.daemon.rolling import Schedule, busy_shares
+
+    t = np.arange(100) * 0.1
+    shares = busy_shares(t, {"0": np.full(100, 0.9), "1": np.where(t >= 9.0, 0.2, 0.9),
+                             "2": np.full(100, np.nan)}, since=9.0)
+    assert shares["0"] == pytest.approx(0.9) and shares["1"] == pytest.approx(0.2)
+    assert np.isnan(shares["2"])
+
+    quiet = {"findings": [{"kind": "unexplained_idle", "severity": "info"}]}
+    s = Schedule(interval=10.0, max_interval=30.0)
+    steady = {"0": 0.90, "1": 0.80}
+    assert s.due(0.0, steady, None)
+    s.ran(0.0, steady)
+    assert not s.due(10.0, {"0": 0.91, "1": 0.785}, quiet)
+    assert not s.due(20.0, steady, quiet)
+    assert s.due(30.0, steady, quiet)  # max_interval: every third look
+    assert s.due(10.0, {"0": 0.90, "1": 0.78}, quiet)  # 2 points
+    assert s.due(10.0, {"0": 0.90, "1": float("nan")}, quiet)
+    assert s.due(10.0, {"0": 0.90}, quiet) and s.due(10.0, {**steady, "2": 0.0}, quiet)
+    assert s.due(10.0, steady, {"findings": [{"kind": "input_cpu", "severity": "warning"}]})
+    assert s.due(10.0, steady, None)  # no report: always
+    assert Schedule(interval=60.0, max_interval=30.0).max_interval == 60.0
+
+
+def test_a_steady_node_keeps_its_report_and_a_change_is_analysed_at_once():
+    """In process, with a real analysis process: a look that finds every GPU's busy share
+    where the last run left it skips the run (counted in agentd_analysis_skipped_total) and
+    keeps the report current; a GPU whose busy share drops runs it at once; after a failed
+    run the next look runs again, and no look keeps a report alive without a run."""
+    from dataclasses import replace
+
+    from agentd.daemon.config import Config, _default_collectors
+    from agentd.daemon.core import Daemon
+    from agentd.daemon.rolling import AnalysisUnavailable, RollingAnalysis
+
+    cfg = replace(Config(collectors=_default_collectors()), analysis_interval=1.0,
+                  analysis_max_interval=30.0, analysis_window=30.0)
+    d = Daemon(cfg)
+    ring = d.window.ring("gpu", 0.1)
+
+    def rows(seconds: float, busy1: float) -> None:
+        now = time.time()
+        for i in range(int(seconds * 10)):
+            row = {}
+            for g in range(2):
+                b = busy1 if g == 1 else 0.9
+                row[f"gpu.busy:{g}"] = b
+                row[f"gpu.busy_time:{g}"] = b
+            ring.append(now - seconds + (i + 1) * 0.1, row)
+
+    rows(30.0, 0.9)
+    ra = RollingAnalysis(d, deadline=20.0)
+    ra._start_child()
+    try:
+        ra.look()
+        assert ra.runs == 1 and ra.skipped == 0
+        made = ra._report_mono
+        rows(1.0, 0.9)  # the last second as steady as before
+        ra.look()
+        assert ra.runs == 1 and ra.skipped == 1
+        assert ra.current() is not None and ra._report_mono >= made
+        assert ("agentd_analysis_skipped_total", (), 1.0) in ra.series()
+        rows(1.0, 0.5)  # GPU 1 now waits half of its time
+        ra.look()
+        assert ra.runs == 2 and ra.skipped == 1
+
+        ra._child.kill()
+        rows(1.0, 0.5)
+        with pytest.raises(AnalysisUnavailable):
+            ra.look()
+        with pytest.raises(AnalysisUnavailable, match="restarting"):
+            ra.look()  # runs again (within the back-off), never skips
+        assert ra.skipped == 1
+    finally:
+        ra.stop()
+
+
 # --- reading the window through the server --------------------------------------------------------
 
 

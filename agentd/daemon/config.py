@@ -124,6 +124,7 @@ class Config:
     stats_seconds: float = 60.0
     idle_threshold: float = 0.05
     analysis_interval: float = 10.0
+    analysis_max_interval: float = 30.0
     analysis_window: float = 60.0
     fake_nvml: str = ""
     simulate: str = ""  # a simulation scenario: fake GPUs, /proc and /sys from the simulator
@@ -153,6 +154,7 @@ BOUNDS = {
     "window_seconds": (10.0, None),
     "stats_seconds": (1.0, None),
     "analysis_interval": (1.0, 3600.0),
+    "analysis_max_interval": (1.0, 3600.0),
     "analysis_window": (10.0, None),
     "web_header_timeout": (0.1, 600.0),
     "web_idle_timeout": (0.1, 86400.0),
@@ -241,7 +243,8 @@ _SECTIONS = {
                  "window": "window_seconds", "stats_window": "stats_seconds",
                  "idle_threshold": "idle_threshold"},
     "gpu": {"fake_nvml": "fake_nvml"},
-    "analysis": {"interval": "analysis_interval", "window": "analysis_window"},
+    "analysis": {"interval": "analysis_interval", "max_interval": "analysis_max_interval",
+                 "window": "analysis_window"},
     "log": {"level": "log_level"},
     "probe": {"state_file": "probe_state_file"},
 }
@@ -368,7 +371,14 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
                    help="GPU utilization below which a fast tick counts as idle (default 0.05; "
                    "0..1)")
     p.add_argument("--analysis.interval", dest="analysis_interval", metavar="DURATION",
-                   help="how often the rolling analysis runs (default 10s; 1s..1h)")
+                   help="how often the rolling analysis looks at the window, and runs "
+                        "while the GPUs' busy shares move or a finding is held at warning "
+                        "(default 10s; 1s..1h)")
+    p.add_argument("--analysis.max-interval", dest="analysis_max_interval",
+                   metavar="DURATION",
+                   help="the longest time between two runs while every GPU's busy share "
+                        "stays within 2 points of the last run's and no finding is held at "
+                        "warning (default 30s; 1s..1h; never less than --analysis.interval)")
     p.add_argument("--analysis.window", dest="analysis_window", metavar="DURATION",
                    help="what each analysis run looks back over (default 60s; 10s..the window)")
     p.add_argument("--fake-nvml", dest="fake_nvml", metavar="SCENARIO",
@@ -422,13 +432,14 @@ _FLAG_NAMES = {
     "idle_threshold": "--sampling.idle-threshold", "fake_nvml": "--fake-nvml",
     "log_level": "--log.level", "simulate": "--simulate",
     "analysis_interval": "--analysis.interval", "analysis_window": "--analysis.window",
+    "analysis_max_interval": "--analysis.max-interval",
     "probe_state_file": "--probe.state-file",
 }
 _RUN_FIELDS = ("listen_address", "web_config_file", "web_max_connections",
                "web_header_timeout", "web_idle_timeout", "procfs", "sysfs", "varlog",
                "fast_interval", "slow_interval", "window_seconds", "stats_seconds",
                "idle_threshold", "fake_nvml", "log_level", "simulate", "analysis_interval",
-               "analysis_window", "probe_state_file")
+               "analysis_max_interval", "analysis_window", "probe_state_file")
 
 
 def build(args: argparse.Namespace, env: dict[str, str] | None = None) -> Config:

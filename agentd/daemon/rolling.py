@@ -7,6 +7,14 @@ milliseconds that the 10 Hz loops should not wait behind. Each run sends the win
 as npz bytes (window.groups_to_npz) with the node's description, and gets back the report as
 JSON (Report.to_json()), which this process reads only for the fields it exports.
 
+Every `interval` the daemon looks at the window and runs the analysis when something may
+have changed: there is no report yet, a finding is held at warning or worse, some GPU's
+busy share over the last interval moved MOVED or more from where it was before the last run,
+or `max_interval` has passed since that run. Otherwise the report stands (the look is
+counted as skipped): on a node whose job is steady, which is most of the time, the analysis
+costs a third of what it would, and any change of a GPU's busy time (a job starting or
+ending, a stall beginning) is still analysed within one interval (Schedule).
+
 The child is restarted with back-off when it dies, answers garbage or misses its deadline;
 sampling and serving never wait for it. Its schedule and ages run on the monotonic clock. A
 report is served only while it is current: a run that finds too little data clears it, and
@@ -24,6 +32,8 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from agentd.daemon.child import Backoff, Child, ChildGone, child_series, name_os_thread
 from agentd.daemon.window import groups_to_npz
 
@@ -33,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("agentd.analysis")
 
 STALE_RUNS = 3  # a report older than this many intervals is no longer served
+MOVED = 0.02  # a GPU's busy share moved this much (2 points of its time): analyse now
 GROUPS = ("gpu", "cpu", "storage", "process", "memory", "pressure", "network")
 DEADLINE = 10.0  # seconds a run may take (runs take ~0.05 s for 8 GPUs and 60 s)
 STARTUP = 30.0  # more for the first run of a new process: its imports (scipy) take seconds
@@ -42,6 +53,50 @@ MAX_ANSWER = 16 * 2**20  # bytes of one answer (a report for 8 GPUs is ~20-100 k
 
 class AnalysisUnavailable(Exception):
     pass
+
+
+def busy_shares(t: np.ndarray, busy_time: dict[str, np.ndarray], since: float
+                ) -> dict[str, float]:
+    """Per GPU, the share of the time since `since` its kernels ran: the mean of its
+    gpu.busy_time rows (the driver's samples credited per second of tick) at or after
+    `since`; nan where it has none (a lost GPU, a failing read). Pure."""
+    keep = t >= since
+    out = {}
+    for g, v in busy_time.items():
+        x = np.asarray(v, dtype=float)[keep]
+        x = x[np.isfinite(x)]
+        out[g] = float(x.mean()) if len(x) else float("nan")
+    return out
+
+
+class Schedule:
+    """When the rolling analysis runs (the module's docstring): asked at every look with the
+    GPUs' busy shares over the last interval. Pure state on the monotonic clock; the daemon
+    and the benchmarks that replay it share it."""
+
+    def __init__(self, interval: float, max_interval: float):
+        self.interval = interval
+        self.max_interval = max(max_interval, interval)
+        self.last_run: float | None = None
+        self.reference: dict[str, float] = {}  # the busy shares before the last run
+
+    def due(self, now: float, shares: dict[str, float], report: dict | None) -> bool:
+        if report is None or self.last_run is None:
+            return True
+        # A look lands on the grid of intervals: "max_interval has passed" within a tenth
+        # of an interval, so that 30 s means every third look, not every fourth.
+        if now - self.last_run >= self.max_interval - 0.1 * self.interval:
+            return True
+        if any(f.get("severity") in ("warning", "critical") for f in report.get("findings", [])
+               if isinstance(f, dict)):
+            return True
+        if set(shares) != set(self.reference):
+            return True
+        return not all(abs(shares[g] - self.reference[g]) < MOVED for g in shares)
+
+    def ran(self, now: float, shares: dict[str, float]) -> None:
+        self.last_run = now
+        self.reference = dict(shares)
 
 
 def finding_log(previous: dict[tuple, str], findings: list[dict],
@@ -86,6 +141,7 @@ class RollingAnalysis:
         self.deadline = deadline
         self.report: dict | None = None  # the latest Report.to_json(), while fresh
         self.runs = 0
+        self.skipped = 0  # looks that found nothing moved: the report stands
         self.errors = 0
         self.restarts = 0
         self.duration = 0.0
@@ -101,6 +157,8 @@ class RollingAnalysis:
         self._thread = threading.Thread(target=self._loop, name="analysis", daemon=True)
         self._reported: dict[tuple, str] = {}  # (kind, GPUs) -> severity, as logged
         self._rid = 0
+        cfg = daemon.config
+        self.schedule = Schedule(cfg.analysis_interval, cfg.analysis_max_interval)
 
     # --- life cycle -----------------------------------------------------------------------------
 
@@ -252,6 +310,34 @@ class RollingAnalysis:
             return None
         return report
 
+    def busy_shares(self, seconds: float) -> dict[str, float]:
+        """Each GPU's busy share over the window's last `seconds` (busy_shares)."""
+        ring = self.daemon.window.rings().get("gpu")
+        if ring is None:
+            return {}
+        since = self.daemon.clock() - seconds
+        t, cols = None, {}
+        for key in ring.channels():
+            if key.startswith("gpu.busy_time:"):
+                t, cols[key[len("gpu.busy_time:"):]] = ring.column(key, since)
+        return busy_shares(t, cols, since) if t is not None else {}
+
+    def look(self) -> None:
+        """One look at the window: a run when the schedule says so, else the report stands."""
+        cfg = self.daemon.config
+        sched = self.schedule
+        sched.interval = cfg.analysis_interval  # a reload may have changed them
+        sched.max_interval = max(cfg.analysis_max_interval, cfg.analysis_interval)
+        now = time.monotonic()
+        shares = self.busy_shares(cfg.analysis_interval)
+        if not sched.due(now, shares, self.current()):
+            self.skipped += 1
+            self._report_mono = time.monotonic()  # looked at now: it still describes the node
+            return
+        sched.last_run = None  # until this run succeeds, the next look runs again
+        if self.run_once() is not None:
+            sched.ran(now, shares)
+
     def _loop(self) -> None:
         name_os_thread()
         cfg = self.daemon.config
@@ -260,7 +346,7 @@ class RollingAnalysis:
             return
         while True:
             try:
-                self.run_once()
+                self.look()
             except AnalysisUnavailable as e:
                 if self._stop.is_set():
                     return
@@ -287,6 +373,7 @@ class RollingAnalysis:
 
     def series(self) -> list:
         out = [("agentd_analysis_runs_total", (), float(self.runs)),
+               ("agentd_analysis_skipped_total", (), float(self.skipped)),
                ("agentd_analysis_errors_total", (), float(self.errors)),
                ("agentd_analysis_window_seconds", (), self.daemon.config.analysis_window)]
         if self.last_run:

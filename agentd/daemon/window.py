@@ -136,6 +136,11 @@ class Ring:
             t, v = t[keep], v[keep]
         return t, names, v
 
+    def channels(self) -> list[str]:
+        """The channel names the ring holds a column for."""
+        with self._lock:
+            return list(self._columns)
+
     def column(self, key: str, since: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(times, values) of one channel in time order, copies; only the rows at or after
         `since` are touched (a scrape reads the last minute of a ten-minute ring)."""

@@ -17,11 +17,14 @@ trees' CPU and members; GPU and disk identities, the
 PCIe switches GPUs share with drives, lost GPUs, and the ceilings `agentd probe` measured
 where the case has them.
 
-The daemon also serves its rolling analysis (agentd/daemon/rolling.py): every 10 s, the last
-60 s of its 10 Hz window analysed (agentd.analysis.core.analyze_rolling, run here on the same
-sampler model the counters integrate), exported as agentd_finding_* and agentd_gpu_stall_ratio
-by the daemon's own finding_series() while the report is current (three intervals).
-`daemon_reports` replays those runs once per case; `agentd_series` serves them at each scrape.
+The daemon also serves its rolling analysis (agentd/daemon/rolling.py): every 10 s it looks
+at the last 60 s of its 10 Hz window and, as its Schedule decides (a GPU's busy share moved, a
+warning held, 30 s since the last run), analyses it (agentd.analysis.core.analyze_rolling, run
+here on the same sampler model the counters integrate) or keeps the last report; exported as
+agentd_finding_* and agentd_gpu_stall_ratio by the daemon's own finding_series() while the
+report is current (three intervals). `rolling_looks` replays those looks (the suite's own
+rolling score uses it too); `daemon_reports` keeps them once per case; `agentd_series`
+serves them at each scrape.
 """
 
 from __future__ import annotations
@@ -100,31 +103,65 @@ def held(values: np.ndarray) -> np.ndarray:
 
 
 ANALYSIS_EVERY = 10.0  # the daemon's defaults: agentd/daemon/config.py analysis_interval ...
+ANALYSIS_MAX_EVERY = 30.0  # ... analysis_max_interval ...
 ANALYSIS_WINDOW = 60.0  # ... and analysis_window
 ANALYSIS_FIRST = 30.0  # its first run waits for half a window (rolling.py _loop)
 
 
+def rolling_looks(sig, start: float, end: float, every: float = ANALYSIS_EVERY,
+                  window: float = ANALYSIS_WINDOW, max_every: float = ANALYSIS_MAX_EVERY,
+                  first: float | None = None):
+    """The daemon's looks at its window (rolling.RollingAnalysis.look) over Signals `sig`,
+    as `agentd run` started at `start` makes them: yields (time, Report, ran) for each look
+    up to `end`, the report being the one in force after it (the last run's, when the look
+    skipped; None before any run). The daemon's own Schedule and busy_shares decide."""
+    from agentd.analysis.core import analyze_rolling
+    from agentd.daemon.rolling import Schedule, busy_shares
+
+    sched = Schedule(every, max_every)
+    report = None
+    gpus = sig.subjects("gpu.busy_time")
+    t = start + (min(window / 2, ANALYSIS_FIRST) if first is None else first)
+    while t <= end:
+        part = sig.slice(t - window, t)
+        shares = busy_shares(part.t, {g: part.get("gpu.busy_time", g) for g in gpus},
+                             t - every)
+        quiet = None if report is None else \
+            {"findings": [{"severity": f.severity} for f in report.findings]}
+        ran = False
+        if sched.due(t, shares, quiet):
+            sched.last_run = None
+            report = None
+            if len(part.t) >= 10:  # rolling.MIN_ROWS
+                report = analyze_rolling(part, node=sig.node)
+                sched.ran(t, shares)
+                ran = True
+        yield t, report, ran
+        t += every
+
+
 def daemon_reports(groups: dict[str, dict], meta: dict, start: float, end: float,
                    every: float = ANALYSIS_EVERY, window: float = ANALYSIS_WINDOW
-                   ) -> list[tuple[float, dict]]:
+                   ) -> list[tuple[float, dict, bool]]:
     """The daemon's rolling analysis over the sampler model's window, as `agentd run` started
-    at `start` runs it: (time of the run, Report.to_json()) for each run up to `end`."""
-    from agentd.analysis.core import analyze_rolling
+    at `start` runs it: (time of the look, Report.to_json() in force, whether it ran) for
+    each look up to `end` that has a report."""
     from agentd.analysis.signals import from_groups
 
     node = meta.get("node", "")
     sig = from_groups(groups, step=0.1, source="window", node=node, meta=meta)
     out = []
-    t = start + min(window / 2, ANALYSIS_FIRST)
-    while t <= end:
-        part = sig.slice(t - window, t)
-        if len(part.t) >= 10:  # rolling.MIN_ROWS
-            out.append((t, analyze_rolling(part, node=node).to_json()))
-        t += every
+    last = doc = None
+    for t, report, ran in rolling_looks(sig, start, end, every, window):
+        if report is None:
+            continue
+        if report is not last:
+            last, doc = report, report.to_json()
+        out.append((t, doc, ran))
     return out
 
 
-def _analysis_series(reports: list[tuple[float, dict]], meta: dict, ts: np.ndarray,
+def _analysis_series(reports: list[tuple[float, dict, bool]], meta: dict, ts: np.ndarray,
                      every: float, om: OpenMetrics, base: str) -> None:
     """What each scrape serves of the rolling analysis: the latest report while current (no
     older than three intervals, rolling.STALE_RUNS), through the daemon's finding_series."""
@@ -133,7 +170,7 @@ def _analysis_series(reports: list[tuple[float, dict]], meta: dict, ts: np.ndarr
     if not reports:
         return
     uuids = {g: info["uuid"] for g, info in meta["gpus"].items()}
-    runs = np.array([t for t, _ in reports])
+    runs = np.array([t for t, _, _ in reports])
     served: dict[tuple[str, str], np.ndarray] = {}
     cache: dict[int, list] = {}
     for k, at in enumerate(ts):
@@ -142,13 +179,16 @@ def _analysis_series(reports: list[tuple[float, dict]], meta: dict, ts: np.ndarr
             continue
         if i not in cache:
             r = reports[i][1]
-            rows = finding_series(r["findings"], uuids)
-            for g in r["gpus"]:
-                if isinstance(g.get("stall"), (int, float)):
-                    gid = str(g.get("gpu"))
-                    rows.append(("agentd_gpu_stall_ratio", (gid, uuids.get(gid, "")),
-                                 float(g["stall"])))
-            cache[i] = rows
+            if i > 0 and r is reports[i - 1][1] and i - 1 in cache:
+                cache[i] = cache[i - 1]  # a look that skipped the run serves the same
+            else:
+                rows = finding_series(r["findings"], uuids)
+                for g in r["gpus"]:
+                    if isinstance(g.get("stall"), (int, float)):
+                        gid = str(g.get("gpu"))
+                        rows.append(("agentd_gpu_stall_ratio", (gid, uuids.get(gid, "")),
+                                     float(g["stall"])))
+                cache[i] = rows
         for name, values, v in cache[i]:
             keys = {"agentd_finding_active": ("kind", "severity", "gpu", "uuid"),
                     "agentd_gpu_stall_ratio": ("gpu", "uuid")}.get(name, ("kind", "gpu", "uuid"))
@@ -157,8 +197,10 @@ def _analysis_series(reports: list[tuple[float, dict]], meta: dict, ts: np.ndarr
                               np.full(len(ts), np.nan))[k] = v
     for (name, labels), v in served.items():
         om.add(name, "gauge", name, labels, ts, v)
+    ran = np.cumsum([r for _, _, r in reports]).astype(float)
+    at = np.searchsorted(runs, ts, side="right") - 1
     om.add("agentd_analysis_runs_total", "counter", "runs", base, ts,
-           np.searchsorted(runs, ts, side="right").astype(float))
+           np.where(at >= 0, ran[np.maximum(at, 0)], 0.0))
 
 
 def _labels(d: dict) -> str:

@@ -120,21 +120,25 @@ def _run(res: Result, fn, *args) -> Result:
 
 def rolling(path: str, truth: "C.Truth", case: str, every: float,
             window: float = 60.0, variant: str = "full") -> dict:
-    """The daemon's rolling analysis replayed over a recording: analyze_rolling every `every`
-    seconds over the last `window` (and, within it, the last 20 s), as `agentd run` does for
-    agentd_finding_* and the alerts. Counts the runs that warn (warning or worse) and, on
-    starved cases, the runs whose first named finding is of an accepted kind."""
-    from agentd.analysis.core import analyze_rolling
+    """The daemon's rolling analysis replayed over a recording: a look every `every` seconds
+    from a full `window` on, each running analyze_rolling over the last `window` (and, within
+    it, the last 20 s) or keeping the last report as the daemon's schedule decides
+    (agentd_metrics.rolling_looks), as `agentd run` serves agentd_finding_* to the alerts.
+    Counts the looks ("runs") whose report warns (warning or worse) and, on starved cases,
+    those whose first named finding is of an accepted kind; "analysed": the looks that ran."""
     from agentd.diagnose.sources.recording import RecordingSource
 
-    out = {"case": case, "class": truth.klass, "variant": variant, "runs": 0, "warned": 0,
-           "right": 0, "warned_kinds": {}, "error": ""}
+    out = {"case": case, "class": truth.klass, "variant": variant, "runs": 0, "analysed": 0,
+           "warned": 0, "right": 0, "warned_kinds": {}, "error": ""}
     try:
         sig = RecordingSource(path).read()
-        t = float(sig.t[0]) + window
-        while t <= float(sig.t[-1]):
-            r = analyze_rolling(sig.slice(t - window, t))
+        t0 = float(sig.t[0])
+        for _, r, ran in A.rolling_looks(sig, t0, float(sig.t[-1]), every, window,
+                                       first=window):
+            if r is None:
+                continue
             out["runs"] += 1
+            out["analysed"] += ran
             warned = [f.kind for f in r.findings if f.severity in WARN]
             if warned:
                 out["warned"] += 1
@@ -142,7 +146,6 @@ def rolling(path: str, truth: "C.Truth", case: str, every: float,
                     out["warned_kinds"][k] = out["warned_kinds"].get(k, 0) + 1
             named = [f.kind for f in r.findings if f.kind != "unexplained_idle"]
             out["right"] += bool(named) and named[0] in truth.accept
-            t += every
     except Exception as e:  # a crash on one case is a result, not the end of the run
         out["error"] = f"{type(e).__name__}: {str(e)[:300]}"
     return out
@@ -156,8 +159,9 @@ def render_rolling(rows: list[dict], every: float) -> str:
         healthy = [r for r in mine if r["class"] == "healthy"]
         starved = [r for r in mine if r["class"] != "healthy"]
         warned = [r for r in healthy if r["warned"]]
-        lines += [f"rolling analysis (the daemon's: every {every:g} s over the last 60 s, and "
-                  f"its last 20 s), {v} recordings:",
+        lines += [f"rolling analysis (the daemon's: a look every {every:g} s at the last 60 s, "
+                  f"and its last 20 s; analysed at {sum(r.get('analysed', 0) for r in mine)} "
+                  f"of {sum(r['runs'] for r in mine)} looks), {v} recordings:",
                   f"  healthy: {sum(r['warned'] for r in healthy)} of "
                   f"{sum(r['runs'] for r in healthy)} runs warned, on {len(warned)} of "
                   f"{len(healthy)} cases" + (": " + ", ".join(
