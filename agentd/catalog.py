@@ -317,9 +317,10 @@ METRICS: list[MetricSpec] = [
     _M("agentd_analysis_runs_total", "counter", "", "Runs of the rolling analysis.", (),
        "analysis"),
     _M("agentd_analysis_skipped_total", "counter", "",
-       "Looks at the window that did not run the rolling analysis: every GPU's busy share "
-       "within 2 points of the last run's, no finding held at warning, the last run younger "
-       "than --analysis.max-interval; the last report stands.", (), "analysis"),
+       "Looks at the window that did not run the rolling analysis: every GPU's busy share, "
+       "SM activity, clock and power where the last run saw them, no finding held at "
+       "warning, the analysis process up, the last run recent (--analysis.max-interval); "
+       "the last report stands.", (), "analysis"),
     _M("agentd_analysis_errors_total", "counter", "",
        "Rolling analysis runs that failed (the analysis raised, or its process died or missed "
        "its deadline); findings are no longer exported once the last success is stale.", (),

@@ -686,33 +686,62 @@ def test_stale_findings_are_dropped(scenario):
         ra.stop()
 
 
-def test_schedule_runs_when_busy_moves_or_a_warning_is_held_and_else_waits():
-    """The rolling analysis' schedule: the first look runs; while every GPU's busy share
-    stays within 2 points of the last run's and no finding is held at warning, the report
-    stands until max_interval has passed; a move of 2 points, a GPU appearing or going
-    silent (nan), or a warning runs it at once."""
-    from agentd.daemon.rolling import Schedule, busy_shares
+def test_schedule_runs_when_a_level_moves_or_a_warning_is_held_and_else_waits():
+    """The rolling analysis' schedule: the first look runs; while every GPU's levels stay
+    where the last run saw them (busy share and SM activity within 2 points, SM clock within
+    2%, power within 5%) and no finding is held at warning, the report stands as long as the
+    next look stays within max_interval of the last run; a level that moves (a throttle:
+    the clock down 5% at the same busy share), a GPU appearing or going silent (nan), or a
+    warning runs it at once."""
+    from agentd.daemon.rolling import Schedule, levels
 
     t = np.arange(100) * 0.1
-    shares = busy_shares(t, {"0": np.full(100, 0.9), "1": np.where(t >= 9.0, 0.2, 0.9),
-                             "2": np.full(100, np.nan)}, since=9.0)
-    assert shares["0"] == pytest.approx(0.9) and shares["1"] == pytest.approx(0.2)
-    assert np.isnan(shares["2"])
+    got = levels({("gpu.busy_time", "0"): (t, np.full(100, 0.9)),
+                  ("gpu.busy_time", "1"): (t, np.where(t >= 9.0, 0.2, 0.9)),
+                  ("gpu.busy_time", "2"): (t, np.full(100, np.nan)),
+                  # read a row later than the others: each column with its own times
+                  ("gpu.sm_clock", "0"): (np.append(t, 10.0), np.full(101, 1.98e9))},
+                 since=9.0)
+    assert got[("gpu.busy_time", "0")] == pytest.approx(0.9)
+    assert got[("gpu.busy_time", "1")] == pytest.approx(0.2)
+    assert np.isnan(got[("gpu.busy_time", "2")])
+    assert got[("gpu.sm_clock", "0")] == pytest.approx(1.98e9)
 
     quiet = {"findings": [{"kind": "unexplained_idle", "severity": "info"}]}
     s = Schedule(interval=10.0, max_interval=30.0)
-    steady = {"0": 0.90, "1": 0.80}
+    steady = {("gpu.busy_time", "0"): 0.90, ("gpu.busy_time", "1"): 0.80,
+              ("gpu.sm_clock", "0"): 1.98e9, ("gpu.power", "0"): 600.0}
+
+    def at(**changes):
+        return {**steady, **{(k.split("__")[0].replace("_", ".", 1), k.split("__")[1]): v
+                             for k, v in changes.items()}}
+
     assert s.due(0.0, steady, None)
     s.ran(0.0, steady)
-    assert not s.due(10.0, {"0": 0.91, "1": 0.785}, quiet)
+    assert not s.due(10.0, at(gpu_busy_time__0=0.91, gpu_busy_time__1=0.785,
+                              gpu_sm_clock__0=1.96e9, gpu_power__0=580.0), quiet)
     assert not s.due(20.0, steady, quiet)
     assert s.due(30.0, steady, quiet)  # max_interval: every third look
-    assert s.due(10.0, {"0": 0.90, "1": 0.78}, quiet)  # 2 points
-    assert s.due(10.0, {"0": 0.90, "1": float("nan")}, quiet)
-    assert s.due(10.0, {"0": 0.90}, quiet) and s.due(10.0, {**steady, "2": 0.0}, quiet)
+    assert s.due(10.0, at(gpu_busy_time__1=0.78), quiet)  # 2 points
+    assert s.due(10.0, at(gpu_sm_clock__0=1.88e9), quiet)  # a throttle: 5% slower
+    assert s.due(10.0, at(gpu_power__0=520.0), quiet)
+    assert s.due(10.0, at(gpu_busy_time__1=float("nan")), quiet)
+    # A channel the GPU never fills (SM activity without GPM) stays nan: nothing moved.
+    s.ran(0.0, {**steady, ("gpu.sm_active", "0"): float("nan")})
+    assert not s.due(10.0, {**steady, ("gpu.sm_active", "0"): float("nan")}, quiet)
+    assert s.due(10.0, {**steady, ("gpu.sm_active", "0"): 0.4}, quiet)
+    s.ran(0.0, steady)
+    fewer = dict(steady)
+    del fewer[("gpu.busy_time", "1")]
+    assert s.due(10.0, fewer, quiet) and s.due(10.0, {**steady, ("gpu.busy_time", "2"): 0.0},
+                                                quiet)
     assert s.due(10.0, steady, {"findings": [{"kind": "input_cpu", "severity": "warning"}]})
     assert s.due(10.0, steady, None)  # no report: always
     assert Schedule(interval=60.0, max_interval=30.0).max_interval == 60.0
+    # Runs never further apart than max_interval: 15 s with looks every 10 s is every look.
+    s = Schedule(interval=10.0, max_interval=15.0)
+    s.ran(0.0, steady)
+    assert s.due(10.0, steady, quiet)
 
 
 def test_a_steady_node_keeps_its_report_and_a_change_is_analysed_at_once():
@@ -730,16 +759,18 @@ def test_a_steady_node_keeps_its_report_and_a_change_is_analysed_at_once():
                   analysis_max_interval=30.0, analysis_window=30.0)
     d = Daemon(cfg)
     ring = d.window.ring("gpu", 0.1)
+    clock = [time.time() - 30.0]
+    d.clock = lambda: clock[0]  # the window's time moves as its rows come, not faster
 
     def rows(seconds: float, busy1: float) -> None:
-        now = time.time()
-        for i in range(int(seconds * 10)):
+        for i in range(int(round(seconds * 10))):
+            clock[0] += 0.1
             row = {}
             for g in range(2):
                 b = busy1 if g == 1 else 0.9
                 row[f"gpu.busy:{g}"] = b
                 row[f"gpu.busy_time:{g}"] = b
-            ring.append(now - seconds + (i + 1) * 0.1, row)
+            ring.append(clock[0], row)
 
     rows(30.0, 0.9)
     ra = RollingAnalysis(d, deadline=20.0)
@@ -753,17 +784,25 @@ def test_a_steady_node_keeps_its_report_and_a_change_is_analysed_at_once():
         assert ra.runs == 1 and ra.skipped == 1
         assert ra.current() is not None and ra._report_mono >= made
         assert ("agentd_analysis_skipped_total", (), 1.0) in ra.series()
-        rows(1.0, 0.5)  # GPU 1 now waits half of its time
+        rows(2.0, 0.5)  # GPU 1 now waits half of its time
         ra.look()
         assert ra.runs == 2 and ra.skipped == 1
 
+        # The analysis process dies just after a run, the node as steady as then: the next
+        # look must not keep the report current (it finds the process gone).
+        rows(1.0, 0.5)
+        ra.look()
+        assert ra.runs == 2 and ra.skipped == 2
         ra._child.kill()
+        ra._child.proc.wait(10)
+        made = ra._report_mono
         rows(1.0, 0.5)
         with pytest.raises(AnalysisUnavailable):
             ra.look()
+        assert ra._report_mono == made and ra.skipped == 2
         with pytest.raises(AnalysisUnavailable, match="restarting"):
             ra.look()  # runs again (within the back-off), never skips
-        assert ra.skipped == 1
+        assert ra.skipped == 2
     finally:
         ra.stop()
 

@@ -372,13 +372,13 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
                    "0..1)")
     p.add_argument("--analysis.interval", dest="analysis_interval", metavar="DURATION",
                    help="how often the rolling analysis looks at the window, and runs "
-                        "while the GPUs' busy shares move or a finding is held at warning "
-                        "(default 10s; 1s..1h)")
+                        "while the GPUs' busy time, SM activity, clocks or power move or a "
+                        "finding is held at warning (default 10s; 1s..1h)")
     p.add_argument("--analysis.max-interval", dest="analysis_max_interval",
                    metavar="DURATION",
-                   help="the longest time between two runs while every GPU's busy share "
-                        "stays within 2 points of the last run's and no finding is held at "
-                        "warning (default 30s; 1s..1h; never less than --analysis.interval)")
+                   help="the longest time between two runs while the GPUs' levels stay "
+                        "where the last run saw them and no finding is held at warning "
+                        "(default 30s; 1s..1h; never less than --analysis.interval)")
     p.add_argument("--analysis.window", dest="analysis_window", metavar="DURATION",
                    help="what each analysis run looks back over (default 60s; 10s..the window)")
     p.add_argument("--fake-nvml", dest="fake_nvml", metavar="SCENARIO",

@@ -8,12 +8,14 @@ as npz bytes (window.groups_to_npz) with the node's description, and gets back t
 JSON (Report.to_json()), which this process reads only for the fields it exports.
 
 Every `interval` the daemon looks at the window and runs the analysis when something may
-have changed: there is no report yet, a finding is held at warning or worse, some GPU's
-busy share over the last interval moved MOVED or more from where it was before the last run,
-or `max_interval` has passed since that run. Otherwise the report stands (the look is
-counted as skipped): on a node whose job is steady, which is most of the time, the analysis
-costs a third of what it would, and any change of a GPU's busy time (a job starting or
-ending, a stall beginning) is still analysed within one interval (Schedule).
+have changed: there is no report yet, a finding is held at warning or worse, the analysis
+process is not running, some GPU's level over the last interval moved from where it was
+before the last run (LEVELS: its busy share or SM activity by 2 points, its SM clock by 2%,
+its power by 5%; a GPU appearing or going silent), or the next look would come more than
+`max_interval` after the last run. Otherwise the report stands (the look is counted as
+skipped): on a node whose job is steady, which is most of the time, the analysis costs a
+third of what it would, while a stall, a throttle, a rank that falls behind or a job that
+starts or ends moves one of those levels and is analysed within one interval (Schedule).
 
 The child is restarted with back-off when it dies, answers garbage or misses its deadline;
 sampling and serving never wait for it. Its schedule and ages run on the monotonic clock. A
@@ -43,7 +45,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("agentd.analysis")
 
 STALE_RUNS = 3  # a report older than this many intervals is no longer served
-MOVED = 0.02  # a GPU's busy share moved this much (2 points of its time): analyse now
+# What a look compares with the last run, per GPU: the mean of each window channel over the
+# last interval, and how far it may move (absolute, or relative to where it was) before the
+# analysis runs again. Busy time and SM activity move with a stall, a collective wait or a
+# rank falling behind; the SM clock with a throttle; power with compute turning into a spin.
+LEVELS = {"gpu.busy_time": (0.02, False), "gpu.sm_active": (0.02, False),
+          "gpu.sm_clock": (0.02, True), "gpu.power": (0.05, True)}
 GROUPS = ("gpu", "cpu", "storage", "process", "memory", "pressure", "network")
 DEADLINE = 10.0  # seconds a run may take (runs take ~0.05 s for 8 GPUs and 60 s)
 STARTUP = 30.0  # more for the first run of a new process: its imports (scipy) take seconds
@@ -55,48 +62,64 @@ class AnalysisUnavailable(Exception):
     pass
 
 
-def busy_shares(t: np.ndarray, busy_time: dict[str, np.ndarray], since: float
-                ) -> dict[str, float]:
-    """Per GPU, the share of the time since `since` its kernels ran: the mean of its
-    gpu.busy_time rows (the driver's samples credited per second of tick) at or after
-    `since`; nan where it has none (a lost GPU, a failing read). Pure."""
-    keep = t >= since
+def levels(columns: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]], since: float
+           ) -> dict[tuple[str, str], float]:
+    """Per (channel, GPU): the mean of its finite values at or after `since`, each column
+    with its own times (columns read one by one may differ by a row); nan where it has none
+    (a lost GPU, a failing read). Pure."""
     out = {}
-    for g, v in busy_time.items():
-        x = np.asarray(v, dtype=float)[keep]
+    for key, (t, v) in columns.items():
+        x = np.asarray(v, dtype=float)[np.asarray(t) >= since]
         x = x[np.isfinite(x)]
-        out[g] = float(x.mean()) if len(x) else float("nan")
+        out[key] = float(x.mean()) if len(x) else float("nan")
     return out
+
+
+def moved(before: dict[tuple[str, str], float], now: dict[tuple[str, str], float]) -> bool:
+    """Whether any level moved past its tolerance (LEVELS), appeared, went, or became nan
+    (a GPU going silent) or a number again; one that stays nan (a channel this GPU never
+    fills, such as SM activity without GPM) has not moved."""
+    if set(before) != set(now):
+        return True
+    for key, x in now.items():
+        tolerance, relative = LEVELS.get(key[0], (0.02, False))
+        ref = before[key]
+        if x != x and ref != ref:
+            continue
+        limit = tolerance * abs(ref) if relative else tolerance
+        if not abs(x - ref) <= limit:  # nan on one side: moved
+            return True
+    return False
 
 
 class Schedule:
     """When the rolling analysis runs (the module's docstring): asked at every look with the
-    GPUs' busy shares over the last interval. Pure state on the monotonic clock; the daemon
-    and the benchmarks that replay it share it."""
+    GPUs' levels over the last interval. Pure state on the monotonic clock; the daemon and
+    the benchmarks that replay it share it."""
 
     def __init__(self, interval: float, max_interval: float):
         self.interval = interval
         self.max_interval = max(max_interval, interval)
         self.last_run: float | None = None
-        self.reference: dict[str, float] = {}  # the busy shares before the last run
+        self.reference: dict[tuple[str, str], float] = {}  # the levels before the last run
 
-    def due(self, now: float, shares: dict[str, float], report: dict | None) -> bool:
+    def due(self, now: float, levels: dict[tuple[str, str], float], report: dict | None
+            ) -> bool:
         if report is None or self.last_run is None:
             return True
-        # A look lands on the grid of intervals: "max_interval has passed" within a tenth
-        # of an interval, so that 30 s means every third look, not every fourth.
-        if now - self.last_run >= self.max_interval - 0.1 * self.interval:
+        # Run now if the next look would come more than max_interval after the last run
+        # (a tenth of an interval of slack: looks land on a grid, so that 30 s is every
+        # third look of 10 s).
+        if now - self.last_run + self.interval > self.max_interval + 0.1 * self.interval:
             return True
         if any(f.get("severity") in ("warning", "critical") for f in report.get("findings", [])
                if isinstance(f, dict)):
             return True
-        if set(shares) != set(self.reference):
-            return True
-        return not all(abs(shares[g] - self.reference[g]) < MOVED for g in shares)
+        return moved(self.reference, levels)
 
-    def ran(self, now: float, shares: dict[str, float]) -> None:
+    def ran(self, now: float, levels: dict[tuple[str, str], float]) -> None:
         self.last_run = now
-        self.reference = dict(shares)
+        self.reference = dict(levels)
 
 
 def finding_log(previous: dict[tuple, str], findings: list[dict],
@@ -310,33 +333,37 @@ class RollingAnalysis:
             return None
         return report
 
-    def busy_shares(self, seconds: float) -> dict[str, float]:
-        """Each GPU's busy share over the window's last `seconds` (busy_shares)."""
+    def levels(self, seconds: float) -> dict[tuple[str, str], float]:
+        """Each GPU's levels (LEVELS) over the window's last `seconds`."""
         ring = self.daemon.window.rings().get("gpu")
         if ring is None:
             return {}
         since = self.daemon.clock() - seconds
-        t, cols = None, {}
+        columns = {}
         for key in ring.channels():
-            if key.startswith("gpu.busy_time:"):
-                t, cols[key[len("gpu.busy_time:"):]] = ring.column(key, since)
-        return busy_shares(t, cols, since) if t is not None else {}
+            signal, _, gpu = key.partition(":")
+            if signal in LEVELS:
+                columns[(signal, gpu)] = ring.column(key, since)
+        return levels(columns, since)
 
     def look(self) -> None:
-        """One look at the window: a run when the schedule says so, else the report stands."""
+        """One look at the window: a run when the schedule says so, else the report stands.
+        Never a skip while the analysis process is not running: a report is kept current
+        only by a process that could make it again (a dead one is found and restarted at
+        this look, and its report withdrawn three intervals after the last run)."""
         cfg = self.daemon.config
         sched = self.schedule
         sched.interval = cfg.analysis_interval  # a reload may have changed them
         sched.max_interval = max(cfg.analysis_max_interval, cfg.analysis_interval)
         now = time.monotonic()
-        shares = self.busy_shares(cfg.analysis_interval)
-        if not sched.due(now, shares, self.current()):
+        seen = self.levels(cfg.analysis_interval)
+        if self.child_pid() is not None and not sched.due(now, seen, self.current()):
             self.skipped += 1
             self._report_mono = time.monotonic()  # looked at now: it still describes the node
             return
         sched.last_run = None  # until this run succeeds, the next look runs again
         if self.run_once() is not None:
-            sched.ran(now, shares)
+            sched.ran(now, seen)
 
     def _loop(self) -> None:
         name_os_thread()

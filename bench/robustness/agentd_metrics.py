@@ -18,8 +18,8 @@ PCIe switches GPUs share with drives, lost GPUs, and the ceilings `agentd probe`
 where the case has them.
 
 The daemon also serves its rolling analysis (agentd/daemon/rolling.py): every 10 s it looks
-at the last 60 s of its 10 Hz window and, as its Schedule decides (a GPU's busy share moved, a
-warning held, 30 s since the last run), analyses it (agentd.analysis.core.analyze_rolling, run
+at the last 60 s of its 10 Hz window and, as its Schedule decides (a GPU's busy share, SM
+activity, clock or power moved, a warning held, 30 s since the last run), analyses it (agentd.analysis.core.analyze_rolling, run
 here on the same sampler model the counters integrate) or keeps the last report; exported as
 agentd_finding_* and agentd_gpu_stall_ratio by the daemon's own finding_series() while the
 report is current (three intervals). `rolling_looks` replays those looks (the suite's own
@@ -114,27 +114,27 @@ def rolling_looks(sig, start: float, end: float, every: float = ANALYSIS_EVERY,
     """The daemon's looks at its window (rolling.RollingAnalysis.look) over Signals `sig`,
     as `agentd run` started at `start` makes them: yields (time, Report, ran) for each look
     up to `end`, the report being the one in force after it (the last run's, when the look
-    skipped; None before any run). The daemon's own Schedule and busy_shares decide."""
+    skipped; None before any run). The daemon's own Schedule and levels decide."""
     from agentd.analysis.core import analyze_rolling
-    from agentd.daemon.rolling import Schedule, busy_shares
+    from agentd.daemon.rolling import LEVELS, Schedule, levels
 
     sched = Schedule(every, max_every)
     report = None
-    gpus = sig.subjects("gpu.busy_time")
+    keys = [(signal, g) for signal in LEVELS for g in sig.subjects(signal)]
     t = start + (min(window / 2, ANALYSIS_FIRST) if first is None else first)
     while t <= end:
         part = sig.slice(t - window, t)
-        shares = busy_shares(part.t, {g: part.get("gpu.busy_time", g) for g in gpus},
-                             t - every)
+        seen = levels({k: (part.t, v) for k in keys if (v := part.get(*k)) is not None},
+                      t - every)
         quiet = None if report is None else \
             {"findings": [{"severity": f.severity} for f in report.findings]}
         ran = False
-        if sched.due(t, shares, quiet):
+        if sched.due(t, seen, quiet):
             sched.last_run = None
             report = None
             if len(part.t) >= 10:  # rolling.MIN_ROWS
                 report = analyze_rolling(part, node=sig.node)
-                sched.ran(t, shares)
+                sched.ran(t, seen)
                 ran = True
         yield t, report, ran
         t += every
