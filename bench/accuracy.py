@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from agentd.analysis.core import analyze, analyze_rolling  # noqa: E402
+from agentd.analysis.core import analyze  # noqa: E402
 from agentd.analysis.signals import from_groups  # noqa: E402
 from agentd.sim import scenario as S  # noqa: E402
 from agentd.sim.model import Episode  # noqa: E402
@@ -74,17 +74,19 @@ def run_one(sc: S.Scenario, seconds: float) -> dict:
 
 def detection_delay(sc: S.Scenario, seconds: float, every: float = 10.0,
                     window: float = 60.0) -> float | None:
-    """The daemon's rolling analysis over a run whose problem starts at sc.onset_s."""
+    """The daemon's rolling analysis over a run whose problem starts at sc.onset_s: its
+    looks every `every` s, each running the analysis or keeping the last report as the
+    daemon's schedule decides (bench/robustness/agentd_metrics.py rolling_looks)."""
+    from bench.robustness.agentd_metrics import rolling_looks
+
     sig, _ = simulate(sc, seconds=seconds)
     t_start = sig.t[0] - 0.1
-    t = every
-    while t <= seconds:
-        w = sig.slice(t_start + max(t - window, 0), t_start + t)
-        if len(w.t) > 100:
-            r = analyze_rolling(w)
-            if r.findings and r.findings[0].kind == sc.klass and t >= sc.onset_s:
-                return t - sc.onset_s
-        t += every
+    for t, r, _ in rolling_looks(sig, t_start, t_start + seconds, every, window,
+                                 first=every):
+        at = t - t_start
+        if r is not None and r.findings and r.findings[0].kind == sc.klass and \
+                at >= sc.onset_s:
+            return at - sc.onset_s
     return None
 
 
@@ -234,7 +236,7 @@ def main() -> int:
               f"{'detected' if r['predicted'] == sc.klass else 'MISSED'} "
               f"({r['predicted']}, estimate {r['stall_estimate']:.1%})")
 
-    print("\ntime to detect after onset (rolling analysis: every 10 s over the last 60 s):")
+    print("\ntime to detect after onset (the daemon's looks every 10 s at the last 60 s, run as its schedule decides):")
     delays = {}
     for sc in onset_variants():
         d = detection_delay(sc, max(args.seconds, sc.onset_s + 90))
