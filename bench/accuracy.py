@@ -236,7 +236,8 @@ def main() -> int:
               f"{'detected' if r['predicted'] == sc.klass else 'MISSED'} "
               f"({r['predicted']}, estimate {r['stall_estimate']:.1%})")
 
-    print("\ntime to detect after onset (the daemon's looks every 10 s at the last 60 s, run as its schedule decides):")
+    print("\ntime to detect after onset (the daemon's looks every 10 s at the last 60 s, "
+          "run as its schedule decides):")
     delays = {}
     for sc in onset_variants():
         d = detection_delay(sc, max(args.seconds, sc.onset_s + 90))

@@ -19,9 +19,10 @@ where the case has them.
 
 The daemon also serves its rolling analysis (agentd/daemon/rolling.py): every 10 s it looks
 at the last 60 s of its 10 Hz window and, as its Schedule decides (a GPU's busy share, SM
-activity, clock or power moved, a warning held, 30 s since the last run), analyses it (agentd.analysis.core.analyze_rolling, run
-here on the same sampler model the counters integrate) or keeps the last report; exported as
-agentd_finding_* and agentd_gpu_stall_ratio by the daemon's own finding_series() while the
+activity, clock or power moved, a warning held, 30 s since the last run), analyses it
+(agentd.analysis.core.analyze_rolling, run here on the same sampler model the counters
+integrate) or keeps the last report; exported as agentd_finding_* and agentd_gpu_stall_ratio
+by the daemon's own finding_series() while the
 report is current (three intervals). `rolling_looks` replays those looks (the suite's own
 rolling score uses it too); `daemon_reports` keeps them once per case; `agentd_series`
 serves them at each scrape.
