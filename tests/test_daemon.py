@@ -182,6 +182,10 @@ def test_window_endpoint(spawn, scenario):
     with urllib.request.urlopen(url + "/api/v1/status", timeout=5) as r:
         status = json.load(r)
     assert status["samplers"]["gpu"]["available"] is True
+    # The rolling analysis' settings and counts (its schedule: docs/daemon.md).
+    assert status["analysis"]["interval_seconds"] == 10.0
+    assert status["analysis"]["max_interval_seconds"] == 30.0
+    assert {"runs", "skipped", "errors", "last_run_timestamp_seconds"} <= set(status["analysis"])
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(url + "/api/v1/window?seconds=abc", timeout=5)
     assert e.value.code == 400

@@ -285,6 +285,16 @@ class Daemon:
             "fast_interval_seconds": self.config.fast_interval,
             "slow_interval_seconds": self.config.slow_interval,
             "window_seconds": self.config.window_seconds,
+            "analysis": {
+                "interval_seconds": self.config.analysis_interval,
+                "max_interval_seconds": max(self.config.analysis_max_interval,
+                                            self.config.analysis_interval),
+                "window_seconds": self.config.analysis_window,
+                "runs": self.analysis.runs,
+                "skipped": self.analysis.skipped,
+                "errors": self.analysis.errors,
+                "last_run_timestamp_seconds": self.analysis.last_run or None,
+            },
             "samplers": {
                 r.name: {
                     "available": r.available,
