@@ -117,6 +117,10 @@ class Schedule:
             return True
         return moved(self.reference, levels)
 
+    def begin(self) -> None:
+        """A run starts: until it succeeds (ran), every look is due."""
+        self.last_run = None
+
     def ran(self, now: float, levels: dict[tuple[str, str], float]) -> None:
         self.last_run = now
         self.reference = dict(levels)
@@ -333,7 +337,7 @@ class RollingAnalysis:
             return None
         return report
 
-    def levels(self, seconds: float) -> dict[tuple[str, str], float]:
+    def window_levels(self, seconds: float) -> dict[tuple[str, str], float]:
         """Each GPU's levels (LEVELS) over the window's last `seconds`."""
         ring = self.daemon.window.rings().get("gpu")
         if ring is None:
@@ -356,12 +360,12 @@ class RollingAnalysis:
         sched.interval = cfg.analysis_interval  # a reload may have changed them
         sched.max_interval = max(cfg.analysis_max_interval, cfg.analysis_interval)
         now = time.monotonic()
-        seen = self.levels(cfg.analysis_interval)
+        seen = self.window_levels(cfg.analysis_interval)
         if self.child_pid() is not None and not sched.due(now, seen, self.current()):
             self.skipped += 1
             self._report_mono = time.monotonic()  # looked at now: it still describes the node
             return
-        sched.last_run = None  # until this run succeeds, the next look runs again
+        sched.begin()
         if self.run_once() is not None:
             sched.ran(now, seen)
 

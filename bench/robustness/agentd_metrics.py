@@ -131,7 +131,7 @@ def rolling_looks(sig, start: float, end: float, every: float = ANALYSIS_EVERY,
             {"findings": [{"severity": f.severity} for f in report.findings]}
         ran = False
         if sched.due(t, seen, quiet):
-            sched.last_run = None
+            sched.begin()
             report = None
             if len(part.t) >= 10:  # rolling.MIN_ROWS
                 report = analyze_rolling(part, node=sig.node)
@@ -173,24 +173,22 @@ def _analysis_series(reports: list[tuple[float, dict, bool]], meta: dict, ts: np
     uuids = {g: info["uuid"] for g, info in meta["gpus"].items()}
     runs = np.array([t for t, _, _ in reports])
     served: dict[tuple[str, str], np.ndarray] = {}
-    cache: dict[int, list] = {}
+    cache: dict[int, list] = {}  # by report: the looks that skipped the run share theirs
     for k, at in enumerate(ts):
         i = int(np.searchsorted(runs, at, side="right")) - 1
         if i < 0 or at - runs[i] > STALE_RUNS * every:
             continue
-        if i not in cache:
-            r = reports[i][1]
-            if i > 0 and r is reports[i - 1][1] and i - 1 in cache:
-                cache[i] = cache[i - 1]  # a look that skipped the run serves the same
-            else:
-                rows = finding_series(r["findings"], uuids)
-                for g in r["gpus"]:
-                    if isinstance(g.get("stall"), (int, float)):
-                        gid = str(g.get("gpu"))
-                        rows.append(("agentd_gpu_stall_ratio", (gid, uuids.get(gid, "")),
-                                     float(g["stall"])))
-                cache[i] = rows
-        for name, values, v in cache[i]:
+        r = reports[i][1]
+        rows = cache.get(id(r))
+        if rows is None:
+            rows = finding_series(r["findings"], uuids)
+            for g in r["gpus"]:
+                if isinstance(g.get("stall"), (int, float)):
+                    gid = str(g.get("gpu"))
+                    rows.append(("agentd_gpu_stall_ratio", (gid, uuids.get(gid, "")),
+                                 float(g["stall"])))
+            cache[id(r)] = rows
+        for name, values, v in rows:
             keys = {"agentd_finding_active": ("kind", "severity", "gpu", "uuid"),
                     "agentd_gpu_stall_ratio": ("gpu", "uuid")}.get(name, ("kind", "gpu", "uuid"))
             lab = _labels(dict(zip(keys, values)))
